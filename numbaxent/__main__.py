@@ -1,0 +1,40 @@
+"""``numbaxent`` command line: ``python -m numbaxent COMMAND [options]``.
+
+Each sub-command lives in its own module (imported only when used, so the core never imports the
+CLI's dependencies) and exposes ``main(argv) -> int``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("numbaxent.demo", "train a small NumPy MLP on handwritten digits with numbaxent's loss"),
+    "eval": ("numbaxent.eval_cli", "stream-evaluate saved logits against targets (loss, accuracy, ...)"),
+    "bench": ("numbaxent.bench", "side-by-side speed comparison with the memory floors, PyTorch, JAX"),
+    "warmup": ("numbaxent._warmup", "compile every kernel ahead of time into the on-disk cache"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: numbaxent COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "'numbaxent COMMAND --help' describes a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"numbaxent: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

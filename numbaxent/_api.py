@@ -1,0 +1,485 @@
+"""Public API: argument checking, dtype/shape canonicalisation and dispatch to the kernels.
+
+Nothing here computes a loss; everything here is O(rows) or cheaper. The kernels (``_kernels``) are
+imported on first use, so ``import numbaxent`` compiles nothing and does not even import Numba.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss"]
+
+_FLOAT_ITEMSIZES = {2: np.float16, 4: np.float32, 8: np.float64}
+
+
+def _kernels():
+    from . import _kernels as k  # first use: imports numba, selects the threading layer
+
+    return k
+
+
+# -- options -----------------------------------------------------------------------------------------
+def legacy_reduction(size_average, reduce) -> str:
+    """PyTorch's mapping of the deprecated ``size_average``/``reduce`` pair to a ``reduction``."""
+    size_average = True if size_average is None else bool(size_average)
+    reduce = True if reduce is None else bool(reduce)
+    if size_average and reduce:
+        ret = "mean"
+    elif reduce:
+        ret = "sum"
+    else:
+        ret = "none"
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{ret}' instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return ret
+
+
+def _check_reduction(reduction) -> str:
+    if reduction == "elementwise_mean":
+        warnings.warn(
+            "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return "mean"
+    if not isinstance(reduction, str) or reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def _check_label_smoothing(label_smoothing) -> float:
+    try:
+        eps = float(label_smoothing)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"label_smoothing must be a real number, got {type(label_smoothing).__name__}"
+        ) from None
+    if not (0.0 <= eps <= 1.0):  # also rejects NaN (PyTorch silently treats NaN and eps < 0 as 0)
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps:g}")
+    return eps
+
+
+def _check_ignore_index(ignore_index) -> int:
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(
+            f"ignore_index must be an integer, got {type(ignore_index).__name__}"
+        ) from None
+
+
+# -- arrays ------------------------------------------------------------------------------------------
+def _as_array(a, name: str) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a
+    try:
+        return np.asarray(a)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+
+
+def _logits_dtype(x: np.ndarray):
+    """(storage dtype for the kernels, compute dtype) for a logits array, or TypeError."""
+    dt = x.dtype
+    if dt.name == "bfloat16":  # ml_dtypes
+        return np.dtype(np.int16), np.dtype(np.float32)
+    if dt.kind == "f" and dt.itemsize in _FLOAT_ITEMSIZES:
+        if dt.itemsize == 2:
+            return np.dtype(np.uint16), np.dtype(np.float32)
+        return dt, dt
+    raise TypeError(
+        f"cross_entropy: expected floating point input (float16, bfloat16, float32 or float64), "
+        f"got {dt}"
+    )
+
+
+@dataclass
+class _Prepared:
+    """Canonical views and constants for one call (see ``_kernels`` for the layout)."""
+
+    x: np.ndarray  # the user's logits as an array (its dtype, its shape)
+    x3: np.ndarray  # (N, C, S) C-contiguous storage view (a copy only if the layout required it)
+    transposed: bool  # 2-D Fortran-ordered input seen as (1, C, N)
+    compute: np.dtype
+    C: int
+    rows: int
+    loss_shape: tuple
+    soft: bool
+    target: np.ndarray  # int64 (rows,) or compute-dtype probabilities in x3's layout
+    w: np.ndarray  # (C,) compute dtype
+    wsum: float
+    denom: float  # 'mean' denominator
+    ignore_index: int
+    eps: float
+    reduction: str
+
+
+def _canonical_view(a: np.ndarray, transposed: bool, shape3: tuple) -> np.ndarray | None:
+    """``a`` (input-shaped) as a C-contiguous (N, C, S) view, or None if that needs a copy."""
+    v = a.T if transposed else a
+    if not v.flags.c_contiguous:
+        return None
+    return v.reshape(shape3)
+
+
+def _prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> _Prepared:
+    reduction = _check_reduction(reduction)
+    eps = _check_label_smoothing(label_smoothing)
+    ignore_index = _check_ignore_index(ignore_index)
+    x = _as_array(input, "input")
+    storage, compute = _logits_dtype(x)
+    if x.ndim == 0:
+        raise ValueError("input must have a class dimension: expected shape (C,), (N, C) or "
+                         "(N, C, d1, ..., dk), got a 0-d array")
+    t = _as_array(target, "target")
+    C = x.shape[0] if x.ndim == 1 else x.shape[1]
+    N = 1 if x.ndim == 1 else x.shape[0]
+    S = math.prod(x.shape[2:])
+
+    soft = t.shape == x.shape
+    if soft:
+        if t.dtype.kind != "f" and t.dtype.name != "bfloat16":
+            raise TypeError(
+                f"Expected floating point type for target with class probabilities, got {t.dtype}"
+            )
+        if ignore_index >= 0:
+            raise ValueError(
+                f"ignore_index is not supported for floating point target (got ignore_index="
+                f"{ignore_index})"
+            )
+        loss_shape = () if x.ndim == 1 else (N,) + x.shape[2:]
+    else:
+        if x.ndim == 1:
+            if t.ndim != 0:
+                raise ValueError(
+                    f"For unbatched (1-D) input, target must be a 0-d class index, got target of "
+                    f"shape {t.shape}"
+                )
+            loss_shape = ()
+        else:
+            tb = t.shape[0] if t.ndim > 0 else 0
+            if tb != N:
+                raise ValueError(
+                    f"Expected input batch_size ({N}) to match target batch_size ({tb})."
+                )
+            expect = (N,) + x.shape[2:]
+            if t.shape != expect:
+                raise ValueError(
+                    f"Expected target size {list(expect)}, got {list(t.shape)} (input shape "
+                    f"{list(x.shape)})"
+                )
+            loss_shape = expect
+        if t.dtype.kind not in "iu":
+            raise TypeError(
+                f"expected target dtype to be an integer type (class indices) or a floating type "
+                f"of input's shape {x.shape} (class probabilities), but got {t.dtype} of shape "
+                f"{t.shape}"
+            )
+
+    if weight is None:
+        w = np.ones(C, dtype=compute)
+    else:
+        wa = _as_array(weight, "weight")
+        if wa.dtype.kind not in "iuf" and wa.dtype.name != "bfloat16":
+            raise TypeError(f"weight must be a real array, got dtype {wa.dtype}")
+        if wa.ndim != 1 or wa.shape[0] != C:
+            raise ValueError(
+                f"weight tensor should be defined either for all {C} classes or no classes but got "
+                f"weight tensor of shape: {list(wa.shape)}"
+            )
+        w = np.ascontiguousarray(wa, dtype=compute)
+    wsum = float(np.sum(w, dtype=np.float64))
+
+    # logits: 2-D Fortran-ordered input is read as (1, C, N) without a copy
+    transposed = x.ndim == 2 and not x.flags.c_contiguous and x.flags.f_contiguous
+    shape3 = (1, C, N) if transposed else (N, C, S)
+    xs = x.view(storage) if storage != x.dtype else x
+    x3 = _canonical_view(xs, transposed, shape3)
+    if x3 is None:
+        x3 = np.ascontiguousarray(xs).reshape(shape3)
+    rows = math.prod(loss_shape)
+
+    if soft:
+        ta = t.astype(compute, copy=False)
+        tt = ta.T if transposed else ta
+        tgt = np.ascontiguousarray(tt).reshape(shape3)
+        denom = float(rows)
+    else:
+        if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
+            bad = t.reshape(-1)[np.argmax(t.reshape(-1) > np.iinfo(np.int64).max)]
+            raise IndexError(f"Target {int(bad)} is out of bounds.")
+        tgt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+        first_bad, denom, _ = _kernels().check_targets(tgt, w, ignore_index, C)
+        if first_bad >= 0:
+            raise IndexError(f"Target {int(tgt[first_bad])} is out of bounds.")
+    return _Prepared(x, x3, transposed, compute, C, rows, loss_shape, soft, tgt, w, wsum,
+                     float(denom), ignore_index, eps, reduction)
+
+
+def _scalar(value: float, dtype: np.dtype):
+    return np.asarray(value, dtype=np.float64).astype(dtype)[()]
+
+
+def _reduce(p: _Prepared, loss_rows: np.ndarray):
+    """Apply the reduction to float64 per-row losses, in a fixed order (thread-count independent)."""
+    if p.reduction == "none":
+        return loss_rows.astype(p.x.dtype).reshape(p.loss_shape)
+    total = float(np.sum(loss_rows))  # pairwise summation in float64
+    if p.reduction == "sum":
+        return _scalar(total, p.x.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _scalar(np.float64(total) / np.float64(p.denom), p.x.dtype)
+
+
+def _upstream(p: _Prepared, grad_output) -> np.ndarray:
+    """Per-row multipliers ``g`` (float64; one element when the same for every row)."""
+    if p.reduction == "none":
+        if grad_output is None:
+            return np.ones(1)
+        go = _as_array(grad_output, "grad_output")
+        if go.dtype.kind not in "iuf":
+            raise TypeError(f"grad_output must be a real array, got dtype {go.dtype}")
+        try:
+            go = np.broadcast_to(go, p.loss_shape)
+        except ValueError:
+            raise ValueError(
+                f"grad_output of shape {go.shape} does not match the loss's shape {p.loss_shape}"
+            ) from None
+        g = np.ascontiguousarray(go, dtype=np.float64).reshape(-1)
+        return g if g.shape[0] != 1 else g.copy()
+    if grad_output is None:
+        gout = 1.0
+    else:
+        go = _as_array(grad_output, "grad_output")
+        if go.size != 1 or go.dtype.kind not in "iuf":
+            raise ValueError(
+                f"grad_output for reduction='{p.reduction}' must be a real scalar, got an array of "
+                f"shape {go.shape} and dtype {go.dtype}"
+            )
+        gout = float(go.reshape(()))
+    if p.reduction == "mean":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gout = float(np.float64(gout) / np.float64(p.denom))
+    return np.array([gout])
+
+
+def _grad_target(p: _Prepared, out):
+    """(user-facing gradient array, its (N, C, S) storage view, copy-back target or None)."""
+    x = p.x
+    if out is None:
+        order = "F" if p.transposed else "C"
+        grad = np.empty(x.shape, dtype=x.dtype, order=order)
+        g3 = _canonical_view(grad.view(p.x3.dtype), p.transposed, p.x3.shape)
+        return grad, g3, None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(
+            f"out must have input's shape {x.shape} and dtype {x.dtype}, got shape {out.shape} "
+            f"and dtype {out.dtype}"
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    g3 = _canonical_view(out.view(p.x3.dtype), p.transposed, p.x3.shape)
+    same = (g3 is not None and g3.ctypes.data == p.x3.ctypes.data
+            and g3.strides == p.x3.strides)
+    if g3 is None or (not same and np.may_share_memory(out, p.x3)):
+        # no direct view, or a partial overlap with the logits: go through a temporary
+        tmp = np.empty(p.x3.shape, dtype=p.x3.dtype)
+        return out, tmp, tmp
+    return out, g3, None
+
+
+def _run(p: _Prepared, mode: int, g: np.ndarray, lse: np.ndarray, loss: np.ndarray,
+         grad3: np.ndarray):
+    k = _kernels()
+    from ._threading import kernel_lock
+
+    with kernel_lock():
+        if p.soft:
+            keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
+            k.prob_kernel(p.x3, p.target, p.w, keep, add, mode, g, lse, loss, grad3)
+        else:
+            k.index_kernel(p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, mode, g, lse, loss,
+                           grad3)
+
+
+def _empty_or_classless(p: _Prepared) -> bool:
+    return p.rows == 0 or p.C == 0
+
+
+def _classless_rows(p: _Prepared) -> np.ndarray:
+    # C == 0: PyTorch gives -0. per soft-target row (an empty sum); index targets must all be ignored
+    return np.full(p.rows, -0.0 if p.soft else 0.0)
+
+
+def _forward(p: _Prepared):
+    """Per-row float64 losses and the saved log-sum-exp."""
+    lse = np.empty(p.rows, dtype=p.compute)
+    if _empty_or_classless(p):
+        return _classless_rows(p), lse
+    loss = np.empty(p.rows, dtype=np.float64)
+    dummy = np.empty((1, 1, 1), dtype=p.x3.dtype)
+    k = _kernels()
+    _run(p, k.FORWARD, np.ones(1), lse, loss, dummy)
+    return loss, lse
+
+
+def _from_canonical(tmp3: np.ndarray, p: _Prepared) -> np.ndarray:
+    """A canonical (N, C, S) storage array seen with the user's dtype and shape."""
+    v = tmp3.view(p.x.dtype)
+    return v.reshape(p.C, -1).T if p.transposed else v.reshape(p.x.shape)
+
+
+# -- public functions --------------------------------------------------------------------------------
+def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0):
+    r"""Cross-entropy between logits and targets, exactly as ``torch.nn.functional.cross_entropy``.
+
+    For class-index targets :math:`y` and class weights :math:`w` (ones by default),
+
+    .. math::
+
+        \ell_i = v_i\Big[(1-\varepsilon)\,w_{y_i}\,(\operatorname{lse}(x_i) - x_{i,y_i})
+                 + \frac{\varepsilon}{C}\sum_c w_c\,(\operatorname{lse}(x_i) - x_{i,c})\Big],
+
+    with :math:`v_i = [y_i \ne \text{ignore\_index}]`; ``'mean'`` divides :math:`\sum_i \ell_i` by
+    :math:`\sum_i v_i w_{y_i}`. For class-probability targets :math:`t` (same shape as ``input``),
+    :math:`\ell_i = -\sum_c w_c \tilde t_{i,c} \log\operatorname{softmax}(x_i)_c` with
+    :math:`\tilde t = (1-\varepsilon) t + \varepsilon / C`, and ``'mean'`` divides by the number of
+    rows.
+
+    Parameters
+    ----------
+    input : array_like, shape (C,), (N, C) or (N, C, d1, ..., dk)
+        Logits: float16, bfloat16 (``ml_dtypes``), float32 or float64. Read in place when its layout
+        allows (C-contiguous, or Fortran-ordered 2-D).
+    target : array_like
+        Class indices of any integer dtype, shape (), (N,) or (N, d1, ..., dk); or class
+        probabilities (floating) of ``input``'s shape.
+    weight : array_like, shape (C,), optional
+        Per-class weights, cast to the input's compute dtype.
+    ignore_index : int
+        Class-index targets equal to this contribute nothing and are not counted by ``'mean'``.
+        Must be negative for probability targets.
+    reduction : {'mean', 'sum', 'none'}
+    label_smoothing : float in [0, 1]
+
+    Returns
+    -------
+    numpy scalar (``'mean'``/``'sum'``) or ndarray of the target's shape (``'none'``), in
+    ``input``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        Non-floating logits, non-integer class targets, integer probability targets.
+    ValueError
+        Mismatched shapes, a bad weight, reduction or label_smoothing.
+    IndexError
+        A class target outside ``[0, C)`` that is not ``ignore_index`` (the message names it).
+    """
+    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing)
+    loss_rows, _ = _forward(p)
+    return _reduce(p, loss_rows)
+
+
+def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100,
+                            reduction: str = "mean", label_smoothing: float = 0.0,
+                            grad_output=None, out=None):
+    r"""Loss and its gradient with respect to ``input`` in one fused pass over the logits.
+
+    ``grad_input`` is :math:`\partial \sum(\text{grad\_output} \cdot \text{loss}) / \partial x`:
+    with :math:`p = \operatorname{softmax}(x_i)` and upstream :math:`g_i`,
+    :math:`\partial/\partial x_{ij} = g_i\,(p_{ij}\,a_i - b_{ij})` where for class-index targets
+    :math:`a_i = v_i[(1-\varepsilon) w_{y_i} + \frac{\varepsilon}{C}\sum_c w_c]` and
+    :math:`b_{ij} = v_i[(1-\varepsilon) w_{y_i}[j=y_i] + \frac{\varepsilon}{C} w_j]`, and for
+    probability targets :math:`a_i = \sum_c w_c\tilde t_{ic}`, :math:`b_{ij} = w_j \tilde t_{ij}`.
+
+    Parameters
+    ----------
+    input, target, weight, ignore_index, reduction, label_smoothing
+        As in :func:`cross_entropy`.
+    grad_output : float or array_like, optional
+        Upstream gradient: a scalar for ``'mean'``/``'sum'``, an array broadcastable to the loss's
+        shape for ``'none'``. Defaults to 1.
+    out : ndarray, optional
+        Receives the gradient; must have ``input``'s shape and dtype. ``out=input`` overwrites the
+        logits with their gradient and allocates no N×C array.
+
+    Returns
+    -------
+    loss : as :func:`cross_entropy`
+    grad_input : ndarray of ``input``'s shape and dtype (``out`` when given)
+    """
+    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing)
+    g = _upstream(p, grad_output)
+    grad, g3, copy_back = _grad_target(p, out)
+    lse = np.empty(p.rows, dtype=p.compute)
+    if _empty_or_classless(p):
+        return _reduce(p, _classless_rows(p)), grad
+    loss = np.empty(p.rows, dtype=np.float64)
+    _run(p, _kernels().FUSED, g, lse, loss, g3)
+    if copy_back is not None:
+        np.copyto(grad, _from_canonical(copy_back, p))
+    return _reduce(p, loss), grad
+
+
+class CrossEntropyLoss:
+    """Stateful criterion with ``torch.nn.CrossEntropyLoss``'s constructor.
+
+    ``forward`` (or calling the object) computes the loss and keeps the per-row log-sum-exp
+    (O(rows) memory) and a reference to the logits; ``backward`` then writes the gradient in a single
+    read of the logits, without recomputing the softmax statistics. The logits must not be modified
+    between ``forward`` and ``backward``.
+    """
+
+    def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0):
+        if size_average is not None or reduce is not None:
+            reduction = legacy_reduction(size_average, reduce)
+        self.reduction = _check_reduction(reduction)
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.ignore_index = _check_ignore_index(ignore_index)
+        self.weight = None if weight is None else _as_array(weight, "weight")
+        self._saved = None
+
+    def __repr__(self):
+        return (f"CrossEntropyLoss(reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, weight={'None' if self.weight is None else 'set'})")
+
+    def forward(self, input, target):
+        """Loss of ``input`` against ``target`` (see :func:`cross_entropy`); saves what ``backward`` needs."""
+        p = _prepare(input, target, self.weight, self.ignore_index, self.reduction,
+                     self.label_smoothing)
+        loss_rows, lse = _forward(p)
+        self._saved = (p, lse)
+        return _reduce(p, loss_rows)
+
+    __call__ = forward
+
+    def backward(self, grad_output=None, out=None):
+        """Gradient of ``sum(grad_output * loss)`` w.r.t. the last ``forward``'s input.
+
+        ``out`` may be given as in :func:`cross_entropy_with_grad` (``out=input`` is in place).
+        """
+        if self._saved is None:
+            raise ValueError("backward() called before forward()")
+        p, lse = self._saved
+        g = _upstream(p, grad_output)
+        grad, g3, copy_back = _grad_target(p, out)
+        if _empty_or_classless(p):
+            return grad
+        _run(p, _kernels().BACKWARD, g, lse, np.empty(1), g3)
+        if copy_back is not None:
+            np.copyto(grad, _from_canonical(copy_back, p))
+        return grad

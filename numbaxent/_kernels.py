@@ -1,0 +1,246 @@
+"""Fused cross-entropy kernels over canonical array views.
+
+Canonical layout: logits ``x`` are a C-contiguous ``(N, C, S)`` array (``S = d1*...*dk``, 1 for 2-D
+input), so "row" ``r = n*S + s`` is the class vector ``x[n, :, s]``: contiguous when ``S == 1``, strided
+by ``S`` otherwise (K-dim input is read in its native layout, never transposed into a copy). Targets
+are flat over rows: int64 class indices of length ``N*S``, or probabilities in ``x``'s layout.
+
+Every kernel runs in one of three modes over each row, sharing the same row code:
+
+- ``FORWARD``: ``m = max_c x_c``, ``s = sum_c exp(x_c - m)``, ``lse = m + log s`` and the row's loss;
+- ``FUSED``: the forward, then the gradient row written once while the row is still in cache;
+- ``BACKWARD``: the gradient row from a saved ``lse`` (one read of ``x``, one write of the gradient).
+
+With ``p = exp(x - lse)`` the gradient of ``g_r * loss_r`` is ``g_r * (p_j * a_r - b_rj)`` where, for
+class-index targets, ``a = (1-eps) w_y + (eps/C) sum_c w_c`` and ``b_j = (eps/C) w_j + (1-eps) w_y [j=y]``,
+and for probability targets ``a = sum_c w_c t~_c`` and ``b_j = w_j t~_j``, ``t~ = (1-eps) t + eps/C``.
+Ignored rows have ``g = a = b = 0``, so their gradient is ``p * 0``: zero, or NaN when the row's
+log-softmax is NaN, exactly as PyTorch's autograd gives.
+
+Per-row losses are written in float64; the API layer reduces them in a fixed order, so results do not
+depend on the number of threads.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit
+from ._math import compute_zero, exp, like, load, store
+
+FORWARD, FUSED, BACKWARD = 0, 1, 2
+
+
+# -- row primitives ----------------------------------------------------------------------------------
+@jit()
+def row_max(row):
+    """``max_c row_c`` in the compute type (NaN entries are skipped here; they reach the result
+    through ``row_sumexp``, where ``x - m`` is NaN)."""
+    m = -like(np.inf, row)
+    for j in range(row.shape[0]):
+        v = load(row[j])
+        if v > m:
+            m = v
+    return m
+
+
+@jit()
+def row_sumexp(row, m):
+    """``sum_c exp(row_c - m)``."""
+    s = compute_zero(row)
+    for j in range(row.shape[0]):
+        s += exp(load(row[j]) - m)
+    return s
+
+
+@jit()
+def row_sumexp_wdot(row, m, w):
+    """``(sum_c exp(row_c - m), sum_c w_c (row_c - m))``: the second sum gives the label-smoothing
+    term ``sum_c w_c (lse - x_c)`` without cancellation (every ``row_c - m <= 0``)."""
+    s = compute_zero(row)
+    d = compute_zero(row)
+    for j in range(row.shape[0]):
+        v = load(row[j]) - m
+        s += exp(v)
+        d += w[j] * v
+    return s, d
+
+
+@jit()
+def row_soft_sums(row, trow, m, w, keep, add, need_exp):
+    """For probability targets ``t~ = t*keep + add``: ``(sum exp(x - m), sum w t~, sum w t~ (x - m))``."""
+    s = compute_zero(row)
+    a = compute_zero(row)
+    d = compute_zero(row)
+    if need_exp:
+        for j in range(row.shape[0]):
+            v = load(row[j]) - m
+            wt = w[j] * (trow[j] * keep + add)
+            s += exp(v)
+            a += wt
+            d += wt * v
+    else:
+        for j in range(row.shape[0]):
+            a += w[j] * (trow[j] * keep + add)
+    return s, a, d
+
+
+@jit()
+def row_grad_index(row, grow, lse, coef, w, wcoef):
+    """``grow_j = exp(row_j - lse) * coef - w_j * wcoef`` (safe when ``grow`` is ``row``)."""
+    if wcoef == 0:
+        for j in range(row.shape[0]):
+            store(grow, j, exp(load(row[j]) - lse) * coef)
+    else:
+        for j in range(row.shape[0]):
+            store(grow, j, exp(load(row[j]) - lse) * coef - w[j] * wcoef)
+
+
+@jit()
+def row_grad_soft(row, trow, grow, lse, coef, w, g, keep, add):
+    """``grow_j = exp(row_j - lse) * coef - g w_j t~_j``."""
+    for j in range(row.shape[0]):
+        store(grow, j, exp(load(row[j]) - lse) * coef - g * w[j] * (trow[j] * keep + add))
+
+
+# -- one row, every mode -----------------------------------------------------------------------------
+@jit()
+def index_row(row, grow, y, valid, w, wsum, eps, eps_c, mode, g, lse):
+    """Loss (float64) and log-sum-exp of one row with a class-index target; writes the gradient row
+    in FUSED/BACKWARD mode. ``lse`` is an input in BACKWARD mode only."""
+    loss = 0.0
+    if mode != BACKWARD:
+        m = row_max(row)
+        if eps_c > 0 and valid:
+            s, d = row_sumexp_wdot(row, m, w)
+        else:
+            s = row_sumexp(row, m)
+            d = compute_zero(row)
+        ls = math.log(s)
+        lse = m + ls
+        if valid:
+            nll = (np.float64(m) - np.float64(load(row[y]))) + np.float64(ls)
+            loss = (1.0 - eps) * np.float64(w[y]) * nll
+            if eps_c > 0:
+                loss += eps_c * (np.float64(wsum) * np.float64(ls) - np.float64(d))
+    if mode != FORWARD:
+        if valid:
+            gv = g
+            wy = np.float64(w[y])
+            xy = load(row[y])  # read before the row may be overwritten (out=input)
+        else:
+            gv = 0.0
+            wy = 0.0
+            xy = compute_zero(row)
+        coef = like(gv * ((1.0 - eps) * wy + eps_c * np.float64(wsum)), row)
+        wcoef = like(gv * eps_c, row)
+        row_grad_index(row, grow, lse, coef, w, wcoef)
+        if valid:  # the true-class term, in the compute type before the single rounding to storage
+            store(grow, y, exp(xy - lse) * coef - w[y] * wcoef - like(gv * (1.0 - eps) * wy, row))
+    return loss, lse
+
+
+@jit()
+def prob_row(row, trow, grow, w, keep, add, mode, g, lse):
+    """Loss (float64) and log-sum-exp of one row with a probability target ``t~ = t*keep + add``."""
+    loss = 0.0
+    if mode != BACKWARD:
+        m = row_max(row)
+        s, a, d = row_soft_sums(row, trow, m, w, keep, add, True)
+        ls = math.log(s)
+        lse = m + ls
+        loss = np.float64(ls) * np.float64(a) - np.float64(d)
+    else:
+        s, a, d = row_soft_sums(row, trow, lse, w, keep, add, False)
+    if mode != FORWARD:
+        row_grad_soft(row, trow, grow, lse, like(g * np.float64(a), row), w, like(g, row), keep, add)
+    return loss, lse
+
+
+# -- parallel kernels --------------------------------------------------------------------------------
+@jit(parallel=True)
+def index_kernel(x, target, w, wsum, ignore_index, eps, mode, g, lse, loss, grad):
+    """Cross-entropy with class-index targets over all rows of ``x`` (N, C, S).
+
+    Parameters
+    ----------
+    x : (N, C, S) logits, C-contiguous (float32/float64, or 16-bit storage of float16/bfloat16)
+    target : (N*S,) int64 class indices, already validated (in range or equal to ``ignore_index``)
+    w : (C,) class weights in the compute type (ones when the user gave none); ``wsum = sum(w)``
+    eps : label smoothing; ``mode`` : FORWARD, FUSED or BACKWARD
+    g : upstream gradient per row, (N*S,), or (1,) for the same value on every row
+    lse : (N*S,) log-sum-exp, written (FORWARD, FUSED) or read (BACKWARD)
+    loss : (N*S,) float64, receives ``l_r`` (FORWARD, FUSED)
+    grad : gradient, same shape and dtype as ``x`` (may be ``x`` itself); unused in FORWARD mode
+    """
+    N, C, S = x.shape
+    x2 = x.reshape((N, C * S))
+    g2 = grad.reshape((grad.shape[0], grad.shape[1] * grad.shape[2]))
+    eps_c = eps / C
+    per_row_g = g.shape[0] > 1 or N * S == 1
+    for r in prange(N * S):
+        n = r // S
+        s = r - n * S
+        y = target[r]
+        valid = y != ignore_index
+        gr = np.float64(g[r] if per_row_g else g[0])
+        gn = n if mode != FORWARD else 0
+        if S == 1:
+            lr, er = index_row(x2[n], g2[gn], y, valid, w, wsum, eps, eps_c, mode, gr, lse[r])
+        else:
+            gs = s if mode != FORWARD else 0
+            lr, er = index_row(x[n, :, s], grad[gn, :, gs], y, valid, w, wsum, eps, eps_c, mode, gr,
+                               lse[r])
+        if mode != BACKWARD:
+            loss[r] = lr
+            lse[r] = er
+
+
+@jit(parallel=True)
+def prob_kernel(x, t, w, keep, add, mode, g, lse, loss, grad):
+    """Cross-entropy with probability targets ``t`` (same layout as ``x``, in the compute type).
+
+    ``t~ = t*keep + add`` (``keep = 1 - eps``, ``add = eps/C``; 1 and 0 without smoothing). Other
+    arguments as in :func:`index_kernel`.
+    """
+    N, C, S = x.shape
+    x2 = x.reshape((N, C * S))
+    t2 = t.reshape((N, C * S))
+    g2 = grad.reshape((grad.shape[0], grad.shape[1] * grad.shape[2]))
+    per_row_g = g.shape[0] > 1 or N * S == 1
+    for r in prange(N * S):
+        n = r // S
+        s = r - n * S
+        gr = np.float64(g[r] if per_row_g else g[0])
+        gn = n if mode != FORWARD else 0
+        if S == 1:
+            lr, er = prob_row(x2[n], t2[n], g2[gn], w, keep, add, mode, gr, lse[r])
+        else:
+            gs = s if mode != FORWARD else 0
+            lr, er = prob_row(x[n, :, s], t[n, :, s], grad[gn, :, gs], w, keep, add, mode, gr, lse[r])
+        if mode != BACKWARD:
+            loss[r] = lr
+            lse[r] = er
+
+
+@jit()
+def check_targets(target, w, ignore_index, C):
+    """Validate class-index targets and total their weights in one serial pass.
+
+    Returns ``(first_bad, W, n_valid)``: the flat position of the first target that is neither
+    ``ignore_index`` nor in ``[0, C)`` (-1 if none), ``W = sum_{valid r} w[y_r]`` in float64 (the
+    'mean' denominator) and the number of valid targets.
+    """
+    total = 0.0
+    n_valid = 0
+    for r in range(target.shape[0]):
+        y = target[r]
+        if y == ignore_index:
+            continue
+        if y < 0 or y >= C:
+            return r, total, n_valid
+        total += np.float64(w[y])
+        n_valid += 1
+    return -1, total, n_valid

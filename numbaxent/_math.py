@@ -1,0 +1,216 @@
+"""Math primitives shared by every kernel: a vectorisable ``exp``, and loads/stores of the storage dtypes.
+
+Why a hand-written exp: LLVM only vectorises a loop whose body it can see through. ``math.exp`` lowers to
+a libm call (numba's SVML path is not active on these machines), so a row loop calling it runs one
+element at a time. :func:`exp` below is plain arithmetic plus a bit cast, so the loops that call it
+compile to packed (AVX2/AVX-512) instructions.
+
+Storage dtypes: Numba has no float16 or bfloat16 arrays, so the API layer passes such logits as 16-bit
+integer views of the same memory (float16 -> ``uint16``, bfloat16 -> ``int16``); :func:`load` widens any
+storage element to its compute type (float32 for both half types) and :func:`store` rounds a compute
+value back to the storage dtype (round to nearest even).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload, register_jitable
+
+from . import _jit  # noqa: F401  (threading layer set before anything parallel)
+
+__all__ = ["exp", "load", "store", "compute_zero", "like"]
+
+
+# -- bit casts ---------------------------------------------------------------------------------------
+@intrinsic
+def _i32_as_f32(typingctx, x):
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _i64_as_f64(typingctx, x):
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _f32_as_i32(typingctx, x):
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _half_bits_to_f32(typingctx, x):
+    # F16C's vcvtph2ps when available; exact (every half is a float32)
+    def codegen(ctx, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_half_bits(typingctx, x):
+    # IEEE round-to-nearest-even, inf/nan preserved
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+# -- exp ---------------------------------------------------------------------------------------------
+# exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2] (Cody-Waite split of ln2
+# so r is exact), exp(r) by a polynomial. 2^n is built from exponent bits in two halves so that
+# results down to the subnormal range (and 0 below it) come out right. Inputs below LO give 0,
+# NaN stays NaN (comparisons are written so NaN passes through), +inf is never an input here
+# (kernels only take exp(x - max) <= 1) but is clamped to a finite overflow anyway.
+
+@register_jitable
+def _exp_f32(x):
+    if x < np.float32(-104.0):
+        x = np.float32(-104.0)
+    if x > np.float32(88.7):
+        x = np.float32(88.7)
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    # minimax coefficients for exp(r) - 1 - r on |r| <= ln2/2 (max rel. error ~1 ulp)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    ni = np.int32(n)
+    n1 = ni >> np.int32(1)
+    n2 = ni - n1
+    s1 = _i32_as_f32((n1 + np.int32(127)) << np.int32(23))
+    s2 = _i32_as_f32((n2 + np.int32(127)) << np.int32(23))
+    return p * s1 * s2
+
+
+@register_jitable
+def _exp_f64(x):
+    if x < -746.0:
+        x = -746.0
+    if x > 709.7:
+        x = 709.7
+    n = np.floor(x * 1.4426950408889634 + 0.5)
+    r = x - n * 0.6931471803691238  # ln2 high part (exactly representable products for |n| < 2^11)
+    r = r - n * 1.9082149292705877e-10  # ln2 low part
+    # Taylor series to degree 13: truncation error < 1e-17 relative on |r| <= ln2/2
+    p = 1.6059043836821613e-10
+    p = p * r + 2.08767569878681e-09
+    p = p * r + 2.505210838544172e-08
+    p = p * r + 2.755731922398589e-07
+    p = p * r + 2.7557319223985893e-06
+    p = p * r + 2.48015873015873e-05
+    p = p * r + 0.0001984126984126984
+    p = p * r + 0.001388888888888889
+    p = p * r + 0.008333333333333333
+    p = p * r + 0.041666666666666664
+    p = p * r + 0.16666666666666666
+    p = p * r + 0.5
+    p = p * (r * r) + r + 1.0
+    ni = np.int64(n)
+    n1 = ni >> np.int64(1)
+    n2 = ni - n1
+    s1 = _i64_as_f64((n1 + np.int64(1023)) << np.int64(52))
+    s2 = _i64_as_f64((n2 + np.int64(1023)) << np.int64(52))
+    return p * s1 * s2
+
+
+def exp(x):
+    """Vectorisable ``exp`` for float32 and float64 scalars inside Numba code."""
+    raise NotImplementedError("numbaxent._math.exp is only callable from Numba code")
+
+
+@overload(exp, jit_options=dict(fastmath={"reassoc", "contract"}))
+def _exp_overload(x):
+    if x == types.float32:
+        return lambda x: _exp_f32(x)
+    if x == types.float64:
+        return lambda x: _exp_f64(x)
+    return None
+
+
+# -- storage <-> compute ------------------------------------------------------------------------------
+def load(v):
+    """Widen one stored element to its compute type (float16/bfloat16 storage -> float32)."""
+    raise NotImplementedError
+
+
+@overload(load)
+def _load_overload(v):
+    if v in (types.float32, types.float64):
+        return lambda v: v
+    if v == types.uint16:  # float16 storage
+        return lambda v: _half_bits_to_f32(v)
+    if v == types.int16:  # bfloat16 storage: the high half of a float32
+        return lambda v: _i32_as_f32(np.int32(v) << np.int32(16))
+    return None
+
+
+def store(arr, j, v):
+    """``arr[j] = v`` rounding the compute value ``v`` to ``arr``'s storage dtype."""
+    raise NotImplementedError
+
+
+@register_jitable
+def _f32_to_bf16_bits(v):
+    b = _f32_as_i32(np.float32(v))
+    if (b & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000):  # NaN: keep it a (quiet) NaN
+        return np.int16((b >> np.int32(16)) | np.int32(0x40))
+    # round to nearest even on the 16 dropped bits
+    b = b + np.int32(0x7FFF) + ((b >> np.int32(16)) & np.int32(1))
+    return np.int16(b >> np.int32(16))
+
+
+@overload(store)
+def _store_overload(arr, j, v):
+    dt = arr.dtype
+    if dt in (types.float32, types.float64):
+        def impl(arr, j, v):
+            arr[j] = v
+        return impl
+    if dt == types.uint16:
+        def impl(arr, j, v):
+            arr[j] = _f32_to_half_bits(np.float32(v))
+        return impl
+    if dt == types.int16:
+        def impl(arr, j, v):
+            arr[j] = _f32_to_bf16_bits(v)
+        return impl
+    return None
+
+
+def compute_zero(arr):
+    """Zero of ``arr``'s compute type (float32 for 16-bit storage, else the array's own dtype)."""
+    raise NotImplementedError
+
+
+@overload(compute_zero)
+def _compute_zero_overload(arr):
+    if arr.dtype == types.float64:
+        return lambda arr: np.float64(0.0)
+    return lambda arr: np.float32(0.0)
+
+
+def like(v, arr):
+    """``v`` converted to ``arr``'s compute type (keeps float32 arithmetic in float32)."""
+    raise NotImplementedError
+
+
+@overload(like)
+def _like_overload(v, arr):
+    if arr.dtype == types.float64:
+        return lambda v, arr: np.float64(v)
+    return lambda v, arr: np.float32(v)
