@@ -3,7 +3,7 @@
 ``import numbaxent`` imports only NumPy; the kernels are compiled (or loaded from the on-disk cache) on
 first use.
 """
-from ._api import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
+from ._api import CrossEntropyLoss, Stats, cross_entropy, cross_entropy_with_grad
 
 __version__ = "0.1.0"
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "__version__"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "Stats", "__version__"]

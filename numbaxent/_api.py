@@ -9,11 +9,11 @@ import math
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "Stats"]
 
 _FLOAT_ITEMSIZES = {2: np.float16, 4: np.float32, 8: np.float64}
 
@@ -66,6 +66,31 @@ def _check_label_smoothing(label_smoothing) -> float:
     if not (0.0 <= eps <= 1.0):  # also rejects NaN (PyTorch silently treats NaN and eps < 0 as 0)
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps:g}")
     return eps
+
+
+def _check_z_loss(z_loss) -> float:
+    z = _real(z_loss, "z_loss")
+    if not (z >= 0.0 and math.isfinite(z)):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return z
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    c = _real(softcap, "softcap")
+    if not (c > 0.0 and math.isfinite(c)):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return c
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
 
 
 def _check_ignore_index(ignore_index) -> int:
@@ -121,6 +146,9 @@ class _Prepared:
     ignore_index: int
     eps: float
     reduction: str
+    z: float = 0.0
+    cap: float | None = None
+    sw: np.ndarray | None = None  # float64 (rows,) sample weights, or (1,) ones
 
 
 def _canonical_view(a: np.ndarray, transposed: bool, shape3: tuple) -> np.ndarray | None:
@@ -131,10 +159,20 @@ def _canonical_view(a: np.ndarray, transposed: bool, shape3: tuple) -> np.ndarra
     return v.reshape(shape3)
 
 
-def _prepare(input, target, weight, ignore_index, reduction, label_smoothing) -> _Prepared:
+def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0,
+             softcap=None, sample_weight=None, normalizer=None) -> _Prepared:
     reduction = _check_reduction(reduction)
     eps = _check_label_smoothing(label_smoothing)
     ignore_index = _check_ignore_index(ignore_index)
+    z = _check_z_loss(z_loss)
+    cap = _check_softcap(softcap)
+    if normalizer is not None:
+        if reduction != "mean":
+            raise ValueError(f"normalizer replaces the 'mean' denominator; it cannot be used with "
+                             f"reduction='{reduction}'")
+        norm = _real(normalizer, "normalizer")
+        if not (norm > 0.0 and math.isfinite(norm)):
+            raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
     x = _as_array(input, "input")
     storage, compute = _logits_dtype(x)
     if x.ndim == 0:
@@ -208,21 +246,37 @@ def _prepare(input, target, weight, ignore_index, reduction, label_smoothing) ->
         x3 = np.ascontiguousarray(xs).reshape(shape3)
     rows = math.prod(loss_shape)
 
+    if sample_weight is None:
+        sw = np.ones(1)
+    else:
+        swa = _as_array(sample_weight, "sample_weight")
+        if swa.dtype.kind not in "iuf":
+            raise TypeError(f"sample_weight must be a real array, got dtype {swa.dtype}")
+        if swa.shape != loss_shape:
+            raise ValueError(f"sample_weight must have the shape of the per-element loss "
+                             f"{loss_shape}, got {swa.shape}")
+        swa = swa.T if transposed else swa
+        sw = np.ascontiguousarray(swa, dtype=np.float64).reshape(-1)
+        if sw.shape[0] == 1:
+            sw = sw.copy()
+
     if soft:
         ta = t.astype(compute, copy=False)
         tt = ta.T if transposed else ta
         tgt = np.ascontiguousarray(tt).reshape(shape3)
-        denom = float(rows)
+        denom = float(rows) if sample_weight is None else float(np.sum(sw))
     else:
         if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
             bad = t.reshape(-1)[np.argmax(t.reshape(-1) > np.iinfo(np.int64).max)]
             raise IndexError(f"Target {int(bad)} is out of bounds.")
         tgt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
-        first_bad, denom, _ = _kernels().check_targets(tgt, w, ignore_index, C)
+        first_bad, denom, _ = _kernels().check_targets(tgt, w, sw, ignore_index, C)
         if first_bad >= 0:
             raise IndexError(f"Target {int(tgt[first_bad])} is out of bounds.")
+    if normalizer is not None:
+        denom = norm
     return _Prepared(x, x3, transposed, compute, C, rows, loss_shape, soft, tgt, w, wsum,
-                     float(denom), ignore_index, eps, reduction)
+                     float(denom), ignore_index, eps, reduction, z, cap, sw)
 
 
 def _scalar(value: float, dtype: np.dtype):
@@ -300,38 +354,65 @@ def _grad_target(p: _Prepared, out):
 
 
 def _run(p: _Prepared, mode: int, g: np.ndarray, lse: np.ndarray, loss: np.ndarray,
-         grad3: np.ndarray):
+         top1: np.ndarray, grad3: np.ndarray):
     k = _kernels()
     from ._threading import kernel_lock
 
     with kernel_lock():
         if p.soft:
             keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
-            k.prob_kernel(p.x3, p.target, p.w, keep, add, mode, g, lse, loss, grad3)
+            keep, add = p.compute.type(keep), p.compute.type(add)
+            k.prob_kernel(p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, lse, loss,
+                          grad3)
+            top1[:] = False
         else:
-            k.index_kernel(p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, mode, g, lse, loss,
-                           grad3)
+            k.index_kernel(p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode, g,
+                           p.sw, lse, loss, top1, grad3)
 
 
 def _empty_or_classless(p: _Prepared) -> bool:
     return p.rows == 0 or p.C == 0
 
 
-def _classless_rows(p: _Prepared) -> np.ndarray:
-    # C == 0: PyTorch gives -0. per soft-target row (an empty sum); index targets must all be ignored
-    return np.full(p.rows, -0.0 if p.soft else 0.0)
+class Stats(NamedTuple):
+    """By-products of a forward pass, computed while each row was in cache (no second pass).
+
+    Attributes
+    ----------
+    lse : ndarray, the loss's shape
+        Per-element log-sum-exp of the (soft-capped) logits, in the compute dtype.
+    top1 : ndarray of bool, the loss's shape
+        Whether the target class is the argmax of the logits (ties go to the lowest class index;
+        False for ignored elements, rows with NaN, and probability targets).
+    accuracy : float
+        Mean of ``top1`` over the non-ignored elements (NaN if none, or for probability targets).
+    """
+
+    lse: np.ndarray
+    top1: np.ndarray
+    accuracy: float
 
 
-def _forward(p: _Prepared):
-    """Per-row float64 losses and the saved log-sum-exp."""
+def _stats(p: _Prepared, lse: np.ndarray, top1: np.ndarray) -> Stats:
+    if p.soft or p.rows == 0:
+        acc = float("nan")
+    else:
+        n_valid = int(np.count_nonzero(p.target != p.ignore_index))
+        acc = float(np.count_nonzero(top1)) / n_valid if n_valid else float("nan")
+    return Stats(lse.reshape(p.loss_shape), top1.reshape(p.loss_shape), acc)
+
+
+def _pass(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray):
+    """Run FORWARD or FUSED over all rows: (float64 per-row losses, lse, top1)."""
     lse = np.empty(p.rows, dtype=p.compute)
+    top1 = np.zeros(p.rows, dtype=np.bool_)
     if _empty_or_classless(p):
-        return _classless_rows(p), lse
+        # C == 0: PyTorch gives -0. per soft-target row (an empty sum); class targets are all ignored
+        lse[:] = -np.inf
+        return np.full(p.rows, -0.0 if p.soft else 0.0), lse, top1
     loss = np.empty(p.rows, dtype=np.float64)
-    dummy = np.empty((1, 1, 1), dtype=p.x3.dtype)
-    k = _kernels()
-    _run(p, k.FORWARD, np.ones(1), lse, loss, dummy)
-    return loss, lse
+    _run(p, mode, g, lse, loss, top1, grad3)
+    return loss, lse, top1
 
 
 def _from_canonical(tmp3: np.ndarray, p: _Prepared) -> np.ndarray:
@@ -342,7 +423,8 @@ def _from_canonical(tmp3: np.ndarray, p: _Prepared) -> np.ndarray:
 
 # -- public functions --------------------------------------------------------------------------------
 def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0):
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap=None,
+                  sample_weight=None, normalizer=None, return_stats: bool = False):
     r"""Cross-entropy between logits and targets, exactly as ``torch.nn.functional.cross_entropy``.
 
     For class-index targets :math:`y` and class weights :math:`w` (ones by default),
@@ -373,11 +455,28 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
         Must be negative for probability targets.
     reduction : {'mean', 'sum', 'none'}
     label_smoothing : float in [0, 1]
+    z_loss : float, keyword-only
+        Adds ``z_loss * lse(x_i)**2`` to every non-ignored element's loss (PaLM's auxiliary loss),
+        reduced like the main loss. Default 0 (off).
+    softcap : float, keyword-only
+        Soft-caps the logits to ``softcap * tanh(x / softcap)`` before the softmax (Gemma 2); the
+        gradient includes the tanh. Default None (off).
+    sample_weight : array_like of the loss's shape, keyword-only
+        Multiplies each element's loss; under ``'mean'`` the denominator becomes
+        ``sum(sample_weight * weight[target])`` over kept elements (``sum(sample_weight)`` for
+        probability targets).
+    normalizer : float, keyword-only
+        Replaces the ``'mean'`` denominator (for example the global token count of a batch split into
+        micro-batches, so that accumulated gradients equal the full batch's).
+    return_stats : bool, keyword-only
+        Also return a :class:`Stats` (per-element log-sum-exp, top-1 correctness, accuracy).
 
     Returns
     -------
-    numpy scalar (``'mean'``/``'sum'``) or ndarray of the target's shape (``'none'``), in
+    loss : numpy scalar (``'mean'``/``'sum'``) or ndarray of the target's shape (``'none'``), in
     ``input``'s dtype.
+    stats : Stats
+        Only with ``return_stats=True``.
 
     Raises
     ------
@@ -388,14 +487,18 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
     IndexError
         A class target outside ``[0, C)`` that is not ``ignore_index`` (the message names it).
     """
-    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing)
-    loss_rows, _ = _forward(p)
-    return _reduce(p, loss_rows)
+    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                 sample_weight, normalizer)
+    loss_rows, lse, top1 = _pass(p, _kernels().FORWARD, np.ones(1),
+                                 np.empty((1, 1, 1), dtype=p.x3.dtype))
+    loss = _reduce(p, loss_rows)
+    return (loss, _stats(p, lse, top1)) if return_stats else loss
 
 
 def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100,
                             reduction: str = "mean", label_smoothing: float = 0.0,
-                            grad_output=None, out=None):
+                            grad_output=None, out=None, *, z_loss: float = 0.0, softcap=None,
+                            sample_weight=None, normalizer=None, return_stats: bool = False):
     r"""Loss and its gradient with respect to ``input`` in one fused pass over the logits.
 
     ``grad_input`` is :math:`\partial \sum(\text{grad\_output} \cdot \text{loss}) / \partial x`:
@@ -415,23 +518,25 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     out : ndarray, optional
         Receives the gradient; must have ``input``'s shape and dtype. ``out=input`` overwrites the
         logits with their gradient and allocates no N×C array.
+    z_loss, softcap, sample_weight, normalizer, return_stats
+        As in :func:`cross_entropy`.
 
     Returns
     -------
     loss : as :func:`cross_entropy`
     grad_input : ndarray of ``input``'s shape and dtype (``out`` when given)
+    stats : Stats
+        Only with ``return_stats=True``.
     """
-    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing)
+    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                 sample_weight, normalizer)
     g = _upstream(p, grad_output)
     grad, g3, copy_back = _grad_target(p, out)
-    lse = np.empty(p.rows, dtype=p.compute)
-    if _empty_or_classless(p):
-        return _reduce(p, _classless_rows(p)), grad
-    loss = np.empty(p.rows, dtype=np.float64)
-    _run(p, _kernels().FUSED, g, lse, loss, g3)
+    loss_rows, lse, top1 = _pass(p, _kernels().FUSED, g, g3)
     if copy_back is not None:
         np.copyto(grad, _from_canonical(copy_back, p))
-    return _reduce(p, loss), grad
+    loss = _reduce(p, loss_rows)
+    return (loss, grad, _stats(p, lse, top1)) if return_stats else (loss, grad)
 
 
 class CrossEntropyLoss:
@@ -440,29 +545,39 @@ class CrossEntropyLoss:
     ``forward`` (or calling the object) computes the loss and keeps the per-row log-sum-exp
     (O(rows) memory) and a reference to the logits; ``backward`` then writes the gradient in a single
     read of the logits, without recomputing the softmax statistics. The logits must not be modified
-    between ``forward`` and ``backward``.
+    between ``forward`` and ``backward``. ``z_loss`` and ``softcap`` (keyword-only) are as in
+    :func:`cross_entropy`; ``sample_weight`` and ``normalizer`` vary per batch and are given to
+    ``forward``. After ``forward``, :attr:`stats` holds the batch's :class:`Stats`.
     """
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean", label_smoothing: float = 0.0):
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 softcap=None):
         if size_average is not None or reduce is not None:
             reduction = legacy_reduction(size_average, reduce)
         self.reduction = _check_reduction(reduction)
         self.label_smoothing = _check_label_smoothing(label_smoothing)
         self.ignore_index = _check_ignore_index(ignore_index)
+        self.z_loss = _check_z_loss(z_loss)
+        self.softcap = _check_softcap(softcap)
         self.weight = None if weight is None else _as_array(weight, "weight")
+        self.stats = None
         self._saved = None
 
     def __repr__(self):
         return (f"CrossEntropyLoss(reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}, weight={'None' if self.weight is None else 'set'})")
+                f"label_smoothing={self.label_smoothing}, "
+                f"weight={'None' if self.weight is None else 'set'})")
 
-    def forward(self, input, target):
-        """Loss of ``input`` against ``target`` (see :func:`cross_entropy`); saves what ``backward`` needs."""
+    def forward(self, input, target, *, sample_weight=None, normalizer=None):
+        """Loss of ``input`` against ``target`` (see :func:`cross_entropy`); saves what
+        :meth:`backward` needs (the per-row log-sum-exp and a reference to ``input``)."""
         p = _prepare(input, target, self.weight, self.ignore_index, self.reduction,
-                     self.label_smoothing)
-        loss_rows, lse = _forward(p)
+                     self.label_smoothing, self.z_loss, self.softcap, sample_weight, normalizer)
+        loss_rows, lse, top1 = _pass(p, _kernels().FORWARD, np.ones(1),
+                                     np.empty((1, 1, 1), dtype=p.x3.dtype))
         self._saved = (p, lse)
+        self.stats = _stats(p, lse, top1)
         return _reduce(p, loss_rows)
 
     __call__ = forward
@@ -479,7 +594,7 @@ class CrossEntropyLoss:
         grad, g3, copy_back = _grad_target(p, out)
         if _empty_or_classless(p):
             return grad
-        _run(p, _kernels().BACKWARD, g, lse, np.empty(1), g3)
+        _run(p, _kernels().BACKWARD, g, lse, np.empty(1), np.empty(1, dtype=np.bool_), g3)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         return grad

@@ -17,6 +17,11 @@ and for probability targets ``a = sum_c w_c t~_c`` and ``b_j = w_j t~_j``, ``t~ 
 Ignored rows have ``g = a = b = 0``, so their gradient is ``p * 0``: zero, or NaN when the row's
 log-softmax is NaN, exactly as PyTorch's autograd gives.
 
+Options beyond PyTorch's (all off by default): ``cap`` soft-caps the logits, ``x -> cap*tanh(x/cap)``,
+before everything (the gradient is multiplied by ``1 - (x'/cap)^2``; ``cap=None`` compiles the plain
+path); ``z`` adds the z-loss ``z * lse^2`` to every valid row (``a += 2 z lse``); per-row sample weights
+multiply ``g`` and the row's loss.
+
 Per-row losses are written in float64; the API layer reduces them in a fixed order, so results do not
 depend on the number of threads.
 """
@@ -28,55 +33,58 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit
-from ._math import compute_zero, exp, like, load, store
+from ._math import cap_slope, capped, compute_zero, exp, like, load, store
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
 
 # -- row primitives ----------------------------------------------------------------------------------
+# ``cap`` is None (plain logits) or the soft-cap value; every primitive reads ``capped(load(row[j]), cap)``.
+
 @jit()
-def row_max(row):
-    """``max_c row_c`` in the compute type (NaN entries are skipped here; they reach the result
-    through ``row_sumexp``, where ``x - m`` is NaN)."""
+def row_max(row, cap):
+    """``max_c x_c`` in the compute type (NaN entries are skipped here; they reach the result through
+    ``row_sumexp``, where ``x - m`` is NaN)."""
     m = -like(np.inf, row)
     for j in range(row.shape[0]):
-        v = load(row[j])
+        v = capped(load(row[j]), cap)
         if v > m:
             m = v
     return m
 
 
 @jit()
-def row_sumexp(row, m):
-    """``sum_c exp(row_c - m)``."""
+def row_sumexp(row, m, cap):
+    """``sum_c exp(x_c - m)``."""
     s = compute_zero(row)
     for j in range(row.shape[0]):
-        s += exp(load(row[j]) - m)
+        s += exp(capped(load(row[j]), cap) - m)
     return s
 
 
 @jit()
-def row_sumexp_wdot(row, m, w):
-    """``(sum_c exp(row_c - m), sum_c w_c (row_c - m))``: the second sum gives the label-smoothing
-    term ``sum_c w_c (lse - x_c)`` without cancellation (every ``row_c - m <= 0``)."""
+def row_sumexp_wdot(row, m, w, cap):
+    """``(sum_c exp(x_c - m), sum_c w_c (x_c - m))``: the second sum gives the label-smoothing term
+    ``sum_c w_c (lse - x_c)`` without cancellation (every ``x_c - m <= 0``)."""
     s = compute_zero(row)
     d = compute_zero(row)
     for j in range(row.shape[0]):
-        v = load(row[j]) - m
+        v = capped(load(row[j]), cap) - m
         s += exp(v)
         d += w[j] * v
     return s, d
 
 
 @jit()
-def row_soft_sums(row, trow, m, w, keep, add, need_exp):
-    """For probability targets ``t~ = t*keep + add``: ``(sum exp(x - m), sum w t~, sum w t~ (x - m))``."""
+def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp):
+    """For probability targets ``t~ = t*keep + add``: ``(sum exp(x - m), sum w t~, sum w t~ (x - m))``
+    (only the middle sum when ``need_exp`` is false)."""
     s = compute_zero(row)
     a = compute_zero(row)
     d = compute_zero(row)
     if need_exp:
         for j in range(row.shape[0]):
-            v = load(row[j]) - m
+            v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * keep + add)
             s += exp(v)
             a += wt
@@ -88,80 +96,109 @@ def row_soft_sums(row, trow, m, w, keep, add, need_exp):
 
 
 @jit()
-def row_grad_index(row, grow, lse, coef, w, wcoef):
-    """``grow_j = exp(row_j - lse) * coef - w_j * wcoef`` (safe when ``grow`` is ``row``)."""
-    if wcoef == 0:
-        for j in range(row.shape[0]):
-            store(grow, j, exp(load(row[j]) - lse) * coef)
-    else:
-        for j in range(row.shape[0]):
-            store(grow, j, exp(load(row[j]) - lse) * coef - w[j] * wcoef)
+def row_is_top1(row, y, xy, m, cap):
+    """Whether class ``y`` (logit ``xy``) is the row's argmax, ties going to the lowest index."""
+    if not xy >= m:
+        return False
+    for j in range(y):  # rare: only reached when x_y is the maximum
+        if capped(load(row[j]), cap) == m:
+            return False
+    return True
 
 
 @jit()
-def row_grad_soft(row, trow, grow, lse, coef, w, g, keep, add):
-    """``grow_j = exp(row_j - lse) * coef - g w_j t~_j``."""
+def row_grad_index(row, grow, lse, coef, w, wcoef, cap):
+    """``grow_j = (exp(x_j - lse) * coef - w_j * wcoef) * dx_j`` (safe when ``grow`` is ``row``)."""
+    if wcoef == 0:
+        for j in range(row.shape[0]):
+            v = capped(load(row[j]), cap)
+            store(grow, j, exp(v - lse) * coef * cap_slope(v, cap))
+    else:
+        for j in range(row.shape[0]):
+            v = capped(load(row[j]), cap)
+            store(grow, j, (exp(v - lse) * coef - w[j] * wcoef) * cap_slope(v, cap))
+
+
+@jit()
+def row_grad_soft(row, trow, grow, lse, coef, w, g, keep, add, cap):
+    """``grow_j = (exp(x_j - lse) * coef - g w_j t~_j) * dx_j``."""
     for j in range(row.shape[0]):
-        store(grow, j, exp(load(row[j]) - lse) * coef - g * w[j] * (trow[j] * keep + add))
+        v = capped(load(row[j]), cap)
+        store(grow, j, (exp(v - lse) * coef - g * w[j] * (trow[j] * keep + add)) * cap_slope(v, cap))
 
 
 # -- one row, every mode -----------------------------------------------------------------------------
 @jit()
-def index_row(row, grow, y, valid, w, wsum, eps, eps_c, mode, g, lse):
-    """Loss (float64) and log-sum-exp of one row with a class-index target; writes the gradient row
-    in FUSED/BACKWARD mode. ``lse`` is an input in BACKWARD mode only."""
+def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, lse):
+    """One row with a class-index target: returns ``(loss, lse, top1)``, the loss in float64 (before
+    the sample weight, which is folded into ``g`` and applied by the caller to the loss), and writes
+    the gradient row in FUSED/BACKWARD mode. ``lse`` is an input in BACKWARD mode only."""
     loss = 0.0
+    top1 = False
     if mode != BACKWARD:
-        m = row_max(row)
+        m = row_max(row, cap)
         if eps_c > 0 and valid:
-            s, d = row_sumexp_wdot(row, m, w)
+            s, d = row_sumexp_wdot(row, m, w, cap)
         else:
-            s = row_sumexp(row, m)
+            s = row_sumexp(row, m, cap)
             d = compute_zero(row)
         ls = math.log(s)
         lse = m + ls
         if valid:
-            nll = (np.float64(m) - np.float64(load(row[y]))) + np.float64(ls)
+            xy = capped(load(row[y]), cap)
+            nll = (np.float64(m) - np.float64(xy)) + np.float64(ls)
             loss = (1.0 - eps) * np.float64(w[y]) * nll
             if eps_c > 0:
                 loss += eps_c * (np.float64(wsum) * np.float64(ls) - np.float64(d))
+            if z != 0:
+                loss += z * np.float64(lse) * np.float64(lse)
+            top1 = row_is_top1(row, y, xy, m, cap)
     if mode != FORWARD:
         if valid:
             gv = g
             wy = np.float64(w[y])
-            xy = load(row[y])  # read before the row may be overwritten (out=input)
+            xy = capped(load(row[y]), cap)  # read before the row may be overwritten (out=input)
         else:
             gv = 0.0
             wy = 0.0
             xy = compute_zero(row)
-        coef = like(gv * ((1.0 - eps) * wy + eps_c * np.float64(wsum)), row)
+        a = (1.0 - eps) * wy + eps_c * np.float64(wsum)
+        if z != 0:
+            a += 2.0 * z * np.float64(lse)
+        coef = like(gv * a, row)
         wcoef = like(gv * eps_c, row)
-        row_grad_index(row, grow, lse, coef, w, wcoef)
+        row_grad_index(row, grow, lse, coef, w, wcoef, cap)
         if valid:  # the true-class term, in the compute type before the single rounding to storage
-            store(grow, y, exp(xy - lse) * coef - w[y] * wcoef - like(gv * (1.0 - eps) * wy, row))
-    return loss, lse
+            gy = exp(xy - lse) * coef - w[y] * wcoef - like(gv * (1.0 - eps) * wy, row)
+            store(grow, y, gy * cap_slope(xy, cap))
+    return loss, lse, top1
 
 
 @jit()
-def prob_row(row, trow, grow, w, keep, add, mode, g, lse):
-    """Loss (float64) and log-sum-exp of one row with a probability target ``t~ = t*keep + add``."""
+def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, lse):
+    """One row with a probability target ``t~ = t*keep + add``: returns ``(loss, lse)``."""
     loss = 0.0
     if mode != BACKWARD:
-        m = row_max(row)
-        s, a, d = row_soft_sums(row, trow, m, w, keep, add, True)
+        m = row_max(row, cap)
+        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True)
         ls = math.log(s)
         lse = m + ls
         loss = np.float64(ls) * np.float64(a) - np.float64(d)
+        if z != 0:
+            loss += z * np.float64(lse) * np.float64(lse)
     else:
-        s, a, d = row_soft_sums(row, trow, lse, w, keep, add, False)
+        s, a, d = row_soft_sums(row, trow, lse, w, keep, add, cap, False)
     if mode != FORWARD:
-        row_grad_soft(row, trow, grow, lse, like(g * np.float64(a), row), w, like(g, row), keep, add)
+        coef = g * np.float64(a)
+        if z != 0:
+            coef += g * 2.0 * z * np.float64(lse)
+        row_grad_soft(row, trow, grow, lse, like(coef, row), w, like(g, row), keep, add, cap)
     return loss, lse
 
 
 # -- parallel kernels --------------------------------------------------------------------------------
 @jit(parallel=True)
-def index_kernel(x, target, w, wsum, ignore_index, eps, mode, g, lse, loss, grad):
+def index_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, lse, loss, top1, grad):
     """Cross-entropy with class-index targets over all rows of ``x`` (N, C, S).
 
     Parameters
@@ -169,78 +206,90 @@ def index_kernel(x, target, w, wsum, ignore_index, eps, mode, g, lse, loss, grad
     x : (N, C, S) logits, C-contiguous (float32/float64, or 16-bit storage of float16/bfloat16)
     target : (N*S,) int64 class indices, already validated (in range or equal to ``ignore_index``)
     w : (C,) class weights in the compute type (ones when the user gave none); ``wsum = sum(w)``
-    eps : label smoothing; ``mode`` : FORWARD, FUSED or BACKWARD
-    g : upstream gradient per row, (N*S,), or (1,) for the same value on every row
+    eps : label smoothing; ``z`` : z-loss coefficient; ``cap`` : soft-cap value or None
+    mode : FORWARD, FUSED or BACKWARD
+    g : upstream gradient per row (N*S,) float64, or (1,) for the same value on every row
+    sw : per-row sample weights (N*S,) float64, or (1,) for none
     lse : (N*S,) log-sum-exp, written (FORWARD, FUSED) or read (BACKWARD)
-    loss : (N*S,) float64, receives ``l_r`` (FORWARD, FUSED)
+    loss : (N*S,) float64, receives ``sw_r * l_r``; top1 : (N*S,) bool, argmax == target (FORWARD, FUSED)
     grad : gradient, same shape and dtype as ``x`` (may be ``x`` itself); unused in FORWARD mode
     """
     N, C, S = x.shape
+    R = N * S
     x2 = x.reshape((N, C * S))
     g2 = grad.reshape((grad.shape[0], grad.shape[1] * grad.shape[2]))
     eps_c = eps / C
-    per_row_g = g.shape[0] > 1 or N * S == 1
-    for r in prange(N * S):
+    per_row_g = g.shape[0] == R
+    per_row_sw = sw.shape[0] == R
+    for r in prange(R):
         n = r // S
         s = r - n * S
         y = target[r]
         valid = y != ignore_index
-        gr = np.float64(g[r] if per_row_g else g[0])
+        swr = sw[r] if per_row_sw else sw[0]
+        gr = (g[r] if per_row_g else g[0]) * swr
         gn = n if mode != FORWARD else 0
         if S == 1:
-            lr, er = index_row(x2[n], g2[gn], y, valid, w, wsum, eps, eps_c, mode, gr, lse[r])
+            lr, er, tr = index_row(x2[n], g2[gn], y, valid, w, wsum, eps, eps_c, z, cap, mode, gr,
+                                   lse[r])
         else:
             gs = s if mode != FORWARD else 0
-            lr, er = index_row(x[n, :, s], grad[gn, :, gs], y, valid, w, wsum, eps, eps_c, mode, gr,
-                               lse[r])
+            lr, er, tr = index_row(x[n, :, s], grad[gn, :, gs], y, valid, w, wsum, eps, eps_c, z,
+                                   cap, mode, gr, lse[r])
         if mode != BACKWARD:
-            loss[r] = lr
+            loss[r] = lr * swr if valid else 0.0
             lse[r] = er
+            top1[r] = tr
 
 
 @jit(parallel=True)
-def prob_kernel(x, t, w, keep, add, mode, g, lse, loss, grad):
+def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, lse, loss, grad):
     """Cross-entropy with probability targets ``t`` (same layout as ``x``, in the compute type).
 
     ``t~ = t*keep + add`` (``keep = 1 - eps``, ``add = eps/C``; 1 and 0 without smoothing). Other
     arguments as in :func:`index_kernel`.
     """
     N, C, S = x.shape
+    R = N * S
     x2 = x.reshape((N, C * S))
     t2 = t.reshape((N, C * S))
     g2 = grad.reshape((grad.shape[0], grad.shape[1] * grad.shape[2]))
-    per_row_g = g.shape[0] > 1 or N * S == 1
-    for r in prange(N * S):
+    per_row_g = g.shape[0] == R
+    per_row_sw = sw.shape[0] == R
+    for r in prange(R):
         n = r // S
         s = r - n * S
-        gr = np.float64(g[r] if per_row_g else g[0])
+        swr = sw[r] if per_row_sw else sw[0]
+        gr = (g[r] if per_row_g else g[0]) * swr
         gn = n if mode != FORWARD else 0
         if S == 1:
-            lr, er = prob_row(x2[n], t2[n], g2[gn], w, keep, add, mode, gr, lse[r])
+            lr, er = prob_row(x2[n], t2[n], g2[gn], w, keep, add, z, cap, mode, gr, lse[r])
         else:
             gs = s if mode != FORWARD else 0
-            lr, er = prob_row(x[n, :, s], t[n, :, s], grad[gn, :, gs], w, keep, add, mode, gr, lse[r])
+            lr, er = prob_row(x[n, :, s], t[n, :, s], grad[gn, :, gs], w, keep, add, z, cap, mode,
+                              gr, lse[r])
         if mode != BACKWARD:
-            loss[r] = lr
+            loss[r] = lr * swr
             lse[r] = er
 
 
 @jit()
-def check_targets(target, w, ignore_index, C):
+def check_targets(target, w, sw, ignore_index, C):
     """Validate class-index targets and total their weights in one serial pass.
 
     Returns ``(first_bad, W, n_valid)``: the flat position of the first target that is neither
-    ``ignore_index`` nor in ``[0, C)`` (-1 if none), ``W = sum_{valid r} w[y_r]`` in float64 (the
-    'mean' denominator) and the number of valid targets.
+    ``ignore_index`` nor in ``[0, C)`` (-1 if none), ``W = sum_{valid r} sw_r w[y_r]`` in float64 (the
+    'mean' denominator; ``sw`` is (R,) or (1,) for all ones) and the number of valid targets.
     """
     total = 0.0
     n_valid = 0
+    per_row_sw = sw.shape[0] == target.shape[0]
     for r in range(target.shape[0]):
         y = target[r]
         if y == ignore_index:
             continue
         if y < 0 or y >= C:
             return r, total, n_valid
-        total += np.float64(w[y])
+        total += np.float64(w[y]) * (sw[r] if per_row_sw else sw[0])
         n_valid += 1
     return -1, total, n_valid

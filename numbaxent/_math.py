@@ -19,7 +19,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import _jit  # noqa: F401  (threading layer set before anything parallel)
 
-__all__ = ["exp", "load", "store", "compute_zero", "like"]
+__all__ = ["exp", "load", "store", "compute_zero", "like", "capped", "cap_slope"]
 
 
 # -- bit casts ---------------------------------------------------------------------------------------
@@ -214,3 +214,59 @@ def _like_overload(v, arr):
     if arr.dtype == types.float64:
         return lambda v, arr: np.float64(v)
     return lambda v, arr: np.float32(v)
+
+
+# -- soft-capping (Gemma 2): x -> s * tanh(x / s) ---------------------------------------------------------
+def capped(v, cap):
+    """``cap * tanh(v / cap)``, or ``v`` itself when ``cap`` is None (resolved at compile time)."""
+    raise NotImplementedError
+
+
+def cap_slope(vc, cap):
+    """``d capped / d v`` given the capped value ``vc``: ``1 - (vc / cap)**2`` (1 when ``cap`` is None)."""
+    raise NotImplementedError
+
+
+def one_like(v):
+    """1 in ``v``'s float type."""
+    raise NotImplementedError
+
+
+@overload(one_like)
+def _one_like_overload(v):
+    if v == types.float32:
+        return lambda v: np.float32(1.0)
+    return lambda v: np.float64(1.0)
+
+
+@register_jitable
+def _tanh(u):
+    # 1 - 2/(e^{2u} + 1) with the vectorisable exp; saturates to +-1, NaN stays NaN. Absolute error is
+    # a few ulps of 1, which is what a logit of size `cap` carries anyway.
+    one = one_like(u)
+    return one - (one + one) / (exp(u + u) + one)
+
+
+@overload(capped)
+def _capped_overload(v, cap):
+    if isinstance(cap, (types.NoneType, types.Omitted)):
+        return lambda v, cap: v
+    cast = np.float32 if v == types.float32 else np.float64
+
+    def impl(v, cap):
+        c = cast(cap)
+        return c * _tanh(v / c)
+    return impl
+
+
+@overload(cap_slope)
+def _cap_slope_overload(vc, cap):
+    if isinstance(cap, (types.NoneType, types.Omitted)):
+        return lambda vc, cap: one_like(vc)
+
+    cast = np.float32 if vc == types.float32 else np.float64
+
+    def impl(vc, cap):
+        q = vc / cast(cap)
+        return one_like(vc) - q * q
+    return impl
