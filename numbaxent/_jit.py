@@ -7,6 +7,10 @@ configure()  # must precede the first parallel kernel call; importing numba comp
 
 import numba  # noqa: E402
 
+from . import _cache  # noqa: E402
+
+_cache.install()  # before any kernel is defined: kernels find their cache directory at decoration
+
 # Only the flags that let LLVM vectorise reductions (reassociation) and fuse multiply-adds (contract).
 # No 'nnan'/'ninf': NaN and inf must propagate exactly as PyTorch's do.
 FASTMATH = frozenset({"reassoc", "contract"})
