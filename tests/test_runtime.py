@@ -1,0 +1,238 @@
+"""Runtime behaviour: thread safety, fork safety, determinism across thread counts, the on-disk cache
+(read-only fallback, invalidation, concurrent cold compiles), lazy import and the warmup command.
+
+Expected values come from a plain float64 NumPy log-softmax written here, never from numbaxent.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import numbaxent as nx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numpy_ce_none(x, t):
+    x = x.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    logp = x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(t)), t]
+
+
+def run_py(code: str, env_extra=None, cwd=None, timeout=240):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+# -- threads -------------------------------------------------------------------------------------------
+def test_threading_layer_is_thread_and_fork_safe():
+    import numba
+
+    nx.cross_entropy(np.zeros((2, 3)), np.array([0, 1]))  # starts the thread pool
+    from numbaxent._threading import threading_layer_choice
+
+    choice = threading_layer_choice()
+    assert choice in ("tbb", "workqueue")
+    assert numba.threading_layer() == choice
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+        assert choice == "tbb", "the tbb wheel is a dependency on this platform and must be found"
+
+
+def test_concurrent_calls_from_python_threads_are_correct():
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((300, 17)) for _ in range(8)]
+    ts = [rng.integers(0, 17, 300) for _ in range(8)]
+    serial = [nx.cross_entropy_with_grad(x, t, reduction="none") for x, t in zip(xs, ts)]
+    results = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        for _ in range(20):
+            results[i] = nx.cross_entropy_with_grad(xs[i], ts[i], reduction="none")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+        assert not th.is_alive()
+    for i in range(8):
+        np.testing.assert_array_equal(results[i][0], serial[i][0])
+        np.testing.assert_array_equal(results[i][1], serial[i][1])
+        np.testing.assert_allclose(serial[i][0], numpy_ce_none(xs[i], ts[i]), rtol=1e-12)
+
+
+def test_results_identical_for_one_and_two_threads():
+    import numba
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((999, 33)).astype(np.float32)
+    t = rng.integers(0, 33, 999)
+    n = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = nx.cross_entropy_with_grad(x, t, label_smoothing=0.1)
+        numba.set_num_threads(n)
+        many = nx.cross_entropy_with_grad(x, t, label_smoothing=0.1)
+    finally:
+        numba.set_num_threads(n)
+    assert one[0].tobytes() == many[0].tobytes()
+    np.testing.assert_array_equal(one[1], many[1])
+
+
+FORK_SCRIPT = """
+import os, sys, numpy as np, numbaxent as nx
+import multiprocessing as mp
+rng = np.random.default_rng(0)
+x = rng.standard_normal((500, 40)); t = rng.integers(0, 40, 500)
+ref = nx.cross_entropy(x, t)            # the parent uses the library (thread pool started) ...
+pid = os.fork()                          # ... then forks
+if pid == 0:
+    ok = nx.cross_entropy(x, t) == ref
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+def child(i):
+    return float(nx.cross_entropy(x, t))
+
+with mp.get_context("fork").Pool(2) as pool:
+    vals = pool.map(child, range(4))
+assert all(v == float(ref) for v in vals), vals
+print("FORK-OK")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_children_after_parent_used_library():
+    r = run_py(FORK_SCRIPT, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "FORK-OK" in r.stdout
+
+
+# -- import and cache ------------------------------------------------------------------------------------
+def test_import_compiles_nothing_and_does_not_import_numba():
+    r = run_py("import sys, numbaxent; print('numba' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+CACHE_PROBE = """
+import json, sys, numpy as np
+import numbaxent as nx
+from numbaxent import _kernels, _cache
+rng = np.random.default_rng(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+x = rng.standard_normal((64, 9)); t = rng.integers(0, 9, 64)
+loss = nx.cross_entropy(x, t, reduction="none")
+m = x.max(1, keepdims=True); lp = x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
+ok = bool(np.allclose(loss, -lp[np.arange(64), t], rtol=1e-12))
+k = _kernels.index_kernel
+print(json.dumps(dict(ok=ok, hits=sum(k._cache_hits.values()), misses=sum(k._cache_misses.values()),
+                      dir=_cache.cache_dir())))
+"""
+
+
+@pytest.fixture
+def package_copy(tmp_path):
+    """A private copy of the package (so its cache starts cold and can be made unwritable)."""
+    dst = tmp_path / "site"
+    shutil.copytree(os.path.join(ROOT, "numbaxent"), dst / "numbaxent",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"PYTHONPATH": str(dst), "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    return dst, env
+
+
+def _probe(env, seed=0):
+    import json
+
+    env = dict(env)
+    # cwd matters: `python -c` puts the working directory first on sys.path
+    r = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(seed)], capture_output=True,
+                       cwd=env["PYTHONPATH"],
+                       text=True, env={k: v for k, v in {**os.environ, **env}.items()
+                                       if k != "NUMBA_CACHE_DIR"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_cache_hit_then_invalidated_by_a_change_in_another_module(package_copy):
+    dst, env = package_copy
+    first = _probe(env)
+    assert first["ok"] and first["misses"] >= 1 and first["hits"] == 0
+    assert first["dir"] == str(dst / "numbaxent" / "__pycache__")
+    second = _probe(env)
+    assert second["ok"] and second["hits"] >= 1 and second["misses"] == 0
+    # a change in _math.py (not the kernel's own file) must invalidate the kernel's cache entry
+    with open(dst / "numbaxent" / "_math.py", "a") as f:
+        f.write("\n# changed\n")
+    third = _probe(env)
+    assert third["ok"] and third["misses"] >= 1 and third["hits"] == 0
+
+
+def test_read_only_package_directory_falls_back_to_user_cache(package_copy, tmp_path):
+    dst, env = package_copy
+    # tests may run as root, for whom permissions do not stop writes: make __pycache__ a file instead
+    (dst / "numbaxent" / "__pycache__").write_text("not a directory")
+    first = _probe(env)
+    assert first["ok"]
+    assert first["dir"].startswith(str(tmp_path / "xdg" / "numbaxent"))
+    assert any(name.endswith(".nbi") for name in os.listdir(first["dir"]))
+    second = _probe(env)
+    assert second["ok"] and second["hits"] >= 1 and second["misses"] == 0
+
+
+def test_concurrent_cold_compiles_in_several_processes(package_copy):
+    import json
+
+    dst, env = package_copy
+    full_env = {k: v for k, v in {**os.environ, **env}.items() if k != "NUMBA_CACHE_DIR"}
+    procs = [subprocess.Popen([sys.executable, "-c", CACHE_PROBE, str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=full_env, cwd=dst)
+             for i in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["ok"]
+    after = _probe(env, seed=7)
+    assert after["ok"] and after["hits"] >= 1 and after["misses"] == 0
+
+
+def test_warmup_command_compiles_and_reports():
+    r = subprocess.run([sys.executable, "-m", "numbaxent", "warmup", "--dtypes", "float64"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "float64" in r.stderr and "done in" in r.stderr
+
+
+def test_bfloat16_and_float16_are_computed_in_float32_and_rounded_once():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(3)
+    x32 = rng.standard_normal((40, 6)).astype(np.float32)
+    t = rng.integers(0, 6, 40)
+    for dt in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+        xh = x32.astype(dt)
+        loss, grad = nx.cross_entropy_with_grad(xh, t, reduction="none")
+        assert loss.dtype == dt and grad.dtype == dt
+        xw = xh.astype(np.float64)
+        ref = numpy_ce_none(xw, t)
+        # one rounding of a float32-accurate value: within one ulp of the dtype
+        ulp = np.abs(ref.astype(dt).astype(np.float64)) * float(ml_dtypes.finfo(dt).eps) + 1e-30
+        assert np.all(np.abs(loss.astype(np.float64) - ref) <= ulp)
+        p = np.exp(xw - xw.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        gref = p.copy()
+        gref[np.arange(40), t] -= 1
+        gulp = np.abs(gref) * float(ml_dtypes.finfo(dt).eps) + 1e-7
+        assert np.all(np.abs(grad.astype(np.float64) - gref) <= gulp)
