@@ -236,3 +236,29 @@ def test_bfloat16_and_float16_are_computed_in_float32_and_rounded_once():
         gref[np.arange(40), t] -= 1
         gulp = np.abs(gref) * float(ml_dtypes.finfo(dt).eps) + 1e-7
         assert np.all(np.abs(grad.astype(np.float64) - gref) <= gulp)
+
+
+WORKQUEUE_SCRIPT = """
+import threading, numpy as np, numbaxent as nx, numba
+rng = np.random.default_rng(0)
+x = rng.standard_normal((400, 30)); t = rng.integers(0, 30, 400)
+ref = nx.cross_entropy(x, t, reduction="none")
+assert numba.threading_layer() == "workqueue"
+errors = []
+def work():
+    for _ in range(30):
+        if not np.array_equal(nx.cross_entropy(x, t, reduction="none"), ref):
+            errors.append("mismatch")
+ths = [threading.Thread(target=work) for _ in range(4)]
+[th.start() for th in ths]; [th.join() for th in ths]
+assert not errors
+print("WQ-OK")
+"""
+
+
+def test_non_thread_safe_layer_is_serialised_not_aborted():
+    # numba's workqueue layer aborts the process on concurrent parallel calls; numbaxent holds a lock
+    # around kernel calls whenever the selected layer is not thread safe (here forced by the user)
+    r = run_py(WORKQUEUE_SCRIPT, env_extra={"NUMBA_THREADING_LAYER": "workqueue"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "WQ-OK" in r.stdout
