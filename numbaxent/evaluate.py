@@ -1,0 +1,474 @@
+"""Streaming, mergeable evaluation of logits against class-index targets.
+
+:class:`Evaluator` consumes logits in chunks of rows (``update``), keeps a small state (O(classes +
+calibration bins) numbers, independent of how many rows it has seen), merges with other evaluators
+(``merge``: several processes, Dask blocks) and reports loss, perplexity, top-k accuracy, entropy,
+calibration and per-class figures (``result``). Each chunk is read once: the one-pass kernel of
+:mod:`numbaxent._metrics` computes every per-row figure while the row is in cache.
+
+Importing this module imports NumPy only; the kernels are loaded on the first ``update``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _api
+
+__all__ = ["Evaluator", "EvalResult"]
+
+
+def _two_sum_into(hi: np.ndarray, lo: np.ndarray, b_hi, b_lo) -> None:
+    """``hi + lo += b_hi + b_lo`` with the rounding error of the main addition kept in ``lo``
+    (Knuth's two-sum), so a total does not depend on the order in which partial sums arrive."""
+    s = hi + b_hi
+    bp = s - hi
+    with np.errstate(invalid="ignore"):
+        err = (hi - (s - bp)) + (b_hi - bp)
+    err = np.where(np.isfinite(s), err, 0.0)  # inf/NaN totals carry no error term
+    hi[...] = s
+    lo += err + b_lo
+
+
+def _ratio(num, den):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.float64(num) / np.float64(den)
+
+
+@dataclass
+class EvalResult:
+    """What :meth:`Evaluator.result` reports. Means are over the non-ignored targets.
+
+    Attributes
+    ----------
+    loss : float
+        Exactly ``torch.nn.functional.cross_entropy(..., reduction="mean")`` over every row seen:
+        ``loss_sum / weight_sum`` (NaN when every target was ignored, as in PyTorch).
+    loss_sum : float
+        ``reduction="sum"``.
+    weight_sum : float
+        The ``'mean'`` denominator ``sum_i w[y_i]`` over non-ignored targets (their count without
+        ``weight``).
+    nll : float
+        Mean negative log-likelihood ``-log softmax(x)[y]``, unweighted and unsmoothed.
+    perplexity : float
+        ``exp(nll)``.
+    accuracy : dict[int, float]
+        ``{k: fraction of targets ranked < k}``; the rank is the target's position in a stable
+        ``np.argsort(-logits)`` (ties: lower class index first; NaN logits last).
+    entropy : float
+        Mean predictive entropy ``-sum_c p_c log p_c`` (nats).
+    confidence : float
+        Mean probability of the predicted class (over the rows with a finite softmax).
+    ece, mce : float
+        Expected and maximum calibration error over ``calibration_bins`` equal-width bins
+        ``(b/B, (b+1)/B]`` of the confidence (top-1 correctness against the confidence).
+    calibration : dict
+        Per bin: ``edges`` (B+1), ``count``, ``confidence`` (mean) and ``accuracy``.
+    per_class : dict
+        Per target class (arrays of length C): ``count``, ``loss_sum``, ``loss`` (the ``'mean'``
+        over that class's rows, ``loss_sum / (count * w_c)``), ``accuracy`` (top-1 recall),
+        ``predicted`` (how often the class was the argmax), ``precision``.
+    balanced_accuracy : float
+        Mean of the per-class top-1 recall over the classes that occur.
+    n_seen, n_ignored, n_valid : int
+        Targets seen, equal to ``ignore_index``, and the rest.
+    n_nonfinite : int
+        Non-ignored rows whose softmax is NaN (a NaN or ``+inf`` logit, or all ``-inf``): they are in
+        the loss (which is then NaN, as in PyTorch) but in no calibration bin.
+    """
+
+    loss: float
+    loss_sum: float
+    weight_sum: float
+    nll: float
+    perplexity: float
+    accuracy: dict
+    entropy: float
+    confidence: float
+    ece: float
+    mce: float
+    calibration: dict = field(repr=False)
+    per_class: dict = field(repr=False)
+    balanced_accuracy: float
+    n_seen: int
+    n_ignored: int
+    n_valid: int
+    n_nonfinite: int
+
+    def to_dict(self) -> dict:
+        """Plain Python types (lists for arrays, None for NaN/inf), ready for ``json.dumps``."""
+
+        def clean(v):
+            if isinstance(v, dict):
+                return {str(k): clean(x) for k, x in v.items()}
+            if isinstance(v, np.ndarray):
+                return [clean(x) for x in v.tolist()]
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            if isinstance(v, (np.integer, int)) and not isinstance(v, bool):
+                return int(v)
+            if isinstance(v, (np.floating, float)):
+                return float(v) if math.isfinite(v) else None
+            return v
+
+        return {k: clean(getattr(self, k)) for k in self.__dataclass_fields__}
+
+    def format(self, per_class: bool = False, max_classes: int | None = None) -> str:
+        """A readable table (what ``numbaxent eval`` prints)."""
+        def f(v, spec=".6g"):
+            return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+        rows = [
+            ("loss (mean)", f(self.loss)),
+            ("loss (sum)", f(self.loss_sum)),
+            ("nll", f(self.nll)),
+            ("perplexity", f(self.perplexity)),
+        ]
+        rows += [(f"accuracy@{k}", f(v, ".4%") if not math.isnan(v) else "nan")
+                 for k, v in self.accuracy.items()]
+        rows += [
+            ("balanced accuracy", f(self.balanced_accuracy, ".4%")
+             if not math.isnan(self.balanced_accuracy) else "nan"),
+            ("mean entropy", f(self.entropy)),
+            ("mean confidence", f(self.confidence)),
+            (f"ECE ({len(self.calibration['count'])} bins)", f(self.ece)),
+            ("MCE", f(self.mce)),
+            ("targets seen", str(self.n_seen)),
+            ("ignored", str(self.n_ignored)),
+            ("evaluated", str(self.n_valid)),
+        ]
+        if self.n_nonfinite:
+            rows.append(("non-finite rows", str(self.n_nonfinite)))
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        if per_class:
+            pc = self.per_class
+            C = len(pc["count"])
+            shown = range(C) if max_classes is None else range(min(C, max_classes))
+            lines += ["", f"{'class':>7} {'count':>10} {'loss':>11} {'accuracy':>9} "
+                          f"{'precision':>9} {'predicted':>10}"]
+            for c in shown:
+                lines.append(
+                    f"{c:>7} {int(pc['count'][c]):>10} {f(float(pc['loss'][c])):>11} "
+                    f"{f(float(pc['accuracy'][c]), '.4f'):>9} {f(float(pc['precision'][c]), '.4f'):>9} "
+                    f"{int(pc['predicted'][c]):>10}")
+            if len(shown) < C:
+                lines.append(f"    ... {C - len(shown)} more classes (use --json for all)")
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+class Evaluator:
+    """Streaming evaluation of logits against class-index targets, mergeable across workers.
+
+    Parameters
+    ----------
+    num_classes : int
+        C; every ``update`` must have logits with C classes.
+    weight, ignore_index, label_smoothing
+        As in :func:`numbaxent.cross_entropy` (class-index targets); they define ``loss``/``loss_sum``
+        (the other metrics are unweighted, unsmoothed and skip ignored targets).
+    topk : int or sequence of int
+        The k of the top-k accuracies (each >= 1; a k >= C gives 1).
+    calibration_bins : int
+        Number of equal-width confidence bins for the calibration error.
+
+    The state is a few integer and float64 arrays of length O(C + bins + len(topk)); float totals are
+    kept with a two-sum error term, so ``result()`` agrees to ~1e-15 relative whatever the chunking
+    of the rows and the order of ``merge`` calls. The object pickles (send it between processes).
+
+    Examples
+    --------
+    >>> ev = Evaluator(10, topk=(1, 5))
+    >>> for x, y in batches:            # doctest: +SKIP
+    ...     ev.update(x, y)
+    >>> ev.merge(other_worker_ev)       # doctest: +SKIP
+    >>> ev.result().loss                # doctest: +SKIP
+    """
+
+    _N_FLOAT_SCALARS = 4  # loss_sum, weight_sum, nll_sum, entropy_sum
+    _N_INT_SCALARS = 5  # n_seen, n_ignored, n_valid, n_nonfinite, rows (first-axis entries)
+
+    def __init__(self, num_classes: int, weight=None, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15):
+        try:
+            C = operator.index(num_classes)
+        except TypeError:
+            raise TypeError(f"num_classes must be an integer, got {type(num_classes).__name__}") \
+                from None
+        if C < 1:
+            raise ValueError(f"num_classes must be >= 1, got {C}")
+        self.num_classes = C
+        if weight is None:
+            self.weight = None
+        else:
+            wa = _api._as_array(weight, "weight")
+            if wa.dtype.kind not in "iuf" and wa.dtype.name != "bfloat16":
+                raise TypeError(f"weight must be a real array, got dtype {wa.dtype}")
+            if wa.shape != (C,):
+                raise ValueError(f"weight must have shape ({C},) (one per class), got {wa.shape}")
+            self.weight = np.array(wa, dtype=np.float64)
+            self._weight_src = np.array(wa)  # the user's dtype, cast per chunk like the core does
+        self.ignore_index = _api._check_ignore_index(ignore_index)
+        self.label_smoothing = _api._check_label_smoothing(label_smoothing)
+        ks = (topk,) if isinstance(topk, (int, np.integer)) else tuple(topk)
+        try:
+            ks = tuple(sorted({operator.index(k) for k in ks}))
+        except TypeError:
+            raise TypeError(f"topk must be an integer or a sequence of integers, got {topk!r}") \
+                from None
+        if not ks or ks[0] < 1:
+            raise ValueError(f"topk values must be integers >= 1, got {topk!r}")
+        self.topk = ks
+        try:
+            B = operator.index(calibration_bins)
+        except TypeError:
+            raise TypeError("calibration_bins must be an integer") from None
+        if B < 1:
+            raise ValueError(f"calibration_bins must be >= 1, got {B}")
+        self.calibration_bins = B
+        self.reset()
+
+    # -- state layout --------------------------------------------------------------------------------
+    # floats: [loss_sum, weight_sum, nll_sum, entropy_sum] + cls_loss[C] + bin_conf[B]
+    # ints:   [n_seen, n_ignored, n_valid, n_nonfinite, rows] + topk[K] + cls_count[C] + cls_correct[C]
+    #         + cls_pred[C] + bin_count[B] + bin_correct[B]
+    def _int_slices(self):
+        C, B, K = self.num_classes, self.calibration_bins, len(self.topk)
+        o = self._N_INT_SCALARS
+        return dict(topk=slice(o, o + K), cls_count=slice(o + K, o + K + C),
+                    cls_correct=slice(o + K + C, o + K + 2 * C),
+                    cls_pred=slice(o + K + 2 * C, o + K + 3 * C),
+                    bin_count=slice(o + K + 3 * C, o + K + 3 * C + B),
+                    bin_correct=slice(o + K + 3 * C + B, o + K + 3 * C + 2 * B))
+
+    def _float_slices(self):
+        C, B = self.num_classes, self.calibration_bins
+        o = self._N_FLOAT_SCALARS
+        return dict(cls_loss=slice(o, o + C), bin_conf=slice(o + C, o + C + B))
+
+    def reset(self) -> "Evaluator":
+        """Forget everything seen (keep the configuration)."""
+        C, B, K = self.num_classes, self.calibration_bins, len(self.topk)
+        self._ints = np.zeros(self._N_INT_SCALARS + K + 3 * C + 2 * B, dtype=np.int64)
+        self._hi = np.zeros(self._N_FLOAT_SCALARS + C + B, dtype=np.float64)
+        self._lo = np.zeros_like(self._hi)
+        return self
+
+    def _config(self):
+        return (self.num_classes, self.ignore_index, self.label_smoothing, self.topk,
+                self.calibration_bins)
+
+    def compatible(self, other: "Evaluator") -> bool:
+        """Whether ``other`` has the same configuration (so the two can be merged)."""
+        if not isinstance(other, Evaluator) or self._config() != other._config():
+            return False
+        if (self.weight is None) != (other.weight is None):
+            return False
+        return self.weight is None or np.array_equal(self.weight, other.weight, equal_nan=True)
+
+    def __repr__(self):
+        return (f"Evaluator(num_classes={self.num_classes}, weight="
+                f"{'None' if self.weight is None else 'set'}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, topk={self.topk}, "
+                f"calibration_bins={self.calibration_bins}; {self.n_seen} targets seen)")
+
+    @property
+    def n_seen(self) -> int:
+        """Number of targets seen so far (ignored ones included)."""
+        return int(self._ints[0])
+
+    def copy(self) -> "Evaluator":
+        new = object.__new__(Evaluator)
+        new.__dict__.update(self.__dict__)
+        new._ints, new._hi, new._lo = self._ints.copy(), self._hi.copy(), self._lo.copy()
+        return new
+
+    # -- merge ---------------------------------------------------------------------------------------
+    def merge(self, other: "Evaluator") -> "Evaluator":
+        """Add ``other``'s state to this one (in place) and return ``self``.
+
+        Merging is associative and commutative up to ~1e-16 relative on the float totals, so any
+        reduction tree over any split of the rows gives the same ``result()``."""
+        if not isinstance(other, Evaluator):
+            raise TypeError(f"can only merge another Evaluator, got {type(other).__name__}")
+        if not self.compatible(other):
+            raise ValueError(f"cannot merge evaluators with different configurations: {self!r} "
+                             f"and {other!r}")
+        self._ints += other._ints
+        _two_sum_into(self._hi, self._lo, other._hi, other._lo)
+        return self
+
+    # -- update --------------------------------------------------------------------------------------
+    def _check(self, logits, target):
+        """Validate one chunk; returns (x3, flat int64 targets, compute dtype, target shape)."""
+        x = _api._as_array(logits, "logits")
+        if x.dtype.kind == "f" and (not x.dtype.isnative or x.dtype.itemsize not in (2, 4, 8)):
+            # non-native byte order, or long double: one converted copy of the chunk
+            x = x.astype(np.float64 if x.dtype.itemsize > 8 else x.dtype.newbyteorder("="))
+        try:
+            storage, compute = _api._logits_dtype(x)
+        except TypeError:
+            raise TypeError(f"Evaluator.update: logits must be floating point (float16, bfloat16, "
+                            f"float32 or float64), got {x.dtype}") from None
+        if x.ndim == 0:
+            raise ValueError("Evaluator.update: logits must have a class dimension: shape (C,), "
+                             "(N, C) or (N, C, d1, ..., dk), got a 0-d array")
+        C = x.shape[0] if x.ndim == 1 else x.shape[1]
+        if C != self.num_classes:
+            raise ValueError(f"Evaluator.update: logits of shape {x.shape} have {C} classes, the "
+                             f"evaluator was made for num_classes={self.num_classes}")
+        t = _api._as_array(target, "target")
+        expect = () if x.ndim == 1 else (x.shape[0],) + x.shape[2:]
+        if t.shape != expect:
+            raise ValueError(f"Evaluator.update: logits of shape {x.shape} need targets of shape "
+                             f"{expect}, got targets of shape {t.shape}")
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"Evaluator.update: targets must be integer class indices, got dtype "
+                            f"{t.dtype}")
+        N = 1 if x.ndim == 1 else x.shape[0]
+        S = math.prod(x.shape[2:])
+        transposed = x.ndim == 2 and not x.flags.c_contiguous and x.flags.f_contiguous
+        shape3 = (1, C, N) if transposed else (N, C, S)
+        xs = x.view(storage) if storage != x.dtype else x
+        x3 = _api._canonical_view(xs, transposed, shape3)
+        if x3 is None:
+            x3 = np.ascontiguousarray(xs).reshape(shape3)
+        flat = t.reshape(-1)
+        if t.dtype == np.uint64 and flat.size and int(flat.max()) > np.iinfo(np.int64).max:
+            self._bad_target(t, int(np.argmax(flat > np.iinfo(np.int64).max)))
+        tgt = np.ascontiguousarray(flat, dtype=np.int64)
+        return x3, tgt, compute, t
+
+    _row_offset = 0  # rows before this evaluator's first one (set by numbaxent.dask per block)
+
+    def _bad_target(self, t, r):
+        """Raise the IndexError for flat target position ``r`` of chunk ``t``, naming its row
+        counted over everything seen (``(row, j1, ..., jk)`` for K-dimensional targets)."""
+        first = self._row_offset + int(self._ints[4])
+        if t.ndim <= 1:
+            row = first + r
+        else:
+            idx = np.unravel_index(r, t.shape)
+            row = (first + int(idx[0]),) + tuple(int(i) for i in idx[1:])
+        raise IndexError(f"Evaluator.update: target {int(t.reshape(-1)[r])} at row {row} is out of "
+                         f"range: class indices must be in [0, {self.num_classes}) or equal "
+                         f"ignore_index ({self.ignore_index})")
+
+    def update(self, logits, target) -> "Evaluator":
+        """Add a chunk: ``logits`` (C,), (N, C) or (N, C, d1..dk) of any float dtype with targets of
+        shape (), (N,) or (N, d1..dk) of any integer dtype. Returns ``self``.
+
+        Raises TypeError (non-float logits, non-integer targets), ValueError (wrong class count or
+        target shape) or IndexError (a target outside ``[0, C)`` that is not ``ignore_index``; the
+        message gives its row counted over everything seen). A failed update changes nothing.
+        """
+        x3, tgt, compute, t = self._check(logits, target)
+        R = tgt.shape[0]
+        if R == 0:
+            return self
+        from . import _kernels, _metrics
+        from ._threading import kernel_lock
+
+        C = self.num_classes
+        w = (np.ones(C, dtype=compute) if self.weight is None
+             else np.ascontiguousarray(self._weight_src, dtype=compute))
+        wsum = float(np.sum(w, dtype=np.float64))
+        first_bad, wtotal, n_valid = _kernels.check_targets(tgt, w, np.ones(1), self.ignore_index,
+                                                            C)
+        if first_bad >= 0:
+            self._bad_target(t, int(first_bad))
+        loss = np.empty(R)
+        nll = np.empty(R)
+        ent = np.empty(R)
+        conf = np.empty(R)
+        rank = np.empty(R, dtype=np.int64)
+        pred = np.empty(R, dtype=np.int64)
+        ks = np.asarray(self.topk, dtype=np.int64)
+        kmax = min(int(ks[-1]), C)
+        with kernel_lock():
+            _metrics.metrics_rows(x3, tgt, w, wsum, self.ignore_index, self.label_smoothing, None,
+                                  kmax, loss, nll, ent, conf, rank, pred)
+        ints = np.zeros_like(self._ints)
+        hi = np.zeros_like(self._hi)
+        si, sf = self._int_slices(), self._float_slices()
+        n_valid2, n_nonfinite = _metrics.metrics_reduce(
+            tgt, rank, pred, loss, conf, ks, ints[si["cls_count"]], ints[si["cls_correct"]],
+            ints[si["cls_pred"]], hi[sf["cls_loss"]], ints[si["topk"]], ints[si["bin_count"]],
+            hi[sf["bin_conf"]], ints[si["bin_correct"]])
+        assert n_valid2 == n_valid
+        ints[:5] = (R, R - n_valid, n_valid, n_nonfinite, 1 if t.ndim == 0 else t.shape[0])
+        hi[:4] = (np.sum(loss), wtotal, np.sum(nll), np.sum(ent))  # pairwise sums, float64
+        self._ints += ints
+        _two_sum_into(self._hi, self._lo, hi, 0.0)
+        return self
+
+    # -- result --------------------------------------------------------------------------------------
+    def result(self) -> EvalResult:
+        """The figures for everything seen so far (see :class:`EvalResult`)."""
+        v = self._hi + self._lo
+        si, sf = self._int_slices(), self._float_slices()
+        n_seen, n_ignored, n_valid, n_nonfinite = (int(i) for i in self._ints[:4])
+        loss_sum, wtotal, nll_sum, ent_sum = (float(f) for f in v[:4])
+        nll = float(_ratio(nll_sum, n_valid))
+        count = self._ints[si["cls_count"]].copy()
+        correct = self._ints[si["cls_correct"]].copy()
+        predicted = self._ints[si["cls_pred"]].copy()
+        cls_loss = v[sf["cls_loss"]].copy()
+        w = np.ones(self.num_classes) if self.weight is None else self.weight
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_class = dict(
+                count=count, loss_sum=cls_loss, loss=cls_loss / (count * w),
+                accuracy=correct / count, predicted=predicted, precision=correct / predicted)
+            present = count > 0
+            balanced = float(np.mean(correct[present] / count[present])) if present.any() \
+                else float("nan")
+        bcount = self._ints[si["bin_count"]].copy()
+        bcorrect = self._ints[si["bin_correct"]].copy()
+        bconf = v[sf["bin_conf"]].copy()
+        n_binned = int(bcount.sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gaps = np.abs(bcorrect - bconf)
+            ece = float(np.sum(gaps) / n_binned) if n_binned else float("nan")
+            nonempty = bcount > 0
+            mce = float(np.max(gaps[nonempty] / bcount[nonempty])) if n_binned else float("nan")
+            calibration = dict(edges=np.linspace(0.0, 1.0, self.calibration_bins + 1),
+                               count=bcount, confidence=bconf / bcount,
+                               accuracy=bcorrect / bcount)
+        return EvalResult(
+            loss=float(_ratio(loss_sum, wtotal)),
+            loss_sum=loss_sum,
+            weight_sum=wtotal,
+            nll=nll,
+            perplexity=float(np.exp(nll)) if not math.isnan(nll) else float("nan"),
+            accuracy={k: float(_ratio(c, n_valid)) for k, c in zip(self.topk,
+                                                                  self._ints[si["topk"]])},
+            entropy=float(_ratio(ent_sum, n_valid)),
+            confidence=float(_ratio(bconf.sum(), n_binned)),
+            ece=ece,
+            mce=mce,
+            calibration=calibration,
+            per_class=per_class,
+            balanced_accuracy=balanced,
+            n_seen=n_seen,
+            n_ignored=n_ignored,
+            n_valid=n_valid,
+            n_nonfinite=n_nonfinite,
+        )
+
+
+def warmup_variants():
+    """(label, thunk) pairs compiling the evaluator's kernels (used by ``numbaxent warmup``)."""
+    rng = np.random.default_rng(0)
+    for name in ("float32", "float64", "float16"):
+        x = rng.standard_normal((3, 4)).astype(name)
+
+        def run(x=x):
+            Evaluator(4, label_smoothing=0.1, topk=(1, 2)).update(x, np.array([0, 3, -100]))
+
+        yield f"{name:<8} evaluator", run

@@ -1,0 +1,425 @@
+"""numbaxent.evaluate.Evaluator: every metric against an independent float64 NumPy reference (written
+here, never taken from numbaxent), the loss against the core ``cross_entropy`` (and PyTorch when it
+is installed), top-k with ties, non-finite rows, chunking/merge invariance (hypothesis), thread-count
+determinism and the errors of ``update``/``merge``.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import numbaxent as nx
+from numbaxent.evaluate import EvalResult, Evaluator
+
+
+# -- the reference ---------------------------------------------------------------------------------------
+def reference(x, t, C, weight=None, ignore_index=-100, eps=0.0, topk=(1, 5), bins=15):
+    """Every Evaluator figure in float64 NumPy. ``x`` is (R, C) with any float dtype (upcast exactly),
+    ``t`` (R,). Class weights are rounded to the logits' compute dtype first, as PyTorch (and the core)
+    use them in the input's dtype. Ties in top-k: a stable argsort of -x (lower class index first)."""
+    compute = np.float64 if x.dtype == np.float64 else np.float32
+    x = x.astype(np.float64)
+    t = np.asarray(t).astype(np.int64)
+    w = np.ones(C) if weight is None else np.asarray(weight).astype(compute).astype(np.float64)
+    valid = t != ignore_index
+    xv, tv = x[valid], t[valid]
+    n = len(tv)
+    rows = np.arange(n)
+    with np.errstate(all="ignore"):
+        m = np.max(np.where(np.isnan(xv), -np.inf, xv), axis=1, keepdims=True) if n else \
+            np.zeros((0, 1))
+        logp = xv - m - np.log(np.sum(np.exp(xv - m), axis=1, keepdims=True))
+        nll = -logp[rows, tv]
+        smooth = -np.sum(w * logp, axis=1)
+        loss = (1 - eps) * w[tv] * nll + (eps / C) * smooth if eps > 0 else w[tv] * nll
+        p = np.exp(logp)
+        ent = -np.sum(np.where(p > 0, p * logp, 0.0), axis=1)
+        conf = np.max(p, axis=1) if n else np.zeros(0)
+        nan_row = np.isnan(logp).any(axis=1)  # a NaN softmax (NaN or +inf logit, all -inf)
+        conf = np.where(nan_row, np.nan, conf)
+        ent = np.where(nan_row, np.nan, ent)
+    order = np.argsort(-xv, axis=1, kind="stable")
+    rank = np.argmax(order == tv[:, None], axis=1) if n else np.zeros(0, int)
+    pred = order[:, 0] if n else np.zeros(0, int)
+    correct = rank == 0
+    W = float(np.sum(w[tv]))
+    loss_sum = float(np.sum(loss))
+    finite = ~np.isnan(conf)
+    cb = conf[finite]
+    b = np.clip(np.ceil(cb * bins).astype(np.int64) - 1, 0, bins - 1)
+    bcount = np.bincount(b, minlength=bins)
+    bconf = np.bincount(b, weights=cb, minlength=bins)
+    bcorrect = np.bincount(b, weights=correct[finite], minlength=bins)
+    with np.errstate(all="ignore"):
+        gaps = np.abs(bcorrect - bconf)
+        count = np.bincount(tv, minlength=C)
+        cls_loss = np.bincount(tv, weights=loss, minlength=C)
+        cls_correct = np.bincount(tv, weights=correct, minlength=C)
+        predicted = np.bincount(pred, minlength=C)
+        present = count > 0
+        return dict(
+            loss=loss_sum / W if W != 0 or loss_sum != 0 else float("nan"),
+            loss_sum=loss_sum, weight_sum=W,
+            nll=float(np.mean(nll)) if n else float("nan"),
+            perplexity=float(np.exp(np.mean(nll))) if n else float("nan"),
+            accuracy={k: float(np.mean(rank < k)) if n else float("nan") for k in topk},
+            entropy=float(np.mean(ent)) if n else float("nan"),
+            confidence=float(np.sum(cb) / len(cb)) if len(cb) else float("nan"),
+            ece=float(np.sum(gaps) / len(cb)) if len(cb) else float("nan"),
+            mce=float(np.max(gaps[bcount > 0] / bcount[bcount > 0])) if len(cb) else float("nan"),
+            calibration=dict(count=bcount, confidence=bconf / bcount, accuracy=bcorrect / bcount),
+            per_class=dict(count=count, loss_sum=cls_loss, loss=cls_loss / (count * w),
+                           accuracy=cls_correct / count, predicted=predicted,
+                           precision=cls_correct / predicted),
+            balanced_accuracy=float(np.mean(cls_correct[present] / count[present]))
+            if present.any() else float("nan"),
+            n_seen=len(t), n_ignored=int(np.sum(~valid)), n_valid=n,
+            n_nonfinite=int(np.sum(~finite)),
+        )
+
+
+def assert_matches(res: EvalResult, ref: dict, rtol: float, exact_bins: bool = True):
+    def close(a, b, what):
+        np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
+                                   rtol=rtol, atol=rtol * 1e-3, equal_nan=True, err_msg=what)
+
+    for key in ("loss", "loss_sum", "weight_sum", "nll", "perplexity", "entropy", "confidence",
+                "balanced_accuracy"):
+        close(getattr(res, key), ref[key], key)
+    assert res.accuracy.keys() == ref["accuracy"].keys()
+    for k in ref["accuracy"]:
+        close(res.accuracy[k], ref["accuracy"][k], f"accuracy@{k}")
+    for key in ("n_seen", "n_ignored", "n_valid", "n_nonfinite"):
+        assert getattr(res, key) == ref[key], key
+    for key in ("count", "predicted"):
+        np.testing.assert_array_equal(res.per_class[key], ref["per_class"][key], err_msg=key)
+    for key in ("loss_sum", "loss", "accuracy", "precision"):
+        close(res.per_class[key], ref["per_class"][key], f"per_class.{key}")
+    if exact_bins:
+        np.testing.assert_array_equal(res.calibration["count"], ref["calibration"]["count"])
+        for key in ("confidence", "accuracy"):
+            close(res.calibration[key], ref["calibration"][key], f"calibration.{key}")
+        close(res.ece, ref["ece"], "ece")
+        close(res.mce, ref["mce"], "mce")
+    else:  # float32 confidences may sit on the other side of a bin edge than float64 ones
+        assert abs(res.ece - ref["ece"]) < 1e-4
+
+
+def data(n=300, C=11, dtype=np.float64, seed=0, ignore_frac=0.1, scale=2.0):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.standard_normal((n, C))).astype(dtype)
+    t = rng.integers(0, C, n)
+    t[rng.random(n) < ignore_frac] = -100
+    return x, t
+
+
+# -- every metric against the reference ----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_every_metric_matches_numpy_reference(dtype, weighted, eps):
+    C = 11
+    x, t = data(C=C, dtype=dtype, seed=int(weighted) + 2 * int(eps > 0))
+    weight = np.linspace(0.3, 2.0, C) if weighted else None
+    ev = Evaluator(C, weight=weight, label_smoothing=eps, topk=(1, 3, 5), calibration_bins=10)
+    res = ev.update(x, t).result()
+    ref = reference(x, t, C, weight, -100, eps, (1, 3, 5), 10)
+    assert_matches(res, ref, rtol=1e-12 if dtype == np.float64 else 2e-5,
+                   exact_bins=dtype == np.float64)
+
+
+def test_in_range_ignore_index_and_topk_beyond_classes():
+    C = 6
+    x, t = data(n=200, C=C, seed=3, ignore_frac=0.0)
+    ev = Evaluator(C, ignore_index=2, topk=(2, 1, 6, 9), calibration_bins=4)
+    res = ev.update(x, t).result()
+    assert list(res.accuracy) == [1, 2, 6, 9]
+    assert res.accuracy[6] == res.accuracy[9] == 1.0
+    assert_matches(res, reference(x, t, C, None, 2, 0.0, (1, 2, 6, 9), 4), rtol=1e-12)
+    assert res.per_class["count"][2] == 0 and res.n_ignored == int(np.sum(t == 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("eps,weighted", [(0.0, False), (0.1, True), (1.0, True)])
+def test_loss_equals_core_cross_entropy(dtype, eps, weighted):
+    C = 9
+    x, t = data(n=257, C=C, dtype=dtype, seed=5)
+    weight = np.linspace(0.5, 1.5, C).astype(dtype) if weighted else None
+    res = Evaluator(C, weight=weight, label_smoothing=eps).update(x, t).result()
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    for reduction, got in (("mean", res.loss), ("sum", res.loss_sum)):
+        core = nx.cross_entropy(x, t, weight=weight, label_smoothing=eps, reduction=reduction)
+        np.testing.assert_allclose(got, float(core), rtol=rtol)
+
+
+def test_loss_equals_torch_when_installed():
+    torch = pytest.importorskip("torch")
+    C = 7
+    x, t = data(n=128, C=C, seed=11)
+    weight = np.linspace(0.2, 3.0, C)
+    res = Evaluator(C, weight=weight, label_smoothing=0.2, ignore_index=-100).update(x, t).result()
+    expect = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
+                                               weight=torch.from_numpy(weight),
+                                               label_smoothing=0.2)
+    np.testing.assert_allclose(res.loss, expect.item(), rtol=1e-12)
+
+
+def test_all_ignored_gives_torch_nan_mean():
+    x, _ = data(n=5, C=4)
+    res = Evaluator(4).update(x, np.full(5, -100)).result()
+    assert math.isnan(res.loss) and res.loss_sum == 0.0 and res.n_ignored == 5 and res.n_valid == 0
+    assert math.isnan(res.accuracy[1]) and math.isnan(res.ece)
+
+
+# -- top-k ties and non-finite logits -----------------------------------------------------------------
+def test_topk_ties_follow_a_stable_argsort_of_minus_logits():
+    x = np.array([
+        [1.0, 1.0, 1.0, 0.0],    # target 2 tied with 0 and 1: rank 2
+        [1.0, 1.0, 1.0, 0.0],    # target 0: rank 0 (lowest index wins a tie)
+        [0.0, 2.0, 2.0, 2.0],    # target 3: rank 2; predicted 1
+        [5.0, 5.0, 5.0, 5.0],    # all equal, target 3: rank 3
+        [-0.0, 0.0, -1.0, 0.0],  # -0.0 == 0.0: target 1 ranks behind class 0
+        [np.inf, 1.0, np.inf, 0.0],  # two +inf, target 2: rank 1 (softmax is NaN)
+        [1.0, np.nan, 3.0, 2.0],     # NaN logit goes last: target 0 rank 2
+        [np.nan, 1.0, np.nan, 0.0],  # NaN target logit: after the non-NaN ones and the NaN before
+        [np.nan] * 4,                # all NaN, target 2: rank 2; predicted 0
+        [-np.inf, 0.0, 1.0, 1.0],    # -inf elsewhere, target 3: rank 1
+    ])
+    t = np.array([2, 0, 3, 3, 1, 2, 0, 2, 2, 3])
+    ks = (1, 2, 3, 4)
+    res = Evaluator(4, topk=ks).update(x, t).result()
+    ranks = np.array([2, 0, 2, 3, 1, 1, 2, 3, 2, 1])
+    order = np.argsort(-x, axis=1, kind="stable")
+    np.testing.assert_array_equal(np.argmax(order == t[:, None], axis=1), ranks)  # the rule itself
+    for k in ks:
+        assert res.accuracy[k] == np.mean(ranks < k), k
+    np.testing.assert_array_equal(res.per_class["predicted"], np.bincount(order[:, 0], minlength=4))
+    ref = reference(x, t, 4, topk=ks)
+    assert_matches(res, ref, rtol=1e-12)
+
+
+def test_nonfinite_rows_follow_pytorch_and_stay_out_of_calibration():
+    x = np.array([[-np.inf, 0.0, 1.0], [-np.inf, 0.0, 1.0], [np.nan, 0.0, 1.0], [1.0, 2.0, 3.0],
+                  [-np.inf, -np.inf, -np.inf], [2.0, 1.0, 0.0]])
+    t = np.array([1, 0, 1, 2, -100, 0])
+    ev = Evaluator(3, topk=(1, 2))
+    res = ev.update(x[[0, 3, 4, 5]], t[[0, 3, 4, 5]]).result()  # finite losses
+    assert_matches(res, reference(x[[0, 3, 4, 5]], t[[0, 3, 4, 5]], 3, topk=(1, 2)), rtol=1e-12)
+    assert res.n_nonfinite == 0 and res.n_ignored == 1
+    res = Evaluator(3, topk=(1, 2)).update(x, t).result()
+    assert math.isnan(res.loss) and res.n_nonfinite == 1  # the NaN row
+    assert res.calibration["count"].sum() == res.n_valid - 1
+    res = Evaluator(3).update(x[:2], t[:2]).result()
+    assert res.loss == np.inf  # -inf at the target
+    ls = Evaluator(3, label_smoothing=0.1).update(x[:1], t[:1]).result()
+    assert ls.loss == np.inf  # smoothing sees the -inf logit, as PyTorch's does
+    assert np.isfinite(res.entropy)  # 0 log 0 = 0
+
+
+# -- layouts and dtypes --------------------------------------------------------------------------------
+def test_kdim_fortran_and_unbatched_inputs():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 5, 3, 2))
+    t = rng.integers(0, 5, (6, 3, 2))
+    t[0, 1, 1] = -100
+    flat_x = np.moveaxis(x, 1, -1).reshape(-1, 5)
+    res = Evaluator(5, topk=(1, 2)).update(x, t).result()
+    assert_matches(res, reference(flat_x, t.reshape(-1), 5, topk=(1, 2)), rtol=1e-12)
+    x2 = rng.standard_normal((40, 5))
+    t2 = rng.integers(0, 5, 40)
+    res = Evaluator(5, topk=(1, 2)).update(np.asfortranarray(x2), t2).result()
+    assert_matches(res, reference(x2, t2, 5, topk=(1, 2)), rtol=1e-12)
+    res = Evaluator(5, topk=(1, 2)).update(x2[::2, ::-1], t2[::2]).result()  # strided view
+    assert_matches(res, reference(x2[::2, ::-1], t2[::2], 5, topk=(1, 2)), rtol=1e-12)
+    res = Evaluator(5).update(x2[3], np.int64(t2[3])).result()  # (C,) with a 0-d target
+    assert_matches(res, reference(x2[3:4], t2[3:4], 5), rtol=1e-12)
+
+
+def test_half_precision_and_other_integer_targets():
+    x, t = data(n=200, C=8, dtype=np.float32, seed=9, ignore_frac=0.0)
+    x16 = x.astype(np.float16)
+    res = Evaluator(8, topk=(1, 3)).update(x16, t.astype(np.uint8)).result()
+    assert_matches(res, reference(x16, t, 8, topk=(1, 3)), rtol=2e-5, exact_bins=False)
+    big = x.astype(">f8")  # non-native byte order
+    res = Evaluator(8, topk=(1, 3)).update(big, t.astype(np.int16)).result()
+    assert_matches(res, reference(x.astype(np.float64), t, 8, topk=(1, 3)), rtol=1e-12)
+
+
+def test_bfloat16_when_available():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x, t = data(n=64, C=8, dtype=np.float32, seed=10, ignore_frac=0.0)
+    xb = x.astype(ml_dtypes.bfloat16)
+    res = Evaluator(8, topk=(1, 3)).update(xb, t).result()
+    assert_matches(res, reference(xb.astype(np.float32), t, 8, topk=(1, 3)), rtol=2e-5,
+                   exact_bins=False)
+
+
+# -- invariance ------------------------------------------------------------------------------------------
+FLOAT_FIELDS = ("loss", "loss_sum", "weight_sum", "nll", "perplexity", "entropy", "confidence",
+                "ece", "mce", "balanced_accuracy")
+
+
+def assert_same(a: EvalResult, b: EvalResult, rtol=1e-12):
+    for key in FLOAT_FIELDS:
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=rtol, atol=0,
+                                   equal_nan=True, err_msg=key)
+    assert a.accuracy == b.accuracy
+    for key in ("n_seen", "n_ignored", "n_valid", "n_nonfinite"):
+        assert getattr(a, key) == getattr(b, key)
+    for key in ("count", "predicted"):
+        np.testing.assert_array_equal(a.per_class[key], b.per_class[key])
+    np.testing.assert_allclose(a.per_class["loss_sum"], b.per_class["loss_sum"], rtol=rtol,
+                               atol=0)
+    np.testing.assert_array_equal(a.calibration["count"], b.calibration["count"])
+    np.testing.assert_allclose(a.calibration["confidence"], b.calibration["confidence"],
+                               rtol=rtol, atol=0, equal_nan=True)
+
+
+X_INV, T_INV = data(n=400, C=13, dtype=np.float32, seed=21, ignore_frac=0.15, scale=4.0)
+W_INV = np.linspace(0.1, 3.0, 13)
+
+
+def _make():
+    return Evaluator(13, weight=W_INV, label_smoothing=0.05, topk=(1, 2, 5), calibration_bins=7)
+
+
+WHOLE_INV = _make().update(X_INV, T_INV).result()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=st.lists(st.integers(0, 400), max_size=12), data_=st.data())
+def test_any_chunking_and_merge_order_gives_the_same_result(cuts, data_):
+    bounds = [0] + sorted(cuts) + [400]
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ev = _make()
+        # a part may itself be fed in several updates
+        mid = data_.draw(st.integers(a, b))
+        ev.update(X_INV[a:mid], T_INV[a:mid]).update(X_INV[mid:b], T_INV[mid:b])
+        parts.append(ev)
+    # merge in a random order and a random tree shape
+    order = data_.draw(st.permutations(range(len(parts))))
+    pool = [parts[i] for i in order]
+    while len(pool) > 1:
+        i = data_.draw(st.integers(0, len(pool) - 2))
+        a, b = pool[i], pool.pop(i + 1)
+        pool[i] = (a.copy().merge(b) if data_.draw(st.booleans()) else b.copy().merge(a))
+    assert_same(pool[0].result(), WHOLE_INV)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    import numba
+
+    x, t = data(n=2000, C=33, dtype=np.float32, seed=4)
+    old = numba.get_num_threads()
+    try:
+        results = []
+        for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(n)
+            results.append(Evaluator(33, label_smoothing=0.1).update(x, t).result().to_dict())
+    finally:
+        numba.set_num_threads(old)
+    assert all(r == results[0] for r in results)  # bit for bit
+
+
+def test_state_is_small_and_pickles():
+    C = 50
+    ev = Evaluator(C, topk=(1, 5))
+    size0 = len(pickle.dumps(ev))
+    x, t = data(n=5000, C=C, seed=2)
+    ev.update(x, t)
+    size1 = len(pickle.dumps(ev))
+    assert size1 == size0 < 8 * (8 * C + 200)  # O(C + bins), not O(rows)
+    back = pickle.loads(pickle.dumps(ev))
+    assert back.result().to_dict() == ev.result().to_dict()
+    assert back.compatible(ev)
+
+
+def test_empty_updates_and_reset():
+    ev = Evaluator(4)
+    ev.update(np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    assert ev.n_seen == 0 and math.isnan(ev.result().loss)
+    x, t = data(n=10, C=4)
+    ev.update(x, t)
+    assert ev.n_seen == 10
+    ev.reset()
+    assert ev.n_seen == 0
+
+
+def test_result_to_dict_is_json_ready():
+    import json
+
+    x, t = data(n=30, C=5, seed=8)
+    d = Evaluator(5, calibration_bins=40).update(x, t).result().to_dict()
+    text = json.dumps(d, allow_nan=False)  # NaN (empty bins) became null
+    assert json.loads(text)["n_seen"] == 30
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+def test_update_rejects_incompatible_input_clearly_and_changes_nothing():
+    x, t = data(n=10, C=4)
+    ev = Evaluator(4).update(x, t)
+    before = ev.result().to_dict()
+    with pytest.raises(ValueError, match=r"5 classes.*num_classes=4"):
+        ev.update(np.zeros((3, 5)), np.zeros(3, int))
+    with pytest.raises(TypeError, match="floating point"):
+        ev.update(np.zeros((3, 4), dtype=np.int32), np.zeros(3, int))
+    with pytest.raises(TypeError, match="integer class indices"):
+        ev.update(np.zeros((3, 4)), np.zeros(3))
+    with pytest.raises(ValueError, match=r"targets of shape \(3,\), got targets of shape \(2,\)"):
+        ev.update(np.zeros((3, 4)), np.zeros(2, int))
+    bad = np.array([0, 1, 2, 3, 4, 0])
+    with pytest.raises(IndexError, match=r"target 4 at row 14 is out of range"):
+        ev.update(np.zeros((6, 4)), bad)  # row counted over everything seen (10 before)
+    with pytest.raises(IndexError, match=r"target -1 at row \(11, 2\)"):
+        ev.update(np.zeros((2, 4, 3)), np.array([[0, 0, 0], [0, 0, -1]]))
+    with pytest.raises(ValueError, match="class dimension"):
+        ev.update(np.float64(1.0), np.int64(0))
+    assert ev.result().to_dict() == before
+
+
+def test_constructor_and_merge_errors():
+    with pytest.raises(ValueError):
+        Evaluator(0)
+    with pytest.raises(TypeError):
+        Evaluator(2.5)
+    with pytest.raises(ValueError, match="topk"):
+        Evaluator(3, topk=(0, 1))
+    with pytest.raises(ValueError, match="calibration_bins"):
+        Evaluator(3, calibration_bins=0)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        Evaluator(3, weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        Evaluator(3, label_smoothing=1.5)
+    a = Evaluator(3)
+    with pytest.raises(ValueError, match="different configurations"):
+        a.merge(Evaluator(3, topk=(1,)))
+    with pytest.raises(ValueError, match="different configurations"):
+        a.merge(Evaluator(3, weight=[1, 2, 3]))
+    with pytest.raises(TypeError):
+        a.merge("state")
+
+
+def test_importing_the_evaluator_does_not_import_numba():
+    code = ("import sys, numbaxent.evaluate as e; e.Evaluator(3, topk=(1, 2)); "
+            "print('numba' in sys.modules, 'dask' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
+
+
+def test_warmup_variants_run():
+    from numbaxent.evaluate import warmup_variants
+
+    labels = []
+    for label, run in warmup_variants():
+        run()
+        labels.append(label)
+    assert len(labels) == 3
