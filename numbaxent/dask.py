@@ -1,0 +1,318 @@
+"""Cross-entropy and evaluation of ``dask.array`` logits, on any Dask scheduler.
+
+``pip install 'numbaxent[dask]'``. Every block (a range of rows with all classes) is turned into a
+small :class:`~numbaxent.evaluate.Evaluator` state (or a loss partial sum) by a task, and the
+states are combined by a tree reduction with a fixed shape (``split_every`` children per node, in
+block order), so the result does not depend on the scheduler, the number of workers or the order in
+which tasks finish. Logits chunked along the class axis (or along trailing spatial axes) are
+rechunked to whole rows first; targets are rechunked to match the logits' row chunks.
+
+This module imports Dask; the rest of numbaxent never does.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed, delayed
+
+from .evaluate import Evaluator, _two_sum_into
+
+__all__ = ["cross_entropy", "evaluate", "evaluation_graph", "from_npy"]
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+def _as_dask(a, name: str, chunk_rows=None):
+    if isinstance(a, da.Array):
+        return a
+    arr = np.asarray(a)
+    if arr.ndim == 0:
+        return da.from_array(arr)
+    chunks = (chunk_rows or max(1, arr.shape[0]),) + arr.shape[1:]
+    return da.from_array(arr, chunks=chunks, name=f"numbaxent-{name}-" + dask.base.tokenize(arr))
+
+
+def _align(logits, target, chunk_rows=None):
+    """(logits chunked along rows only, target with the same row chunks)."""
+    x = _as_dask(logits, "logits", chunk_rows)
+    if x.ndim < 2:
+        raise ValueError(f"logits must have shape (N, C) or (N, C, d1, ..., dk), got {x.shape}")
+    rest = {i: -1 for i in range(1, x.ndim)}
+    if chunk_rows is not None:
+        rest[0] = chunk_rows
+    if any(len(c) > 1 for c in x.chunks[1:]) or chunk_rows is not None:
+        x = x.rechunk(rest)
+    t = _as_dask(target, "target", x.chunks[0][0] if x.chunks[0] else 1)
+    expect = (x.shape[0],) + x.shape[2:]
+    if t.shape == x.shape:
+        t = t.rechunk(x.chunks)
+    elif t.shape != expect:
+        if t.ndim >= 1 and t.shape[0] != x.shape[0]:
+            raise ValueError(f"logits have {x.shape[0]} rows but targets have {t.shape[0]}")
+        raise ValueError(f"logits of shape {x.shape} need targets of shape {expect}, got {t.shape}")
+    else:
+        t = t.rechunk((x.chunks[0],) + tuple((s,) for s in t.shape[1:]))
+    return x, t
+
+
+def _blocks(x, t):
+    xs = x.to_delayed().ravel()
+    ts = t.to_delayed().ravel()
+    starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).astype(int).tolist()
+    return list(zip(xs, ts, starts))
+
+
+def _tree(parts, combine, split_every: int, name: str):
+    """Reduce ``parts`` with ``combine(*group)`` in a fixed tree (groups in index order)."""
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    level = 0
+    while len(parts) > 1:
+        parts = [delayed(combine, pure=True)(*parts[i:i + split_every],
+                                             dask_key_name=f"{name}-{level}-{i // split_every}")
+                 for i in range(0, len(parts), split_every)]
+        level += 1
+    return parts[0]
+
+
+class _numba_threads:
+    """Run a block with ``n`` Numba threads (restored afterwards; the setting is per thread).
+
+    ``n=None``: inside a ``distributed`` worker, one thread per task (Dask's workers are the
+    parallelism; Numba's pool on top would oversubscribe the cores); elsewhere Numba's default (the
+    local threaded scheduler shares one TBB pool between its tasks)."""
+
+    def __init__(self, n):
+        self.n = n
+        self.old = None
+
+    def __enter__(self):
+        n = self.n
+        if n is None:
+            try:
+                from distributed import get_worker
+
+                get_worker()
+                n = 1
+            except (ImportError, ValueError):
+                return self
+        import numba
+
+        from . import _jit  # noqa: F401  (threading layer chosen before the pool starts)
+
+        self.old = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            import numba
+
+            numba.set_num_threads(self.old)
+        return False
+
+
+# -- evaluate ------------------------------------------------------------------------------------------
+def _block_state(xb, tb, config: dict, row0: int, threads):
+    ev = Evaluator(**config)
+    ev._row_offset = row0  # so an out-of-range target is reported with its global row
+    with _numba_threads(threads):
+        ev.update(xb, tb)
+    ev._row_offset = 0
+    return ev
+
+
+def _merge_states(*states):
+    out = states[0].copy()
+    for s in states[1:]:
+        out.merge(s)
+    return out
+
+
+def _result(ev: Evaluator):
+    return ev.result()
+
+
+def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index: int = -100,
+                     label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15, *,
+                     split_every: int = 8, threads=None, chunk_rows=None):
+    """The graph behind :func:`evaluate`: ``(blocks, root)`` where ``blocks`` is a list of
+    ``(rows, Delayed[Evaluator])`` per block and ``root`` the merged ``Delayed[Evaluator]``."""
+    x, t = _align(logits, target, chunk_rows)
+    C = x.shape[1]
+    if num_classes is not None and num_classes != C:
+        raise ValueError(f"logits have {C} classes, num_classes={num_classes}")
+    proto = Evaluator(C, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                      topk=topk, calibration_bins=calibration_bins)
+    if not (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
+        raise TypeError(f"logits must be floating point, got {x.dtype}")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"targets must be integer class indices, got {t.dtype}")
+    config = dict(num_classes=C, weight=proto.weight, ignore_index=proto.ignore_index,
+                  label_smoothing=proto.label_smoothing, topk=proto.topk,
+                  calibration_bins=proto.calibration_bins)
+    if weight is not None:
+        config["weight"] = proto._weight_src
+    token = dask.base.tokenize(x.name, t.name, config, threads)
+    # one graph key holds the configuration (the weight is O(C)), shared by every block task
+    config_d = delayed(config, pure=True, traverse=False)
+    blocks = []
+    for i, (xb, tb, row0) in enumerate(_blocks(x, t)):
+        d = delayed(_block_state, pure=True)(xb, tb, config_d, row0, threads,
+                                             dask_key_name=f"numbaxent-block-{token}-{i}")
+        blocks.append((x.chunks[0][i], d))
+    if not blocks:  # no rows
+        root = delayed(proto.copy, pure=True)(dask_key_name=f"numbaxent-empty-{token}")
+    else:
+        root = _tree([d for _, d in blocks], _merge_states, split_every, f"numbaxent-merge-{token}")
+    return blocks, root
+
+
+def evaluate(logits, target, num_classes=None, weight=None, ignore_index: int = -100,
+             label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15, *,
+             split_every: int = 8, threads=None, chunk_rows=None, compute: bool = True,
+             scheduler=None):
+    """Evaluate ``dask.array`` logits (N, C[, d1..dk]) against targets (N[, d1..dk]).
+
+    Parameters
+    ----------
+    logits, target : dask.array.Array or array_like
+        NumPy inputs are wrapped (``chunk_rows`` rows per block). Logits are rechunked to whole
+        rows when their class axis is chunked; targets are rechunked to the logits' row chunks.
+    num_classes : int, optional
+        Checked against ``logits.shape[1]`` when given.
+    weight, ignore_index, label_smoothing, topk, calibration_bins
+        As in :class:`~numbaxent.evaluate.Evaluator`.
+    split_every : int
+        Fan-in of the tree reduction of block states.
+    threads : int, optional
+        Numba threads per task. Default: 1 on ``distributed`` workers, Numba's default otherwise.
+    chunk_rows : int, optional
+        Rechunk the rows to this many per block.
+    compute : bool
+        Return the :class:`~numbaxent.evaluate.EvalResult` (default), or a ``Delayed`` of the merged
+        :class:`~numbaxent.evaluate.Evaluator` (``compute=False``).
+    scheduler : optional
+        Passed to ``dask.compute`` (default: the active ``distributed.Client``, else Dask's default).
+
+    The result equals ``Evaluator(...).update(all logits, all targets).result()`` to ~1e-15 relative,
+    whatever the chunking, scheduler and worker count.
+    """
+    _, root = evaluation_graph(logits, target, num_classes, weight, ignore_index, label_smoothing,
+                               topk, calibration_bins, split_every=split_every, threads=threads,
+                               chunk_rows=chunk_rows)
+    if not compute:
+        return root
+    (ev,) = dask.compute(root, scheduler=scheduler)
+    return ev.result()
+
+
+# -- cross_entropy -------------------------------------------------------------------------------------
+def _block_sum(xb, tb, weight, ignore_index, eps, threads):
+    from . import _api
+
+    with _numba_threads(threads):
+        p = _api._prepare(xb, tb, weight, ignore_index, "sum", eps)
+        loss_rows, _, _ = _api._pass(p, _api._kernels().FORWARD, np.ones(1),
+                                     np.empty((1, 1, 1), dtype=p.x3.dtype))
+    # [sum, its error term, denominator, its error term]
+    return np.array([float(np.sum(loss_rows)), 0.0, p.denom, 0.0])
+
+
+def _sum_partials(*parts):
+    hi = np.array([parts[0][0], parts[0][2]])
+    lo = np.array([parts[0][1], parts[0][3]])
+    for p in parts[1:]:
+        _two_sum_into(hi, lo, np.array([p[0], p[2]]), np.array([p[1], p[3]]))
+    return np.array([hi[0], lo[0], hi[1], lo[1]])
+
+
+def _finish(part, reduction, dtype):
+    total = part[0] + part[1]
+    if reduction == "sum":
+        value = total
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = np.float64(total) / np.float64(part[2] + part[3])
+    return np.asarray(value, dtype=np.float64).astype(dtype)
+
+
+def _block_none(xb, tb, weight, ignore_index, eps, threads):
+    from . import _api
+
+    with _numba_threads(threads):
+        return _api.cross_entropy(xb, tb, weight, ignore_index, "none", eps)
+
+
+def cross_entropy(logits, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, split_every: int = 8, threads=None,
+                  chunk_rows=None):
+    """:func:`numbaxent.cross_entropy` of ``dask.array`` inputs, lazily.
+
+    Class-index targets (N[, d1..dk]) or probability targets of the logits' shape. Returns a 0-d
+    Dask array (``'mean'``, ``'sum'``: per-block float64 partial sums and ``'mean'`` denominators,
+    combined by a fixed tree with a two-sum error term, then divided once: PyTorch's weighted mean
+    over all rows) or a Dask array of per-element losses (``'none'``), in the logits' dtype. Call
+    ``.compute()`` on it.
+    """
+    from . import _api
+
+    reduction = _api._check_reduction(reduction)
+    eps = _api._check_label_smoothing(label_smoothing)
+    ignore_index = _api._check_ignore_index(ignore_index)
+    x, t = _align(logits, target, chunk_rows)
+    if weight is not None:
+        weight = np.asarray(weight)
+    if reduction == "none":
+        xi = tuple(range(x.ndim))
+        ti = (0,) + tuple(range(2, x.ndim)) if t.ndim != x.ndim else xi
+        return da.blockwise(_block_none, (0,) + tuple(range(2, x.ndim)), x, xi, t, ti,
+                            weight=weight, ignore_index=ignore_index, eps=eps, threads=threads,
+                            dtype=x.dtype, concatenate=True)
+    token = dask.base.tokenize(x.name, t.name, weight, ignore_index, eps, reduction)
+    parts = [delayed(_block_sum, pure=True)(xb, tb, weight, ignore_index, eps, threads,
+                                            dask_key_name=f"numbaxent-ce-{token}-{i}")
+             for i, (xb, tb, _) in enumerate(_blocks(x, t))]
+    if not parts:
+        parts = [delayed(np.zeros, pure=True)(4)]
+    root = _tree(parts, _sum_partials, split_every, f"numbaxent-ce-merge-{token}")
+    out = delayed(_finish, pure=True)(root, reduction, x.dtype,
+                                      dask_key_name=f"numbaxent-ce-final-{token}")
+    return da.from_delayed(out, shape=(), dtype=x.dtype)
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def _read_rows(spec, a: int, b: int):
+    return spec.rows(a, b)
+
+
+def _from_raw(spec, rows: int):
+    """A Dask array whose blocks memory-map rows of ``spec`` (a ``RawArray``) in the task."""
+    n = spec.shape[0] if spec.shape else 0
+    if n == 0 or not spec.shape:
+        return da.from_array(np.asarray(spec.whole()), chunks=-1)
+    name = "numbaxent-raw-" + dask.base.tokenize(spec, os.path.getmtime(spec.path), rows)
+    dsk, chunks0 = {}, []
+    for i, a in enumerate(range(0, n, rows)):
+        b = min(n, a + rows)
+        dsk[(name, i) + (0,) * (len(spec.shape) - 1)] = (_read_rows, spec, a, b)
+        chunks0.append(b - a)
+    return da.Array(dsk, name, (tuple(chunks0),) + tuple((s,) for s in spec.shape[1:]),
+                    dtype=spec.dtype)
+
+
+def from_npy(path, chunk_rows: int | None = None, *, chunk_bytes: int = 64 << 20):
+    """A Dask array over a ``.npy`` file (or ``file.npz:member`` stored uncompressed) whose blocks
+    are memory-mapped **by the task that uses them** (on a cluster: by the worker, from a shared
+    file system), so no data goes through the scheduler or the client.
+
+    ``chunk_rows`` rows per block (default: about ``chunk_bytes`` per block).
+    """
+    from .eval_cli import open_array
+
+    spec = open_array(os.fspath(path), raw_only=True)
+    row_bytes = max(1, spec.row_bytes)
+    return _from_raw(spec, chunk_rows or max(1, chunk_bytes // row_bytes))

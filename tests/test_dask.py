@@ -1,0 +1,158 @@
+"""numbaxent.dask on a real ``distributed.LocalCluster`` with two worker processes (and on the local
+threaded and synchronous schedulers): evaluate / cross_entropy against the in-memory Evaluator, the
+core loss and the NumPy reference, class-axis rechunking, from_npy, ``numbaxent eval --scheduler``,
+errors from workers, and that the core never imports Dask.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_evaluator import assert_matches, assert_same, reference  # noqa: E402
+
+import numbaxent as nx  # noqa: E402
+import numbaxent.dask as nxd  # noqa: E402
+from numbaxent.evaluate import Evaluator  # noqa: E402
+
+C = 9
+N = 600
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      worker_dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    rng = np.random.default_rng(3)
+    x = 2 * rng.standard_normal((N, C))
+    t = rng.integers(0, C, N)
+    t[rng.random(N) < 0.1] = -100
+    return x, t, np.linspace(0.5, 2.0, C)
+
+
+def test_evaluate_on_a_local_cluster_with_worker_processes(client, arrays):
+    from distributed import get_task_stream
+
+    x, t, w = arrays
+    dx = da.from_array(x, chunks=(50, 4))  # class axis chunked too: rechunked for the user
+    dt = da.from_array(t, chunks=77)  # row chunks unlike the logits': aligned for the user
+    kw = dict(weight=w, label_smoothing=0.1, topk=(1, 3), calibration_bins=12)
+    with get_task_stream(client) as ts:
+        res = nxd.evaluate(dx, dt, **kw)
+    whole = Evaluator(C, **kw).update(x, t).result()
+    assert_same(res, whole, rtol=1e-12)
+    assert_matches(res, reference(x, t, C, w, -100, 0.1, (1, 3), 12), rtol=1e-12)
+    workers = {rec["worker"] for rec in ts.data if "numbaxent-block" in str(rec["key"])}
+    assert len(workers) == 2, "the block tasks should run on both worker processes"
+    pids = set(client.run(os.getpid).values())
+    assert os.getpid() not in pids and len(pids) == 2
+
+
+def test_cross_entropy_on_the_cluster(client, arrays):
+    x, t, w = arrays
+    dx = da.from_array(x, chunks=(64, C))
+    for reduction in ("mean", "sum"):
+        got = nxd.cross_entropy(dx, t, weight=w, label_smoothing=0.2, reduction=reduction)
+        assert isinstance(got, da.Array) and got.shape == ()
+        expect = nx.cross_entropy(x, t, weight=w, label_smoothing=0.2, reduction=reduction)
+        np.testing.assert_allclose(got.compute(), expect, rtol=1e-12)
+    none = nxd.cross_entropy(dx, t, weight=w, reduction="none")
+    np.testing.assert_allclose(none.compute(), nx.cross_entropy(x, t, weight=w, reduction="none"),
+                               rtol=1e-12)
+    p = np.abs(np.random.default_rng(0).standard_normal((N, C)))
+    p /= p.sum(1, keepdims=True)
+    got = nxd.cross_entropy(dx, da.from_array(p, chunks=(100, 3))).compute()
+    np.testing.assert_allclose(got, nx.cross_entropy(x, p), rtol=1e-12)
+
+
+def test_from_npy_blocks_are_read_by_the_workers(client, arrays, tmp_path):
+    x, t, _ = arrays
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    dx = nxd.from_npy(tmp_path / "x.npy", chunk_rows=128)
+    assert dx.chunks[0] == (128, 128, 128, 128, 88)
+    res = nxd.evaluate(dx, t, topk=(1, 2))
+    whole = Evaluator(C, topk=(1, 2)).update(x.astype(np.float32), t).result()
+    assert_same(res, whole, rtol=1e-12)
+
+
+def test_eval_command_with_scheduler_address(client, arrays, tmp_path, capsys):
+    from numbaxent.eval_cli import main
+
+    x, t, w = arrays
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    args = [str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json", "--chunk-rows", "100"]
+    assert main(args + ["--scheduler", client.scheduler.address]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert got["input"]["path"] == "dask" and local["input"]["path"] == "stream"
+    for key in ("loss", "loss_sum", "entropy", "ece", "nll"):
+        assert got[key] == pytest.approx(local[key], rel=1e-12), key
+    assert got["accuracy"] == local["accuracy"]
+    bad = t.copy()
+    bad[333] = C
+    np.save(tmp_path / "bad.npy", bad)
+    rc = main([str(tmp_path / "x.npy"), str(tmp_path / "bad.npy"), "--chunk-rows", "100",
+               "--scheduler", client.scheduler.address])
+    err = capsys.readouterr().err
+    assert rc == 1 and "target 9 at row 333 is out of range" in err and len(err.splitlines()) == 1
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        rc = main(args + ["--scheduler", "tcp://127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot connect to the Dask scheduler" in err
+
+
+def test_worker_errors_name_the_global_row(client, arrays):
+    x, t, _ = arrays
+    bad = t.copy()
+    bad[517] = -7
+    with pytest.raises(IndexError, match="target -7 at row 517"):
+        nxd.evaluate(da.from_array(x, chunks=(100, C)), bad)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "sync"])
+def test_local_schedulers_and_tree_shapes(arrays, scheduler):
+    x, t, w = arrays
+    whole = Evaluator(C, weight=w, topk=(1, 4)).update(x, t).result()
+    for chunks, split_every in (((37, 5), 2), ((600, C), 8), ((1, C), 3)):
+        res = nxd.evaluate(da.from_array(x, chunks=chunks), t, weight=w, topk=(1, 4),
+                           split_every=split_every, scheduler=scheduler)
+        assert_same(res, whole, rtol=1e-12)
+    lazy = nxd.evaluate(x, t, weight=w, topk=(1, 4), chunk_rows=64, compute=False)
+    assert isinstance(lazy.compute(scheduler=scheduler), Evaluator)
+
+
+def test_input_errors(arrays):
+    x, t, _ = arrays
+    with pytest.raises(ValueError, match="600 rows but targets have 599"):
+        nxd.evaluate(da.from_array(x, chunks=100), t[:-1])
+    with pytest.raises(TypeError, match="integer class indices"):
+        nxd.evaluate(da.from_array(x, chunks=100), t.astype(float))
+    with pytest.raises(ValueError, match="num_classes"):
+        nxd.evaluate(da.from_array(x, chunks=100), t, num_classes=C + 1)
+
+
+def test_core_never_imports_dask():
+    code = ("import sys, numpy as np, numbaxent as nx, numbaxent.evaluate as e, "
+            "numbaxent.eval_cli; e.Evaluator(3).update(np.eye(3), np.arange(3)); "
+            "nx.cross_entropy(np.eye(3), np.arange(3)); print('dask' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

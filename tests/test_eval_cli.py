@@ -1,0 +1,327 @@
+"""``numbaxent eval`` end to end on real files written here: every input format (.npy of several
+dtypes and layouts, .npz members stored and compressed, Zarr through Dask), the JSON and table
+outputs against the float64 NumPy reference of test_evaluator.py, chunking invariance, the progress
+bar, every error path (one line on stderr, status 1), usage errors (status 2) and Ctrl-C (status 130).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_evaluator import reference  # noqa: E402  (the independent NumPy reference)
+
+from numbaxent.eval_cli import main  # noqa: E402
+
+C = 7
+N = 500
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    x = (2 * rng.standard_normal((N, C))).astype(np.float32)
+    t = rng.integers(0, C, N)
+    t[rng.random(N) < 0.1] = -100
+    w = np.linspace(0.5, 2.0, C)
+    np.save(d / "x.npy", x)
+    np.save(d / "x16.npy", x.astype(np.float16))
+    np.save(d / "x64be.npy", x.astype(">f8"))
+    np.save(d / "xf.npy", np.asfortranarray(x))
+    np.save(d / "t.npy", t)
+    np.save(d / "t32.npy", t.astype(np.int32))
+    np.save(d / "w.npy", w)
+    (d / "w.txt").write_text(", ".join(f"{v!r}" for v in w.tolist()) + "\n")
+    np.savez(d / "stored.npz", logits=x, targets=t)
+    np.savez_compressed(d / "packed.npz", logits=x, targets=t)
+    return d, x, t, w
+
+
+def run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_json(capsys, *args):
+    rc, out, err = run(capsys, *args, "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+# -- results -------------------------------------------------------------------------------------------
+def test_json_matches_the_numpy_reference(files, capsys):
+    d, x, t, w = files
+    got = run_json(capsys, d / "x.npy", d / "t.npy", "--weight", d / "w.npy", "--label-smoothing",
+                   "0.1", "--topk", "1,3", "--calibration-bins", "10", "--chunk-rows", "64")
+    ref = reference(x, t, C, w, -100, 0.1, (1, 3), 10)
+    for key in ("loss", "loss_sum", "weight_sum", "nll", "perplexity", "entropy", "confidence",
+                "balanced_accuracy"):
+        assert got[key] == pytest.approx(ref[key], rel=2e-5), key
+    assert got["accuracy"] == {str(k): pytest.approx(v, abs=1e-12)
+                               for k, v in ref["accuracy"].items()}
+    assert got["ece"] == pytest.approx(ref["ece"], abs=1e-4)
+    assert got["per_class"]["count"] == ref["per_class"]["count"].tolist()
+    assert got["per_class"]["predicted"] == ref["per_class"]["predicted"].tolist()
+    assert (got["n_seen"], got["n_ignored"], got["n_valid"]) == (N, ref["n_ignored"], ref["n_valid"])
+    assert got["input"]["shape"] == [N, C] and got["input"]["dtype"] == "float32"
+    assert got["timing"]["seconds"] > 0
+
+
+def test_every_format_and_chunking_gives_the_same_result(files, capsys):
+    d, x, t, w = files
+    base = run_json(capsys, d / "x.npy", d / "t.npy")
+    for args in ([d / "x.npy", d / "t.npy", "--chunk-rows", 1],
+                 [d / "x.npy", d / "t32.npy", "--chunk-rows", 33],
+                 [d / "xf.npy", d / "t.npy", "--chunk-rows", 100],
+                 [f"{d / 'stored.npz'}:logits", f"{d / 'stored.npz'}:targets", "--chunk-rows", 77],
+                 [f"{d / 'packed.npz'}:logits", f"{d / 'packed.npz'}:targets", "--chunk-rows", 50],
+                 [d / "x.npy", d / "t.npy", "--threads", 1]):
+        got = run_json(capsys, *args)
+        for key in ("loss", "loss_sum", "nll", "entropy", "ece", "confidence"):
+            assert got[key] == pytest.approx(base[key], rel=1e-12), (args, key)
+        assert got["accuracy"] == base["accuracy"]
+        assert got["per_class"]["count"] == base["per_class"]["count"]
+
+
+def test_float16_and_big_endian_float64_files(files, capsys):
+    d, x, t, _ = files
+    got = run_json(capsys, d / "x64be.npy", d / "t.npy", "--topk", "2")
+    ref = reference(x.astype(np.float64), t, C, topk=(2,))
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-12)
+    assert got["accuracy"]["2"] == pytest.approx(ref["accuracy"][2], abs=1e-15)
+    got = run_json(capsys, d / "x16.npy", d / "t.npy")
+    ref = reference(x.astype(np.float16), t, C)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=2e-5)
+    assert got["input"]["dtype"] == "float16"
+
+
+def test_weight_from_a_text_file(files, capsys):
+    d, *_ = files
+    a = run_json(capsys, d / "x.npy", d / "t.npy", "--weight", d / "w.npy")
+    b = run_json(capsys, d / "x.npy", d / "t.npy", "--weight", d / "w.txt")
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+
+
+def test_table_output(files, capsys):
+    d, x, t, _ = files
+    t3 = np.where(t == -100, 3, t)  # an in-range ignore index
+    np.save(d / "t3.npy", t3)
+    rc, out, err = run(capsys, d / "x.npy", d / "t3.npy", "--per-class", "--ignore-index", "3")
+    assert rc == 0 and err == ""
+    ref = reference(x, t3, C, ignore_index=3)
+    for label in ("loss (mean)", "perplexity", "accuracy@1", "accuracy@5", "ECE (15 bins)",
+                  "mean entropy", "targets seen", "ignored"):
+        assert label in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("loss (mean)"))
+    assert float(line.split()[-1]) == pytest.approx(ref["loss"], rel=1e-5)
+    assert "class" in out and "precision" in out
+
+
+def test_zarr_through_dask_with_a_chunked_class_axis(files, capsys, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    pytest.importorskip("dask.array")
+    d, x, t, _ = files
+    z = zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=x.shape, chunks=(64, 3),
+                        dtype=x.dtype)
+    z[...] = x
+    zt = zarr.open_array(str(tmp_path / "t.zarr"), mode="w", shape=t.shape, chunks=(100,),
+                         dtype=t.dtype)
+    zt[...] = t
+    base = run_json(capsys, d / "x.npy", d / "t.npy")
+    for targets in (tmp_path / "t.zarr", d / "t.npy"):
+        got = run_json(capsys, tmp_path / "x.zarr", targets)
+        assert got["input"]["path"] == "dask"
+        for key in ("loss", "loss_sum", "entropy", "ece"):
+            assert got[key] == pytest.approx(base[key], rel=1e-12), key
+        assert got["accuracy"] == base["accuracy"]
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(files, capsys):
+    pytest.importorskip("tqdm")
+    d, *_ = files
+    rc, out, err = run(capsys, d / "x.npy", d / "t.npy", "--chunk-rows", "100")
+    assert rc == 0 and err == ""  # stderr is not a terminal here
+    rc, out, err = run(capsys, d / "x.npy", d / "t.npy", "--chunk-rows", "100", "--progress")
+    assert rc == 0 and "numbaxent eval" in err and "100%" in err and f"{N}/{N}" in err
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+def _truncate(src, dst, drop):
+    data = open(src, "rb").read()
+    open(dst, "wb").write(data[:-drop])
+
+
+def _bad_header(dst):
+    with open(dst, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + (20).to_bytes(2, "little") + b"{'descr': <f4, oops" + b"\n")
+
+
+def _error_cases(d, x, t):
+    p = lambda name: str(d / name)  # noqa: E731
+    cases = {}
+    cases["missing file"] = ([p("nope.npy"), p("t.npy")], "nope.npy: no such file")
+    _truncate(p("x.npy"), p("trunc.npy"), 100)
+    cases["truncated npy"] = ([p("trunc.npy"), p("t.npy")], "trunc.npy: truncated file")
+    open(p("garbage.npy"), "wb").write(os.urandom(300))
+    cases["not npy"] = ([p("garbage.npy"), p("t.npy")], "garbage.npy: not a .npy file")
+    _bad_header(p("badhdr.npy"))
+    cases["corrupt header"] = ([p("badhdr.npy"), p("t.npy")], "badhdr.npy: corrupt .npy header")
+    _truncate(p("stored.npz"), p("trunc.npz"), 50)
+    cases["truncated npz"] = ([p("trunc.npz") + ":logits", p("t.npy")], "not a valid .npz")
+    cases["npz member needed"] = ([p("stored.npz"), p("t.npy")], "name one as")
+    cases["npz no member"] = ([p("stored.npz") + ":probs", p("t.npy")], "no member 'probs'")
+    np.save(d / "t_short.npy", t[:-3])
+    cases["lengths"] = ([p("x.npy"), p("t_short.npy")],
+                        f"lengths differ: {p('x.npy')} has {N} rows, {p('t_short.npy')} has {N - 3}")
+    bad = t.copy()
+    bad[123], bad[321] = C, -1
+    np.save(d / "t_bad.npy", bad)
+    cases["out of range"] = ([p("x.npy"), p("t_bad.npy"), "--chunk-rows", "50"],
+                             f"row 123: target {C} is out of range [0, {C})")
+    np.save(d / "x_int.npy", np.zeros((N, C), dtype=np.int32))
+    cases["int logits"] = ([p("x_int.npy"), p("t.npy")], "logits must be floating point")
+    np.save(d / "t_float.npy", t.astype(np.float64))
+    cases["float targets"] = ([p("x.npy"), p("t_float.npy")],
+                              "targets must be integer class indices, got dtype float64")
+    np.save(d / "x1d.npy", x[0])
+    cases["1-d logits"] = ([p("x1d.npy"), p("t.npy")], "must have shape (N, C)")
+    np.save(d / "t2d.npy", np.zeros((N, 2), dtype=np.int64))
+    cases["target shape"] = ([p("x.npy"), p("t2d.npy")], "do not match logits of shape")
+    np.save(d / "w_short.npy", np.ones(C - 1))
+    cases["weight length"] = ([p("x.npy"), p("t.npy"), "--weight", p("w_short.npy")],
+                              f"weight must have shape ({C},)")
+    (d / "w_bad.txt").write_text("1 2 three\n")
+    cases["weight text"] = ([p("x.npy"), p("t.npy"), "--weight", p("w_bad.txt")],
+                            "comma-separated numbers")
+    cases["threads"] = ([p("x.npy"), p("t.npy"), "--threads", "100000"], "--threads 100000: at most")
+    cases["smoothing"] = ([p("x.npy"), p("t.npy"), "--label-smoothing", "2"],
+                          "label_smoothing must be between 0.0 and 1.0")
+    np.save(d / "x_obj.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    cases["object array"] = ([p("x_obj.npy"), p("t.npy")], "holds Python objects")
+    os.makedirs(d / "broken.zarr", exist_ok=True)
+    (d / "broken.zarr" / "zarr.json").write_text("{not json")
+    cases["corrupt zarr"] = ([p("broken.zarr"), p("t.npy")], "cannot open as a Zarr array")
+    return cases
+
+
+ERROR_NAMES = ["missing file", "truncated npy", "not npy", "corrupt header", "truncated npz",
+               "npz member needed", "npz no member", "lengths", "out of range", "int logits",
+               "float targets", "1-d logits", "target shape", "weight length", "weight text",
+               "threads", "smoothing", "object array", "corrupt zarr"]
+
+
+@pytest.fixture(scope="module")
+def error_cases(files):
+    d, x, t, _ = files
+    return _error_cases(d, x, t)
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_errors_are_one_line_with_status_1(error_cases, name, capsys):
+    if name == "corrupt zarr":
+        pytest.importorskip("zarr")
+    args, expected = error_cases[name]
+    rc, out, err = run(capsys, *args)
+    assert rc == 1, (out, err)
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("numbaxent eval: error: ")
+    assert expected in lines[0]
+
+
+def test_out_of_range_target_in_a_compressed_member_names_the_row(files, capsys, tmp_path):
+    d, x, t, _ = files
+    bad = t.copy()
+    bad[456] = 99
+    np.savez_compressed(tmp_path / "p.npz", logits=x, targets=bad)
+    rc, out, err = run(capsys, f"{tmp_path / 'p.npz'}:logits", f"{tmp_path / 'p.npz'}:targets")
+    assert rc == 1 and "row 456: target 99 is out of range" in err
+
+
+def test_usage_errors_exit_2(files, capsys):
+    d, *_ = files
+    for args in (["--topk", "0,1"], ["--topk", "a"], ["--chunk-rows", "0"], []):
+        rc, out, err = run(capsys, *([d / "x.npy", d / "t.npy"] if args else []), *args)
+        assert rc == 2 and "usage: numbaxent eval" in err
+
+
+def test_help_exits_0(capsys):
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0 and "--chunk-rows" in out and "--scheduler" in out
+
+
+# -- as a program ------------------------------------------------------------------------------------
+def _cmd(*args):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_and_python_dash_m(files, capsys):
+    d, *_ = files
+    base = run_json(capsys, d / "x.npy", d / "t.npy")
+    r = _cmd(sys.executable, "-m", "numbaxent", "eval", str(d / "x.npy"), str(d / "t.npy"),
+             "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["loss"] == base["loss"]
+    exe = shutil.which("numbaxent", path=os.path.dirname(sys.executable)) or \
+        shutil.which("numbaxent")
+    if exe is None:
+        pytest.skip("console script not on PATH")
+    r = _cmd(exe, "eval", str(d / "x.npy"), str(d / "nope.npy"))
+    assert r.returncode == 1 and r.stderr.strip().endswith("nope.npy: no such file")
+
+
+def test_ctrl_c_stops_cleanly_with_status_130(tmp_path):
+    pytest.importorskip("tqdm")
+    rng = np.random.default_rng(1)
+    n = 400_000
+    np.save(tmp_path / "x.npy", rng.standard_normal((n, C), dtype=np.float32))
+    np.save(tmp_path / "t.npy", rng.integers(0, C, n))
+    proc = subprocess.Popen([sys.executable, "-m", "numbaxent", "eval", str(tmp_path / "x.npy"),
+                             str(tmp_path / "t.npy"), "--chunk-rows", "1", "--progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = bytearray()
+
+    def pump():
+        while True:
+            b = proc.stderr.read1(4096)
+            if not b:
+                return
+            err.extend(b)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    # wait until the bar has refreshed with rows done (the loop over chunks is running)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if re.search(rb"\| *[1-9][0-9.]*k?/400k", bytes(err)):  # some rows done
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be interrupted: " + err.decode()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    reader.join(timeout=10)
+    out = proc.stdout.read()
+    text = err.decode()
+    assert rc == 130, text
+    assert out == b""
+    assert "Traceback" not in text
+    last = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert last == "numbaxent eval: interrupted"
