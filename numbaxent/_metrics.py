@@ -56,7 +56,7 @@ def row_eval_sums(row, m, w, cap, smooth):
     ``d = sum w_c (x_c - m)`` (0 otherwise). The counts of :func:`row_count_greater` and
     :func:`row_first_equal` are separate loops on purpose: an integer reduction in this loop halves
     its vector width (measured: +40% time), as a separate compare-only loop over the cached row it
-    costs ~4%."""
+    costs ~4% (less with the early exits of both)."""
     s = compute_zero(row)
     h = compute_zero(row)
     d = compute_zero(row)
@@ -77,12 +77,23 @@ def row_eval_sums(row, m, w, cap, smooth):
     return s, h, d
 
 
+BLOCK = 512  # elements per step of the compare-only scans below (vectorised inside a step)
+
+
 @jit()
-def row_count_greater(row, xy, cap):
-    """``#{c : x_c > x_y}`` (NaN entries are not greater)."""
-    n = np.int32(0)
-    for j in range(row.shape[0]):
-        n += np.int32(1) if capped(load(row[j]), cap) > xy else np.int32(0)
+def row_count_greater(row, xy, cap, limit):
+    """``#{c : x_c > x_y}``, or any value >= ``limit`` once the count reaches ``limit`` (the scan
+    stops there: only ranks below ``kmax`` matter). NaN entries are not greater."""
+    C = row.shape[0]
+    n = 0
+    for j0 in range(0, C, BLOCK):
+        blk = row[j0:min(j0 + BLOCK, C)]  # a view: the inner loop indexes from 0 and vectorises
+        k = np.int32(0)
+        for j in range(blk.shape[0]):
+            k += np.int32(1) if capped(load(blk[j]), cap) > xy else np.int32(0)
+        n += k
+        if n >= limit:
+            break
     return n
 
 
@@ -97,12 +108,18 @@ def row_ties_before(row, y, xy, cap):
 
 @jit()
 def row_first_equal(row, m, cap):
-    """The lowest ``c`` with ``x_c == m`` (``C`` if none: an all-NaN row)."""
-    C = np.int32(row.shape[0])
-    f = C
-    for j in range(row.shape[0]):
-        f = min(f, np.int32(j) if capped(load(row[j]), cap) == m else C)
-    return f
+    """The lowest ``c`` with ``x_c == m`` (``C`` if none: an all-NaN row): a vectorised
+    index-minimum over steps of ``BLOCK`` elements, stopping in the first step that holds one."""
+    C = row.shape[0]
+    for j0 in range(0, C, BLOCK):
+        blk = row[j0:min(j0 + BLOCK, C)]
+        none = np.int32(blk.shape[0])
+        f = none
+        for j in range(blk.shape[0]):
+            f = min(f, np.int32(j) if capped(load(blk[j]), cap) == m else none)
+        if f < none:
+            return j0 + f
+    return C
 
 
 @jit()
@@ -140,7 +157,7 @@ def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
     elif kmax <= 1:
         rank = 1
     else:
-        gt = 0 if xy >= m else row_count_greater(row, xy, cap)
+        gt = 0 if xy >= m else row_count_greater(row, xy, cap, kmax)
         rank = gt + row_ties_before(row, y, xy, cap) if gt < kmax else gt
     rank = min(rank, kmax)
     if rank == 0:

@@ -261,40 +261,40 @@ def _shape_dtype(src):
 
 
 def _row_chunks(src, rows: int):
-    """Yield ``(a, b, rows a:b)`` front to back."""
+    """Yield ``(a, b, rows a:b)`` front to back.
+
+    A raw file is memory-mapped once; after each chunk the pages already processed are unmapped
+    from this process (``MADV_DONTNEED``: they stay in the page cache), in whole 2 MiB steps so that
+    huge page-cache folios stay mapped by one page-table entry until they are done with. Resident
+    memory, anonymous or file-backed, is therefore bounded by the chunk, not the file."""
     if isinstance(src, ZipStreamArray):
         yield from src.chunks(rows)
         return
     n = src.shape[0]
-    if isinstance(src, RawArray) and src.fortran and len(src.shape) > 1:
-        whole = src.whole()
+    whole = src.whole()
+    mm = getattr(whole, "_mmap", None)
+    if mm is None or (src.fortran and len(src.shape) > 1):
         for a in range(0, n, rows):
             yield a, min(n, a + rows), whole[a:a + rows]
         return
+    _madvise(mm, "MADV_SEQUENTIAL")
+    base = src.offset % mmap.ALLOCATIONGRANULARITY  # where the data starts in the mapping
+    step = 2 << 20
+    dropped = 0
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        arr = src.rows(a, b)
-        _advise(arr)
-        yield a, b, arr
-        _drop(arr)
+        yield a, b, whole[a:b]
+        done = (base + b * src.row_bytes) // step * step
+        if done > dropped:
+            _madvise(mm, "MADV_DONTNEED", dropped, done - dropped)
+            dropped = done
 
 
-def _advise(arr):
-    mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
+def _madvise(mm, name, *span):
+    option = getattr(mmap, name, None)
+    if option is not None:
         try:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-        except (OSError, ValueError):
-            pass
-
-
-def _drop(arr):
-    """Unmap a processed chunk's pages from this process (they stay in the page cache), so even the
-    file-backed resident set stays bounded by the chunk size."""
-    mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
+            mm.madvise(option, *span)
         except (OSError, ValueError):
             pass
 

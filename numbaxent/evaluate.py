@@ -106,7 +106,12 @@ class EvalResult:
             if isinstance(v, dict):
                 return {str(k): clean(x) for k, x in v.items()}
             if isinstance(v, np.ndarray):
-                return [clean(x) for x in v.tolist()]
+                if v.dtype.kind in "iub":
+                    return v.tolist()
+                out = v.astype(np.float64).tolist()
+                if not np.isfinite(v).all():
+                    out = [x if math.isfinite(x) else None for x in out]
+                return out
             if isinstance(v, (list, tuple)):
                 return [clean(x) for x in v]
             if isinstance(v, (np.integer, int)) and not isinstance(v, bool):
@@ -283,6 +288,11 @@ class Evaluator:
         """Number of targets seen so far (ignored ones included)."""
         return int(self._ints[0])
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_w_cache", None)  # derived (per-dtype weight casts): not part of the state
+        return state
+
     def copy(self) -> "Evaluator":
         new = object.__new__(Evaluator)
         new.__dict__.update(self.__dict__)
@@ -376,13 +386,12 @@ class Evaluator:
         from ._threading import kernel_lock
 
         C = self.num_classes
-        w = (np.ones(C, dtype=compute) if self.weight is None
-             else np.ascontiguousarray(self._weight_src, dtype=compute))
-        wsum = float(np.sum(w, dtype=np.float64))
+        w, wsum = self._class_weights(compute)
         first_bad, wtotal, n_valid = _kernels.check_targets(tgt, w, np.ones(1), self.ignore_index,
                                                             C)
         if first_bad >= 0:
             self._bad_target(t, int(first_bad))
+        # nothing below can fail on the user's input: the state changes only from here on
         loss = np.empty(R)
         nll = np.empty(R)
         ent = np.empty(R)
@@ -394,19 +403,28 @@ class Evaluator:
         with kernel_lock():
             _metrics.metrics_rows(x3, tgt, w, wsum, self.ignore_index, self.label_smoothing, None,
                                   kmax, loss, nll, ent, conf, rank, pred)
-        ints = np.zeros_like(self._ints)
-        hi = np.zeros_like(self._hi)
+        # per-class, per-bin and top-k totals go straight into the state (no O(C) work per chunk):
+        # counts are exact, and each class's float total is a sum in row order whatever the chunking
         si, sf = self._int_slices(), self._float_slices()
-        n_valid2, n_nonfinite = _metrics.metrics_reduce(
+        ints, hi = self._ints, self._hi
+        _, n_nonfinite = _metrics.metrics_reduce(
             tgt, rank, pred, loss, conf, ks, ints[si["cls_count"]], ints[si["cls_correct"]],
             ints[si["cls_pred"]], hi[sf["cls_loss"]], ints[si["topk"]], ints[si["bin_count"]],
             hi[sf["bin_conf"]], ints[si["bin_correct"]])
-        assert n_valid2 == n_valid
-        ints[:5] = (R, R - n_valid, n_valid, n_nonfinite, 1 if t.ndim == 0 else t.shape[0])
-        hi[:4] = (np.sum(loss), wtotal, np.sum(nll), np.sum(ent))  # pairwise sums, float64
-        self._ints += ints
-        _two_sum_into(self._hi, self._lo, hi, 0.0)
+        ints[:5] += (R, R - n_valid, n_valid, n_nonfinite, 1 if t.ndim == 0 else t.shape[0])
+        chunk = np.array([np.sum(loss), wtotal, np.sum(nll), np.sum(ent)])  # pairwise, float64
+        _two_sum_into(hi[:4], self._lo[:4], chunk, 0.0)
         return self
+
+    def _class_weights(self, compute):
+        """(class weights in the compute dtype, their float64 sum), cached per dtype."""
+        cache = self.__dict__.setdefault("_w_cache", {})
+        key = np.dtype(compute).str
+        if key not in cache:
+            w = (np.ones(self.num_classes, dtype=compute) if self.weight is None
+                 else np.ascontiguousarray(self._weight_src, dtype=compute))
+            cache[key] = (w, float(np.sum(w, dtype=np.float64)))
+        return cache[key]
 
     # -- result --------------------------------------------------------------------------------------
     def result(self) -> EvalResult:

@@ -1,0 +1,260 @@
+"""Measured figures for ``numbaxent eval`` and ``numbaxent.dask.evaluate`` (issue 5's targets).
+
+    python benchmarks/eval_throughput.py stream [--gb 2] [--classes 32000] [--dir /tmp/nx_eval]
+    python benchmarks/eval_throughput.py dask   [--gb 1] [--classes 32000] [--dir /tmp/nx_eval]
+
+``stream``: writes a float32 ``.npy`` of ``--gb`` GB (and its targets) once, reads it into the page
+cache, then in one process measures (median of ``--repeat``):
+
+- the in-memory forward throughput: ``numbaxent.cross_entropy`` on the array loaded into RAM;
+- the in-memory evaluator: ``Evaluator.update`` on the same array (all metrics);
+- the streaming command: ``numbaxent eval FILE.npy TARGETS.npy --json`` run in-process (its own
+  timing: memory-mapped row chunks of ``--chunk-mb`` MB);
+
+and then runs the command as a subprocess, sampling its ``RssAnon`` / ``RssFile`` from
+``/proc/PID/status`` every 2 ms, for the peak anonymous memory with a chunk budget ``--chunk-mb``
+(the file is ``gb*1024/chunk_mb`` times larger) next to a baseline run on a tiny file (imports and
+compiled kernels only).
+
+``dask``: writes a ``--gb`` GB file, evaluates it in memory in this process (``Evaluator.update``,
+Numba's threads), then on a ``distributed.LocalCluster`` with ``--workers`` single-threaded worker
+processes via ``numbaxent.dask.evaluate(numbaxent.dask.from_npy(FILE), targets)`` (workers
+memory-map their own blocks); reports both throughputs, their ratio, and the largest relative
+difference over every float figure of the two results.
+
+Files go to ``--dir`` (default /tmp/nx_eval), never to the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import redirect_stdout
+
+import numpy as np
+
+
+def _write(path, n, c, seed=0):
+    """A float32 (n, c) .npy written with ordinary write() calls of 64 MiB pieces (as np.save or any
+    program writing a stream does; no n*c temporary)."""
+    if os.path.exists(path) and np.load(path, mmap_mode="r").shape == (n, c):
+        return
+    rng = np.random.default_rng(seed)
+    step = max(1, (64 << 20) // (4 * c))
+    with open(path + ".tmp", "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.dtype(np.float32).str, "fortran_order": False, "shape": (n, c)})
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            f.write(memoryview(rng.standard_normal((b - a, c), dtype=np.float32) * 3))
+    os.replace(path + ".tmp", path)
+
+
+def _targets(path, n, c, seed=1):
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, c, n)
+    t[rng.random(n) < 0.02] = -100
+    np.save(path, t)
+    return t
+
+
+def _warm_page_cache(path):
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+def _meminfo():
+    """Large folios in the page cache decide what mapping a file costs (see docs/evaluating.md)."""
+    try:
+        with open("/proc/meminfo") as f:
+            d = dict(line.split(":", 1) for line in f)
+        return ", ".join(f"{k} {d[k].strip()}" for k in ("FileHugePages", "FilePmdMapped") if k in d)
+    except OSError:
+        return "n/a"
+
+
+def _median_time(fn, repeat):
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), ts
+
+
+def _cli_inprocess(args):
+    from numbaxent.eval_cli import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(args + ["--json", "--no-progress"])
+    if rc != 0:
+        raise SystemExit(f"numbaxent eval failed with status {rc}")
+    return json.loads(buf.getvalue())
+
+
+def _sample_memory(cmd):
+    """Run ``cmd``; return (its JSON output, peak RssAnon, peak RssFile) in bytes."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"RssAnon": 0, "RssFile": 0}
+    done = threading.Event()
+
+    def poll():
+        path = f"/proc/{proc.pid}/status"
+        while not done.is_set():
+            try:
+                with open(path) as f:
+                    for line in f:
+                        key = line.split(":", 1)[0]
+                        if key in peak:
+                            peak[key] = max(peak[key], int(line.split()[1]) * 1024)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
+            time.sleep(0.002)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    done.set()
+    th.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {err}")
+    return json.loads(out), peak["RssAnon"], peak["RssFile"]
+
+
+def stream(args):
+    import numba
+
+    import numbaxent as nx
+    from numbaxent.evaluate import Evaluator
+
+    os.makedirs(args.dir, exist_ok=True)
+    c = args.classes
+    n = int(args.gb * 1e9) // (4 * c)
+    xp = os.path.join(args.dir, f"x_{n}x{c}.npy")
+    tp = os.path.join(args.dir, f"t_{n}.npy")
+    _write(xp, n, c)
+    t = _targets(tp, n, c)
+    size = os.path.getsize(xp)
+    _warm_page_cache(xp)
+    chunk_rows = max(1, (args.chunk_mb << 20) // (4 * c))
+    x = np.load(xp)  # in RAM
+    fwd, _ = _median_time(lambda: nx.cross_entropy(x, t), args.repeat)
+    print(f"file {xp}: {n} x {c} float32, {size / 1e9:.3f} GB; numba {numba.get_num_threads()} "
+          f"threads ({numba.threading_layer()} layer); page cache: {_meminfo()}")
+    evm, _ = _median_time(lambda: Evaluator(c).update(x, t), args.repeat)
+    mem_result = Evaluator(c).update(x, t).result()
+    del x
+
+    cli = [xp, tp, "--chunk-rows", str(chunk_rows)]
+    runs = [_cli_inprocess(cli) for _ in range(args.repeat + 1)][1:]
+    secs = [r["timing"]["seconds"] for r in runs]
+    st = float(np.median(secs))
+    rel = abs(runs[0]["loss"] - mem_result.loss) / abs(mem_result.loss)
+    gbs = lambda s: size / s / 1e9  # noqa: E731
+    print(f"in-memory forward   nx.cross_entropy        median {fwd:7.3f} s  {gbs(fwd):6.2f} GB/s")
+    print(f"in-memory evaluator Evaluator.update        median {evm:7.3f} s  {gbs(evm):6.2f} GB/s")
+    print(f"streaming command   numbaxent eval (mmap)   median {st:7.3f} s  {gbs(st):6.2f} GB/s  "
+          f"chunk {chunk_rows} rows = {chunk_rows * 4 * c / 2**20:.1f} MiB")
+    print(f"  stream / in-memory forward = {fwd / st:.1%}   stream / in-memory evaluator = "
+          f"{evm / st:.1%}   |loss(stream) - loss(in-memory)| / loss = {rel:.1e}")
+
+    # peak anonymous memory of the command as a process
+    tiny_x = os.path.join(args.dir, "tiny_x.npy")
+    tiny_t = os.path.join(args.dir, "tiny_t.npy")
+    np.save(tiny_x, np.zeros((4, c), np.float32))
+    np.save(tiny_t, np.zeros(4, np.int64))
+    exe = [sys.executable, "-m", "numbaxent", "eval"]
+    _, base_anon, base_file = _sample_memory(exe + [tiny_x, tiny_t, "--json"])
+    print(f"peak memory of `numbaxent eval` as a process (RssAnon / RssFile sampled every 2 ms):")
+    print(f"  baseline (4-row file: interpreter, numba, kernels)  anon {base_anon / 2**20:7.1f} MiB"
+          f"  file {base_file / 2**20:7.1f} MiB")
+    for mb in sorted({args.chunk_mb, args.chunk_mb * 4}):
+        rows = max(1, (mb << 20) // (4 * c))
+        out, anon, filerss = _sample_memory(exe + cli[:2] + ["--chunk-rows", str(rows), "--json"])
+        print(f"  {size / 2**20:.0f} MiB file, chunk {rows * 4 * c / 2**20:6.1f} MiB "
+              f"(file = {size / (rows * 4 * c):5.1f} x chunk)  anon {anon / 2**20:7.1f} MiB "
+              f"(+{(anon - base_anon) / 2**20:6.1f} over baseline)  file-backed "
+              f"{filerss / 2**20:7.1f} MiB  ({out['timing']['seconds']:.2f} s)")
+
+
+def dask_bench(args):
+    from distributed import Client, LocalCluster
+
+    import numbaxent.dask as nxd
+    from numbaxent.evaluate import Evaluator
+
+    os.makedirs(args.dir, exist_ok=True)
+    c = args.classes
+    n = int(args.gb * 1e9) // (4 * c)
+    xp = os.path.join(args.dir, f"x_{n}x{c}.npy")
+    tp = os.path.join(args.dir, f"t_{n}.npy")
+    _write(xp, n, c, seed=2)
+    t = _targets(tp, n, c, seed=3)
+    size = os.path.getsize(xp)
+    _warm_page_cache(xp)
+    x = np.load(xp)
+    single, _ = _median_time(lambda: Evaluator(c).update(x, t), args.repeat)
+    ref = Evaluator(c).update(x, t).result()
+    del x
+    chunk_rows = max(1, (args.chunk_mb << 20) // (4 * c))
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster):
+        dx = nxd.from_npy(xp, chunk_rows=chunk_rows)
+        nxd.evaluate(dx[:64], t[:64])  # workers load the cached kernels
+        res = None
+        ts = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            res = nxd.evaluate(dx, t)
+            ts.append(time.perf_counter() - t0)
+    dist = float(np.median(ts))
+    worst = 0.0
+    for key in ("loss", "loss_sum", "weight_sum", "nll", "perplexity", "entropy", "confidence",
+                "ece", "mce", "balanced_accuracy"):
+        a, b = getattr(res, key), getattr(ref, key)
+        worst = max(worst, abs(a - b) / abs(b) if b else abs(a - b))
+    worst = max([worst] + [abs(res.accuracy[k] - ref.accuracy[k]) for k in ref.accuracy])
+    counts_equal = (np.array_equal(res.per_class["count"], ref.per_class["count"])
+                    and np.array_equal(res.per_class["predicted"], ref.per_class["predicted"]))
+    print(f"file {xp}: {n} x {c} float32, {size / 1e9:.3f} GB; {len(dx.chunks[0])} blocks of "
+          f"{chunk_rows} rows")
+    print(f"single process, in memory  Evaluator.update     median {single:6.3f} s  "
+          f"{size / single / 1e9:6.2f} GB/s")
+    print(f"LocalCluster {args.workers} x 1-thread procs  dask.evaluate(from_npy) median "
+          f"{dist:6.3f} s  {size / dist / 1e9:6.2f} GB/s   ({', '.join(f'{s:.3f}' for s in ts)})")
+    print(f"  cluster / single process = {single / dist:.1%};  largest relative difference over "
+          f"the float figures: {worst:.1e}; per-class counts identical: {counts_equal}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["stream", "dask"])
+    ap.add_argument("--gb", type=float, default=None, help="file size (stream: 2, dask: 1)")
+    ap.add_argument("--classes", type=int, default=32000)
+    ap.add_argument("--chunk-mb", type=int, default=None,
+                    help="chunk budget in MiB (stream: 32, dask: 64)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dir", default="/tmp/nx_eval")
+    args = ap.parse_args(argv)
+    if args.what == "stream":
+        args.gb = args.gb or 2.0
+        args.chunk_mb = args.chunk_mb or 32
+        stream(args)
+    else:
+        args.gb = args.gb or 1.0
+        args.chunk_mb = args.chunk_mb or 64
+        dask_bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
