@@ -36,7 +36,9 @@ def _as_dask(a, name: str, chunk_rows=None):
 
 
 def _align(logits, target, chunk_rows=None):
-    """(logits chunked along rows only, target with the same row chunks)."""
+    """(logits chunked along rows only, targets): the targets are a Dask array with the logits' row
+    chunks, or a NumPy array when they were given as one (each block's slice then travels inside
+    its block's task)."""
     x = _as_dask(logits, "logits", chunk_rows)
     if x.ndim < 2:
         raise ValueError(f"logits must have shape (N, C) or (N, C, d1, ..., dk), got {x.shape}")
@@ -45,24 +47,54 @@ def _align(logits, target, chunk_rows=None):
         rest[0] = chunk_rows
     if any(len(c) > 1 for c in x.chunks[1:]) or chunk_rows is not None:
         x = x.rechunk(rest)
-    t = _as_dask(target, "target", x.chunks[0][0] if x.chunks[0] else 1)
+    t = target if isinstance(target, da.Array) else np.asarray(target)
     expect = (x.shape[0],) + x.shape[2:]
-    if t.shape == x.shape:
-        t = t.rechunk(x.chunks)
-    elif t.shape != expect:
+    if t.shape != x.shape and t.shape != expect:
         if t.ndim >= 1 and t.shape[0] != x.shape[0]:
             raise ValueError(f"logits have {x.shape[0]} rows but targets have {t.shape[0]}")
         raise ValueError(f"logits of shape {x.shape} need targets of shape {expect}, got {t.shape}")
-    else:
-        t = t.rechunk((x.chunks[0],) + tuple((s,) for s in t.shape[1:]))
+    if isinstance(t, da.Array):
+        t = t.rechunk(x.chunks if t.shape == x.shape
+                      else (x.chunks[0],) + tuple((n,) for n in t.shape[1:]))
     return x, t
 
 
-def _blocks(x, t):
-    xs = x.to_delayed().ravel()
-    ts = t.to_delayed().ravel()
-    starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]]).astype(int).tolist()
-    return list(zip(xs, ts, starts))
+def _call_block(xb, tb, rows, block_fn=None, kw=None):
+    """One row block: ``block_fn(xb, tb, first_row, **kw)`` in a 1x...x1 object array."""
+    out = np.empty((1,) * xb.ndim, dtype=object)
+    out.reshape(-1)[0] = block_fn(xb, tb, rows[0].start, **kw)
+    return out
+
+
+def _unwrap(part):
+    return part.reshape(-1)[0] if isinstance(part, np.ndarray) and part.dtype == object else part
+
+
+def _per_block(x, t, func, name: str, **kw):
+    """``[Delayed(func(x_block, t_block, first_row, **kw))]`` over the row blocks, one task per
+    block and nothing else: the layer that produces a block (a ``from_npy``/``from_array``/Zarr
+    read) is fused into this Blockwise layer, and NumPy targets travel as each task's own slice, so
+    a block is read by the task that uses it, never moves between workers, and the scheduler has
+    one task per block to place (plus the reduction tree)."""
+    from dask.layers import ArraySliceDep, ArrayValuesDep
+
+    xi = tuple(range(x.ndim))
+    if isinstance(t, da.Array):
+        targs = (t, xi if t.shape == x.shape else (0,) + xi[2:])
+        tkey = t.name
+    else:  # one literal slice per block, embedded in that block's task
+        bounds = np.cumsum((0,) + x.chunks[0])
+        values = {(i,): t[a:b] for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))}
+        targs = (ArrayValuesDep((x.chunks[0],), values), (0,))
+        tkey = dask.base.tokenize(t)
+    token = dask.base.tokenize(x.name, tkey, func, kw)
+    out = da.blockwise(_call_block, xi, x, xi, *targs, ArraySliceDep((x.chunks[0],)), (0,),
+                       block_fn=func, kw=kw, adjust_chunks={i: 1 for i in xi[1:]},
+                       dtype=object, meta=np.empty((0,) * x.ndim, dtype=object),
+                       concatenate=False, align_arrays=False, name=f"{name}-{token}")
+    # Blockwise fusion only: low-level linear fusion would add an alias task per block
+    with dask.config.set({"optimization.fuse.active": False}):
+        return out.to_delayed(optimize_graph=True).ravel().tolist()
 
 
 def _tree(parts, combine, split_every: int, name: str):
@@ -116,7 +148,7 @@ class _numba_threads:
 
 
 # -- evaluate ------------------------------------------------------------------------------------------
-def _block_state(xb, tb, config: dict, row0: int, threads):
+def _block_state(xb, tb, row0: int, config: dict, threads):
     ev = Evaluator(**config)
     ev._row_offset = row0  # so an out-of-range target is reported with its global row
     with _numba_threads(threads):
@@ -126,9 +158,9 @@ def _block_state(xb, tb, config: dict, row0: int, threads):
 
 
 def _merge_states(*states):
-    out = states[0].copy()
+    out = _unwrap(states[0]).copy()
     for s in states[1:]:
-        out.merge(s)
+        out.merge(_unwrap(s))
     return out
 
 
@@ -156,18 +188,16 @@ def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index
                   calibration_bins=proto.calibration_bins)
     if weight is not None:
         config["weight"] = proto._weight_src
-    token = dask.base.tokenize(x.name, t.name, config, threads)
-    # one graph key holds the configuration (the weight is O(C)), shared by every block task
-    config_d = delayed(config, pure=True, traverse=False)
-    blocks = []
-    for i, (xb, tb, row0) in enumerate(_blocks(x, t)):
-        d = delayed(_block_state, pure=True)(xb, tb, config_d, row0, threads,
-                                             dask_key_name=f"numbaxent-block-{token}-{i}")
-        blocks.append((x.chunks[0][i], d))
-    if not blocks:  # no rows
+    token = dask.base.tokenize(x.name, t.name if isinstance(t, da.Array) else t, config, threads,
+                               split_every)
+    parts = _per_block(x, t, _block_state, "numbaxent-block", config=config, threads=threads)
+    blocks = list(zip(x.chunks[0], parts))
+    if not parts:  # no rows
         root = delayed(proto.copy, pure=True)(dask_key_name=f"numbaxent-empty-{token}")
     else:
-        root = _tree([d for _, d in blocks], _merge_states, split_every, f"numbaxent-merge-{token}")
+        root = _tree(parts, _merge_states, split_every, f"numbaxent-merge-{token}")
+        if len(parts) == 1:
+            root = delayed(_unwrap, pure=True)(root, dask_key_name=f"numbaxent-one-{token}")
     return blocks, root
 
 
@@ -211,7 +241,7 @@ def evaluate(logits, target, num_classes=None, weight=None, ignore_index: int = 
 
 
 # -- cross_entropy -------------------------------------------------------------------------------------
-def _block_sum(xb, tb, weight, ignore_index, eps, threads):
+def _block_sum(xb, tb, row0, weight, ignore_index, eps, threads):
     from . import _api
 
     with _numba_threads(threads):
@@ -223,6 +253,7 @@ def _block_sum(xb, tb, weight, ignore_index, eps, threads):
 
 
 def _sum_partials(*parts):
+    parts = [_unwrap(p) for p in parts]
     hi = np.array([parts[0][0], parts[0][2]])
     lo = np.array([parts[0][1], parts[0][3]])
     for p in parts[1:]:
@@ -231,6 +262,7 @@ def _sum_partials(*parts):
 
 
 def _finish(part, reduction, dtype):
+    part = _unwrap(part)
     total = part[0] + part[1]
     if reduction == "sum":
         value = total
@@ -244,7 +276,7 @@ def _block_none(xb, tb, weight, ignore_index, eps, threads):
     from . import _api
 
     with _numba_threads(threads):
-        return _api.cross_entropy(xb, tb, weight, ignore_index, "none", eps)
+        return _api.cross_entropy(xb, tb, weight, ignore_index, "none", eps)[:, None]
 
 
 def cross_entropy(logits, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
@@ -267,15 +299,21 @@ def cross_entropy(logits, target, weight=None, ignore_index: int = -100, reducti
     if weight is not None:
         weight = np.asarray(weight)
     if reduction == "none":
+        if not isinstance(t, da.Array):
+            t = da.from_array(t, chunks=x.chunks if t.shape == x.shape
+                              else (x.chunks[0],) + t.shape[1:])
         xi = tuple(range(x.ndim))
-        ti = (0,) + tuple(range(2, x.ndim)) if t.ndim != x.ndim else xi
-        return da.blockwise(_block_none, (0,) + tuple(range(2, x.ndim)), x, xi, t, ti,
-                            weight=weight, ignore_index=ignore_index, eps=eps, threads=threads,
-                            dtype=x.dtype, concatenate=True)
-    token = dask.base.tokenize(x.name, t.name, weight, ignore_index, eps, reduction)
-    parts = [delayed(_block_sum, pure=True)(xb, tb, weight, ignore_index, eps, threads,
-                                            dask_key_name=f"numbaxent-ce-{token}-{i}")
-             for i, (xb, tb, _) in enumerate(_blocks(x, t))]
+        ti = xi if t.shape == x.shape else (0,) + xi[2:]
+        # the class axis is kept with length 1 (no contraction, so no copy of the block), then
+        # dropped by a slice
+        out = da.blockwise(_block_none, xi, x, xi, t, ti, weight=weight,
+                           ignore_index=ignore_index, eps=eps, threads=threads,
+                           adjust_chunks={1: 1}, dtype=x.dtype, concatenate=False)
+        return out[:, 0]
+    token = dask.base.tokenize(x.name, t.name if isinstance(t, da.Array) else t, weight,
+                               ignore_index, eps, reduction)
+    parts = _per_block(x, t, _block_sum, "numbaxent-ce", weight=weight,
+                       ignore_index=ignore_index, eps=eps, threads=threads)
     if not parts:
         parts = [delayed(np.zeros, pure=True)(4)]
     root = _tree(parts, _sum_partials, split_every, f"numbaxent-ce-merge-{token}")
@@ -285,26 +323,32 @@ def cross_entropy(logits, target, weight=None, ignore_index: int = -100, reducti
 
 
 # -- files ---------------------------------------------------------------------------------------------
-def _read_rows(spec, a: int, b: int):
-    return spec.rows(a, b)
+def _read_block(spec, slices):
+    return spec.rows(slices[0].start, slices[0].stop)
 
 
 def _from_raw(spec, rows: int):
-    """A Dask array whose blocks memory-map rows of ``spec`` (a ``RawArray``) in the task."""
+    """A Dask array whose blocks memory-map rows of ``spec`` (a ``RawArray``) in the task that
+    reads them (a Blockwise "data producer" layer, as ``from_array``'s, so it fuses with its
+    consumer)."""
+    from dask.blockwise import blockwise as core_blockwise
+    from dask.highlevelgraph import HighLevelGraph
+    from dask.layers import ArraySliceDep
+
     n = spec.shape[0] if spec.shape else 0
     if n == 0 or not spec.shape:
         return da.from_array(np.asarray(spec.whole()), chunks=-1)
+    chunks = da.core.normalize_chunks((rows,) + tuple(spec.shape[1:]), spec.shape)
     name = "numbaxent-raw-" + dask.base.tokenize(spec, os.path.getmtime(spec.path), rows)
-    dsk, chunks0 = {}, []
-    for i, a in enumerate(range(0, n, rows)):
-        b = min(n, a + rows)
-        dsk[(name, i) + (0,) * (len(spec.shape) - 1)] = (_read_rows, spec, a, b)
-        chunks0.append(b - a)
-    return da.Array(dsk, name, (tuple(chunks0),) + tuple((s,) for s in spec.shape[1:]),
-                    dtype=spec.dtype)
+    ind = tuple(range(len(spec.shape)))
+    layer = core_blockwise(_read_block, name, ind, spec, None, ArraySliceDep(chunks), ind,
+                           numblocks={}, _data_producer=True)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=())
+    return da.Array(graph, name, chunks, dtype=spec.dtype,
+                    meta=np.empty((0,) * len(spec.shape), dtype=spec.dtype))
 
 
-def from_npy(path, chunk_rows: int | None = None, *, chunk_bytes: int = 64 << 20):
+def from_npy(path, chunk_rows: int | None = None, *, chunk_bytes: int = 128 << 20):
     """A Dask array over a ``.npy`` file (or ``file.npz:member`` stored uncompressed) whose blocks
     are memory-mapped **by the task that uses them** (on a cluster: by the worker, from a shared
     file system), so no data goes through the scheduler or the client.
