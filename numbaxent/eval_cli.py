@@ -92,6 +92,8 @@ class RawArray:
         lo = start - start % _WINDOW
         hi = min(-(-stop // _WINDOW) * _WINDOW, os.path.getsize(self.path))
         window = np.memmap(self.path, dtype=np.uint8, mode="r", offset=lo, shape=(hi - lo,))
+        if getattr(window, "_mmap", None) is not None:
+            _madvise(window._mmap, "MADV_HUGEPAGE")
         return window[start - lo:stop - lo].view(self.dtype).reshape((b - a,) + self.shape[1:])
 
     def whole(self) -> np.ndarray:
@@ -286,6 +288,7 @@ def _row_chunks(src, rows: int):
             yield a, min(n, a + rows), whole[a:a + rows]
         return
     _madvise(mm, "MADV_SEQUENTIAL")
+    _madvise(mm, "MADV_HUGEPAGE")  # pages read in now are cached as huge folios where possible
     base = src.offset % mmap.ALLOCATIONGRANULARITY  # where the data starts in the mapping
     step = 2 << 20
     dropped = 0
@@ -562,6 +565,9 @@ def _run(args) -> int:
         numba.set_num_threads(args.threads)
     rows = args.chunk_rows or _default_rows(xs)
     n_rows = int(xshape[0])
+    if not use_dask:  # load the compiled kernels first, so that the timing is the pass itself
+        probe = np.zeros((1,) + tuple(xshape[1:]), dtype=xdtype)
+        Evaluator(C).update(probe, np.zeros((1,) + tuple(xshape[2:]), dtype=np.int64))
     progress = _Progress(n_rows, args.progress)
     t0 = time.perf_counter()
     try:
