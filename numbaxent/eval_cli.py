@@ -358,7 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, metavar="T",
                    help="compute threads (default: all cores; with --scheduler: per task)")
     p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="evaluate on an existing Dask distributed cluster (e.g. tcp://host:8786)")
+                   help="evaluate on an existing Dask distributed cluster: its address "
+                        "(tcp://host:8786) or its scheduler file (JSON)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--per-class", action="store_true",
                    help="add the per-class table to the text output")
@@ -504,9 +505,10 @@ def _evaluate_dask(xs, ts, cfg: dict, rows, threads, scheduler, progress: _Progr
         return ev
     from distributed import Client, as_completed
 
-    try:
-        client = Client(scheduler, set_as_default=False)  # distributed.comm.timeouts.connect
-    except OSError as exc:
+    try:  # an address, or a scheduler file (dask scheduler --scheduler-file)
+        client = (Client(scheduler_file=scheduler, set_as_default=False)
+                  if os.path.isfile(scheduler) else Client(scheduler, set_as_default=False))
+    except (OSError, ValueError) as exc:
         raise InputError(f"cannot connect to the Dask scheduler at {scheduler} ({exc})") from None
     try:
         futures = client.compute([d for _, d in blocks] + [root])

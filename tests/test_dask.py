@@ -106,6 +106,10 @@ def test_eval_command_with_scheduler_address(client, arrays, tmp_path, capsys):
     for key in ("loss", "loss_sum", "entropy", "ece", "nll"):
         assert got[key] == pytest.approx(local[key], rel=1e-12), key
     assert got["accuracy"] == local["accuracy"]
+    sched_file = tmp_path / "scheduler.json"  # as `dask scheduler --scheduler-file` writes it
+    sched_file.write_text(json.dumps({"address": client.scheduler.address}))
+    assert main(args + ["--scheduler", str(sched_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(local["loss"], rel=1e-12)
     bad = t.copy()
     bad[333] = C
     np.save(tmp_path / "bad.npy", bad)
