@@ -514,7 +514,7 @@ def _evaluate_dask(xs, ts, cfg: dict, rows, threads, scheduler, progress: _Progr
         futures = client.compute([d for _, d in blocks] + [root])
         block_futures, root_future = futures[:-1], futures[-1]
         rows_of = {f.key: n for (n, _), f in zip(blocks, block_futures)}
-        for f in as_completed(block_futures):
+        for f in as_completed(block_futures, loop=client.loop):
             if f.status == "error":
                 f.result()  # raises the task's exception here
             progress.update(rows_of.get(f.key, 0))

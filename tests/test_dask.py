@@ -106,10 +106,14 @@ def test_eval_command_with_scheduler_address(client, arrays, tmp_path, capsys):
     for key in ("loss", "loss_sum", "entropy", "ece", "nll"):
         assert got[key] == pytest.approx(local[key], rel=1e-12), key
     assert got["accuracy"] == local["accuracy"]
-    sched_file = tmp_path / "scheduler.json"  # as `dask scheduler --scheduler-file` writes it
+    # as a program, where no default client exists; with a scheduler file as `dask scheduler
+    # --scheduler-file` writes it
+    sched_file = tmp_path / "scheduler.json"
     sched_file.write_text(json.dumps({"address": client.scheduler.address}))
-    assert main(args + ["--scheduler", str(sched_file)]) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(local["loss"], rel=1e-12)
+    r = subprocess.run([sys.executable, "-m", "numbaxent", "eval", *args, "--scheduler",
+                        str(sched_file)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["loss"] == pytest.approx(local["loss"], rel=1e-12)
     bad = t.copy()
     bad[333] = C
     np.save(tmp_path / "bad.npy", bad)
