@@ -96,6 +96,18 @@ def _median_time(fn, repeat):
     return float(np.median(ts)), ts
 
 
+def _in_memory(xp, t, c, repeat, forward):
+    """(median forward time or None, median Evaluator.update time, its result) on the file loaded
+    into RAM."""
+    import numbaxent as nx
+    from numbaxent.evaluate import Evaluator
+
+    x = np.load(xp)
+    fwd = _median_time(lambda: nx.cross_entropy(x, t), repeat)[0] if forward else None
+    evm = _median_time(lambda: Evaluator(c).update(x, t), repeat)[0]
+    return fwd, evm, Evaluator(c).update(x, t).result()
+
+
 def _cli_inprocess(args):
     from numbaxent.eval_cli import main
 
@@ -139,9 +151,6 @@ def _sample_memory(cmd):
 def stream(args):
     import numba
 
-    import numbaxent as nx
-    from numbaxent.evaluate import Evaluator
-
     os.makedirs(args.dir, exist_ok=True)
     c = args.classes
     n = int(args.gb * 1e9) // (4 * c)
@@ -152,13 +161,9 @@ def stream(args):
     size = os.path.getsize(xp)
     _warm_page_cache(xp)
     chunk_rows = max(1, (args.chunk_mb << 20) // (4 * c))
-    x = np.load(xp)  # in RAM
-    fwd, _ = _median_time(lambda: nx.cross_entropy(x, t), args.repeat)
+    fwd, evm, mem_result = _in_memory(xp, t, c, args.repeat, forward=True)
     print(f"file {xp}: {n} x {c} float32, {size / 1e9:.3f} GB; numba {numba.get_num_threads()} "
           f"threads ({numba.threading_layer()} layer); page cache: {_meminfo()}")
-    evm, _ = _median_time(lambda: Evaluator(c).update(x, t), args.repeat)
-    mem_result = Evaluator(c).update(x, t).result()
-    del x
 
     cli = [xp, tp, "--chunk-rows", str(chunk_rows)]
     runs = [_cli_inprocess(cli) for _ in range(args.repeat + 1)][1:]
@@ -180,7 +185,7 @@ def stream(args):
     np.save(tiny_t, np.zeros(4, np.int64))
     exe = [sys.executable, "-m", "numbaxent", "eval"]
     _, base_anon, base_file = _sample_memory(exe + [tiny_x, tiny_t, "--json"])
-    print(f"peak memory of `numbaxent eval` as a process (RssAnon / RssFile sampled every 2 ms):")
+    print("peak memory of `numbaxent eval` as a process (RssAnon / RssFile sampled every 2 ms):")
     print(f"  baseline (4-row file: interpreter, numba, kernels)  anon {base_anon / 2**20:7.1f} MiB"
           f"  file {base_file / 2**20:7.1f} MiB")
     for mb in sorted({args.chunk_mb, args.chunk_mb * 4}):
@@ -202,7 +207,6 @@ def dask_bench(args):
     from distributed import Client, LocalCluster
 
     import numbaxent.dask as nxd
-    from numbaxent.evaluate import Evaluator
 
     os.makedirs(args.dir, exist_ok=True)
     c = args.classes
@@ -213,10 +217,7 @@ def dask_bench(args):
     t = _targets(tp, n, c, seed=3)
     size = os.path.getsize(xp)
     _warm_page_cache(xp)
-    x = np.load(xp)
-    single, _ = _median_time(lambda: Evaluator(c).update(x, t), args.repeat)
-    ref = Evaluator(c).update(x, t).result()
-    del x
+    _, single, ref = _in_memory(xp, t, c, args.repeat, forward=False)
     runs = [_cli_inprocess([xp, tp]) for _ in range(args.repeat + 1)][1:]
     stream_s = float(np.median([r["timing"]["seconds"] for r in runs]))
     chunk_rows = -(-n // args.blocks)

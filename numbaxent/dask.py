@@ -11,13 +11,12 @@ This module imports Dask; the rest of numbaxent never does.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed, delayed
+from dask.delayed import delayed
 
 from .evaluate import Evaluator, _two_sum_into
 
@@ -162,10 +161,6 @@ def _merge_states(*states):
     for s in states[1:]:
         out.merge(_unwrap(s))
     return out
-
-
-def _result(ev: Evaluator):
-    return ev.result()
 
 
 def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index: int = -100,

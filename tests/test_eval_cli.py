@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 
 import numpy as np
 import pytest
