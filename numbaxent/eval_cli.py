@@ -428,7 +428,8 @@ def _scan_targets(ts, rows: int, C: int, ignore_index: int):
         if bad.any():
             i = int(np.argmax(bad.reshape(-1)))
             r, j = divmod(i, flat.shape[1])
-            where = f"row {a + r}" + (f", position {np.unravel_index(j, t.shape[1:])}"
+            pos = tuple(int(i) for i in np.unravel_index(j, t.shape[1:]))
+            where = f"row {a + r}" + (f", position {pos[0] if len(pos) == 1 else pos}"
                                       if t.ndim > 1 else "")
             raise InputError(f"{ts.label}: {where}: target {int(flat.reshape(-1)[i])} is out of "
                              f"range [0, {C}) and is not the ignore index ({ignore_index})")

@@ -251,6 +251,22 @@ def test_out_of_range_target_in_a_compressed_member_names_the_row(files, capsys,
     assert rc == 1 and "row 456: target 99 is out of range" in err
 
 
+def test_kdim_logits_and_their_target_errors(capsys, tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((50, 6, 4)).astype(np.float32)
+    t = rng.integers(0, 6, (50, 4))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    got = run_json(capsys, tmp_path / "x.npy", tmp_path / "t.npy", "--chunk-rows", 7)
+    ref = reference(np.moveaxis(x, 1, -1).reshape(-1, 6), t.reshape(-1), 6)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=2e-6)
+    assert got["n_seen"] == 200
+    t[3, 2] = 9
+    np.save(tmp_path / "bad.npy", t)
+    rc, out, err = run(capsys, tmp_path / "x.npy", tmp_path / "bad.npy")
+    assert rc == 1 and "row 3, position 2: target 9 is out of range [0, 6)" in err
+
+
 def test_usage_errors_exit_2(files, capsys):
     d, *_ = files
     for args in (["--topk", "0,1"], ["--topk", "a"], ["--chunk-rows", "0"], []):
