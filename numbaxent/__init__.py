@@ -4,6 +4,8 @@
 first use.
 """
 from ._api import CrossEntropyLoss, Stats, cross_entropy, cross_entropy_with_grad
+from .evaluate import EvalResult, Evaluator
 
 __version__ = "0.1.0"
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "Stats", "__version__"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "Stats", "Evaluator",
+           "EvalResult", "__version__"]
