@@ -353,8 +353,8 @@ def _grad_target(p: _Prepared, out):
     return out, g3, None
 
 
-def _run(p: _Prepared, mode: int, g: np.ndarray, lse: np.ndarray, loss: np.ndarray,
-         top1: np.ndarray, grad3: np.ndarray):
+def _run(p: _Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
+         loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray):
     k = _kernels()
     from ._threading import kernel_lock
 
@@ -362,12 +362,12 @@ def _run(p: _Prepared, mode: int, g: np.ndarray, lse: np.ndarray, loss: np.ndarr
         if p.soft:
             keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
             keep, add = p.compute.type(keep), p.compute.type(add)
-            k.prob_kernel(p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, lse, loss,
+            k.prob_kernel(p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, mx, lsx, loss,
                           grad3)
             top1[:] = False
         else:
             k.index_kernel(p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode, g,
-                           p.sw, lse, loss, top1, grad3)
+                           p.sw, mx, lsx, loss, top1, grad3)
 
 
 def _empty_or_classless(p: _Prepared) -> bool:
@@ -402,17 +402,26 @@ def _stats(p: _Prepared, lse: np.ndarray, top1: np.ndarray) -> Stats:
     return Stats(lse.reshape(p.loss_shape), top1.reshape(p.loss_shape), acc)
 
 
-def _pass(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray):
-    """Run FORWARD or FUSED over all rows: (float64 per-row losses, lse, top1)."""
-    lse = np.empty(p.rows, dtype=p.compute)
+def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray):
+    """Run FORWARD or FUSED over all rows: (float64 per-row losses, row max, log-sum of the shifted
+    exponentials, top1); the log-sum-exp is ``max + logsum``."""
+    mx = np.empty(p.rows, dtype=p.compute)
+    lsx = np.empty(p.rows, dtype=p.compute)
     top1 = np.zeros(p.rows, dtype=np.bool_)
     if _empty_or_classless(p):
         # C == 0: PyTorch gives -0. per soft-target row (an empty sum); class targets are all ignored
-        lse[:] = -np.inf
-        return np.full(p.rows, -0.0 if p.soft else 0.0), lse, top1
+        mx[:] = -np.inf
+        lsx[:] = 0.0
+        return np.full(p.rows, -0.0 if p.soft else 0.0), mx, lsx, top1
     loss = np.empty(p.rows, dtype=np.float64)
-    _run(p, mode, g, lse, loss, top1, grad3)
-    return loss, lse, top1
+    _run(p, mode, g, mx, lsx, loss, top1, grad3)
+    return loss, mx, lsx, top1
+
+
+def _pass(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray):
+    """Run FORWARD or FUSED over all rows: (float64 per-row losses, lse, top1)."""
+    loss, mx, lsx, top1 = _pass_rows(p, mode, g, grad3)
+    return loss, mx + lsx, top1
 
 
 def _from_canonical(tmp3: np.ndarray, p: _Prepared) -> np.ndarray:
@@ -542,8 +551,8 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
 class CrossEntropyLoss:
     """Stateful criterion with ``torch.nn.CrossEntropyLoss``'s constructor.
 
-    ``forward`` (or calling the object) computes the loss and keeps the per-row log-sum-exp
-    (O(rows) memory) and a reference to the logits; ``backward`` then writes the gradient in a single
+    ``forward`` (or calling the object) computes the loss and keeps the per-row log-sum-exp (as
+    the row max and the log of the shifted sum: O(rows) memory) and a reference to the logits; ``backward`` then writes the gradient in a single
     read of the logits, without recomputing the softmax statistics. The logits must not be modified
     between ``forward`` and ``backward``. ``z_loss`` and ``softcap`` (keyword-only) are as in
     :func:`cross_entropy`; ``sample_weight`` and ``normalizer`` vary per batch and are given to
@@ -574,10 +583,10 @@ class CrossEntropyLoss:
         :meth:`backward` needs (the per-row log-sum-exp and a reference to ``input``)."""
         p = _prepare(input, target, self.weight, self.ignore_index, self.reduction,
                      self.label_smoothing, self.z_loss, self.softcap, sample_weight, normalizer)
-        loss_rows, lse, top1 = _pass(p, _kernels().FORWARD, np.ones(1),
-                                     np.empty((1, 1, 1), dtype=p.x3.dtype))
-        self._saved = (p, lse)
-        self.stats = _stats(p, lse, top1)
+        loss_rows, mx, lsx, top1 = _pass_rows(p, _kernels().FORWARD, np.ones(1),
+                                              np.empty((1, 1, 1), dtype=p.x3.dtype))
+        self._saved = (p, mx, lsx)
+        self.stats = _stats(p, mx + lsx, top1)
         return _reduce(p, loss_rows)
 
     __call__ = forward
@@ -589,12 +598,12 @@ class CrossEntropyLoss:
         """
         if self._saved is None:
             raise ValueError("backward() called before forward()")
-        p, lse = self._saved
+        p, mx, lsx = self._saved
         g = _upstream(p, grad_output)
         grad, g3, copy_back = _grad_target(p, out)
         if _empty_or_classless(p):
             return grad
-        _run(p, _kernels().BACKWARD, g, lse, np.empty(1), np.empty(1, dtype=np.bool_), g3)
+        _run(p, _kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_), g3)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         return grad

@@ -7,9 +7,11 @@ are flat over rows: int64 class indices of length ``N*S``, or probabilities in `
 
 Every kernel runs in one of three modes over each row, sharing the same row code:
 
-- ``FORWARD``: ``m = max_c x_c``, ``s = sum_c exp(x_c - m)``, ``lse = m + log s`` and the row's loss;
+- ``FORWARD``: ``m = max_c x_c``, ``s = sum_c exp(x_c - m)``, ``ls = log s`` and the row's loss
+  (``lse = m + ls``; ``m`` and ``ls`` are kept apart, see :func:`row_grad_index`);
 - ``FUSED``: the forward, then the gradient row written once while the row is still in cache;
-- ``BACKWARD``: the gradient row from a saved ``lse`` (one read of ``x``, one write of the gradient).
+- ``BACKWARD``: the gradient row from the saved ``m, ls`` (one read of ``x``, one write of the
+  gradient).
 
 With ``p = exp(x - lse)`` the gradient of ``g_r * loss_r`` is ``g_r * (p_j * a_r - b_rj)`` where, for
 class-index targets, ``a = (1-eps) w_y + (eps/C) sum_c w_c`` and ``b_j = (eps/C) w_j + (1-eps) w_y [j=y]``,
@@ -107,32 +109,36 @@ def row_is_top1(row, y, xy, m, cap):
 
 
 @jit()
-def row_grad_index(row, grow, lse, coef, w, wcoef, cap):
-    """``grow_j = (exp(x_j - lse) * coef - w_j * wcoef) * dx_j`` (safe when ``grow`` is ``row``)."""
+def row_grad_index(row, grow, m, ls, coef, w, wcoef, cap):
+    """``grow_j = (p_j * coef - w_j * wcoef) * dx_j`` with ``p_j = exp((x_j - m) - ls)`` (safe when
+    ``grow`` is ``row``). ``(x - m) - ls`` is PyTorch's order: rounding ``lse = m + ls`` first would
+    cost a confident row's target probability its last digits (``ls`` below ``ulp(m)``)."""
     if wcoef == 0:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap)
-            store(grow, j, exp(v - lse) * coef * cap_slope(v, cap))
+            store(grow, j, exp((v - m) - ls) * coef * cap_slope(v, cap))
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap)
-            store(grow, j, (exp(v - lse) * coef - w[j] * wcoef) * cap_slope(v, cap))
+            store(grow, j, (exp((v - m) - ls) * coef - w[j] * wcoef) * cap_slope(v, cap))
 
 
 @jit()
-def row_grad_soft(row, trow, grow, lse, coef, w, g, keep, add, cap):
-    """``grow_j = (exp(x_j - lse) * coef - g w_j t~_j) * dx_j``."""
+def row_grad_soft(row, trow, grow, m, ls, coef, w, g, keep, add, cap):
+    """``grow_j = (exp((x_j - m) - ls) * coef - g w_j t~_j) * dx_j``."""
     for j in range(row.shape[0]):
         v = capped(load(row[j]), cap)
-        store(grow, j, (exp(v - lse) * coef - g * w[j] * (trow[j] * keep + add)) * cap_slope(v, cap))
+        store(grow, j, (exp((v - m) - ls) * coef - g * w[j] * (trow[j] * keep + add))
+              * cap_slope(v, cap))
 
 
 # -- one row, every mode -----------------------------------------------------------------------------
 @jit()
-def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, lse):
-    """One row with a class-index target: returns ``(loss, lse, top1)``, the loss in float64 (before
-    the sample weight, which is folded into ``g`` and applied by the caller to the loss), and writes
-    the gradient row in FUSED/BACKWARD mode. ``lse`` is an input in BACKWARD mode only."""
+def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls):
+    """One row with a class-index target: returns ``(loss, m, ls, top1)``, the loss in float64
+    (before the sample weight, which is folded into ``g`` and applied by the caller to the loss),
+    ``m`` the row's max and ``ls = log sum exp(x - m)`` (so ``lse = m + ls``), and writes the
+    gradient row in FUSED/BACKWARD mode. ``m`` and ``ls`` are inputs in BACKWARD mode only."""
     loss = 0.0
     top1 = False
     if mode != BACKWARD:
@@ -143,7 +149,6 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, lse):
             s = row_sumexp(row, m, cap)
             d = compute_zero(row)
         ls = math.log(s)
-        lse = m + ls
         if valid:
             xy = capped(load(row[y]), cap)
             nll = (np.float64(m) - np.float64(xy)) + np.float64(ls)
@@ -151,7 +156,7 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, lse):
             if eps_c > 0:
                 loss += eps_c * (np.float64(wsum) * np.float64(ls) - np.float64(d))
             if z != 0:
-                loss += z * np.float64(lse) * np.float64(lse)
+                loss += z * (np.float64(m) + np.float64(ls)) ** 2
             top1 = row_is_top1(row, y, xy, m, cap)
     if mode != FORWARD:
         if valid:
@@ -164,41 +169,41 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, lse):
             xy = compute_zero(row)
         a = (1.0 - eps) * wy + eps_c * np.float64(wsum)
         if z != 0:
-            a += 2.0 * z * np.float64(lse)
+            a += 2.0 * z * (np.float64(m) + np.float64(ls))
         coef = like(gv * a, row)
         wcoef = like(gv * eps_c, row)
-        row_grad_index(row, grow, lse, coef, w, wcoef, cap)
+        row_grad_index(row, grow, m, ls, coef, w, wcoef, cap)
         if valid:  # the true-class term, in the compute type before the single rounding to storage
-            gy = exp(xy - lse) * coef - w[y] * wcoef - like(gv * (1.0 - eps) * wy, row)
+            gy = exp((xy - m) - ls) * coef - w[y] * wcoef - like(gv * (1.0 - eps) * wy, row)
             store(grow, y, gy * cap_slope(xy, cap))
-    return loss, lse, top1
+    return loss, m, ls, top1
 
 
 @jit()
-def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, lse):
-    """One row with a probability target ``t~ = t*keep + add``: returns ``(loss, lse)``."""
+def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, m, ls):
+    """One row with a probability target ``t~ = t*keep + add``: returns ``(loss, m, ls)``."""
     loss = 0.0
     if mode != BACKWARD:
         m = row_max(row, cap)
         s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True)
         ls = math.log(s)
-        lse = m + ls
         loss = np.float64(ls) * np.float64(a) - np.float64(d)
         if z != 0:
-            loss += z * np.float64(lse) * np.float64(lse)
+            loss += z * (np.float64(m) + np.float64(ls)) ** 2
     else:
-        s, a, d = row_soft_sums(row, trow, lse, w, keep, add, cap, False)
+        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, False)
     if mode != FORWARD:
         coef = g * np.float64(a)
         if z != 0:
-            coef += g * 2.0 * z * np.float64(lse)
-        row_grad_soft(row, trow, grow, lse, like(coef, row), w, like(g, row), keep, add, cap)
-    return loss, lse
+            coef += g * 2.0 * z * (np.float64(m) + np.float64(ls))
+        row_grad_soft(row, trow, grow, m, ls, like(coef, row), w, like(g, row), keep, add, cap)
+    return loss, m, ls
 
 
 # -- parallel kernels --------------------------------------------------------------------------------
 @jit(parallel=True)
-def index_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, lse, loss, top1, grad):
+def index_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx, lsx, loss, top1,
+                 grad):
     """Cross-entropy with class-index targets over all rows of ``x`` (N, C, S).
 
     Parameters
@@ -210,7 +215,8 @@ def index_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, lse
     mode : FORWARD, FUSED or BACKWARD
     g : upstream gradient per row (N*S,) float64, or (1,) for the same value on every row
     sw : per-row sample weights (N*S,) float64, or (1,) for none
-    lse : (N*S,) log-sum-exp, written (FORWARD, FUSED) or read (BACKWARD)
+    mx, lsx : (N*S,) row max ``m`` and ``log sum exp(x - m)`` (the log-sum-exp is their sum),
+        written (FORWARD, FUSED) or read (BACKWARD)
     loss : (N*S,) float64, receives ``sw_r * l_r``; top1 : (N*S,) bool, argmax == target (FORWARD, FUSED)
     grad : gradient, same shape and dtype as ``x`` (may be ``x`` itself); unused in FORWARD mode
     """
@@ -230,20 +236,21 @@ def index_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, lse
         gr = (g[r] if per_row_g else g[0]) * swr
         gn = n if mode != FORWARD else 0
         if S == 1:
-            lr, er, tr = index_row(x2[n], g2[gn], y, valid, w, wsum, eps, eps_c, z, cap, mode, gr,
-                                   lse[r])
+            lr, mr, lsr, tr = index_row(x2[n], g2[gn], y, valid, w, wsum, eps, eps_c, z, cap, mode,
+                                        gr, mx[r], lsx[r])
         else:
             gs = s if mode != FORWARD else 0
-            lr, er, tr = index_row(x[n, :, s], grad[gn, :, gs], y, valid, w, wsum, eps, eps_c, z,
-                                   cap, mode, gr, lse[r])
+            lr, mr, lsr, tr = index_row(x[n, :, s], grad[gn, :, gs], y, valid, w, wsum, eps, eps_c,
+                                        z, cap, mode, gr, mx[r], lsx[r])
         if mode != BACKWARD:
             loss[r] = lr * swr if valid else 0.0
-            lse[r] = er
+            mx[r] = mr
+            lsx[r] = lsr
             top1[r] = tr
 
 
 @jit(parallel=True)
-def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, lse, loss, grad):
+def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad):
     """Cross-entropy with probability targets ``t`` (same layout as ``x``, in the compute type).
 
     ``t~ = t*keep + add`` (``keep = 1 - eps``, ``add = eps/C``; 1 and 0 without smoothing). Other
@@ -263,14 +270,16 @@ def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, lse, loss, grad):
         gr = (g[r] if per_row_g else g[0]) * swr
         gn = n if mode != FORWARD else 0
         if S == 1:
-            lr, er = prob_row(x2[n], t2[n], g2[gn], w, keep, add, z, cap, mode, gr, lse[r])
+            lr, mr, lsr = prob_row(x2[n], t2[n], g2[gn], w, keep, add, z, cap, mode, gr, mx[r],
+                                   lsx[r])
         else:
             gs = s if mode != FORWARD else 0
-            lr, er = prob_row(x[n, :, s], t[n, :, s], grad[gn, :, gs], w, keep, add, z, cap, mode,
-                              gr, lse[r])
+            lr, mr, lsr = prob_row(x[n, :, s], t[n, :, s], grad[gn, :, gs], w, keep, add, z, cap,
+                                   mode, gr, mx[r], lsx[r])
         if mode != BACKWARD:
             loss[r] = lr * swr
-            lse[r] = er
+            mx[r] = mr
+            lsx[r] = lsr
 
 
 @jit()
