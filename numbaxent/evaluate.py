@@ -183,6 +183,8 @@ class Evaluator:
     calibration_bins : int
         Number of equal-width confidence bins for the calibration error.
 
+    Notes
+    -----
     The state is a few integer and float64 arrays of length O(C + bins + len(topk)); float totals are
     kept with a two-sum error term, so ``result()`` agrees to ~1e-15 relative whatever the chunking
     of the rows and the order of ``merge`` calls. The object pickles (send it between processes).

@@ -1,0 +1,23 @@
+"""The documentation site builds with warnings as errors (when MkDocs is installed: CI installs it)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mkdocs_build_strict(tmp_path):
+    pytest.importorskip("mkdocs", reason="mkdocs not installed (pip install -e '.[docs]')")
+    pytest.importorskip("mkdocstrings", reason="mkdocstrings not installed")
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+                        str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for page in ("index", "semantics", "api", "training", "torch", "performance", "evaluating",
+                 "internals"):
+        assert (tmp_path / "site" / page / "index.html").exists() or page == "index"
+    assert "cross_entropy_with_grad" in (tmp_path / "site" / "api" / "index.html").read_text()
+    shutil.rmtree(tmp_path / "site")
