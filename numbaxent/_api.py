@@ -159,6 +159,61 @@ def _canonical_view(a: np.ndarray, transposed: bool, shape3: tuple) -> np.ndarra
     return v.reshape(shape3)
 
 
+def _check_normalizer(normalizer, reduction: str):
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"normalizer replaces the 'mean' denominator; it cannot be used with "
+                         f"reduction='{reduction}'")
+    norm = _real(normalizer, "normalizer")
+    if not (norm > 0.0 and math.isfinite(norm)):
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+    return norm
+
+
+def class_weights(weight, C: int, compute) -> np.ndarray:
+    """The (C,) class weights in the compute dtype (ones for None), or a ValueError/TypeError."""
+    if weight is None:
+        return np.ones(C, dtype=compute)
+    wa = _as_array(weight, "weight")
+    if wa.dtype.kind not in "iuf" and wa.dtype.name != "bfloat16":
+        raise TypeError(f"weight must be a real array, got dtype {wa.dtype}")
+    if wa.ndim != 1 or wa.shape[0] != C:
+        raise ValueError(
+            f"weight tensor should be defined either for all {C} classes or no classes but got "
+            f"weight tensor of shape: {list(wa.shape)}"
+        )
+    return np.ascontiguousarray(wa, dtype=compute)
+
+
+def sample_weights(sample_weight, loss_shape: tuple, transposed: bool = False) -> np.ndarray:
+    """Per-element weights as float64 over the rows (flat), or ones(1) for None."""
+    if sample_weight is None:
+        return np.ones(1)
+    swa = _as_array(sample_weight, "sample_weight")
+    if swa.dtype.kind not in "iuf":
+        raise TypeError(f"sample_weight must be a real array, got dtype {swa.dtype}")
+    if swa.shape != loss_shape:
+        raise ValueError(f"sample_weight must have the shape of the per-element loss "
+                         f"{loss_shape}, got {swa.shape}")
+    swa = swa.T if transposed else swa
+    sw = np.ascontiguousarray(swa, dtype=np.float64).reshape(-1)
+    return sw.copy() if sw.shape[0] == 1 else sw
+
+
+def index_targets(t: np.ndarray, w: np.ndarray, sw: np.ndarray, ignore_index: int, C: int):
+    """Flat int64 class targets, validated, and the 'mean' denominator ``sum sw * w[y]`` over kept
+    elements; IndexError naming the first target out of range."""
+    if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
+        bad = t.reshape(-1)[np.argmax(t.reshape(-1) > np.iinfo(np.int64).max)]
+        raise IndexError(f"Target {int(bad)} is out of bounds.")
+    tgt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+    first_bad, denom, _ = _kernels().check_targets(tgt, w, sw, ignore_index, C)
+    if first_bad >= 0:
+        raise IndexError(f"Target {int(tgt[first_bad])} is out of bounds.")
+    return tgt, denom
+
+
 def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0,
              softcap=None, sample_weight=None, normalizer=None) -> _Prepared:
     reduction = _check_reduction(reduction)
@@ -166,13 +221,7 @@ def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_
     ignore_index = _check_ignore_index(ignore_index)
     z = _check_z_loss(z_loss)
     cap = _check_softcap(softcap)
-    if normalizer is not None:
-        if reduction != "mean":
-            raise ValueError(f"normalizer replaces the 'mean' denominator; it cannot be used with "
-                             f"reduction='{reduction}'")
-        norm = _real(normalizer, "normalizer")
-        if not (norm > 0.0 and math.isfinite(norm)):
-            raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+    norm = _check_normalizer(normalizer, reduction)
     x = _as_array(input, "input")
     storage, compute = _logits_dtype(x)
     if x.ndim == 0:
@@ -223,18 +272,7 @@ def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_
                 f"{t.shape}"
             )
 
-    if weight is None:
-        w = np.ones(C, dtype=compute)
-    else:
-        wa = _as_array(weight, "weight")
-        if wa.dtype.kind not in "iuf" and wa.dtype.name != "bfloat16":
-            raise TypeError(f"weight must be a real array, got dtype {wa.dtype}")
-        if wa.ndim != 1 or wa.shape[0] != C:
-            raise ValueError(
-                f"weight tensor should be defined either for all {C} classes or no classes but got "
-                f"weight tensor of shape: {list(wa.shape)}"
-            )
-        w = np.ascontiguousarray(wa, dtype=compute)
+    w = class_weights(weight, C, compute)
     wsum = float(np.sum(w, dtype=np.float64))
 
     # logits: 2-D Fortran-ordered input is read as (1, C, N) without a copy
@@ -246,19 +284,7 @@ def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_
         x3 = np.ascontiguousarray(xs).reshape(shape3)
     rows = math.prod(loss_shape)
 
-    if sample_weight is None:
-        sw = np.ones(1)
-    else:
-        swa = _as_array(sample_weight, "sample_weight")
-        if swa.dtype.kind not in "iuf":
-            raise TypeError(f"sample_weight must be a real array, got dtype {swa.dtype}")
-        if swa.shape != loss_shape:
-            raise ValueError(f"sample_weight must have the shape of the per-element loss "
-                             f"{loss_shape}, got {swa.shape}")
-        swa = swa.T if transposed else swa
-        sw = np.ascontiguousarray(swa, dtype=np.float64).reshape(-1)
-        if sw.shape[0] == 1:
-            sw = sw.copy()
+    sw = sample_weights(sample_weight, loss_shape, transposed)
 
     if soft:
         ta = t.astype(compute, copy=False)
@@ -266,13 +292,7 @@ def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_
         tgt = np.ascontiguousarray(tt).reshape(shape3)
         denom = float(rows) if sample_weight is None else float(np.sum(sw))
     else:
-        if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
-            bad = t.reshape(-1)[np.argmax(t.reshape(-1) > np.iinfo(np.int64).max)]
-            raise IndexError(f"Target {int(bad)} is out of bounds.")
-        tgt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
-        first_bad, denom, _ = _kernels().check_targets(tgt, w, sw, ignore_index, C)
-        if first_bad >= 0:
-            raise IndexError(f"Target {int(tgt[first_bad])} is out of bounds.")
+        tgt, denom = index_targets(t, w, sw, ignore_index, C)
     if normalizer is not None:
         denom = norm
     return _Prepared(x, x3, transposed, compute, C, rows, loss_shape, soft, tgt, w, wsum,

@@ -19,7 +19,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import _jit  # noqa: F401  (threading layer set before anything parallel)
 
-__all__ = ["exp", "load", "store", "compute_zero", "like", "capped", "cap_slope"]
+__all__ = ["exp", "load", "store", "compute_zero", "compute_scratch", "like", "capped", "cap_slope"]
 
 
 # -- bit casts ---------------------------------------------------------------------------------------
@@ -202,6 +202,18 @@ def _compute_zero_overload(arr):
     if arr.dtype == types.float64:
         return lambda arr: np.float64(0.0)
     return lambda arr: np.float32(0.0)
+
+
+def compute_scratch(arr, n):
+    """An uninitialised length-``n`` array of ``arr``'s compute type."""
+    raise NotImplementedError
+
+
+@overload(compute_scratch)
+def _compute_scratch_overload(arr, n):
+    if arr.dtype == types.float64:
+        return lambda arr, n: np.empty(n, np.float64)
+    return lambda arr, n: np.empty(n, np.float32)
 
 
 def like(v, arr):

@@ -1,0 +1,234 @@
+"""Fused linear + cross-entropy for training a language model's output layer on the CPU.
+
+``loss = cross_entropy(hidden @ weight.T + bias, target, ...)`` and its gradients with respect to
+``hidden``, ``weight`` and ``bias``, without ever holding the ``(tokens, vocab)`` logits: rows are
+processed in chunks; one chunk's logits are formed with BLAS into a reused buffer, turned into their
+gradient in place by numbaxent's fused kernel, and immediately consumed by the two gradient products
+(``grad_hidden[chunk] = G @ weight``, ``grad_weight += G.T @ hidden[chunk]``). Rows whose target is
+``ignore_index`` are skipped entirely: no matrix-product work for padding.
+
+Chunk size (``chunk_size=None``): as many rows as fit a logits buffer of
+:data:`LOGITS_BUDGET_BYTES` (32 MiB: ``rows = 32 MiB / (vocab * itemsize)``), rounded down to a
+multiple of 16 and kept between 16 and 4096 rows — large enough for BLAS to run at full speed, small
+enough that the extra memory is a few tens of MB whatever the number of tokens. ``grad_weight`` is
+accumulated in vocabulary blocks of :data:`VOCAB_BLOCK` rows through a small temporary, so no
+``(vocab, hidden)`` temporary is allocated either.
+
+Semantics are the core's (PyTorch's) for every option; ``class_weight`` is ``cross_entropy``'s
+``weight``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _api
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "chunk_rows"]
+
+LOGITS_BUDGET_BYTES = 32 * 2**20
+VOCAB_BLOCK = 2048
+
+
+def chunk_rows(vocab: int, itemsize: int, n_rows: int) -> int:
+    """The default chunk size (rows) for a vocabulary of ``vocab`` classes."""
+    rows = LOGITS_BUDGET_BYTES // max(1, vocab * itemsize)
+    rows = max(16, min(4096, rows // 16 * 16))
+    return max(1, min(rows, n_rows))
+
+
+def _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight, grad_output):
+    h = _api._as_array(hidden, "hidden")
+    w = _api._as_array(weight, "weight")
+    if h.dtype not in (np.float32, np.float64):
+        raise TypeError(f"hidden must be float32 or float64, got {h.dtype}")
+    if w.dtype != h.dtype:
+        raise TypeError(f"weight must have hidden's dtype {h.dtype}, got {w.dtype}")
+    if h.ndim < 1 or w.ndim != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(f"expected hidden (..., H) and weight (V, H) with the same H, got hidden "
+                         f"{h.shape} and weight {w.shape}")
+    t = _api._as_array(target, "target")
+    if t.shape != h.shape[:-1]:
+        raise ValueError(f"target must have hidden's leading shape {h.shape[:-1]}, got {t.shape}")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got {t.dtype}")
+    b = None
+    if bias is not None:
+        b = np.ascontiguousarray(_api._as_array(bias, "bias"), dtype=h.dtype)
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return h, w, t, b
+
+
+def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
+         z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output, want_grad,
+         return_stats):
+    reduction = _api._check_reduction(reduction)
+    h, w, t, b = _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight,
+                        grad_output)
+    lead = t.shape
+    H, V = h.shape[-1], w.shape[0]
+    h2 = h.reshape(-1, H)
+    n = h2.shape[0]
+    # the core's own checks; the global 'mean' denominator comes from all targets at once
+    eps = _api._check_label_smoothing(label_smoothing)
+    ignore_index = _api._check_ignore_index(ignore_index)
+    z = _api._check_z_loss(z_loss)
+    cap = _api._check_softcap(softcap)
+    norm = _api._check_normalizer(normalizer, reduction)
+    cw = _api.class_weights(class_weight, V, h.dtype)
+    sw_all = _api.sample_weights(sample_weight, lead)
+    tgt, denom = _api.index_targets(t, cw, sw_all, ignore_index, V)
+    denom = denom if norm is None else norm
+    sw = sw_all if sample_weight is not None else None
+    kept = np.flatnonzero(tgt != ignore_index)
+    contiguous = kept.size == n  # no ignored rows: chunks are plain slices
+
+    if reduction == "none":
+        go = np.ones(n) if grad_output is None else np.ascontiguousarray(
+            np.broadcast_to(np.asarray(grad_output, dtype=np.float64), lead)).reshape(-1)
+    else:
+        gout = 1.0 if grad_output is None else float(np.asarray(grad_output).reshape(()))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = gout / np.float64(denom) if reduction == "mean" else gout
+
+    rows_loss = np.zeros(n)
+    lse = np.full(n, np.nan, dtype=h.dtype) if return_stats else None
+    top1 = np.zeros(n, dtype=bool) if return_stats else None
+    gh = np.zeros_like(h2) if want_grad else None
+    gw = np.zeros_like(w) if want_grad else None
+    gb = (np.zeros(V, dtype=h.dtype) if bias is not None else None) if want_grad else None
+
+    step = chunk_size or chunk_rows(V, h.dtype.itemsize, max(1, kept.size))
+    buf = np.empty((min(step, max(1, kept.size)), V), dtype=h.dtype)
+    wt = w.T
+    tmp = np.empty((min(VOCAB_BLOCK, V), H), dtype=h.dtype) if want_grad else None
+    for start in range(0, kept.size, step):
+        if contiguous:
+            rows = slice(start, min(start + step, n))
+            hc = h2[rows]
+        else:
+            rows = kept[start:start + step]
+            hc = h2[rows]
+        m = hc.shape[0]
+        logits = buf[:m]
+        np.matmul(hc, wt, out=logits)
+        if b is not None:
+            logits += b
+        tc = tgt[rows]
+        kw = dict(weight=cw if class_weight is not None else None, ignore_index=ignore_index,
+                  reduction="none", label_smoothing=eps, z_loss=z, softcap=cap,
+                  sample_weight=None if sw is None else sw[rows], return_stats=return_stats)
+        g_rows = go[rows] if reduction == "none" else scale
+        if want_grad:
+            res = _api.cross_entropy_with_grad(logits, tc, grad_output=g_rows, out=logits, **kw)
+            G = logits  # now the gradient of the chunk's logits
+            # grad_hidden rows: G @ W; grad_weight: G.T @ h, accumulated by vocabulary blocks
+            if contiguous:
+                np.matmul(G, w, out=gh[rows])
+            else:
+                gh[rows] = G @ w
+            for v0 in range(0, V, VOCAB_BLOCK):
+                v1 = min(V, v0 + VOCAB_BLOCK)
+                blk = tmp[: v1 - v0]
+                np.matmul(G[:, v0:v1].T, hc, out=blk)
+                gw[v0:v1] += blk
+            if gb is not None:
+                gb += G.sum(axis=0)
+            loss_c = res[0]
+        else:
+            res = _api.cross_entropy(logits, tc, **kw)
+            loss_c = res[0] if return_stats else res
+        if return_stats:
+            st = res[-1]
+            lse[rows] = st.lse
+            top1[rows] = st.top1
+        rows_loss[rows] = loss_c
+
+    if reduction == "none":
+        loss = rows_loss.astype(h.dtype).reshape(lead)
+    else:
+        total = float(np.sum(rows_loss))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = total / np.float64(denom) if reduction == "mean" else total
+        loss = np.asarray(value, dtype=np.float64).astype(h.dtype)[()]
+    out = [loss]
+    if want_grad:
+        out += [gh.reshape(h.shape), gw, gb]
+    if return_stats:
+        n_valid = kept.size
+        acc = float(np.count_nonzero(top1)) / n_valid if n_valid else float("nan")
+        out.append(_api.Stats(lse.reshape(lead), top1.reshape(lead), acc))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, class_weight=None,
+                         z_loss: float = 0.0, softcap=None, sample_weight=None, normalizer=None,
+                         chunk_size=None, return_stats: bool = False):
+    r"""Cross-entropy of the logits ``hidden @ weight.T + bias``, without forming them all.
+
+    Equal to ``cross_entropy(hidden @ weight.T + bias, target, weight=class_weight, ...)``.
+
+    Parameters
+    ----------
+    hidden : ndarray, shape (N, H) or (..., H)
+        float32 or float64 activations.
+    weight : ndarray, shape (V, H)
+        Output projection, of ``hidden``'s dtype.
+    target : array_like of int, shape (N,) or (...)
+        Class indices (``ignore_index`` rows are skipped).
+    bias : ndarray, shape (V,), optional
+    ignore_index, reduction, label_smoothing, z_loss, softcap, sample_weight, normalizer, return_stats
+        As in :func:`numbaxent.cross_entropy`.
+    class_weight : array_like, shape (V,), optional
+        Per-class weights (``cross_entropy``'s ``weight``).
+    chunk_size : int, optional
+        Rows per chunk; default from a 32 MiB logits budget (see the module docstring).
+
+    Returns
+    -------
+    loss : numpy scalar, or ndarray of ``target``'s shape for ``reduction='none'``
+    stats : Stats
+        Only with ``return_stats=True`` (``lse`` is NaN on skipped, ignored rows).
+    """
+    return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                class_weight, z_loss, softcap, sample_weight, normalizer, chunk_size, None, False,
+                return_stats)
+
+
+def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_index: int = -100,
+                                   reduction: str = "mean", label_smoothing: float = 0.0,
+                                   class_weight=None, z_loss: float = 0.0, softcap=None,
+                                   sample_weight=None, normalizer=None, chunk_size=None,
+                                   grad_output=None, return_stats: bool = False):
+    r"""Loss and the gradients of ``sum(grad_output * loss)`` w.r.t. ``hidden``, ``weight``, ``bias``.
+
+    With ``G`` the gradient of the loss with respect to the logits (computed chunk by chunk, in place
+    over the chunk's logits): ``grad_hidden = G @ weight``, ``grad_weight = G.T @ hidden``,
+    ``grad_bias = G.sum(0)``.
+
+    Parameters
+    ----------
+    hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight
+        As in :func:`linear_cross_entropy`.
+    z_loss, softcap, sample_weight, normalizer, chunk_size, return_stats
+        As in :func:`linear_cross_entropy`.
+    grad_output : float or array_like, optional
+        Upstream gradient (a scalar for mean/sum, an array of ``target``'s shape for none).
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+    grad_hidden : ndarray of ``hidden``'s shape
+    grad_weight : ndarray of ``weight``'s shape
+    grad_bias : ndarray of shape (V,), or None when ``bias`` is None
+    stats : Stats
+        Only with ``return_stats=True``.
+    """
+    return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                class_weight, z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output,
+                True, return_stats)
