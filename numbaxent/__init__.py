@@ -5,7 +5,8 @@ first use.
 """
 from ._api import CrossEntropyLoss, Stats, cross_entropy, cross_entropy_with_grad
 from .evaluate import EvalResult, Evaluator
+from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
 
 __version__ = "0.1.0"
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "Stats", "Evaluator",
-           "EvalResult", "__version__"]
+           "EvalResult", "linear_cross_entropy", "linear_cross_entropy_with_grad", "__version__"]

@@ -4,8 +4,9 @@ matrix products any implementation needs, and PyTorch CPU (unfused, and F.linear
     python -m numbaxent.bench_linear [--n 4096 --h 1024 --v 32000] [--repeat 3] [--threads 2]
 
 Times are medians of ``--repeat`` runs after one warm-up, all in one process. Peak additional memory
-is measured in a fresh child process per implementation: the peak resident set (``ru_maxrss``)
-minus the resident set once the inputs exist, minus the returned gradients' own size.
+is measured in a fresh child process per implementation (Linux): the peak resident set (VmHWM, reset
+through ``/proc/self/clear_refs`` once the inputs exist) minus the resident set at that point, minus
+the returned gradients' own size.
 """
 from __future__ import annotations
 
@@ -79,20 +80,24 @@ def _impls(n, h, v):
 def _peak_child(name, n, h, v):
     """Run one implementation once in a fresh process; return its extra peak memory in MB."""
     code = f"""
-import resource, json, sys
+import json, sys
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
 from numbaxent.bench_linear import _impls
 impls, inputs = _impls({n}, {h}, {v})
 fn = impls[{name!r}]
-def rss_mb():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+def status_mb(key):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key + ':'):
+                return int(line.split()[1]) / 1024
 if {name!r}.startswith('numbaxent'):
     from numbaxent.linear import linear_cross_entropy_with_grad
     linear_cross_entropy_with_grad(inputs[0][:16], inputs[1][:64], inputs[2][:16] % 64)  # compile/load
-base = rss_mb()
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # reset the peak (VmHWM) to the current resident set
+base = status_mb('VmRSS')
 out = fn()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb('VmHWM')
 grads = sum(a.nbytes if hasattr(a, 'nbytes') else a.numel() * a.element_size() for a in out) / 2**20
 print(json.dumps(dict(extra=peak - base - grads)))
 """

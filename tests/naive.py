@@ -96,10 +96,10 @@ def naive_cross_entropy(x, target, weight=None, ignore_index=-100, reduction="me
     loss_shape = spatial and (n,) + spatial or (n,)
     if unbatched:
         loss_shape = ()
-    if normalizer is not None:
-        denom = float(normalizer)
     if soft and sample_weight is None:
         denom = float(R)
+    if normalizer is not None:
+        denom = float(normalizer)
     with np.errstate(invalid="ignore", divide="ignore"):
         if reduction == "none":
             loss = losses.reshape(loss_shape)

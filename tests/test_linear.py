@@ -1,0 +1,124 @@
+"""Fused linear + cross-entropy against the unfused computation (numbaxent's own
+cross_entropy_with_grad over hidden @ weight.T + bias) and against torch autograd when installed."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import numbaxent as nx
+from numbaxent.linear import chunk_rows
+from test_core_parity import assert_close
+
+N, H, V = 37, 16, 50
+
+
+def _problem(dtype, bias, seed, all_ignored_head=False):
+    rng = np.random.default_rng(seed)
+    h = rng.standard_normal((N, H)).astype(dtype)
+    w = (rng.standard_normal((V, H)) * 0.3).astype(dtype)
+    b = rng.standard_normal(V).astype(dtype) if bias else None
+    t = rng.integers(0, V, N)
+    t[[3, 10, 11]] = -100
+    if all_ignored_head:
+        t[:10] = -100  # whole chunks of ignored rows
+    return h, w, b, t, rng
+
+
+OPTS = [dict(), dict(label_smoothing=0.1), dict(class_weight="w"), dict(z_loss=0.01, softcap=4.0),
+        dict(sample_weight="sw"), dict(normalizer=25.0)]
+
+
+@pytest.mark.parametrize("dtype,reduction,bias,opts,chunk", [
+    case for case in itertools.product([np.float64, np.float32], ["mean", "sum", "none"],
+                                       [True, False], range(len(OPTS)), [None, 5, 8, 37, 100])
+    if "normalizer" not in OPTS[case[3]] or case[1] == "mean"])  # normalizer: a 'mean' option
+def test_matches_unfused(dtype, reduction, bias, opts, chunk):
+    opts = dict(OPTS[opts])
+    h, w, b, t, rng = _problem(dtype, bias, 7, all_ignored_head=chunk == 5)
+    if opts.get("class_weight") == "w":
+        opts["class_weight"] = rng.uniform(0.5, 2.0, V).astype(dtype)
+    if opts.get("sample_weight") == "sw":
+        opts["sample_weight"] = rng.uniform(0.5, 2.0, N)
+    go = rng.standard_normal(N) if reduction == "none" else 1.3
+    loss, gh, gw, gb = nx.linear_cross_entropy_with_grad(h, w, t, b, reduction=reduction,
+                                                         chunk_size=chunk, grad_output=go, **opts)
+    # unfused: the logits exist in full, numbaxent's core computes the loss and dL/dlogits
+    logits = h @ w.T + (b if bias else 0)
+    core_kw = {("weight" if k == "class_weight" else k): v for k, v in opts.items()}
+    ref_loss, G = nx.cross_entropy_with_grad(logits, t, reduction=reduction, grad_output=go,
+                                             **core_kw)
+    assert_close(loss, ref_loss, dtype)
+    tol = dtype if dtype == np.float64 else np.float32
+    assert_close(gh, G @ w, tol)
+    np.testing.assert_allclose(gw, G.T @ h, rtol=1e-9 if dtype == np.float64 else 1e-4,
+                               atol=1e-11 if dtype == np.float64 else 1e-5)
+    if bias:
+        np.testing.assert_allclose(gb, G.sum(0), rtol=1e-9 if dtype == np.float64 else 1e-4,
+                                   atol=1e-11 if dtype == np.float64 else 1e-5)
+    else:
+        assert gb is None
+    assert_close(nx.linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=chunk,
+                                         **opts), ref_loss, dtype)
+
+
+def test_matches_torch_autograd():
+    torch = pytest.importorskip("torch", reason="PyTorch not installed")
+    F = torch.nn.functional
+    h, w, b, t, rng = _problem(np.float64, True, 3)
+    cw = rng.uniform(0.5, 2.0, V)
+    for z, cap in ((0.0, None), (0.01, 3.0)):
+        ht, wt, bt = (torch.tensor(a, requires_grad=True) for a in (h, w, b))
+        logits = ht @ wt.T + bt
+        lc = cap * torch.tanh(logits / cap) if cap else logits
+        tt = torch.tensor(t)
+        valid = (tt != -100).double()
+        le = F.cross_entropy(lc, tt, weight=torch.tensor(cw), reduction="none",
+                             label_smoothing=0.1) + z * torch.logsumexp(lc, 1) ** 2 * valid
+        loss_t = le.sum() / (torch.tensor(cw)[tt.clamp(min=0)] * valid).sum()
+        loss_t.backward()
+        loss, gh, gw, gb = nx.linear_cross_entropy_with_grad(
+            h, w, t, b, class_weight=cw, label_smoothing=0.1, z_loss=z, softcap=cap, chunk_size=6)
+        assert_close(loss, loss_t.detach().numpy(), np.float64)
+        for ours, theirs in ((gh, ht), (gw, wt), (gb, bt)):
+            assert_close(ours, theirs.grad.numpy(), np.float64)
+
+
+def test_leading_dims_all_ignored_and_stats():
+    h, w, b, t, rng = _problem(np.float32, False, 5)
+    h3, t3 = h[:36].reshape(4, 9, H), t[:36].reshape(4, 9)
+    loss, gh, gw, gb = nx.linear_cross_entropy_with_grad(h3, w, t3, chunk_size=7)
+    ref_loss, G = nx.cross_entropy_with_grad(h[:36] @ w.T, t[:36])
+    assert gh.shape == h3.shape
+    assert_close(loss, ref_loss, np.float32)
+    assert_close(gh.reshape(36, H), G @ w, np.float32)
+    # every target ignored: mean is NaN, gradients are zero
+    loss, gh, gw, gb = nx.linear_cross_entropy_with_grad(h, w, np.full(N, -100))
+    assert np.isnan(loss) and not gh.any() and not gw.any()
+    # stats: lse and top-1 from the same pass (NaN lse on skipped rows)
+    loss, st = nx.linear_cross_entropy(h, w, t, return_stats=True, chunk_size=8)
+    logits = h.astype(np.float64) @ w.T.astype(np.float64)
+    m = logits.max(1)
+    lse = m + np.log(np.exp(logits - m[:, None]).sum(1))
+    kept = t != -100
+    np.testing.assert_allclose(st.lse[kept], lse[kept], rtol=1e-5)
+    assert np.isnan(st.lse[~kept]).all()
+    np.testing.assert_array_equal(st.top1, (logits.argmax(1) == t) & kept)
+
+
+def test_errors_and_chunk_rule():
+    h, w, b, t, _ = _problem(np.float32, True, 1)
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        nx.linear_cross_entropy(h, w.astype(np.float64), t)
+    with pytest.raises(ValueError, match="same H"):
+        nx.linear_cross_entropy(h, w[:, :5], t)
+    with pytest.raises(ValueError, match="target must have"):
+        nx.linear_cross_entropy(h, w, t[:5])
+    with pytest.raises(IndexError, match="Target 50 is out of bounds"):
+        nx.linear_cross_entropy(h, w, np.r_[t[:-1], 50])
+    with pytest.raises(ValueError, match="chunk_size"):
+        nx.linear_cross_entropy(h, w, t, chunk_size=0)
+    assert chunk_rows(32000, 4, 4096) == 256
+    assert chunk_rows(1000, 4, 10) == 10
+    assert chunk_rows(10**7, 4, 4096) == 16
