@@ -1,0 +1,278 @@
+"""``numbaxent bench``: side-by-side timings of numbaxent, the memory floors, plain NumPy, PyTorch CPU
+and JAX/optax (when installed), in one process, at 1 thread and at all threads.
+
+Floors, measured on the same arrays: forward = ``np.add.reduce(logits, axis=None)`` (one read of the
+logits); forward+backward = ``np.copyto(grad, logits)`` (one read, one write). numbaxent's
+forward+backward writes into a preallocated gradient (``out=``), like the floor; PyTorch and JAX
+allocate theirs. Each figure is the median (and min) of ``--repeat`` runs after a warm-up.
+
+    numbaxent bench                                  # the whole matrix, 1 and all threads
+    numbaxent bench --cases S1,S3 --repeat 5 --markdown perf.md --plot perf.png
+    numbaxent bench --quick                          # small shapes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import _api
+
+# case: (description, shape, options)
+CASES = {
+    "S1": ("LLM head", (4096, 32000), {}),
+    "S2": ("large vocab", (1024, 128256), {}),
+    "S3": ("ImageNet", (65536, 1000), {}),
+    "S4": ("few classes", (1048576, 10), {}),
+    "S5": ("segmentation, K-dim", (8, 21, 512, 512), {}),
+    "S6": ("everything on", (4096, 32000), {"weight": True, "ignored": 0.1,
+                                             "label_smoothing": 0.1}),
+    "S7": ("soft targets", (65536, 1000), {"soft": True}),
+    "S8": ("double", (65536, 1000), {"dtype": "float64"}),
+    "S9": ("float16 input", (4096, 32000), {"dtype": "float16"}),
+    "S9b": ("bfloat16 input", (4096, 32000), {"dtype": "bfloat16"}),
+}
+
+
+def make_case(name: str, quick: bool = False, seed: int = 0):
+    """(logits, target, kwargs) for a case of the matrix (``quick``: 1/64 of the rows)."""
+    desc, shape, opts = CASES[name]
+    if quick:
+        shape = (max(1, shape[0] // 64),) + shape[1:]
+        if len(shape) > 2:
+            shape = (1, shape[1], 64, 64)
+    rng = np.random.default_rng(seed)
+    dt = opts.get("dtype", "float32")
+    if dt == "bfloat16":
+        import ml_dtypes
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(dt)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    c = shape[1]
+    tshape = (shape[0],) + shape[2:]
+    if opts.get("soft"):
+        t = rng.random(shape, dtype=np.float32)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, c, tshape)
+        if opts.get("ignored"):
+            t[rng.random(tshape) < opts["ignored"]] = -100
+    kw = {}
+    if opts.get("weight"):
+        kw["weight"] = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    if opts.get("label_smoothing"):
+        kw["label_smoothing"] = opts["label_smoothing"]
+    return x, t, kw
+
+
+def numpy_cross_entropy_with_grad(x, t, weight=None, label_smoothing=0.0):
+    """A plain NumPy implementation (class-index or probability targets, mean reduction): the
+    baseline a user would write without numbaxent."""
+    xc = x.astype(np.float32) if x.dtype.itemsize == 2 else x
+    axis = 1
+    m = xc.max(axis=axis, keepdims=True)
+    logp = xc - m
+    logp -= np.log(np.exp(logp).sum(axis=axis, keepdims=True))
+    c = xc.shape[1]
+    w = np.ones(c, xc.dtype) if weight is None else weight.astype(xc.dtype)
+    wshape = (1, c) + (1,) * (xc.ndim - 2)
+    if t.shape == x.shape:
+        tt = t * (1 - label_smoothing) + label_smoothing / c if label_smoothing else t
+        loss = -(logp * tt * w.reshape(wshape)).sum(axis=axis).mean()
+        grad = (np.exp(logp) * (tt * w.reshape(wshape)).sum(axis, keepdims=True)
+                - tt * w.reshape(wshape)) / (t.size // c)
+        return loss, grad
+    valid = t != -100
+    tc = np.where(valid, t, 0)
+    onehot = np.zeros_like(logp)
+    np.put_along_axis(onehot, np.expand_dims(tc, axis), 1.0, axis)
+    onehot *= np.expand_dims(valid, axis)
+    wy = w[tc] * valid
+    coef = (1 - label_smoothing) * onehot * w.reshape(wshape)
+    if label_smoothing:
+        coef = coef + (label_smoothing / c) * w.reshape(wshape) * np.expand_dims(valid, axis)
+    W = wy.sum()
+    loss = -(coef * logp).sum() / W
+    grad = (np.exp(logp) * coef.sum(axis, keepdims=True) - coef) / W
+    return loss, grad
+
+
+def _timeit(fn, repeat):
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), float(np.min(ts))
+
+
+def _torch_fns(x, t, kw):
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if x.dtype.name == "bfloat16":
+        xt = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    else:
+        xt = torch.from_numpy(x)
+    tt = torch.from_numpy(t)
+    w = None if "weight" not in kw else torch.from_numpy(kw["weight"]).to(xt.dtype)
+    eps = kw.get("label_smoothing", 0.0)
+
+    def fwd():
+        with torch.no_grad():
+            torch.nn.functional.cross_entropy(xt, tt, weight=w, label_smoothing=eps)
+
+    def fwd_bwd():
+        a = xt.detach().requires_grad_()
+        torch.nn.functional.cross_entropy(a, tt, weight=w, label_smoothing=eps).backward()
+
+    return {"torch": (fwd, fwd_bwd)}
+
+
+def _jax_fns(x, t, kw):
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return {}
+    if x.ndim != 2 or x.dtype.name == "bfloat16" or "weight" in kw or kw.get("label_smoothing"):
+        return {}  # only the plain (N, C) cases are expressed here
+    xj = jnp.asarray(x)
+    soft = t.shape == x.shape
+    tj = jnp.asarray(t)
+
+    def loss(z):
+        logp = jax.nn.log_softmax(z, axis=-1)
+        if soft:
+            return -(logp * tj).sum(-1).mean()
+        return -jnp.take_along_axis(logp, tj[:, None], axis=-1).mean()
+
+    f = jax.jit(loss)
+    fb = jax.jit(jax.value_and_grad(loss))
+    return {"jax": (lambda: f(xj).block_until_ready(),
+                    lambda: jax.block_until_ready(fb(xj)))}
+
+
+def _set_threads(n):
+    import numba
+
+    numba.set_num_threads(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def run_case(name, threads, repeat, quick=False):
+    x, t, kw = make_case(name, quick)
+    grad = np.empty_like(x)
+    _set_threads(threads)
+    r = {"case": name, "threads": threads, "desc": CASES[name][0], "shape": x.shape,
+         "dtype": x.dtype.name}
+    r["floor_fwd"] = _timeit(lambda: np.add.reduce(x, axis=None), repeat)
+    r["floor_fb"] = _timeit(lambda: np.copyto(grad, x), repeat)
+    r["nx_fwd"] = _timeit(lambda: _api.cross_entropy(x, t, **kw), repeat)
+    r["nx_fb"] = _timeit(lambda: _api.cross_entropy_with_grad(x, t, out=grad, **kw), repeat)
+    if x.dtype.name != "bfloat16":
+        r["numpy_fb"] = _timeit(lambda: numpy_cross_entropy_with_grad(x, t, **kw), max(1, repeat // 2))
+    for lib, (fwd, fb) in {**_torch_fns(x, t, kw), **_jax_fns(x, t, kw)}.items():
+        r[f"{lib}_fwd"] = _timeit(fwd, repeat)
+        r[f"{lib}_fb"] = _timeit(fb, repeat)
+    return r
+
+
+def _ratio(r, a, b):
+    return r[a][0] / r[b][0] if a in r and b in r else float("nan")
+
+
+def table(rows) -> str:
+    head = ("| case | threads | numbaxent fwd ms | fwd floor ms | fwd / floor | numbaxent fwd+bwd ms "
+            "| fwd+bwd floor ms | fwd+bwd / floor | torch fwd+bwd ms | torch / numbaxent | "
+            "jax fwd+bwd ms | jax / numbaxent | numpy fwd+bwd ms |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        def ms(k):
+            return f"{r[k][0] * 1e3:.1f}" if k in r else "—"
+
+        def ra(a, b):
+            v = _ratio(r, a, b)
+            return f"{v:.2f}" if v == v else "—"
+
+        lines.append(f"| {r['case']} {r['desc']} | {r['threads']} | {ms('nx_fwd')} | "
+                     f"{ms('floor_fwd')} | {ra('nx_fwd', 'floor_fwd')} | {ms('nx_fb')} | "
+                     f"{ms('floor_fb')} | {ra('nx_fb', 'floor_fb')} | {ms('torch_fb')} | "
+                     f"{ra('torch_fb', 'nx_fb')} | {ms('jax_fb')} | {ra('jax_fb', 'nx_fb')} | "
+                     f"{ms('numpy_fb')} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["threads"] == max(x["threads"] for x in rows)]
+    names = [r["case"] for r in rows]
+    series = [("numbaxent", "nx_fb"), ("torch", "torch_fb"), ("jax", "jax_fb")]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.25
+    for i, (label, key) in enumerate(series):
+        vals = [_ratio(r, key, "floor_fb") for r in rows]
+        ax.bar(np.arange(len(rows)) + (i - 1) * width, vals, width, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(rows)), names)
+    ax.set_ylabel("forward+backward time / memory floor")
+    ax.set_title(f"cross-entropy forward+backward, {rows[0]['threads']} threads (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    import numba
+
+    ap = argparse.ArgumentParser(prog="numbaxent bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated (default: all)")
+    ap.add_argument("--threads", default=f"1,{numba.config.NUMBA_NUM_THREADS}",
+                    help="comma-separated thread counts (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="1/64 of the rows (a smoke run)")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    ap.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the ratios")
+    ap.add_argument("--lm", action="store_true", help="also time the LM-head training step")
+    args = ap.parse_args(argv)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    threads = sorted({int(s) for s in args.threads.split(",")})
+    rows = []
+    for n in threads:
+        for name in names:
+            print(f"  {name} at {n} thread(s)...", file=sys.stderr, flush=True)
+            rows.append(run_case(name, n, args.repeat, args.quick))
+    text = table(rows)
+    if args.lm:
+        from . import bench_linear
+
+        lm = bench_linear.run(threads=max(threads), repeat=args.repeat, memory=False)
+        text += "\n\n| LM-head step | median s |\n|---|---|\n" + "\n".join(
+            f"| {r['impl']} | {r['median_s']:.3f} |" for r in lm)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
