@@ -147,16 +147,16 @@ def _jax_fns(x, t, kw):
     soft = t.shape == x.shape
     tj = jnp.asarray(t)
 
-    def loss(z):
+    def loss(z, tgt):  # the target is an argument, not a closed-over constant XLA would fold
         logp = jax.nn.log_softmax(z, axis=-1)
         if soft:
-            return -(logp * tj).sum(-1).mean()
-        return -jnp.take_along_axis(logp, tj[:, None], axis=-1).mean()
+            return -(logp * tgt).sum(-1).mean()
+        return -jnp.take_along_axis(logp, tgt[:, None], axis=-1).mean()
 
     f = jax.jit(loss)
     fb = jax.jit(jax.value_and_grad(loss))
-    return {"jax": (lambda: f(xj).block_until_ready(),
-                    lambda: jax.block_until_ready(fb(xj)))}
+    return {"jax": (lambda: f(xj, tj).block_until_ready(),
+                    lambda: jax.block_until_ready(fb(xj, tj)))}
 
 
 def _set_threads(n):
