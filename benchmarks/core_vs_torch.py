@@ -9,20 +9,14 @@
 from __future__ import annotations
 
 import argparse
-import time
-
 import numpy as np
 
 import numbaxent as nx
+from numbaxent.bench import timings
 
 
 def timeit(fn, repeat):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+    ts = timings(fn, repeat)
     return float(np.median(ts)), float(np.min(ts))
 
 

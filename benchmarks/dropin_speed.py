@@ -8,9 +8,9 @@ tensor allocation). Prints medians and the speed-up.
 from __future__ import annotations
 
 import argparse
-import time
-
 import numpy as np
+
+from numbaxent.bench import timings
 
 
 def measure(shape=(4096, 32000), repeat=7):
@@ -29,13 +29,7 @@ def measure(shape=(4096, 32000), repeat=7):
             fn(xi, t).backward()
             return xi.grad
 
-        step()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            step()
-            ts.append(time.perf_counter() - t0)
-        results[name] = float(np.median(ts))
+        results[name] = float(np.median(timings(step, repeat)))
     return results
 
 

@@ -38,6 +38,8 @@ from contextlib import redirect_stdout
 
 import numpy as np
 
+from numbaxent.bench import timings
+
 
 def _write(path, n, c, seed=0):
     """A float32 (n, c) .npy written with ordinary write() calls of 64 MiB pieces (as np.save or any
@@ -87,12 +89,7 @@ def _meminfo():
 
 
 def _median_time(fn, repeat):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+    ts = timings(fn, repeat)
     return float(np.median(ts)), ts
 
 

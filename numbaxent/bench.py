@@ -101,13 +101,20 @@ def numpy_cross_entropy_with_grad(x, t, weight=None, label_smoothing=0.0):
     return loss, grad
 
 
-def _timeit(fn, repeat):
+def timings(fn, repeat: int) -> list:
+    """Seconds of ``repeat`` calls of ``fn`` after one warm-up call (the one timer of every
+    numbaxent benchmark script)."""
     fn()
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def _timeit(fn, repeat):
+    ts = timings(fn, repeat)
     return float(np.median(ts)), float(np.min(ts))
 
 

@@ -15,9 +15,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
+
+from .bench import timings
 
 
 def _inputs(n, h, v, seed=0):
@@ -119,12 +120,7 @@ def run(threads: int = 2, repeat: int = 3, n: int = 4096, h: int = 1024, v: int 
     impls, _ = _impls(n, h, v)
     rows = []
     for name, fn in impls.items():
-        fn()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+        ts = timings(fn, repeat)
         rows.append(dict(case=f"LM head N={n} H={h} V={v}", impl=name, threads=threads,
                          min_s=min(ts), median_s=float(np.median(ts)),
                          peak_mb=_peak_child(name, n, h, v) if memory else float("nan")))
