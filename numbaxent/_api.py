@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -378,16 +379,34 @@ def _run(p: _Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray
     k = _kernels()
     from ._threading import kernel_lock
 
+    columns = _use_columns(p.x3.shape)
+    rows_out = loss.shape[0] == p.rows or mode == k.BACKWARD
+    assert columns or rows_out
     with kernel_lock():
         if p.soft:
             keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
             keep, add = p.compute.type(keep), p.compute.type(add)
-            k.prob_kernel(p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, mx, lsx, loss,
-                          grad3)
+            args = (p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, mx, lsx, loss, grad3)
+            if columns:
+                k.prob_cols_kernel(*args, rows_out)
+            else:
+                k.prob_kernel(*args)
             top1[:] = False
         else:
-            k.index_kernel(p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode, g,
-                           p.sw, mx, lsx, loss, top1, grad3)
+            args = (p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode, g, p.sw,
+                    mx, lsx, loss, top1, grad3)
+            if columns:
+                k.index_cols_kernel(*args, rows_out)
+            else:
+                k.index_kernel(*args)
+
+
+def _use_columns(shape3: tuple) -> bool:
+    """Whether the column kernels take these (N, C, S) logits: rows too short to vectorise (few
+    classes) or strided (K-dim). Module-level thresholds, so tests can force either path."""
+    _, C, S = shape3
+    k = _kernels()
+    return S >= k.COLUMN_MIN_S if S > 1 else C <= k.COLUMN_MAX_C
 
 
 def _empty_or_classless(p: _Prepared) -> bool:
@@ -422,26 +441,56 @@ def _stats(p: _Prepared, lse: np.ndarray, top1: np.ndarray) -> Stats:
     return Stats(lse.reshape(p.loss_shape), top1.reshape(p.loss_shape), acc)
 
 
-def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray):
+_workspace = threading.local()
+
+
+def _row_buffers(rows: int, compute: np.dtype, keep: bool):
+    """(mx, lsx, loss, top1) arrays of ``rows`` elements. Unless ``keep``, they are views of this
+    thread's grow-only workspace, valid until its next call: fresh arrays of many short rows cost
+    more in page faults (the kernel is their first toucher) than the kernel's whole pass."""
+    if keep:
+        return (np.empty(rows, compute), np.empty(rows, compute), np.empty(rows, np.float64),
+                np.zeros(rows, np.bool_))
+    buf = getattr(_workspace, "buf", None)
+    need = rows * (2 * compute.itemsize + 8 + 1)
+    if buf is None or buf.nbytes < need:
+        buf = _workspace.buf = np.empty(max(need, 2 * (0 if buf is None else buf.nbytes)), np.uint8)
+    loss = buf[:rows * 8].view(np.float64)
+    o = rows * 8
+    mx = buf[o:o + rows * compute.itemsize].view(compute)
+    o += rows * compute.itemsize
+    lsx = buf[o:o + rows * compute.itemsize].view(compute)
+    o += rows * compute.itemsize
+    top1 = buf[o:o + rows].view(np.bool_)
+    return mx, lsx, loss, top1
+
+
+def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
     """Run FORWARD or FUSED over all rows: (float64 per-row losses, row max, log-sum of the shifted
-    exponentials, top1); the log-sum-exp is ``max + logsum``."""
-    mx = np.empty(p.rows, dtype=p.compute)
-    lsx = np.empty(p.rows, dtype=p.compute)
-    top1 = np.zeros(p.rows, dtype=np.bool_)
+    exponentials, top1); the log-sum-exp is ``max + logsum``. ``keep=False``: the arrays are a
+    per-thread workspace, for callers that only reduce them before the next call."""
+    mx, lsx, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep)
     if _empty_or_classless(p):
         # C == 0: PyTorch gives -0. per soft-target row (an empty sum); class targets are all ignored
         mx[:] = -np.inf
         lsx[:] = 0.0
-        return np.full(p.rows, -0.0 if p.soft else 0.0), mx, lsx, top1
-    loss = np.empty(p.rows, dtype=np.float64)
+        top1[:] = False
+        loss[:] = -0.0 if p.soft else 0.0
+        return loss, mx, lsx, top1
+    if not keep and p.reduction != "none" and _use_columns(p.x3.shape):
+        # only the total is wanted: the column kernels return per-block sums (no per-row output)
+        k = _kernels()
+        N, C, S = p.x3.shape
+        loss = loss[:k.column_count(N, S, k.column_block_rows(C))]
     _run(p, mode, g, mx, lsx, loss, top1, grad3)
     return loss, mx, lsx, top1
 
 
-def _pass(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray):
-    """Run FORWARD or FUSED over all rows: (float64 per-row losses, lse, top1)."""
-    loss, mx, lsx, top1 = _pass_rows(p, mode, g, grad3)
-    return loss, mx + lsx, top1
+def _pass(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
+    """Run FORWARD or FUSED over all rows: (float64 per-row losses, lse, top1); lse is None
+    unless ``keep`` (see :func:`_pass_rows`)."""
+    loss, mx, lsx, top1 = _pass_rows(p, mode, g, grad3, keep)
+    return loss, (mx + lsx if keep else None), top1
 
 
 def _from_canonical(tmp3: np.ndarray, p: _Prepared) -> np.ndarray:
@@ -519,7 +568,7 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
     p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
     loss_rows, lse, top1 = _pass(p, _kernels().FORWARD, np.ones(1),
-                                 np.empty((1, 1, 1), dtype=p.x3.dtype))
+                                 np.empty((1, 1, 1), dtype=p.x3.dtype), keep=return_stats)
     loss = _reduce(p, loss_rows)
     return (loss, _stats(p, lse, top1)) if return_stats else loss
 
@@ -561,7 +610,7 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
                  sample_weight, normalizer)
     g = _upstream(p, grad_output)
     grad, g3, copy_back = _grad_target(p, out)
-    loss_rows, lse, top1 = _pass(p, _kernels().FUSED, g, g3)
+    loss_rows, lse, top1 = _pass(p, _kernels().FUSED, g, g3, keep=return_stats)
     if copy_back is not None:
         np.copyto(grad, _from_canonical(copy_back, p))
     loss = _reduce(p, loss_rows)

@@ -35,7 +35,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit
-from ._math import cap_slope, capped, compute_scratch, compute_zero, exp, like, load, store
+from ._math import cap_slope, capped, compute_scratch, compute_zero, exp, like, load, log, store
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -173,6 +173,47 @@ def row_grad_soft(row, trow, grow, m, ls, coef, w, g, keep, add, cap):
         _copy_block(buf, grow, j0, nb)
 
 
+# -- per-row formulas shared by the row and column kernels -------------------------------------------
+@jit()
+def index_loss(m, ls, xy, d, wy, wsum, eps, eps_c, z):
+    """Loss of a valid row in float64: ``(1-eps) w_y (lse - x_y) + (eps/C) (W lse - sum_c w_c x_c)
+    + z lse^2`` with ``lse = m + ls``, ``W = sum_c w_c`` and ``d = sum_c w_c (x_c - m)``."""
+    loss = (1.0 - eps) * np.float64(wy) * ((np.float64(m) - np.float64(xy)) + np.float64(ls))
+    if eps_c > 0:
+        loss += eps_c * (np.float64(wsum) * np.float64(ls) - np.float64(d))
+    if z != 0:
+        loss += z * (np.float64(m) + np.float64(ls)) ** 2
+    return loss
+
+
+@jit()
+def index_grad_scale(m, ls, wy, wsum, eps, eps_c, z):
+    """``a`` of the module docstring: ``(1-eps) w_y + (eps/C) W + 2 z lse``."""
+    a = (1.0 - eps) * wy + eps_c * np.float64(wsum)
+    if z != 0:
+        a += 2.0 * z * (np.float64(m) + np.float64(ls))
+    return a
+
+
+@jit()
+def prob_loss(m, ls, a, d, z):
+    """Loss of a probability-target row: ``lse sum_c w_c t~_c - sum_c w_c t~_c x_c + z lse^2`` written
+    as ``ls a - d + z lse^2`` with ``a = sum w t~`` and ``d = sum w t~ (x - m)``."""
+    loss = np.float64(ls) * np.float64(a) - np.float64(d)
+    if z != 0:
+        loss += z * (np.float64(m) + np.float64(ls)) ** 2
+    return loss
+
+
+@jit()
+def prob_grad_scale(m, ls, a, z):
+    """``a + 2 z lse`` for probability targets."""
+    c = np.float64(a)
+    if z != 0:
+        c += 2.0 * z * (np.float64(m) + np.float64(ls))
+    return c
+
+
 # -- one row, every mode -----------------------------------------------------------------------------
 @jit()
 def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls):
@@ -192,12 +233,7 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls):
         ls = math.log(s)
         if valid:
             xy = capped(load(row[y]), cap)
-            nll = (np.float64(m) - np.float64(xy)) + np.float64(ls)
-            loss = (1.0 - eps) * np.float64(w[y]) * nll
-            if eps_c > 0:
-                loss += eps_c * (np.float64(wsum) * np.float64(ls) - np.float64(d))
-            if z != 0:
-                loss += z * (np.float64(m) + np.float64(ls)) ** 2
+            loss = index_loss(m, ls, xy, d, w[y], wsum, eps, eps_c, z)
             top1 = row_is_top1(row, y, xy, m, cap)
     if mode != FORWARD:
         if valid:
@@ -208,10 +244,7 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls):
             gv = 0.0
             wy = 0.0
             xy = compute_zero(row)
-        a = (1.0 - eps) * wy + eps_c * np.float64(wsum)
-        if z != 0:
-            a += 2.0 * z * (np.float64(m) + np.float64(ls))
-        coef = like(gv * a, row)
+        coef = like(gv * index_grad_scale(m, ls, wy, wsum, eps, eps_c, z), row)
         wcoef = like(gv * eps_c, row)
         row_grad_index(row, grow, m, ls, coef, w, wcoef, cap)
         if valid:  # the true-class term, in the compute type before the single rounding to storage
@@ -228,15 +261,11 @@ def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, m, ls):
         m = row_max(row, cap)
         s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True)
         ls = math.log(s)
-        loss = np.float64(ls) * np.float64(a) - np.float64(d)
-        if z != 0:
-            loss += z * (np.float64(m) + np.float64(ls)) ** 2
+        loss = prob_loss(m, ls, a, d, z)
     else:
         s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, False)
     if mode != FORWARD:
-        coef = g * np.float64(a)
-        if z != 0:
-            coef += g * 2.0 * z * (np.float64(m) + np.float64(ls))
+        coef = g * prob_grad_scale(m, ls, a, z)
         row_grad_soft(row, trow, grow, m, ls, like(coef, row), w, like(g, row), keep, add, cap)
     return loss, m, ls
 
@@ -321,6 +350,347 @@ def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad):
             loss[r] = lr * swr
             mx[r] = mr
             lsx[r] = lsr
+
+
+# -- column blocks: many short or strided rows at once -------------------------------------------------
+# A K-dim row is strided by S, and a row of a few classes is too short to fill a vector register: the
+# row kernels then run element by element and pay a scalar log per row. The column kernels take a block
+# of ``nb`` rows as a (C, nb) array whose class rows are contiguous -- K-dim input already is one, rows
+# ``X[n*C + c, s0:s0+nb]`` of its (N*C, S) view; short 2-D rows are transposed into an L1-sized scratch
+# -- and run each step across the block, so the loops over rows vectorise: max, exp-sum, log, gradient.
+# A block is named by ``(X, i0, s0, nb)``: class ``c`` of the block's rows is ``X[i0 + c, s0:s0 + nb]``.
+
+COLUMN_MAX_C = 40  # 2-D input with at most this many classes takes the column kernels (measured crossover)
+COLUMN_MIN_S = 16  # K-dim input with at least this many positions per sample does
+COLUMN_BLOCK_ELEMENTS = 4096  # C * nb: a block and its gradient scratch fit in L1
+COLUMN_TASKS = 256  # blocks are dealt to at most this many prange iterations (scratch reused within)
+
+
+@jit()
+def column_block_rows(C):
+    """Rows per block: ``COLUMN_BLOCK_ELEMENTS / C`` rounded down to a multiple of 16, in [16, 1024]."""
+    nb = COLUMN_BLOCK_ELEMENTS // max(C, 1)
+    return max(16, min(1024, nb - nb % 16))
+
+
+@jit()
+def cols_max(X, i0, s0, nb, C, m, cap):
+    """``m_b = max_c x_cb`` (NaN skipped, as in :func:`row_max`), then soft-capped."""
+    for b in range(nb):
+        m[b] = -like(np.inf, m)
+    for c in range(C):
+        xr = X[i0 + c, s0:s0 + nb]
+        for b in range(nb):
+            v = load(xr[b])
+            m[b] = v if v > m[b] else m[b]
+    for b in range(nb):
+        m[b] = capped(m[b], cap)
+
+
+@jit()
+def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp):
+    """Per row ``b`` of the block: ``s = sum_c exp(x_c - m)``, ``a = sum_c w_c t~_c`` and
+    ``d = sum_c w_c t~_c (x_c - m)``, with ``t~ = t*keep + add`` for probability targets ``T`` and
+    ``t~ = 1`` for class-index targets (``T`` None; ``a`` is then left alone). Without ``need_exp``,
+    only ``a``."""
+    for b in range(nb):
+        s[b] = 0
+        d[b] = 0
+        if T is not None:
+            a[b] = 0
+    for c in range(C):
+        xr = X[i0 + c, s0:s0 + nb]
+        wc = w[c]
+        if T is None:
+            if need_exp:
+                for b in range(nb):
+                    v = capped(load(xr[b]), cap) - m[b]
+                    s[b] += exp(v)
+                    d[b] += wc * v
+            else:
+                for b in range(nb):
+                    s[b] += exp(capped(load(xr[b]), cap) - m[b])
+        else:
+            tr = T[i0 + c, s0:s0 + nb]
+            if need_exp:
+                for b in range(nb):
+                    v = capped(load(xr[b]), cap) - m[b]
+                    wt = wc * (tr[b] * keep + add)
+                    s[b] += exp(v)
+                    a[b] += wt
+                    d[b] += wt * v
+            else:
+                for b in range(nb):
+                    a[b] += wc * (tr[b] * keep + add)
+
+
+@jit()
+def cols_log(s, ls, nb):
+    for b in range(nb):
+        ls[b] = log(s[b])
+
+
+@jit()
+def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, keep, add, cap, G, gi0, gs0):
+    """``G[gi0 + c, gs0 + b] = (exp((x_cb - m_b) - ls_b) coef_b - w_c tcoef_b t~_cb) dx_cb`` (``t~ = 1``
+    for class-index targets, ``T`` None). ``G`` must not be ``X`` (the kernels pass a scratch block
+    then): LLVM's runtime alias check would send an aliased loop to its scalar version."""
+    for c in range(C):
+        xr = X[i0 + c, s0:s0 + nb]
+        gr = G[gi0 + c, gs0:gs0 + nb]
+        wc = w[c]
+        if T is None:
+            for b in range(nb):
+                v = capped(load(xr[b]), cap)
+                store(gr, b, (exp((v - m[b]) - ls[b]) * coef[b] - wc * tcoef[b]) * cap_slope(v, cap))
+        else:
+            tr = T[i0 + c, s0:s0 + nb]
+            for b in range(nb):
+                v = capped(load(xr[b]), cap)
+                store(gr, b, (exp((v - m[b]) - ls[b]) * coef[b] - wc * tcoef[b] * (tr[b] * keep + add))
+                      * cap_slope(v, cap))
+
+
+@jit()
+def cols_targets(X, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy):
+    """Gather each row's target: ``ok`` (not ignored), ``yv`` (the class, 0 when ignored), ``xy`` its
+    (capped) logit and ``wy`` its weight (0 when ignored). The one scalar loop of a block."""
+    for b in range(nb):
+        y = target[r0 + b]
+        valid = y != ignore_index
+        yc = y if valid else 0
+        yv[b] = yc
+        ok[b] = valid
+        xy[b] = capped(load(X[i0 + yc, s0 + b]), cap)
+        wy[b] = w[yc] if valid else w[yc] * 0
+
+
+@jit()
+def _transpose_in(X, n0, nb, C, dst):
+    # flat indices with a loop-invariant stride: the inner loop compiles to gathers
+    flat = X[n0:n0 + nb].reshape(nb * C)
+    for c in range(C):
+        dr = dst[c]
+        for b in range(nb):
+            dr[b] = flat[b * C + c]
+
+
+@jit()
+def _transpose_out(src, n0, nb, C, X):
+    flat = X[n0:n0 + nb].reshape(nb * C)
+    for c in range(C):
+        sr = src[c]
+        for b in range(nb):
+            flat[b * C + c] = sr[b]
+
+
+@jit()
+def _copy_out(src, i0, s0, nb, C, X):
+    for c in range(C):
+        xr = X[i0 + c, s0:s0 + nb]
+        sr = src[c]
+        for b in range(nb):
+            xr[b] = sr[b]
+
+
+@jit()
+def column_views(a, S):
+    """``a`` (N, C, S) as the 2-D C-contiguous array the blocks index: (N, C) when ``S == 1`` (rows
+    are transposed into scratch) and (N*C, S) otherwise."""
+    if S == 1:
+        return a.reshape((a.shape[0], a.shape[1] * a.shape[2]))
+    return a.reshape((a.shape[0] * a.shape[1], a.shape[2]))
+
+
+@jit()
+def column_block(blk, N, C, S, nbmax):
+    """Block ``blk`` as ``(n, i0, s0, nb, r0)``: sample ``n``, first class row ``i0`` and position
+    ``s0`` in the (N*C, S) view (``i0 = s0 = 0`` for a transposed scratch), rows and first flat row."""
+    if S == 1:
+        n0 = blk * nbmax
+        nb = min(nbmax, N - n0)
+        return n0, 0, 0, nb, n0
+    per_n = (S + nbmax - 1) // nbmax
+    n = blk // per_n
+    s0 = (blk - n * per_n) * nbmax
+    return n, n * C, s0, min(nbmax, S - s0), n * S + s0
+
+
+@jit()
+def column_count(N, S, nbmax):
+    if S == 1:
+        return (N + nbmax - 1) // nbmax
+    return N * ((S + nbmax - 1) // nbmax)
+
+
+@jit()
+def _row_factor(g, sw, r, per_row_g, per_row_sw):
+    """``g_r * sw_r``: upstream gradient times sample weight (each (R,) or a single shared value)."""
+    return (g[r] if per_row_g else g[0]) * (sw[r] if per_row_sw else sw[0])
+
+
+@jit(parallel=True)
+def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx, lsx, loss,
+                      top1, grad, rows_out):
+    """:func:`index_kernel` over column blocks (same arguments and results).
+
+    ``rows_out=False`` (forward for a 'sum'/'mean' caller) writes no per-row output: ``loss`` is
+    then ``(column_count(...),)`` and receives each block's float64 loss sum, ``mx, lsx, top1`` are
+    untouched. Per-row outputs of many short rows cost as much memory traffic as the logits; blocks
+    depend on ``C`` only, so the partial sums do not depend on the thread count."""
+    N, C, S = x.shape
+    R = N * S
+    X = column_views(x, S)
+    GX = column_views(grad, grad.shape[2])
+    nbmax = column_block_rows(C)
+    nblocks = column_count(N, S, nbmax)
+    ntasks = min(nblocks, COLUMN_TASKS)
+    eps_c = eps / C
+    per_row_g = g.shape[0] == R
+    per_row_sw = sw.shape[0] == R
+    scratch_grad = mode != FORWARD and (S == 1 or _same_memory(x, grad))
+    for task in prange(ntasks):
+        XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
+        GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
+        m = compute_scratch(x, nbmax)
+        s = compute_scratch(x, nbmax)
+        d = compute_scratch(x, nbmax)
+        ls = compute_scratch(x, nbmax)
+        xy = compute_scratch(x, nbmax)
+        wy = compute_scratch(x, nbmax)
+        coef = compute_scratch(x, nbmax)
+        tcoef = compute_scratch(x, nbmax)
+        yv = np.empty(nbmax, np.int64)
+        ok = np.empty(nbmax, np.bool_)
+        lrow = np.empty(nbmax if not rows_out else 0, np.float64)
+        for blk in range(task * nblocks // ntasks, (task + 1) * nblocks // ntasks):
+            n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
+            src = X
+            if S == 1:
+                _transpose_in(X, n, nb, C, XT)
+                src = XT
+            if mode != BACKWARD:
+                cols_max(src, i0, s0, nb, C, m, cap)
+                cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True)
+                cols_log(s, ls, nb)
+            else:
+                for b in range(nb):
+                    m[b] = mx[r0 + b]
+                    ls[b] = lsx[r0 + b]
+            cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
+            if mode != BACKWARD:
+                lb = loss[r0:r0 + nb] if rows_out else lrow[:nb]
+                for b in range(nb):
+                    lb[b] = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z)
+                if per_row_sw:
+                    for b in range(nb):
+                        lb[b] *= sw[r0 + b]
+                elif sw[0] != 1:
+                    for b in range(nb):
+                        lb[b] *= sw[0]
+                for b in range(nb):
+                    if not ok[b]:
+                        lb[b] = 0.0
+                if not rows_out:
+                    loss[blk] = np.sum(lb)
+                else:
+                    for b in range(nb):
+                        r = r0 + b
+                        mx[r] = m[b]
+                        lsx[r] = ls[b]
+                        top1[r] = ok[b] & (xy[b] >= m[b])
+                    for b in range(nb):  # ties for the maximum go to the lowest class
+                        if top1[r0 + b] and yv[b] > 0:
+                            top1[r0 + b] = row_is_top1(src[i0:i0 + yv[b] + 1, s0 + b], yv[b],
+                                                       xy[b], m[b], cap)
+            if mode == FORWARD:
+                continue
+            for b in range(nb):
+                gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw) if ok[b] else 0.0
+                coef[b] = like(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), x)
+                tcoef[b] = like(gv * eps_c, x)
+            dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
+            cols_grad(src, None, i0, s0, nb, C, m, ls, coef, tcoef, w, 1, 0, cap, dst, gi0, gs0)
+            for b in range(nb):  # the true-class term, as in index_row
+                if ok[b]:
+                    gy = exp((xy[b] - m[b]) - ls[b]) * coef[b] - wy[b] * tcoef[b] - like(
+                        _row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
+                        * np.float64(wy[b]), x)
+                    store(dst[gi0 + yv[b]], gs0 + b, gy * cap_slope(xy[b], cap))
+            if S == 1:
+                _transpose_out(GT, n, nb, C, GX)
+            elif scratch_grad:
+                _copy_out(GT, i0, s0, nb, C, GX)
+
+
+@jit(parallel=True)
+def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad, rows_out):
+    """:func:`prob_kernel` over column blocks (same arguments and results; ``rows_out`` as in
+    :func:`index_cols_kernel`)."""
+    N, C, S = x.shape
+    R = N * S
+    X = column_views(x, S)
+    TX = column_views(t, S)
+    GX = column_views(grad, grad.shape[2])
+    nbmax = column_block_rows(C)
+    nblocks = column_count(N, S, nbmax)
+    ntasks = min(nblocks, COLUMN_TASKS)
+    per_row_g = g.shape[0] == R
+    per_row_sw = sw.shape[0] == R
+    scratch_grad = mode != FORWARD and (S == 1 or _same_memory(x, grad))
+    for task in prange(ntasks):
+        XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
+        TT = np.empty((C, nbmax if S == 1 else 0), t.dtype)
+        GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
+        m = compute_scratch(x, nbmax)
+        s = compute_scratch(x, nbmax)
+        a = compute_scratch(x, nbmax)
+        d = compute_scratch(x, nbmax)
+        ls = compute_scratch(x, nbmax)
+        coef = compute_scratch(x, nbmax)
+        gcoef = compute_scratch(x, nbmax)
+        for blk in range(task * nblocks // ntasks, (task + 1) * nblocks // ntasks):
+            n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
+            src = X
+            tsrc = TX
+            if S == 1:
+                _transpose_in(X, n, nb, C, XT)
+                _transpose_in(TX, n, nb, C, TT)
+                src = XT
+                tsrc = TT
+            if mode != BACKWARD:
+                cols_max(src, i0, s0, nb, C, m, cap)
+                cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, True)
+                cols_log(s, ls, nb)
+                total = 0.0
+                for b in range(nb):
+                    r = r0 + b
+                    lb = prob_loss(m[b], ls[b], a[b], d[b], z) * (sw[r] if per_row_sw else sw[0])
+                    if rows_out:
+                        mx[r] = m[b]
+                        lsx[r] = ls[b]
+                        loss[r] = lb
+                    else:
+                        total += lb
+                if not rows_out:
+                    loss[blk] = total
+            else:
+                for b in range(nb):
+                    m[b] = mx[r0 + b]
+                    ls[b] = lsx[r0 + b]
+                cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, False)
+            if mode == FORWARD:
+                continue
+            for b in range(nb):
+                gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw)
+                coef[b] = like(gv * prob_grad_scale(m[b], ls[b], a[b], z), x)
+                gcoef[b] = like(gv, x)
+            dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
+            cols_grad(src, tsrc, i0, s0, nb, C, m, ls, coef, gcoef, w, keep, add, cap, dst, gi0, gs0)
+            if S == 1:
+                _transpose_out(GT, n, nb, C, GX)
+            elif scratch_grad:
+                _copy_out(GT, i0, s0, nb, C, GX)
 
 
 @jit()

@@ -34,18 +34,21 @@ def variants(dtypes=DTYPES):
         dt = _dtype(name)
         if dt is None:
             continue
-        x = rng.standard_normal((3, 4)).astype(dt)
+        # 4 classes take the column kernels (short rows, K-dim), 48 the row kernels
+        xs = [rng.standard_normal((3, c)).astype(dt) for c in (4, 48)]
         idx = np.array([0, 3, -100])
-        prob = np.full((3, 4), 0.25, dtype=dt)
-        for kind, target in (("class-index", idx), ("probability", prob)):
+        for kind in ("class-index", "probability"):
             for cap in (None, 30.0):
                 label = f"{name:<8} {kind:<11} softcap={'on' if cap else 'off'}"
 
-                def run(x=x, target=target, cap=cap):
-                    _api.cross_entropy_with_grad(x, target, softcap=cap)
-                    crit = _api.CrossEntropyLoss(softcap=cap)
-                    crit(x, target)
-                    crit.backward()
+                def run(xs=xs, kind=kind, cap=cap):
+                    for x in xs:
+                        target = idx if kind == "class-index" else np.full(x.shape, 0.25, x.dtype)
+                        _api.cross_entropy(x, target, softcap=cap)
+                        _api.cross_entropy_with_grad(x, target, softcap=cap)
+                        crit = _api.CrossEntropyLoss(softcap=cap)
+                        crit(x, target)
+                        crit.backward()
 
                 yield label, run
     for label, run in _extra_variants():

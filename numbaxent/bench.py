@@ -9,6 +9,10 @@ allocate theirs. Each figure is the median (and min) of ``--repeat`` runs after 
     numbaxent bench                                  # the whole matrix, 1 and all threads
     numbaxent bench --cases S1,S3 --repeat 5 --markdown perf.md --plot perf.png
     numbaxent bench --quick                          # small shapes, a smoke run
+
+After the timings, a second table gives each call's extra memory (tracemalloc peak of NumPy
+allocations during one warm call): forward and ``out=`` should add O(rows) bytes, forward+backward
+one gradient array.
 """
 from __future__ import annotations
 
@@ -196,6 +200,46 @@ def run_case(name, threads, repeat, quick=False):
     return r
 
 
+def _traced_peak(fn) -> int:
+    """Peak bytes allocated through NumPy (which reports to tracemalloc) during one call of ``fn``."""
+    import tracemalloc
+
+    fn()  # warm: compiled, workspace grown
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def memory_case(name, quick=False):
+    """Extra memory of numbaxent's calls on a case, in bytes: forward, forward+backward allocating
+    its gradient, and forward+backward into ``out=`` (kernel scratch, a few KB a thread, is not
+    traced). Expected: O(rows) for forward and ``out=``; one gradient array (``logits.nbytes``) plus
+    O(rows) otherwise."""
+    x, t, kw = make_case(name, quick)
+    grad = np.empty_like(x)
+    rows = x.size // x.shape[1]
+    return {"case": name, "logits": x.nbytes, "rows": rows,
+            "fwd": _traced_peak(lambda: _api.cross_entropy(x, t, **kw)),
+            "fb": _traced_peak(lambda: _api.cross_entropy_with_grad(x, t, **kw)),
+            "fb_out": _traced_peak(lambda: _api.cross_entropy_with_grad(x, t, out=grad, **kw))}
+
+
+def memory_table(rows) -> str:
+    lines = ["| case | logits MB | rows | fwd extra MB (bytes/row) | fwd+bwd extra MB "
+             "(/ logits) | fwd+bwd with out= extra MB (bytes/row) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mb = 1 / 2**20
+        lines.append(f"| {r['case']} | {r['logits'] * mb:.1f} | {r['rows']} | "
+                     f"{r['fwd'] * mb:.2f} ({r['fwd'] / r['rows']:.1f}) | {r['fb'] * mb:.1f} "
+                     f"({r['fb'] / r['logits']:.3f}) | {r['fb_out'] * mb:.2f} "
+                     f"({r['fb_out'] / r['rows']:.1f}) |")
+    return "\n".join(lines)
+
+
 def _ratio(r, a, b):
     return r[a][0] / r[b][0] if a in r and b in r else float("nan")
 
@@ -258,6 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     ap.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the ratios")
     ap.add_argument("--lm", action="store_true", help="also time the LM-head training step")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="skip the tracemalloc table of extra memory per call")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
@@ -270,6 +316,9 @@ def main(argv=None) -> int:
             print(f"  {name} at {n} thread(s)...", file=sys.stderr, flush=True)
             rows.append(run_case(name, n, args.repeat, args.quick))
     text = table(rows)
+    if not args.no_memory:
+        print("  memory (tracemalloc)...", file=sys.stderr, flush=True)
+        text += "\n\n" + memory_table([memory_case(name, args.quick) for name in names])
     if args.lm:
         from . import bench_linear
 

@@ -11,3 +11,32 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@contextlib.contextmanager
+def kernel_path(path):
+    """Force the row kernels or the column kernels for every shape (``path`` 'rows' or 'columns');
+    None leaves the dispatch alone."""
+    from numbaxent import _kernels as k
+
+    saved = k.COLUMN_MAX_C, k.COLUMN_MIN_S
+    if path == "rows":
+        k.COLUMN_MAX_C, k.COLUMN_MIN_S = -1, 2**62
+    elif path == "columns":
+        k.COLUMN_MAX_C, k.COLUMN_MIN_S = 2**62, 2
+    try:
+        yield
+    finally:
+        k.COLUMN_MAX_C, k.COLUMN_MIN_S = saved
+
+
+@pytest.fixture(params=["rows", "columns"])
+def each_kernel_path(request):
+    """Run the test once through the row kernels and once through the column kernels."""
+    with kernel_path(request.param):
+        yield request.param

@@ -33,7 +33,8 @@ def _problem(dtype, shape, soft, use_sw, seed):
 
 
 @pytest.mark.parametrize("dtype,shape,soft,reduction,eps,z,cap,use_sw,norm", GRID)
-def test_options_match_reference(dtype, shape, soft, reduction, eps, z, cap, use_sw, norm):
+def test_options_match_reference(dtype, shape, soft, reduction, eps, z, cap, use_sw, norm,
+                                 each_kernel_path):
     x, t, sw, w, lshape, rng = _problem(dtype, shape, soft, use_sw, len(GRID))
     go = rng.standard_normal(lshape) if reduction == "none" else 0.8
     kw = dict(weight=w, reduction=reduction, label_smoothing=eps, z_loss=z, softcap=cap,
@@ -84,7 +85,7 @@ def test_normalizer_gives_full_batch_gradient_by_accumulation():
     assert_close(np.concatenate([p[1] for p in parts]), full_grad, np.float64)
 
 
-def test_return_stats():
+def test_return_stats(each_kernel_path):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((40, 7)).astype(np.float32)
     x[0] = [1, 5, 5, 0, 0, 0, 0]  # a tie: the lowest index wins

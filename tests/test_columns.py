@@ -1,0 +1,128 @@
+"""The column kernels (few classes, K-dim input) against the independent reference, at block
+boundaries, in every layout and mode they take; and the dispatch between row and column kernels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import numbaxent as nx
+from conftest import kernel_path
+from naive import naive_cross_entropy
+from numbaxent import _kernels as k
+from test_core_parity import assert_close
+
+NB3 = k.column_block_rows(3)  # rows per block for C=3
+
+
+def _case(shape, dtype, soft, seed=0, ignore=True):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 4).astype(dtype)
+    tshape = (shape[0],) + shape[2:]
+    if soft:
+        t = rng.random(shape).astype(dtype)
+    else:
+        t = rng.integers(0, shape[1], tshape)
+        if ignore:
+            t[rng.random(tshape) < 0.2] = -100
+    return x, t, rng
+
+
+# shapes: one partial block, several blocks with a ragged last one, K-dim with S below/above a block
+SHAPES = [(5, 3), (NB3 * 3 + 7, 3), (2 * NB3 + 1, 40), (3, 4, 17), (2, 3, 5, NB3 // 2 + 3),
+          (2, 1, 33), (4, 40, 9, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_column_kernels_match_reference(shape, dtype, soft, reduction):
+    x, t, rng = _case(shape, dtype, soft)
+    w = rng.uniform(0.3, 2.0, shape[1]).astype(dtype)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+    go = rng.standard_normal(np.shape(naive_cross_entropy(x, t, reduction="none")[0])) \
+        if reduction == "none" else 1.3
+    ref_loss, ref_grad = naive_cross_entropy(x.astype(np.float64), t, grad_output=go, **kw)
+    with kernel_path("columns"):
+        assert_close(nx.cross_entropy(x, t, **kw), ref_loss, dtype)
+        loss, grad = nx.cross_entropy_with_grad(x, t, grad_output=go, **kw)
+        assert_close(loss, ref_loss, dtype)
+        assert_close(grad, ref_grad, dtype)
+        crit = nx.CrossEntropyLoss(**kw)
+        assert_close(crit(x, t), ref_loss, dtype)
+        assert_close(crit.backward(go), ref_grad, dtype)
+        # in place: the logits become their gradient
+        xi = x.copy()
+        _, gi = nx.cross_entropy_with_grad(xi, t, grad_output=go, out=xi, **kw)
+        assert gi is xi
+        assert_close(xi, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("path", ["rows", "columns"])
+def test_fortran_ordered_few_classes(path):
+    x, t, _ = _case((NB3 + 5, 3), np.float32, False)
+    xf = np.asfortranarray(x)
+    ref_loss, ref_grad = naive_cross_entropy(x.astype(np.float64), t, reduction="sum")
+    with kernel_path(path):
+        loss, grad = nx.cross_entropy_with_grad(xf, t, reduction="sum")
+        lo2, g2 = nx.cross_entropy_with_grad(xf, t, reduction="sum", out=xf)
+    assert_close(loss, ref_loss, np.float32)
+    assert_close(grad, ref_grad, np.float32)
+    assert g2 is xf
+    assert_close(xf, ref_grad, np.float32)
+
+
+@pytest.mark.parametrize("shape", [(NB3 + 9, 3), (2, 3, 40)])
+def test_stats_and_ties_in_column_blocks(shape):
+    x, t, _ = _case(shape, np.float32, False)
+    x = np.round(x)  # many ties for the maximum
+    with kernel_path("columns"):
+        _, st = nx.cross_entropy(x, t, return_stats=True)
+    xm = np.moveaxis(x, 1, -1).astype(np.float64)
+    expected = (np.argmax(xm, axis=-1) == t) & (t != -100)
+    np.testing.assert_array_equal(st.top1, expected)
+    m = xm.max(-1)
+    np.testing.assert_allclose(st.lse, m + np.log(np.exp(xm - m[..., None]).sum(-1)), rtol=1e-6,
+                               atol=2e-6)
+
+
+def test_nan_and_inf_rows_in_column_blocks():
+    x, t, _ = _case((NB3 + 3, 4), np.float64, False, ignore=False)
+    x[1, 2] = np.nan
+    x[2, :] = -np.inf
+    x[3, 0] = np.inf
+    t[4] = -100
+    x[4, 1] = np.nan  # an ignored row with NaN: loss 0, gradient NaN (PyTorch's autograd)
+    ref_loss, ref_grad = naive_cross_entropy(x, t, reduction="none")
+    with kernel_path("columns"):
+        loss, grad = nx.cross_entropy_with_grad(x, t, reduction="none")
+        total = nx.cross_entropy(x, t, reduction="sum")
+    assert_close(loss, ref_loss, np.float64)
+    assert_close(grad, ref_grad, np.float64)
+    assert np.isnan(total) == np.isnan(np.sum(ref_loss))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_storage_in_column_blocks(dtype):
+    if dtype == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dt = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dt = np.dtype(np.float16)
+    x, t, _ = _case((NB3 + 3, 5), np.float32, False)
+    xh = x.astype(dt)
+    ref_loss, ref_grad = naive_cross_entropy(xh.astype(np.float64), t, reduction="mean")
+    with kernel_path("columns"):
+        loss, grad = nx.cross_entropy_with_grad(xh, t)
+    assert grad.dtype == dt
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-2)
+    np.testing.assert_allclose(grad.astype(np.float64), ref_grad, rtol=1e-2, atol=1e-4)
+
+
+def test_dispatch_thresholds():
+    from numbaxent._api import _use_columns
+
+    assert _use_columns((100, k.COLUMN_MAX_C, 1))
+    assert not _use_columns((100, k.COLUMN_MAX_C + 1, 1))
+    assert _use_columns((2, 1000, k.COLUMN_MIN_S))
+    assert not _use_columns((2, 3, k.COLUMN_MIN_S - 1))
