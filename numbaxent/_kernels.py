@@ -35,9 +35,14 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit
-from ._math import cap_slope, capped, compute_scratch, compute_zero, exp, like, load, log, store
+from ._math import (cap_slope, capped, compute_scratch, compute_zero, exact_storage, exp, like, load, log,
+                    one_like, store)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
+
+
+MAX_LANES = 256  # running maxima of row_max (1-2 KB, in L1)
+ROW_TASKS = 1024  # rows are dealt to at most this many prange iterations, each with its scratch
 
 
 # -- row primitives ----------------------------------------------------------------------------------
@@ -45,43 +50,87 @@ FORWARD, FUSED, BACKWARD = 0, 1, 2
 
 @jit()
 def row_max(row, cap):
+    """:func:`row_max_lanes` with its own scratch."""
+    return row_max_lanes(row, cap, compute_scratch(row, MAX_LANES))
+
+
+@jit()
+def row_max_lanes(row, cap, lanes):
     """``max_c x_c`` in the compute type (NaN entries are skipped here; they reach the result through
     ``row_sumexp``, where ``x - m`` is NaN). Soft-capping is monotone, so the cap is applied once, to
-    the raw maximum, instead of to every element."""
+    the raw maximum, instead of to every element. ``lanes``: a (MAX_LANES,) compute-type scratch."""
+    n = row.shape[0]
+    if n <= MAX_LANES:
+        m = -like(np.inf, row)
+        for j in range(n):
+            v = load(row[j])
+            m = v if v > m else m
+        return capped(m, cap)
+    # LLVM will not vectorise ``m = v if v > m else m`` as a reduction (without 'nnan' it may not
+    # reorder it): one element per compare-select latency. An array of MAX_LANES running maxima,
+    # updated element-wise block by block (a loop LLVM does vectorise), then merged, is ~5x faster.
+    # NaN never enters a lane.
+    lanes[:] = -like(np.inf, row)
+    for j0 in range(0, n, MAX_LANES):
+        blk = row[j0:j0 + MAX_LANES]
+        for k in range(blk.shape[0]):
+            v = load(blk[k])
+            lanes[k] = v if v > lanes[k] else lanes[k]
+    h = MAX_LANES // 2
+    while h >= 8:  # fold in halves (vectorised), not one lane after the other (a latency chain)
+        for k in range(h):
+            lanes[k] = lanes[k + h] if lanes[k + h] > lanes[k] else lanes[k]
+        h //= 2
     m = -like(np.inf, row)
-    for j in range(row.shape[0]):
-        v = load(row[j])
-        if v > m:
-            m = v
+    for k in range(8):
+        m = lanes[k] if lanes[k] > m else m
     return capped(m, cap)
 
 
 @jit()
-def row_sumexp(row, m, cap):
-    """``sum_c exp(x_c - m)``."""
+def row_sumexp(row, m, cap, stash):
+    """``sum_c exp(x_c - m)``; each ``exp(x_c - m)`` is also written to ``stash`` (the gradient row,
+    never ``row`` itself) unless it is None. See :func:`row_grad_from_exp`."""
     s = compute_zero(row)
     for j in range(row.shape[0]):
-        s += exp(capped(load(row[j]), cap) - m)
+        e = exp(capped(load(row[j]), cap) - m)
+        s += e
+        if stash is not None:
+            stash[j] = e
     return s
 
 
 @jit()
-def row_sumexp_wdot(row, m, w, cap):
+def row_sumexp_wdot(row, m, w, cap, stash):
     """``(sum_c exp(x_c - m), sum_c w_c (x_c - m))``: the second sum gives the label-smoothing term
-    ``sum_c w_c (lse - x_c)`` without cancellation (every ``x_c - m <= 0``)."""
+    ``sum_c w_c (lse - x_c)`` without cancellation (every ``x_c - m <= 0``). ``stash`` as in
+    :func:`row_sumexp`."""
     s = compute_zero(row)
     d = compute_zero(row)
     for j in range(row.shape[0]):
         v = capped(load(row[j]), cap) - m
-        s += exp(v)
+        e = exp(v)
+        s += e
         d += w[j] * v
+        if stash is not None:
+            stash[j] = e
     return s, d
 
 
 @jit()
-def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp):
+def row_grad_from_exp(grow, scale, w, wcoef):
+    """``grow_j = e_j * scale - w_j * wcoef`` where ``grow`` holds ``e_j = exp(x_j - m)`` from the
+    sum pass and ``scale = coef / s``: the fused call's gradient without a second exp per element
+    (``p_j = e_j / s`` is within 2 ulp of ``exp((x_j - m) - ls)``). Only for float32/float64
+    gradients, without soft-capping (whose slope needs ``x_j``)."""
+    for j in range(grow.shape[0]):
+        grow[j] = grow[j] * scale - w[j] * wcoef
+
+
+@jit()
+def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp, stash):
     """For probability targets ``t~ = t*keep + add``: ``(sum exp(x - m), sum w t~, sum w t~ (x - m))``
-    (only the middle sum when ``need_exp`` is false)."""
+    (only the middle sum when ``need_exp`` is false). ``stash`` as in :func:`row_sumexp`."""
     s = compute_zero(row)
     a = compute_zero(row)
     d = compute_zero(row)
@@ -89,13 +138,23 @@ def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp):
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * keep + add)
-            s += exp(v)
+            e = exp(v)
+            s += e
             a += wt
             d += wt * v
+            if stash is not None:
+                stash[j] = e
     else:
         for j in range(row.shape[0]):
             a += w[j] * (trow[j] * keep + add)
     return s, a, d
+
+
+@jit()
+def row_grad_soft_from_exp(grow, trow, scale, w, g, keep, add):
+    """:func:`row_grad_from_exp` for probability targets: ``grow_j = e_j scale - g w_j t~_j``."""
+    for j in range(grow.shape[0]):
+        grow[j] = grow[j] * scale - g * w[j] * (trow[j] * keep + add)
 
 
 @jit()
@@ -173,6 +232,17 @@ def row_grad_soft(row, trow, grow, m, ls, coef, w, g, keep, add, cap):
         _copy_block(buf, grow, j0, nb)
 
 
+@jit()
+def keeps_exp(row, grow, cap, mode):
+    """Whether the fused call keeps ``exp(x - m)`` in the gradient row between its sum and gradient
+    passes instead of computing it twice: for a float32/float64 gradient that is not the logits
+    (``out=input`` takes the two-exp path: a loop writing the array it reads would be run scalar by
+    LLVM's overlap check), without soft-cap (whose slope needs ``x``)."""
+    if mode != FUSED or cap is not None or not exact_storage(row):
+        return False
+    return not _same_memory(row, grow)
+
+
 # -- per-row formulas shared by the row and column kernels -------------------------------------------
 @jit()
 def index_loss(m, ls, xy, d, wy, wsum, eps, eps_c, z):
@@ -216,57 +286,76 @@ def prob_grad_scale(m, ls, a, z):
 
 # -- one row, every mode -----------------------------------------------------------------------------
 @jit()
-def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls):
+def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls, lanes):
     """One row with a class-index target: returns ``(loss, m, ls, top1)``, the loss in float64
     (before the sample weight, which is folded into ``g`` and applied by the caller to the loss),
     ``m`` the row's max and ``ls = log sum exp(x - m)`` (so ``lse = m + ls``), and writes the
     gradient row in FUSED/BACKWARD mode. ``m`` and ``ls`` are inputs in BACKWARD mode only."""
     loss = 0.0
     top1 = False
+    keep_exp = keeps_exp(row, grow, cap, mode)
+    xy = compute_zero(row)
+    s = one_like(xy)
     if mode != BACKWARD:
-        m = row_max(row, cap)
+        m = row_max_lanes(row, cap, lanes)
+        if valid:  # before the sum pass, which may overwrite the row (out=input)
+            xy = capped(load(row[y]), cap)
+            top1 = row_is_top1(row, y, xy, m, cap)
         if eps_c > 0 and valid:
-            s, d = row_sumexp_wdot(row, m, w, cap)
+            if keep_exp:
+                s, d = row_sumexp_wdot(row, m, w, cap, grow)
+            else:
+                s, d = row_sumexp_wdot(row, m, w, cap, None)
         else:
-            s = row_sumexp(row, m, cap)
+            s = row_sumexp(row, m, cap, grow) if keep_exp else row_sumexp(row, m, cap, None)
             d = compute_zero(row)
         ls = math.log(s)
         if valid:
-            xy = capped(load(row[y]), cap)
             loss = index_loss(m, ls, xy, d, w[y], wsum, eps, eps_c, z)
-            top1 = row_is_top1(row, y, xy, m, cap)
     if mode != FORWARD:
         if valid:
             gv = g
             wy = np.float64(w[y])
-            xy = capped(load(row[y]), cap)  # read before the row may be overwritten (out=input)
+            xy = capped(load(row[y]), cap) if mode == BACKWARD else xy
         else:
             gv = 0.0
             wy = 0.0
-            xy = compute_zero(row)
         coef = like(gv * index_grad_scale(m, ls, wy, wsum, eps, eps_c, z), row)
         wcoef = like(gv * eps_c, row)
-        row_grad_index(row, grow, m, ls, coef, w, wcoef, cap)
+        if keep_exp:
+            row_grad_from_exp(grow, coef / s, w, wcoef)
+        else:
+            row_grad_index(row, grow, m, ls, coef, w, wcoef, cap)
         if valid:  # the true-class term, in the compute type before the single rounding to storage
-            gy = exp((xy - m) - ls) * coef - w[y] * wcoef - like(gv * (1.0 - eps) * wy, row)
+            if keep_exp:
+                gy = load(grow[y]) - like(gv * (1.0 - eps) * wy, row)
+            else:
+                gy = exp((xy - m) - ls) * coef - w[y] * wcoef - like(gv * (1.0 - eps) * wy, row)
             store(grow, y, gy * cap_slope(xy, cap))
     return loss, m, ls, top1
 
 
 @jit()
-def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, m, ls):
+def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, m, ls, lanes):
     """One row with a probability target ``t~ = t*keep + add``: returns ``(loss, m, ls)``."""
     loss = 0.0
+    keep_exp = keeps_exp(row, grow, cap, mode)
     if mode != BACKWARD:
-        m = row_max(row, cap)
-        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True)
+        m = row_max_lanes(row, cap, lanes)
+        if keep_exp:
+            s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True, grow)
+        else:
+            s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True, None)
         ls = math.log(s)
         loss = prob_loss(m, ls, a, d, z)
     else:
-        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, False)
+        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, False, None)
     if mode != FORWARD:
-        coef = g * prob_grad_scale(m, ls, a, z)
-        row_grad_soft(row, trow, grow, m, ls, like(coef, row), w, like(g, row), keep, add, cap)
+        coef = like(g * prob_grad_scale(m, ls, a, z), row)
+        if keep_exp:  # as in index_row
+            row_grad_soft_from_exp(grow, trow, coef / s, w, like(g, row), keep, add)
+        else:
+            row_grad_soft(row, trow, grow, m, ls, coef, w, like(g, row), keep, add, cap)
     return loss, m, ls
 
 
@@ -297,26 +386,29 @@ def index_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx,
     eps_c = eps / C
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    for r in prange(R):
-        n = r // S
-        s = r - n * S
-        y = target[r]
-        valid = y != ignore_index
-        swr = sw[r] if per_row_sw else sw[0]
-        gr = (g[r] if per_row_g else g[0]) * swr
-        gn = n if mode != FORWARD else 0
-        if S == 1:
-            lr, mr, lsr, tr = index_row(x2[n], g2[gn], y, valid, w, wsum, eps, eps_c, z, cap, mode,
-                                        gr, mx[r], lsx[r])
-        else:
-            gs = s if mode != FORWARD else 0
-            lr, mr, lsr, tr = index_row(x[n, :, s], grad[gn, :, gs], y, valid, w, wsum, eps, eps_c,
-                                        z, cap, mode, gr, mx[r], lsx[r])
-        if mode != BACKWARD:
-            loss[r] = lr * swr if valid else 0.0
-            mx[r] = mr
-            lsx[r] = lsr
-            top1[r] = tr
+    ntasks = min(R, ROW_TASKS)
+    for task in prange(ntasks):
+        lanes = compute_scratch(x, MAX_LANES)
+        for r in range(task * R // ntasks, (task + 1) * R // ntasks):
+            n = r // S
+            s = r - n * S
+            y = target[r]
+            valid = y != ignore_index
+            swr = sw[r] if per_row_sw else sw[0]
+            gr = (g[r] if per_row_g else g[0]) * swr
+            gn = n if mode != FORWARD else 0
+            if S == 1:
+                lr, mr, lsr, tr = index_row(x2[n], g2[gn], y, valid, w, wsum, eps, eps_c, z, cap,
+                                            mode, gr, mx[r], lsx[r], lanes)
+            else:
+                gs = s if mode != FORWARD else 0
+                lr, mr, lsr, tr = index_row(x[n, :, s], grad[gn, :, gs], y, valid, w, wsum, eps,
+                                            eps_c, z, cap, mode, gr, mx[r], lsx[r], lanes)
+            if mode != BACKWARD:
+                loss[r] = lr * swr if valid else 0.0
+                mx[r] = mr
+                lsx[r] = lsr
+                top1[r] = tr
 
 
 @jit(parallel=True)
@@ -333,23 +425,26 @@ def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad):
     g2 = grad.reshape((grad.shape[0], grad.shape[1] * grad.shape[2]))
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    for r in prange(R):
-        n = r // S
-        s = r - n * S
-        swr = sw[r] if per_row_sw else sw[0]
-        gr = (g[r] if per_row_g else g[0]) * swr
-        gn = n if mode != FORWARD else 0
-        if S == 1:
-            lr, mr, lsr = prob_row(x2[n], t2[n], g2[gn], w, keep, add, z, cap, mode, gr, mx[r],
-                                   lsx[r])
-        else:
-            gs = s if mode != FORWARD else 0
-            lr, mr, lsr = prob_row(x[n, :, s], t[n, :, s], grad[gn, :, gs], w, keep, add, z, cap,
-                                   mode, gr, mx[r], lsx[r])
-        if mode != BACKWARD:
-            loss[r] = lr * swr
-            mx[r] = mr
-            lsx[r] = lsr
+    ntasks = min(R, ROW_TASKS)
+    for task in prange(ntasks):
+        lanes = compute_scratch(x, MAX_LANES)
+        for r in range(task * R // ntasks, (task + 1) * R // ntasks):
+            n = r // S
+            s = r - n * S
+            swr = sw[r] if per_row_sw else sw[0]
+            gr = (g[r] if per_row_g else g[0]) * swr
+            gn = n if mode != FORWARD else 0
+            if S == 1:
+                lr, mr, lsr = prob_row(x2[n], t2[n], g2[gn], w, keep, add, z, cap, mode, gr, mx[r],
+                                       lsx[r], lanes)
+            else:
+                gs = s if mode != FORWARD else 0
+                lr, mr, lsr = prob_row(x[n, :, s], t[n, :, s], grad[gn, :, gs], w, keep, add, z,
+                                       cap, mode, gr, mx[r], lsx[r], lanes)
+            if mode != BACKWARD:
+                loss[r] = lr * swr
+                mx[r] = mr
+                lsx[r] = lsr
 
 
 # -- column blocks: many short or strided rows at once -------------------------------------------------
@@ -388,11 +483,12 @@ def cols_max(X, i0, s0, nb, C, m, cap):
 
 
 @jit()
-def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp):
+def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp, E):
     """Per row ``b`` of the block: ``s = sum_c exp(x_c - m)``, ``a = sum_c w_c t~_c`` and
     ``d = sum_c w_c t~_c (x_c - m)``, with ``t~ = t*keep + add`` for probability targets ``T`` and
     ``t~ = 1`` for class-index targets (``T`` None; ``a`` is then left alone). Without ``need_exp``,
-    only ``a``."""
+    only ``a``. Each ``exp(x_cb - m_b)`` is kept in the compute-type scratch ``E[c, b]`` for
+    :func:`cols_grad_from_exp` (a store to L1, cheaper than a second exp)."""
     for b in range(nb):
         s[b] = 0
         d[b] = 0
@@ -401,12 +497,15 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp):
     for c in range(C):
         xr = X[i0 + c, s0:s0 + nb]
         wc = w[c]
+        er = E[c]
         if T is None:
             if need_exp:
                 for b in range(nb):
                     v = capped(load(xr[b]), cap) - m[b]
-                    s[b] += exp(v)
+                    e = exp(v)
+                    s[b] += e
                     d[b] += wc * v
+                    er[b] = e
             else:
                 for b in range(nb):
                     s[b] += exp(capped(load(xr[b]), cap) - m[b])
@@ -416,9 +515,11 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp):
                 for b in range(nb):
                     v = capped(load(xr[b]), cap) - m[b]
                     wt = wc * (tr[b] * keep + add)
-                    s[b] += exp(v)
+                    e = exp(v)
+                    s[b] += e
                     a[b] += wt
                     d[b] += wt * v
+                    er[b] = e
             else:
                 for b in range(nb):
                     a[b] += wc * (tr[b] * keep + add)
@@ -449,6 +550,24 @@ def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, keep, add, cap, G, gi0
                 v = capped(load(xr[b]), cap)
                 store(gr, b, (exp((v - m[b]) - ls[b]) * coef[b] - wc * tcoef[b] * (tr[b] * keep + add))
                       * cap_slope(v, cap))
+
+
+@jit()
+def cols_grad_from_exp(E, T, i0, s0, nb, C, scale, tcoef, w, keep, add, G, gi0, gs0):
+    """:func:`cols_grad` from the exponentials kept by :func:`cols_sums` (fused call, no soft-cap):
+    ``G[gi0 + c, gs0 + b] = E[c, b] scale_b - w_c tcoef_b t~_cb`` with ``scale_b = coef_b / s_b``
+    (``E/s`` is within 2 ulp of ``exp((x - m) - ls)``)."""
+    for c in range(C):
+        er = E[c]
+        gr = G[gi0 + c, gs0:gs0 + nb]
+        wc = w[c]
+        if T is None:
+            for b in range(nb):
+                store(gr, b, er[b] * scale[b] - wc * tcoef[b])
+        else:
+            tr = T[i0 + c, s0:s0 + nb]
+            for b in range(nb):
+                store(gr, b, er[b] * scale[b] - wc * tcoef[b] * (tr[b] * keep + add))
 
 
 @jit()
@@ -552,6 +671,7 @@ def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw
     for task in prange(ntasks):
         XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
         GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
+        E = compute_scratch(x, C * nbmax).reshape((C, nbmax))
         m = compute_scratch(x, nbmax)
         s = compute_scratch(x, nbmax)
         d = compute_scratch(x, nbmax)
@@ -571,7 +691,7 @@ def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw
                 src = XT
             if mode != BACKWARD:
                 cols_max(src, i0, s0, nb, C, m, cap)
-                cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True)
+                cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, E)
                 cols_log(s, ls, nb)
             else:
                 for b in range(nb):
@@ -610,12 +730,21 @@ def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw
                 coef[b] = like(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), x)
                 tcoef[b] = like(gv * eps_c, x)
             dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
-            cols_grad(src, None, i0, s0, nb, C, m, ls, coef, tcoef, w, 1, 0, cap, dst, gi0, gs0)
+            from_exp = mode == FUSED and cap is None
+            if from_exp:
+                for b in range(nb):
+                    s[b] = coef[b] / s[b]
+                cols_grad_from_exp(E, None, i0, s0, nb, C, s, tcoef, w, 1, 0, dst, gi0, gs0)
+            else:
+                cols_grad(src, None, i0, s0, nb, C, m, ls, coef, tcoef, w, 1, 0, cap, dst, gi0, gs0)
             for b in range(nb):  # the true-class term, as in index_row
                 if ok[b]:
-                    gy = exp((xy[b] - m[b]) - ls[b]) * coef[b] - wy[b] * tcoef[b] - like(
-                        _row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
-                        * np.float64(wy[b]), x)
+                    term = like(_row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
+                                * np.float64(wy[b]), x)
+                    if from_exp:
+                        gy = E[yv[b], b] * s[b] - wy[b] * tcoef[b] - term
+                    else:
+                        gy = exp((xy[b] - m[b]) - ls[b]) * coef[b] - wy[b] * tcoef[b] - term
                     store(dst[gi0 + yv[b]], gs0 + b, gy * cap_slope(xy[b], cap))
             if S == 1:
                 _transpose_out(GT, n, nb, C, GX)
@@ -642,6 +771,7 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
         XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
         TT = np.empty((C, nbmax if S == 1 else 0), t.dtype)
         GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
+        E = compute_scratch(x, C * nbmax).reshape((C, nbmax))
         m = compute_scratch(x, nbmax)
         s = compute_scratch(x, nbmax)
         a = compute_scratch(x, nbmax)
@@ -660,7 +790,7 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
                 tsrc = TT
             if mode != BACKWARD:
                 cols_max(src, i0, s0, nb, C, m, cap)
-                cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, True)
+                cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, True, E)
                 cols_log(s, ls, nb)
                 total = 0.0
                 for b in range(nb):
@@ -678,7 +808,7 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
                 for b in range(nb):
                     m[b] = mx[r0 + b]
                     ls[b] = lsx[r0 + b]
-                cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, False)
+                cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, False, E)
             if mode == FORWARD:
                 continue
             for b in range(nb):
@@ -686,7 +816,13 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
                 coef[b] = like(gv * prob_grad_scale(m[b], ls[b], a[b], z), x)
                 gcoef[b] = like(gv, x)
             dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
-            cols_grad(src, tsrc, i0, s0, nb, C, m, ls, coef, gcoef, w, keep, add, cap, dst, gi0, gs0)
+            if mode == FUSED and cap is None:
+                for b in range(nb):
+                    s[b] = coef[b] / s[b]
+                cols_grad_from_exp(E, tsrc, i0, s0, nb, C, s, gcoef, w, keep, add, dst, gi0, gs0)
+            else:
+                cols_grad(src, tsrc, i0, s0, nb, C, m, ls, coef, gcoef, w, keep, add, cap, dst, gi0,
+                          gs0)
             if S == 1:
                 _transpose_out(GT, n, nb, C, GX)
             elif scratch_grad:

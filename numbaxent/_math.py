@@ -19,7 +19,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import _jit  # noqa: F401  (threading layer set before anything parallel)
 
-__all__ = ["exp", "log", "load", "store", "compute_zero", "compute_scratch", "like", "capped", "cap_slope"]
+__all__ = ["exp", "log", "exact_storage", "load", "store", "compute_zero", "compute_scratch", "like", "capped", "cap_slope"]
 
 
 # -- bit casts ---------------------------------------------------------------------------------------
@@ -271,6 +271,18 @@ def _compute_zero_overload(arr):
     if arr.dtype == types.float64:
         return lambda arr: np.float64(0.0)
     return lambda arr: np.float32(0.0)
+
+
+def exact_storage(arr):
+    """Whether ``arr``'s storage dtype is its compute dtype (float32/float64), so an intermediate
+    stored in it loses nothing (a compile-time constant)."""
+    raise NotImplementedError
+
+
+@overload(exact_storage)
+def _exact_storage_overload(arr):
+    exact = arr.dtype in (types.float32, types.float64)
+    return lambda arr: exact
 
 
 def compute_scratch(arr, n):

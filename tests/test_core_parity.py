@@ -237,7 +237,10 @@ def test_in_place_on_long_rows_matches_reference(dtype, soft):
     xi = x.copy()
     loss, grad = nx.cross_entropy_with_grad(xi, t, out=xi, **kw)
     _, grad_out = nx.cross_entropy_with_grad(x, t, **kw)
-    np.testing.assert_array_equal(xi, grad_out)  # in place == out of place, bit for bit
+    if dtype == np.float16:  # both recompute exp in the gradient pass: bit for bit
+        np.testing.assert_array_equal(xi, grad_out)
+    else:  # out of place keeps exp(x - m) from the sum pass: equal to rounding
+        assert_close(xi, grad_out, dtype)
     if dtype == np.float16:
         np.testing.assert_allclose(xi.astype(np.float64), ref_grad, rtol=1e-2, atol=1e-5)
     else:

@@ -268,7 +268,7 @@ ASM_PROBE = """
 import numpy as np
 from numbaxent import _kernels
 row = np.linspace(-3, 3, 257).astype(np.float32)
-_kernels.row_sumexp(row, np.float32(3.0), None)
+_kernels.row_sumexp(row, np.float32(3.0), None, None)
 asm = _kernels.row_sumexp.inspect_asm(_kernels.row_sumexp.signatures[0])
 packed = [ln for ln in asm.splitlines() if "ps\t" in ln and ("%ymm" in ln or "%zmm" in ln)]
 print(len(packed))
