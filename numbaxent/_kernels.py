@@ -35,8 +35,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit
-from ._math import (cap_slope, capped, compute_scratch, compute_zero, exact_storage, exp, like, load, log,
-                    one_like, store)
+from ._math import (cap_slope, capped, compute_scratch, compute_zero, exact_storage, exp_nonpos, like,
+                    load, log, one_like, store)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -93,7 +93,7 @@ def row_sumexp(row, m, cap, stash):
     never ``row`` itself) unless it is None. See :func:`row_grad_from_exp`."""
     s = compute_zero(row)
     for j in range(row.shape[0]):
-        e = exp(capped(load(row[j]), cap) - m)
+        e = exp_nonpos(capped(load(row[j]), cap) - m)
         s += e
         if stash is not None:
             stash[j] = e
@@ -109,7 +109,7 @@ def row_sumexp_wdot(row, m, w, cap, stash):
     d = compute_zero(row)
     for j in range(row.shape[0]):
         v = capped(load(row[j]), cap) - m
-        e = exp(v)
+        e = exp_nonpos(v)
         s += e
         d += w[j] * v
         if stash is not None:
@@ -138,7 +138,7 @@ def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp, stash):
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * keep + add)
-            e = exp(v)
+            e = exp_nonpos(v)
             s += e
             a += wt
             d += wt * v
@@ -195,7 +195,7 @@ def row_grad_index(row, grow, m, ls, coef, w, wcoef, cap):
     if not _same_memory(row, grow):
         for j in range(n):
             v = capped(load(row[j]), cap)
-            store(grow, j, (exp((v - m) - ls) * coef - w[j] * wcoef) * cap_slope(v, cap))
+            store(grow, j, (exp_nonpos((v - m) - ls) * coef - w[j] * wcoef) * cap_slope(v, cap))
         return
     buf = compute_scratch(row, min(n, GRAD_BLOCK))
     for j0 in range(0, n, GRAD_BLOCK):
@@ -204,7 +204,7 @@ def row_grad_index(row, grow, m, ls, coef, w, wcoef, cap):
         wb = w[j0:j0 + nb]
         for k in range(nb):
             v = capped(load(src[k]), cap)
-            buf[k] = (exp((v - m) - ls) * coef - wb[k] * wcoef) * cap_slope(v, cap)
+            buf[k] = (exp_nonpos((v - m) - ls) * coef - wb[k] * wcoef) * cap_slope(v, cap)
         _copy_block(buf, grow, j0, nb)
 
 
@@ -216,7 +216,7 @@ def row_grad_soft(row, trow, grow, m, ls, coef, w, g, keep, add, cap):
     if not _same_memory(row, grow):
         for j in range(n):
             v = capped(load(row[j]), cap)
-            store(grow, j, (exp((v - m) - ls) * coef - g * w[j] * (trow[j] * keep + add))
+            store(grow, j, (exp_nonpos((v - m) - ls) * coef - g * w[j] * (trow[j] * keep + add))
                   * cap_slope(v, cap))
         return
     buf = compute_scratch(row, min(n, GRAD_BLOCK))
@@ -227,7 +227,7 @@ def row_grad_soft(row, trow, grow, m, ls, coef, w, g, keep, add, cap):
         tb = trow[j0:j0 + nb]
         for k in range(nb):
             v = capped(load(src[k]), cap)
-            buf[k] = (exp((v - m) - ls) * coef - g * wb[k] * (tb[k] * keep + add)) \
+            buf[k] = (exp_nonpos((v - m) - ls) * coef - g * wb[k] * (tb[k] * keep + add)) \
                 * cap_slope(v, cap)
         _copy_block(buf, grow, j0, nb)
 
@@ -330,7 +330,8 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls, 
             if keep_exp:
                 gy = load(grow[y]) - like(gv * (1.0 - eps) * wy, row)
             else:
-                gy = exp((xy - m) - ls) * coef - w[y] * wcoef - like(gv * (1.0 - eps) * wy, row)
+                gy = exp_nonpos((xy - m) - ls) * coef - w[y] * wcoef \
+                    - like(gv * (1.0 - eps) * wy, row)
             store(grow, y, gy * cap_slope(xy, cap))
     return loss, m, ls, top1
 
@@ -502,20 +503,20 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp, E):
             if need_exp:
                 for b in range(nb):
                     v = capped(load(xr[b]), cap) - m[b]
-                    e = exp(v)
+                    e = exp_nonpos(v)
                     s[b] += e
                     d[b] += wc * v
                     er[b] = e
             else:
                 for b in range(nb):
-                    s[b] += exp(capped(load(xr[b]), cap) - m[b])
+                    s[b] += exp_nonpos(capped(load(xr[b]), cap) - m[b])
         else:
             tr = T[i0 + c, s0:s0 + nb]
             if need_exp:
                 for b in range(nb):
                     v = capped(load(xr[b]), cap) - m[b]
                     wt = wc * (tr[b] * keep + add)
-                    e = exp(v)
+                    e = exp_nonpos(v)
                     s[b] += e
                     a[b] += wt
                     d[b] += wt * v
@@ -543,13 +544,14 @@ def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, keep, add, cap, G, gi0
         if T is None:
             for b in range(nb):
                 v = capped(load(xr[b]), cap)
-                store(gr, b, (exp((v - m[b]) - ls[b]) * coef[b] - wc * tcoef[b]) * cap_slope(v, cap))
+                p = exp_nonpos((v - m[b]) - ls[b])
+                store(gr, b, (p * coef[b] - wc * tcoef[b]) * cap_slope(v, cap))
         else:
             tr = T[i0 + c, s0:s0 + nb]
             for b in range(nb):
                 v = capped(load(xr[b]), cap)
-                store(gr, b, (exp((v - m[b]) - ls[b]) * coef[b] - wc * tcoef[b] * (tr[b] * keep + add))
-                      * cap_slope(v, cap))
+                p = exp_nonpos((v - m[b]) - ls[b])
+                store(gr, b, (p * coef[b] - wc * tcoef[b] * (tr[b] * keep + add)) * cap_slope(v, cap))
 
 
 @jit()
@@ -610,6 +612,26 @@ def _copy_out(src, i0, s0, nb, C, X):
         sr = src[c]
         for b in range(nb):
             xr[b] = sr[b]
+
+
+@jit()
+def _block_source(X, XT, S, n, nb, C):
+    """The array a block's class rows are read from: ``X`` itself (K-dim), or for 2-D input the
+    block's rows ``n .. n+nb`` transposed into the scratch ``XT``."""
+    if S == 1:
+        _transpose_in(X, n, nb, C, XT)
+        return XT
+    return X
+
+
+@jit()
+def _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C):
+    """Move a block's gradient from the scratch ``GT`` to the gradient ``GX`` (transposed back for
+    2-D input; copied for K-dim written in place); nothing when it was written to ``GX`` directly."""
+    if S == 1:
+        _transpose_out(GT, n, nb, C, GX)
+    elif scratch_grad:
+        _copy_out(GT, i0, s0, nb, C, GX)
 
 
 @jit()
@@ -685,10 +707,7 @@ def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw
         lrow = np.empty(nbmax if not rows_out else 0, np.float64)
         for blk in range(task * nblocks // ntasks, (task + 1) * nblocks // ntasks):
             n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-            src = X
-            if S == 1:
-                _transpose_in(X, n, nb, C, XT)
-                src = XT
+            src = _block_source(X, XT, S, n, nb, C)
             if mode != BACKWARD:
                 cols_max(src, i0, s0, nb, C, m, cap)
                 cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, E)
@@ -744,12 +763,9 @@ def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw
                     if from_exp:
                         gy = E[yv[b], b] * s[b] - wy[b] * tcoef[b] - term
                     else:
-                        gy = exp((xy[b] - m[b]) - ls[b]) * coef[b] - wy[b] * tcoef[b] - term
+                        gy = exp_nonpos((xy[b] - m[b]) - ls[b]) * coef[b] - wy[b] * tcoef[b] - term
                     store(dst[gi0 + yv[b]], gs0 + b, gy * cap_slope(xy[b], cap))
-            if S == 1:
-                _transpose_out(GT, n, nb, C, GX)
-            elif scratch_grad:
-                _copy_out(GT, i0, s0, nb, C, GX)
+            _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
 
 
 @jit(parallel=True)
@@ -781,13 +797,8 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
         gcoef = compute_scratch(x, nbmax)
         for blk in range(task * nblocks // ntasks, (task + 1) * nblocks // ntasks):
             n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-            src = X
-            tsrc = TX
-            if S == 1:
-                _transpose_in(X, n, nb, C, XT)
-                _transpose_in(TX, n, nb, C, TT)
-                src = XT
-                tsrc = TT
+            src = _block_source(X, XT, S, n, nb, C)
+            tsrc = _block_source(TX, TT, S, n, nb, C)
             if mode != BACKWARD:
                 cols_max(src, i0, s0, nb, C, m, cap)
                 cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, True, E)
@@ -823,10 +834,7 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
             else:
                 cols_grad(src, tsrc, i0, s0, nb, C, m, ls, coef, gcoef, w, keep, add, cap, dst, gi0,
                           gs0)
-            if S == 1:
-                _transpose_out(GT, n, nb, C, GX)
-            elif scratch_grad:
-                _copy_out(GT, i0, s0, nb, C, GX)
+            _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
 
 
 @jit()

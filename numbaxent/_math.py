@@ -19,7 +19,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import _jit  # noqa: F401  (threading layer set before anything parallel)
 
-__all__ = ["exp", "log", "exact_storage", "load", "store", "compute_zero", "compute_scratch", "like", "capped", "cap_slope"]
+__all__ = ["exp", "exp_nonpos", "log", "exact_storage", "load", "store", "compute_zero", "compute_scratch", "like", "capped", "cap_slope"]
 
 
 # -- bit casts ---------------------------------------------------------------------------------------
@@ -134,6 +134,67 @@ def _exp_f64(x):
     s1 = _i64_as_f64((n1 + np.int64(1023)) << np.int64(52))
     s2 = _i64_as_f64((n2 + np.int64(1023)) << np.int64(52))
     return p * s1 * s2
+
+
+# exp of x <= 0 (every exp in the kernels: x - max, and x - max - log-sum): the same polynomial, but
+# 2^n (n in [-150, 0] for float32) is applied as 2^(n + 64) -- a normal number built from exponent
+# bits in one step -- times the constant 2^-64, whose multiply does the single rounding into the
+# subnormal range. Four fewer vector instructions per element than the two-half scaling, same result.
+
+@register_jitable
+def _exp_nonpos_f32(x):
+    if x < np.float32(-104.0):
+        x = np.float32(-104.0)
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    s = _i32_as_f32((np.int32(n) + np.int32(127 + 64)) << np.int32(23))
+    return (p * s) * np.float32(5.421010862427522e-20)  # 2^-64
+
+
+@register_jitable
+def _exp_nonpos_f64(x):
+    if x < -746.0:
+        x = -746.0
+    n = np.floor(x * 1.4426950408889634 + 0.5)
+    r = x - n * 0.6931471803691238
+    r = r - n * 1.9082149292705877e-10
+    p = 1.6059043836821613e-10
+    p = p * r + 2.08767569878681e-09
+    p = p * r + 2.505210838544172e-08
+    p = p * r + 2.755731922398589e-07
+    p = p * r + 2.7557319223985893e-06
+    p = p * r + 2.48015873015873e-05
+    p = p * r + 0.0001984126984126984
+    p = p * r + 0.001388888888888889
+    p = p * r + 0.008333333333333333
+    p = p * r + 0.041666666666666664
+    p = p * r + 0.16666666666666666
+    p = p * r + 0.5
+    p = p * (r * r) + r + 1.0
+    s = _i64_as_f64((np.int64(n) + np.int64(1023 + 512)) << np.int64(52))
+    return (p * s) * 7.458340731200207e-155  # 2^-512
+
+
+def exp_nonpos(x):
+    """:func:`exp` for ``x <= 0`` (or NaN) only: cheaper, the same results. Callable from Numba code."""
+    raise NotImplementedError("numbaxent._math.exp_nonpos is only callable from Numba code")
+
+
+@overload(exp_nonpos, jit_options=dict(fastmath={"reassoc", "contract"}))
+def _exp_nonpos_overload(x):
+    if x == types.float32:
+        return lambda x: _exp_nonpos_f32(x)
+    if x == types.float64:
+        return lambda x: _exp_nonpos_f64(x)
+    return None
 
 
 def exp(x):
