@@ -81,11 +81,8 @@ def _f32_to_half_bits(typingctx, x):
 # (kernels only take exp(x - max) <= 1) but is clamped to a finite overflow anyway.
 
 @register_jitable
-def _exp_f32(x):
-    if x < np.float32(-104.0):
-        x = np.float32(-104.0)
-    if x > np.float32(88.7):
-        x = np.float32(88.7)
+def _exp_reduced_f32(x):
+    """``(p, n)`` with ``exp(x) = p * 2^n``, ``x`` already clamped."""
     n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
     r = x - n * np.float32(0.693359375)
     r = r - n * np.float32(-2.12194440e-4)
@@ -96,21 +93,12 @@ def _exp_f32(x):
     p = p * r + np.float32(4.1665795894e-2)
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
-    p = p * (r * r) + r + np.float32(1.0)
-    ni = np.int32(n)
-    n1 = ni >> np.int32(1)
-    n2 = ni - n1
-    s1 = _i32_as_f32((n1 + np.int32(127)) << np.int32(23))
-    s2 = _i32_as_f32((n2 + np.int32(127)) << np.int32(23))
-    return p * s1 * s2
+    return p * (r * r) + r + np.float32(1.0), np.int32(n)
 
 
 @register_jitable
-def _exp_f64(x):
-    if x < -746.0:
-        x = -746.0
-    if x > 709.7:
-        x = 709.7
+def _exp_reduced_f64(x):
+    """``(p, n)`` with ``exp(x) = p * 2^n``, ``x`` already clamped."""
     n = np.floor(x * 1.4426950408889634 + 0.5)
     r = x - n * 0.6931471803691238  # ln2 high part (exactly representable products for |n| < 2^11)
     r = r - n * 1.9082149292705877e-10  # ln2 low part
@@ -127,8 +115,30 @@ def _exp_f64(x):
     p = p * r + 0.041666666666666664
     p = p * r + 0.16666666666666666
     p = p * r + 0.5
-    p = p * (r * r) + r + 1.0
-    ni = np.int64(n)
+    return p * (r * r) + r + 1.0, np.int64(n)
+
+
+@register_jitable
+def _exp_f32(x):
+    if x < np.float32(-104.0):
+        x = np.float32(-104.0)
+    if x > np.float32(88.7):
+        x = np.float32(88.7)
+    p, ni = _exp_reduced_f32(x)
+    n1 = ni >> np.int32(1)
+    n2 = ni - n1
+    s1 = _i32_as_f32((n1 + np.int32(127)) << np.int32(23))
+    s2 = _i32_as_f32((n2 + np.int32(127)) << np.int32(23))
+    return p * s1 * s2
+
+
+@register_jitable
+def _exp_f64(x):
+    if x < -746.0:
+        x = -746.0
+    if x > 709.7:
+        x = 709.7
+    p, ni = _exp_reduced_f64(x)
     n1 = ni >> np.int64(1)
     n2 = ni - n1
     s1 = _i64_as_f64((n1 + np.int64(1023)) << np.int64(52))
@@ -145,17 +155,8 @@ def _exp_f64(x):
 def _exp_nonpos_f32(x):
     if x < np.float32(-104.0):
         x = np.float32(-104.0)
-    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375)
-    r = r - n * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * (r * r) + r + np.float32(1.0)
-    s = _i32_as_f32((np.int32(n) + np.int32(127 + 64)) << np.int32(23))
+    p, ni = _exp_reduced_f32(x)
+    s = _i32_as_f32((ni + np.int32(127 + 64)) << np.int32(23))
     return (p * s) * np.float32(5.421010862427522e-20)  # 2^-64
 
 
@@ -163,23 +164,8 @@ def _exp_nonpos_f32(x):
 def _exp_nonpos_f64(x):
     if x < -746.0:
         x = -746.0
-    n = np.floor(x * 1.4426950408889634 + 0.5)
-    r = x - n * 0.6931471803691238
-    r = r - n * 1.9082149292705877e-10
-    p = 1.6059043836821613e-10
-    p = p * r + 2.08767569878681e-09
-    p = p * r + 2.505210838544172e-08
-    p = p * r + 2.755731922398589e-07
-    p = p * r + 2.7557319223985893e-06
-    p = p * r + 2.48015873015873e-05
-    p = p * r + 0.0001984126984126984
-    p = p * r + 0.001388888888888889
-    p = p * r + 0.008333333333333333
-    p = p * r + 0.041666666666666664
-    p = p * r + 0.16666666666666666
-    p = p * r + 0.5
-    p = p * (r * r) + r + 1.0
-    s = _i64_as_f64((np.int64(n) + np.int64(1023 + 512)) << np.int64(52))
+    p, ni = _exp_reduced_f64(x)
+    s = _i64_as_f64((ni + np.int64(1023 + 512)) << np.int64(52))
     return (p * s) * 7.458340731200207e-155  # 2^-512
 
 
