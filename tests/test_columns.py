@@ -126,3 +126,26 @@ def test_dispatch_thresholds():
     assert not _use_columns((100, k.COLUMN_MAX_C + 1, 1))
     assert _use_columns((2, 1000, k.COLUMN_MIN_S))
     assert not _use_columns((2, 3, k.COLUMN_MIN_S - 1))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_long_rows_with_nan_and_inf_in_row_kernels(dtype):
+    # rows longer than row_max's lanes (MAX_LANES), with NaN and infinities in the lanes and the tail
+    C = k.MAX_LANES * 2 + 37
+    x, t, _ = _case((6, C), dtype, False, seed=3, ignore=False)
+    x[0, 5] = np.nan
+    x[1, C - 3] = np.nan  # in the last, partial block of lanes
+    x[2, :] = -np.inf
+    x[3, 300] = np.inf
+    x[4, C - 1] = 1000.0  # the maximum in the last element: a wrong max would overflow exp
+    t[5] = -100
+    ref_loss, ref_grad = naive_cross_entropy(x.astype(np.float64), t, reduction="none")
+    with kernel_path("rows"):
+        loss, grad = nx.cross_entropy_with_grad(x, t, reduction="none")
+        xi = x.copy()
+        nx.cross_entropy_with_grad(xi, t, reduction="none", out=xi)
+        _, st = nx.cross_entropy(x, t, reduction="none", return_stats=True)
+    assert_close(loss, ref_loss, dtype)
+    assert_close(grad, ref_grad, dtype)
+    assert_close(xi, ref_grad, dtype)
+    assert st.top1[4] == (t[4] == C - 1)
