@@ -583,7 +583,7 @@ def cols_targets(X, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy
         yv[b] = yc
         ok[b] = valid
         xy[b] = capped(load(X[i0 + yc, s0 + b]), cap)
-        wy[b] = w[yc] if valid else w[yc] * 0
+        wy[b] = w[yc] if valid else compute_zero(w)
 
 
 @jit()
