@@ -487,8 +487,8 @@ def cols_max(X, i0, s0, nb, C, m, cap):
 def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp, E):
     """Per row ``b`` of the block: ``s = sum_c exp(x_c - m)``, ``a = sum_c w_c t~_c`` and
     ``d = sum_c w_c t~_c (x_c - m)``, with ``t~ = t*keep + add`` for probability targets ``T`` and
-    ``t~ = 1`` for class-index targets (``T`` None; ``a`` is then left alone). Without ``need_exp``,
-    only ``a``. Each ``exp(x_cb - m_b)`` is kept in the compute-type scratch ``E[c, b]`` for
+    ``t~ = 1`` for class-index targets (``T`` None; ``a`` is then left alone). Without ``need_exp``
+    (probability targets only), only ``a``. Each ``exp(x_cb - m_b)`` is kept in the compute-type scratch ``E[c, b]`` for
     :func:`cols_grad_from_exp` (a store to L1, cheaper than a second exp)."""
     for b in range(nb):
         s[b] = 0
@@ -500,16 +500,12 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp, E):
         wc = w[c]
         er = E[c]
         if T is None:
-            if need_exp:
-                for b in range(nb):
-                    v = capped(load(xr[b]), cap) - m[b]
-                    e = exp_nonpos(v)
-                    s[b] += e
-                    d[b] += wc * v
-                    er[b] = e
-            else:
-                for b in range(nb):
-                    s[b] += exp_nonpos(capped(load(xr[b]), cap) - m[b])
+            for b in range(nb):
+                v = capped(load(xr[b]), cap) - m[b]
+                e = exp_nonpos(v)
+                s[b] += e
+                d[b] += wc * v
+                er[b] = e
         else:
             tr = T[i0 + c, s0:s0 + nb]
             if need_exp:
@@ -665,6 +661,30 @@ def column_count(N, S, nbmax):
 
 
 @jit()
+def _load_saved(mx, lsx, r0, nb, m, ls):
+    """BACKWARD: the block's saved row max and log-sum into ``m`` and ``ls``."""
+    for b in range(nb):
+        m[b] = mx[r0 + b]
+        ls[b] = lsx[r0 + b]
+
+
+@jit()
+def cols_block_grad(src, T, E, i0, s0, nb, C, m, ls, s, coef, tcoef, w, keep, add, cap, mode, G,
+                    gi0, gs0):
+    """Write a block's gradient (without the class-index true-class term) into ``G``: from the
+    exponentials kept in ``E`` by the sum pass when the call is FUSED without soft-cap (``s`` then
+    becomes the per-row scale ``coef / s``), else by :func:`cols_grad`. Returns whether ``E`` was
+    used."""
+    if mode == FUSED and cap is None:
+        for b in range(nb):
+            s[b] = coef[b] / s[b]
+        cols_grad_from_exp(E, T, i0, s0, nb, C, s, tcoef, w, keep, add, G, gi0, gs0)
+        return True
+    cols_grad(src, T, i0, s0, nb, C, m, ls, coef, tcoef, w, keep, add, cap, G, gi0, gs0)
+    return False
+
+
+@jit()
 def _row_factor(g, sw, r, per_row_g, per_row_sw):
     """``g_r * sw_r``: upstream gradient times sample weight (each (R,) or a single shared value)."""
     return (g[r] if per_row_g else g[0]) * (sw[r] if per_row_sw else sw[0])
@@ -713,9 +733,7 @@ def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw
                 cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, E)
                 cols_log(s, ls, nb)
             else:
-                for b in range(nb):
-                    m[b] = mx[r0 + b]
-                    ls[b] = lsx[r0 + b]
+                _load_saved(mx, lsx, r0, nb, m, ls)
             cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
             if mode != BACKWARD:
                 lb = loss[r0:r0 + nb] if rows_out else lrow[:nb]
@@ -749,13 +767,8 @@ def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw
                 coef[b] = like(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), x)
                 tcoef[b] = like(gv * eps_c, x)
             dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
-            from_exp = mode == FUSED and cap is None
-            if from_exp:
-                for b in range(nb):
-                    s[b] = coef[b] / s[b]
-                cols_grad_from_exp(E, None, i0, s0, nb, C, s, tcoef, w, 1, 0, dst, gi0, gs0)
-            else:
-                cols_grad(src, None, i0, s0, nb, C, m, ls, coef, tcoef, w, 1, 0, cap, dst, gi0, gs0)
+            from_exp = cols_block_grad(src, None, E, i0, s0, nb, C, m, ls, s, coef, tcoef, w, 1, 0,
+                                       cap, mode, dst, gi0, gs0)
             for b in range(nb):  # the true-class term, as in index_row
                 if ok[b]:
                     term = like(_row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
@@ -816,9 +829,7 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
                 if not rows_out:
                     loss[blk] = total
             else:
-                for b in range(nb):
-                    m[b] = mx[r0 + b]
-                    ls[b] = lsx[r0 + b]
+                _load_saved(mx, lsx, r0, nb, m, ls)
                 cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, False, E)
             if mode == FORWARD:
                 continue
@@ -827,13 +838,8 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
                 coef[b] = like(gv * prob_grad_scale(m[b], ls[b], a[b], z), x)
                 gcoef[b] = like(gv, x)
             dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
-            if mode == FUSED and cap is None:
-                for b in range(nb):
-                    s[b] = coef[b] / s[b]
-                cols_grad_from_exp(E, tsrc, i0, s0, nb, C, s, gcoef, w, keep, add, dst, gi0, gs0)
-            else:
-                cols_grad(src, tsrc, i0, s0, nb, C, m, ls, coef, gcoef, w, keep, add, cap, dst, gi0,
-                          gs0)
+            cols_block_grad(src, tsrc, E, i0, s0, nb, C, m, ls, s, coef, gcoef, w, keep, add, cap,
+                            mode, dst, gi0, gs0)
             _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
 
 
