@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": ("numbaxent.eval_cli", "stream-evaluate saved logits against targets (loss, accuracy, ...)"),
     "bench": ("numbaxent.bench", "side-by-side speed comparison with the memory floors, PyTorch, JAX"),
     "warmup": ("numbaxent._warmup", "compile every kernel ahead of time into the on-disk cache"),
+    "cache": ("numbaxent.cache_cli", "show where compiled kernels are cached, their size; --clear"),
 }
 
 

@@ -377,36 +377,34 @@ def _grad_target(p: _Prepared, out):
 def _run(p: _Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
          loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray):
     k = _kernels()
-    from ._threading import kernel_lock
+    from ._parallel import run_tasks
 
     columns = _use_columns(p.x3.shape)
     rows_out = loss.shape[0] == p.rows or mode == k.BACKWARD
     assert columns or rows_out
-    with kernel_lock():
-        if p.soft:
-            keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
-            keep, add = p.compute.type(keep), p.compute.type(add)
-            args = (p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, mx, lsx, loss, grad3)
-            if columns:
-                k.prob_cols_kernel(*args, rows_out)
-            else:
-                k.prob_kernel(*args)
-            top1[:] = False
-        else:
-            args = (p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode, g, p.sw,
-                    mx, lsx, loss, top1, grad3)
-            if columns:
-                k.index_cols_kernel(*args, rows_out)
-            else:
-                k.index_kernel(*args)
+    N, C, S = p.x3.shape
+    count = k.column_count(N, S, k.column_block_rows(C)) if columns else p.rows
+    if p.soft:
+        keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
+        keep, add = p.compute.type(keep), p.compute.type(add)
+        args = (p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, mx, lsx, loss, grad3)
+        kernel = k.prob_cols_kernel if columns else k.prob_kernel
+        top1[:] = False
+    else:
+        args = (p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode, g, p.sw,
+                mx, lsx, loss, top1, grad3)
+        kernel = k.index_cols_kernel if columns else k.index_kernel
+    if columns:
+        args += (rows_out,)
+    run_tasks(kernel, count, p.x3.size, *args)
 
 
 def _use_columns(shape3: tuple) -> bool:
     """Whether the column kernels take these (N, C, S) logits: rows too short to vectorise (few
-    classes) or strided (K-dim). Module-level thresholds, so tests can force either path."""
+    classes) or strided (K-dim, and 2-D Fortran-ordered input seen as (1, C, N)): the row kernels
+    take contiguous rows only. A module-level threshold, so tests can force either path for 2-D."""
     _, C, S = shape3
-    k = _kernels()
-    return S >= k.COLUMN_MIN_S if S > 1 else C <= k.COLUMN_MAX_C
+    return S > 1 or C <= _kernels().COLUMN_MAX_C
 
 
 def _empty_or_classless(p: _Prepared) -> bool:

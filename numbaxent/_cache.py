@@ -1,23 +1,33 @@
-"""Where and how numbaxent's compiled kernels are cached on disk.
+"""Where numbaxent's compiled kernels are cached on disk, and how a kernel finds its cache entry.
 
-Numba's own cache keys a function on its *own* file's content, so a change to a helper in another
-module (say the exp polynomial in ``_math.py``) would leave stale machine code in the cache of every
-kernel that inlined it. numbaxent's locator keys every kernel on the content of all the package's
-private modules (``numbaxent/_*.py``, where every jitted function lives) and the numba/llvmlite
-versions, so any change to kernel code invalidates the whole cache.
+Keying. Numba's own cache keys a function on its *own* file's content, so a change to a helper in
+another module (say the exp polynomial in ``_math.py``) would leave stale machine code in the cache of
+every kernel that inlined it. numbaxent keys every kernel on the content of all the package's private
+modules (``numbaxent/_*.py``, where every jitted function lives) and the numba/llvmlite/Python
+versions; Numba adds the CPU (name and features) and the signature, so one directory can serve
+machines of several kinds.
 
-Cache directory, first that is writable:
+Directories, in this order (``search_dirs``):
 
-1. ``$NUMBA_CACHE_DIR/numbaxent-<hash of the package path>`` when ``NUMBA_CACHE_DIR`` is set;
-2. ``numbaxent/__pycache__`` next to the sources (the usual place);
-3. the user cache directory, ``~/.cache/numbaxent/<hash of the package path>`` (or
-   ``$XDG_CACHE_HOME/numbaxent/...``): used when the package directory is read-only (a system or
-   container install).
+1. ``$NUMBAXENT_CACHE_DIR`` when set: a cache shared by every user, for example filled once by
+   ``numbaxent warmup --cache-dir DIR`` in a container build or by an HPC administrator;
+2. ``$NUMBA_CACHE_DIR/numbaxent-<tag>`` when ``NUMBA_CACHE_DIR`` is set (``<tag>`` hashes the
+   package's path, so two installations never share entries by accident);
+3. the user cache, ``$XDG_CACHE_HOME/numbaxent/<tag>`` (default ``~/.cache/numbaxent/<tag>``);
+4. the package's own ``numbaxent/__pycache__``.
 
-If none is writable, numba's own locators decide, and failing those the kernels are compiled in
-memory on every run: importing never fails for want of a writable place. Concurrent cold compiles (Dask
-workers, MPI ranks starting together) are safe: numba writes each cache file to a temporary name and
-renames it into place, so a reader sees either a complete entry or none and recompiles.
+A kernel is loaded from the first directory that holds an entry for it, whoever wrote it and whether
+or not this process may write there. New entries go to the first *writable* directory of the list
+(``cache_dir``): normally the user cache, so that ``pip uninstall`` leaves nothing behind in
+site-packages; the package directory only when nothing before it is writable. When nothing is
+writable (a user without a home directory, a read-only container), kernels are compiled in memory
+for the process and one ``RuntimeWarning`` says so: importing and calling never fail for want of a
+writable place.
+
+Concurrent cold compiles (Dask workers, MPI ranks starting together) are safe: numba writes each cache
+file to a temporary name and renames it into place, so a reader sees either a complete entry or none.
+Cache files are pickles read by numba: point ``NUMBAXENT_CACHE_DIR`` only at a directory whose writers
+you trust, as for any Python package directory.
 """
 from __future__ import annotations
 
@@ -25,10 +35,12 @@ import hashlib
 import os
 import sys
 import tempfile
+import warnings
 
 from numba.core import caching, config
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+ENV_VAR = "NUMBAXENT_CACHE_DIR"
 _stamp = None
 
 
@@ -53,17 +65,21 @@ def _user_cache_root() -> str:
     return os.path.join(base, "numbaxent")
 
 
-def candidate_dirs() -> list[str]:
+def search_dirs() -> list[str]:
+    """Every directory a kernel is looked up in, in order (see the module docstring)."""
     tag = hashlib.sha1(PACKAGE_DIR.encode()).hexdigest()[:16]
     dirs = []
+    if os.environ.get(ENV_VAR):
+        dirs.append(os.path.abspath(os.environ[ENV_VAR]))
     if config.CACHE_DIR:
         dirs.append(os.path.join(config.CACHE_DIR, f"numbaxent-{tag}"))
-    dirs.append(os.path.join(PACKAGE_DIR, "__pycache__"))
     dirs.append(os.path.join(_user_cache_root(), tag))
+    dirs.append(os.path.join(PACKAGE_DIR, "__pycache__"))
     return dirs
 
 
-def _writable(path: str) -> bool:
+def writable(path: str) -> bool:
+    """Whether files can be created in ``path`` (created if missing)."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -73,23 +89,33 @@ def _writable(path: str) -> bool:
 
 
 _chosen_dir = None
+_warned = False
 
 
 def cache_dir() -> str | None:
-    """The directory numbaxent's kernels are cached in (None: numba's own locators decide)."""
-    global _chosen_dir
+    """The directory new kernels are written to (the first writable of :func:`search_dirs`), or
+    None when nothing is writable (kernels are then compiled in memory; warned once)."""
+    global _chosen_dir, _warned
     if _chosen_dir is None:
-        _chosen_dir = next((d for d in candidate_dirs() if _writable(d)), "")
+        _chosen_dir = next((d for d in search_dirs() if writable(d)), "")
+        if not _chosen_dir and not _warned:
+            _warned = True
+            warnings.warn(
+                "numbaxent: no writable directory for the kernel cache (tried "
+                + ", ".join(search_dirs()) + "); kernels are compiled in memory for this process. "
+                f"Set {ENV_VAR} to a writable directory to keep them.", RuntimeWarning, stacklevel=2)
     return _chosen_dir or None
 
 
-class NumbaxentCacheLocator(caching._CacheLocator):
-    """Cache locator for functions defined in numbaxent's own modules (see the module docstring)."""
+class _Locator(caching._CacheLocator):
+    """numba's hook for the cache path and the source stamp of a numbaxent function."""
 
-    def __init__(self, py_func, py_file, path):
-        self._py_file = py_file
+    def __init__(self, py_func, py_file):
         self._lineno = py_func.__code__.co_firstlineno
-        self._path = path
+        self._path = cache_dir() or search_dirs()[-1]  # a path is needed even when never written
+
+    def ensure_cache_path(self):
+        os.makedirs(self._path, exist_ok=True)
 
     def get_cache_path(self):
         return self._path
@@ -102,15 +128,60 @@ class NumbaxentCacheLocator(caching._CacheLocator):
 
     @classmethod
     def from_function(cls, py_func, py_file):
-        if os.path.dirname(os.path.abspath(py_file)) != PACKAGE_DIR:
+        return cls(py_func, py_file)
+
+
+class _Impl(caching.CompileResultCacheImpl):
+    _locator_classes = [_Locator]
+
+
+class KernelCache(caching.FunctionCache):
+    """numba's per-function cache, loading from every directory of :func:`search_dirs` in turn and
+    saving to :func:`cache_dir` only (nothing when it is None)."""
+
+    _impl_class = _Impl
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        base = self._impl.filename_base
+        self._files = [caching.IndexDataCacheFile(d, base, source_stamp()) for d in search_dirs()]
+        self._can_save = cache_dir() is not None
+
+    def _load_overload(self, sig, target_context):
+        if not self._enabled:
             return None
-        path = cache_dir()
-        return None if path is None else cls(py_func, py_file, path)
+        key = self._index_key(sig, target_context.codegen())
+        for f in self._files:
+            try:
+                data = f.load(key)
+            except Exception:  # an unreadable or foreign entry is a miss, never an error
+                continue
+            if data is not None:
+                return self._impl.rebuild(target_context, data)
+        return None
+
+    def _save_overload(self, sig, data):
+        if self._can_save:
+            try:
+                super()._save_overload(sig, data)
+            except OSError:  # the directory became unwritable: the kernel still runs
+                self._can_save = False
 
 
-def install() -> None:
-    """Put the locator first in numba's list (idempotent); must run before kernels are defined."""
-    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl")
-    classes = impl._locator_classes
-    if NumbaxentCacheLocator not in classes:
-        classes.insert(0, NumbaxentCacheLocator)
+def enable(dispatcher):
+    """Give a numbaxent dispatcher its :class:`KernelCache` (instead of ``cache=True``, whose numba
+    locators raise when no directory is writable and read only the one they write)."""
+    dispatcher._cache = KernelCache(dispatcher.py_func)
+    return dispatcher
+
+
+def entries(path: str) -> list[str]:
+    """numbaxent's cache files (index ``.nbi`` and data ``.nbc``) in ``path``."""
+    modules = tuple(f"{name[:-3]}." for name in os.listdir(PACKAGE_DIR)
+                    if name.startswith("_") and name.endswith(".py"))
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return sorted(os.path.join(path, n) for n in names
+                  if n.endswith((".nbi", ".nbc")) and n.startswith(modules))

@@ -9,31 +9,37 @@ import numba  # noqa: E402
 
 from . import _cache  # noqa: E402
 
-_cache.install()  # before any kernel is defined: kernels find their cache directory at decoration
-
 # Only the flags that let LLVM vectorise reductions (reassociation) and fuse multiply-adds (contract).
 # No 'nnan'/'ninf': NaN and inf must propagate exactly as PyTorch's do.
 FASTMATH = frozenset({"reassoc", "contract"})
 
+# Helpers called only from other kernels need no CPython or C-callable entry point. Without these two
+# wrappers a helper compiles in about 60% of the time (no argument boxing/unboxing code to generate and
+# optimise), which adds up over the ~50 helpers and overloads behind each kernel (docs/internals.md).
+HELPER_OPTIONS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
-def jit(parallel: bool = False, inline: bool = False):
+
+def jit(parallel: bool = False, inline: bool = False, python_callable: bool | None = None):
     """Decorator factory for numbaxent kernels.
 
-    Every kernel is ``nopython``, releases the GIL, is cached on disk, and uses NumPy's error model
+    Every kernel is ``nopython``, releases the GIL, is cached on disk (``_cache.KernelCache``), and
+    uses NumPy's error model
     (division by zero gives inf/nan, as in PyTorch, instead of raising). ``parallel=True`` kernels
     distribute ``prange`` loops over rows; ``inline=True`` marks small helpers that are inlined at the
-    Numba IR level into the kernels that use them.
+    Numba IR level into the kernels that use them. ``python_callable`` (default: ``parallel``) gives the
+    function its CPython entry point; without it the function can only be called from other kernels.
     """
     options = dict(
         nogil=True,
-        cache=True,
         error_model="numpy",
         boundscheck=False,
         fastmath=set(FASTMATH),
     )
     if parallel:
         options["parallel"] = True
-    if inline:
+    if not (parallel if python_callable is None else python_callable):
+        options.update(HELPER_OPTIONS)
+    if inline:  # inlined helpers are compiled into their callers' cache entries
         options["inline"] = "always"
-        options.pop("cache")  # inlined helpers are compiled into their callers' cache entries
-    return numba.njit(**options)
+        return numba.njit(**options)
+    return lambda fn: _cache.enable(numba.njit(**options)(fn))

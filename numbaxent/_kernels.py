@@ -1,8 +1,9 @@
 """Fused cross-entropy kernels over canonical array views.
 
 Canonical layout: logits ``x`` are a C-contiguous ``(N, C, S)`` array (``S = d1*...*dk``, 1 for 2-D
-input), so "row" ``r = n*S + s`` is the class vector ``x[n, :, s]``: contiguous when ``S == 1``, strided
-by ``S`` otherwise (K-dim input is read in its native layout, never transposed into a copy). Targets
+input), so "row" ``r = n*S + s`` is the class vector ``x[n, :, s]``: contiguous when ``S == 1`` (the row
+kernels), strided by ``S`` otherwise (the column kernels: K-dim input is read in its native layout,
+never transposed into a copy). Targets
 are flat over rows: int64 class indices of length ``N*S``, or probabilities in ``x``'s layout.
 
 Every kernel runs in one of three modes over each row, sharing the same row code:
@@ -32,7 +33,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
 
 from ._jit import jit
 from ._math import (cap_slope, capped, compute_scratch, compute_zero, exact_storage, exp_nonpos, like,
@@ -42,7 +42,6 @@ FORWARD, FUSED, BACKWARD = 0, 1, 2
 
 
 MAX_LANES = 256  # running maxima of row_max (1-2 KB, in L1)
-ROW_TASKS = 1024  # rows are dealt to at most this many prange iterations, each with its scratch
 
 
 # -- row primitives ----------------------------------------------------------------------------------
@@ -70,7 +69,8 @@ def row_max_lanes(row, cap, lanes):
     # reorder it): one element per compare-select latency. An array of MAX_LANES running maxima,
     # updated element-wise block by block (a loop LLVM does vectorise), then merged, is ~5x faster.
     # NaN never enters a lane.
-    lanes[:] = -like(np.inf, row)
+    for k in range(MAX_LANES):  # a loop, not ``lanes[:] = ...``: slice assignment is slow to compile
+        lanes[k] = -like(np.inf, row)
     for j0 in range(0, n, MAX_LANES):
         blk = row[j0:j0 + MAX_LANES]
         for k in range(blk.shape[0]):
@@ -88,32 +88,43 @@ def row_max_lanes(row, cap, lanes):
 
 
 @jit()
-def row_sumexp(row, m, cap, stash):
-    """``sum_c exp(x_c - m)``; each ``exp(x_c - m)`` is also written to ``stash`` (the gradient row,
-    never ``row`` itself) unless it is None. See :func:`row_grad_from_exp`."""
+def row_sumexp(row, m, cap, stash, keep_exp):
+    """``sum_c exp(x_c - m)``; with ``keep_exp`` each ``exp(x_c - m)`` is also written to ``stash``
+    (the gradient row, never ``row`` itself). See :func:`row_grad_from_exp`. A flag rather than
+    ``stash=None``: one compiled function instead of two. The loop is written twice on purpose:
+    LLVM's default pipeline does not unswitch a loop on a flag that guards a store, and a masked
+    store would slow the hot loop."""
     s = compute_zero(row)
-    for j in range(row.shape[0]):
-        e = exp_nonpos(capped(load(row[j]), cap) - m)
-        s += e
-        if stash is not None:
+    if keep_exp:
+        for j in range(row.shape[0]):
+            e = exp_nonpos(capped(load(row[j]), cap) - m)
+            s += e
             stash[j] = e
+    else:
+        for j in range(row.shape[0]):
+            s += exp_nonpos(capped(load(row[j]), cap) - m)
     return s
 
 
 @jit()
-def row_sumexp_wdot(row, m, w, cap, stash):
+def row_sumexp_wdot(row, m, w, cap, stash, keep_exp):
     """``(sum_c exp(x_c - m), sum_c w_c (x_c - m))``: the second sum gives the label-smoothing term
-    ``sum_c w_c (lse - x_c)`` without cancellation (every ``x_c - m <= 0``). ``stash`` as in
-    :func:`row_sumexp`."""
+    ``sum_c w_c (lse - x_c)`` without cancellation (every ``x_c - m <= 0``). ``stash`` and
+    ``keep_exp`` as in :func:`row_sumexp`."""
     s = compute_zero(row)
     d = compute_zero(row)
-    for j in range(row.shape[0]):
-        v = capped(load(row[j]), cap) - m
-        e = exp_nonpos(v)
-        s += e
-        d += w[j] * v
-        if stash is not None:
+    if keep_exp:  # two loops, as in row_sumexp
+        for j in range(row.shape[0]):
+            v = capped(load(row[j]), cap) - m
+            e = exp_nonpos(v)
+            s += e
+            d += w[j] * v
             stash[j] = e
+    else:
+        for j in range(row.shape[0]):
+            v = capped(load(row[j]), cap) - m
+            s += exp_nonpos(v)
+            d += w[j] * v
     return s, d
 
 
@@ -128,13 +139,14 @@ def row_grad_from_exp(grow, scale, w, wcoef):
 
 
 @jit()
-def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp, stash):
+def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp, stash, keep_exp):
     """For probability targets ``t~ = t*keep + add``: ``(sum exp(x - m), sum w t~, sum w t~ (x - m))``
-    (only the middle sum when ``need_exp`` is false). ``stash`` as in :func:`row_sumexp`."""
+    (only the middle sum when ``need_exp`` is false). ``stash``, ``keep_exp`` as in
+    :func:`row_sumexp`."""
     s = compute_zero(row)
     a = compute_zero(row)
     d = compute_zero(row)
-    if need_exp:
+    if need_exp and keep_exp:  # two loops, as in row_sumexp
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * keep + add)
@@ -142,8 +154,14 @@ def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp, stash):
             s += e
             a += wt
             d += wt * v
-            if stash is not None:
-                stash[j] = e
+            stash[j] = e
+    elif need_exp:
+        for j in range(row.shape[0]):
+            v = capped(load(row[j]), cap) - m
+            wt = w[j] * (trow[j] * keep + add)
+            s += exp_nonpos(v)
+            a += wt
+            d += wt * v
     else:
         for j in range(row.shape[0]):
             a += w[j] * (trow[j] * keep + add)
@@ -302,12 +320,9 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls, 
             xy = capped(load(row[y]), cap)
             top1 = row_is_top1(row, y, xy, m, cap)
         if eps_c > 0 and valid:
-            if keep_exp:
-                s, d = row_sumexp_wdot(row, m, w, cap, grow)
-            else:
-                s, d = row_sumexp_wdot(row, m, w, cap, None)
+            s, d = row_sumexp_wdot(row, m, w, cap, grow, keep_exp)
         else:
-            s = row_sumexp(row, m, cap, grow) if keep_exp else row_sumexp(row, m, cap, None)
+            s = row_sumexp(row, m, cap, grow, keep_exp)
             d = compute_zero(row)
         ls = math.log(s)
         if valid:
@@ -343,14 +358,11 @@ def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, m, ls, lanes):
     keep_exp = keeps_exp(row, grow, cap, mode)
     if mode != BACKWARD:
         m = row_max_lanes(row, cap, lanes)
-        if keep_exp:
-            s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True, grow)
-        else:
-            s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True, None)
+        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True, grow, keep_exp)
         ls = math.log(s)
         loss = prob_loss(m, ls, a, d, z)
     else:
-        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, False, None)
+        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, False, grow, False)
     if mode != FORWARD:
         coef = like(g * prob_grad_scale(m, ls, a, z), row)
         if keep_exp:  # as in index_row
@@ -361,23 +373,26 @@ def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, m, ls, lanes):
 
 
 # -- parallel kernels --------------------------------------------------------------------------------
-@jit(parallel=True)
-def index_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx, lsx, loss, top1,
-                 grad):
-    """Cross-entropy with class-index targets over all rows of ``x`` (N, C, S).
+@jit(python_callable=True)
+def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx, lsx, loss,
+                 top1, grad):
+    """Cross-entropy with class-index targets over all rows of ``x`` (N, C, 1), one contiguous row
+    per sample (1-D and 2-D input; K-dim input always takes :func:`index_cols_kernel`, so the row code
+    is compiled for contiguous rows only: a strided variant would double its compile time).
 
     Parameters
     ----------
-    x : (N, C, S) logits, C-contiguous (float32/float64, or 16-bit storage of float16/bfloat16)
-    target : (N*S,) int64 class indices, already validated (in range or equal to ``ignore_index``)
+    lo, hi : the rows ``[lo, hi)`` this call works on (``_parallel.run_tasks`` deals them to threads)
+    x : (N, C, 1) logits, C-contiguous (float32/float64, or 16-bit storage of float16/bfloat16)
+    target : (N,) int64 class indices, already validated (in range or equal to ``ignore_index``)
     w : (C,) class weights in the compute type (ones when the user gave none); ``wsum = sum(w)``
     eps : label smoothing; ``z`` : z-loss coefficient; ``cap`` : soft-cap value or None
     mode : FORWARD, FUSED or BACKWARD
-    g : upstream gradient per row (N*S,) float64, or (1,) for the same value on every row
-    sw : per-row sample weights (N*S,) float64, or (1,) for none
-    mx, lsx : (N*S,) row max ``m`` and ``log sum exp(x - m)`` (the log-sum-exp is their sum),
+    g : upstream gradient per row (N,) float64, or (1,) for the same value on every row
+    sw : per-row sample weights (N,) float64, or (1,) for none
+    mx, lsx : (N,) row max ``m`` and ``log sum exp(x - m)`` (the log-sum-exp is their sum),
         written (FORWARD, FUSED) or read (BACKWARD)
-    loss : (N*S,) float64, receives ``sw_r * l_r``; top1 : (N*S,) bool, argmax == target (FORWARD, FUSED)
+    loss : (N,) float64, receives ``sw_r * l_r``; top1 : (N,) bool, argmax == target (FORWARD, FUSED)
     grad : gradient, same shape and dtype as ``x`` (may be ``x`` itself); unused in FORWARD mode
     """
     N, C, S = x.shape
@@ -387,33 +402,24 @@ def index_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx,
     eps_c = eps / C
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    ntasks = min(R, ROW_TASKS)
-    for task in prange(ntasks):
-        lanes = compute_scratch(x, MAX_LANES)
-        for r in range(task * R // ntasks, (task + 1) * R // ntasks):
-            n = r // S
-            s = r - n * S
-            y = target[r]
-            valid = y != ignore_index
-            swr = sw[r] if per_row_sw else sw[0]
-            gr = (g[r] if per_row_g else g[0]) * swr
-            gn = n if mode != FORWARD else 0
-            if S == 1:
-                lr, mr, lsr, tr = index_row(x2[n], g2[gn], y, valid, w, wsum, eps, eps_c, z, cap,
-                                            mode, gr, mx[r], lsx[r], lanes)
-            else:
-                gs = s if mode != FORWARD else 0
-                lr, mr, lsr, tr = index_row(x[n, :, s], grad[gn, :, gs], y, valid, w, wsum, eps,
-                                            eps_c, z, cap, mode, gr, mx[r], lsx[r], lanes)
-            if mode != BACKWARD:
-                loss[r] = lr * swr if valid else 0.0
-                mx[r] = mr
-                lsx[r] = lsr
-                top1[r] = tr
+    lanes = compute_scratch(x, MAX_LANES)
+    for r in range(lo, hi):
+        y = target[r]
+        valid = y != ignore_index
+        swr = sw[r] if per_row_sw else sw[0]
+        gr = (g[r] if per_row_g else g[0]) * swr
+        gn = r if mode != FORWARD else 0
+        lr, mr, lsr, tr = index_row(x2[r], g2[gn], y, valid, w, wsum, eps, eps_c, z, cap, mode, gr,
+                                    mx[r], lsx[r], lanes)
+        if mode != BACKWARD:
+            loss[r] = lr * swr if valid else 0.0
+            mx[r] = mr
+            lsx[r] = lsr
+            top1[r] = tr
 
 
-@jit(parallel=True)
-def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad):
+@jit(python_callable=True)
+def prob_kernel(lo, hi, x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad):
     """Cross-entropy with probability targets ``t`` (same layout as ``x``, in the compute type).
 
     ``t~ = t*keep + add`` (``keep = 1 - eps``, ``add = eps/C``; 1 and 0 without smoothing). Other
@@ -426,26 +432,17 @@ def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad):
     g2 = grad.reshape((grad.shape[0], grad.shape[1] * grad.shape[2]))
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    ntasks = min(R, ROW_TASKS)
-    for task in prange(ntasks):
-        lanes = compute_scratch(x, MAX_LANES)
-        for r in range(task * R // ntasks, (task + 1) * R // ntasks):
-            n = r // S
-            s = r - n * S
-            swr = sw[r] if per_row_sw else sw[0]
-            gr = (g[r] if per_row_g else g[0]) * swr
-            gn = n if mode != FORWARD else 0
-            if S == 1:
-                lr, mr, lsr = prob_row(x2[n], t2[n], g2[gn], w, keep, add, z, cap, mode, gr, mx[r],
-                                       lsx[r], lanes)
-            else:
-                gs = s if mode != FORWARD else 0
-                lr, mr, lsr = prob_row(x[n, :, s], t[n, :, s], grad[gn, :, gs], w, keep, add, z,
-                                       cap, mode, gr, mx[r], lsx[r], lanes)
-            if mode != BACKWARD:
-                loss[r] = lr * swr
-                mx[r] = mr
-                lsx[r] = lsr
+    lanes = compute_scratch(x, MAX_LANES)
+    for r in range(lo, hi):
+        swr = sw[r] if per_row_sw else sw[0]
+        gr = (g[r] if per_row_g else g[0]) * swr
+        gn = r if mode != FORWARD else 0
+        lr, mr, lsr = prob_row(x2[r], t2[r], g2[gn], w, keep, add, z, cap, mode, gr, mx[r], lsx[r],
+                               lanes)
+        if mode != BACKWARD:
+            loss[r] = lr * swr
+            mx[r] = mr
+            lsx[r] = lsr
 
 
 # -- column blocks: many short or strided rows at once -------------------------------------------------
@@ -457,12 +454,11 @@ def prob_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad):
 # A block is named by ``(X, i0, s0, nb)``: class ``c`` of the block's rows is ``X[i0 + c, s0:s0 + nb]``.
 
 COLUMN_MAX_C = 40  # 2-D input with at most this many classes takes the column kernels (measured crossover)
-COLUMN_MIN_S = 16  # K-dim input with at least this many positions per sample does
+# K-dim input always does (its rows are strided; see index_kernel)
 COLUMN_BLOCK_ELEMENTS = 4096  # C * nb: a block and its gradient scratch fit in L1
-COLUMN_TASKS = 256  # blocks are dealt to at most this many prange iterations (scratch reused within)
 
 
-@jit()
+@jit(python_callable=True)
 def column_block_rows(C):
     """Rows per block: ``COLUMN_BLOCK_ELEMENTS / C`` rounded down to a multiple of 16, in [16, 1024]."""
     nb = COLUMN_BLOCK_ELEMENTS // max(C, 1)
@@ -653,7 +649,7 @@ def column_block(blk, N, C, S, nbmax):
     return n, n * C, s0, min(nbmax, S - s0), n * S + s0
 
 
-@jit()
+@jit(python_callable=True)
 def column_count(N, S, nbmax):
     if S == 1:
         return (N + nbmax - 1) // nbmax
@@ -690,10 +686,11 @@ def _row_factor(g, sw, r, per_row_g, per_row_sw):
     return (g[r] if per_row_g else g[0]) * (sw[r] if per_row_sw else sw[0])
 
 
-@jit(parallel=True)
-def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx, lsx, loss,
-                      top1, grad, rows_out):
-    """:func:`index_kernel` over column blocks (same arguments and results).
+@jit(python_callable=True)
+def index_cols_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx, lsx,
+                      loss, top1, grad, rows_out):
+    """:func:`index_kernel` over the column blocks ``[lo, hi)`` (of :func:`column_count`; other
+    arguments and results the same).
 
     ``rows_out=False`` (forward for a 'sum'/'mean' caller) writes no per-row output: ``loss`` is
     then ``(column_count(...),)`` and receives each block's float64 loss sum, ``mx, lsx, top1`` are
@@ -704,86 +701,83 @@ def index_cols_kernel(x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw
     X = column_views(x, S)
     GX = column_views(grad, grad.shape[2])
     nbmax = column_block_rows(C)
-    nblocks = column_count(N, S, nbmax)
-    ntasks = min(nblocks, COLUMN_TASKS)
     eps_c = eps / C
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch_grad = mode != FORWARD and (S == 1 or _same_memory(x, grad))
-    for task in prange(ntasks):
-        XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
-        GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
-        E = compute_scratch(x, C * nbmax).reshape((C, nbmax))
-        m = compute_scratch(x, nbmax)
-        s = compute_scratch(x, nbmax)
-        d = compute_scratch(x, nbmax)
-        ls = compute_scratch(x, nbmax)
-        xy = compute_scratch(x, nbmax)
-        wy = compute_scratch(x, nbmax)
-        coef = compute_scratch(x, nbmax)
-        tcoef = compute_scratch(x, nbmax)
-        yv = np.empty(nbmax, np.int64)
-        ok = np.empty(nbmax, np.bool_)
-        lrow = np.empty(nbmax if not rows_out else 0, np.float64)
-        for blk in range(task * nblocks // ntasks, (task + 1) * nblocks // ntasks):
-            n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-            src = _block_source(X, XT, S, n, nb, C)
-            if mode != BACKWARD:
-                cols_max(src, i0, s0, nb, C, m, cap)
-                cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, E)
-                cols_log(s, ls, nb)
-            else:
-                _load_saved(mx, lsx, r0, nb, m, ls)
-            cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
-            if mode != BACKWARD:
-                lb = loss[r0:r0 + nb] if rows_out else lrow[:nb]
-                for b in range(nb):
-                    lb[b] = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z)
-                if per_row_sw:
-                    for b in range(nb):
-                        lb[b] *= sw[r0 + b]
-                elif sw[0] != 1:
-                    for b in range(nb):
-                        lb[b] *= sw[0]
-                for b in range(nb):
-                    if not ok[b]:
-                        lb[b] = 0.0
-                if not rows_out:
-                    loss[blk] = np.sum(lb)
-                else:
-                    for b in range(nb):
-                        r = r0 + b
-                        mx[r] = m[b]
-                        lsx[r] = ls[b]
-                        top1[r] = ok[b] & (xy[b] >= m[b])
-                    for b in range(nb):  # ties for the maximum go to the lowest class
-                        if top1[r0 + b] and yv[b] > 0:
-                            top1[r0 + b] = row_is_top1(src[i0:i0 + yv[b] + 1, s0 + b], yv[b],
-                                                       xy[b], m[b], cap)
-            if mode == FORWARD:
-                continue
+    XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
+    GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
+    E = compute_scratch(x, C * nbmax).reshape((C, nbmax))
+    m = compute_scratch(x, nbmax)
+    s = compute_scratch(x, nbmax)
+    d = compute_scratch(x, nbmax)
+    ls = compute_scratch(x, nbmax)
+    xy = compute_scratch(x, nbmax)
+    wy = compute_scratch(x, nbmax)
+    coef = compute_scratch(x, nbmax)
+    tcoef = compute_scratch(x, nbmax)
+    yv = np.empty(nbmax, np.int64)
+    ok = np.empty(nbmax, np.bool_)
+    lrow = np.empty(nbmax if not rows_out else 0, np.float64)
+    for blk in range(lo, hi):
+        n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
+        src = _block_source(X, XT, S, n, nb, C)
+        if mode != BACKWARD:
+            cols_max(src, i0, s0, nb, C, m, cap)
+            cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, E)
+            cols_log(s, ls, nb)
+        else:
+            _load_saved(mx, lsx, r0, nb, m, ls)
+        cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
+        if mode != BACKWARD:
+            lb = loss[r0:r0 + nb] if rows_out else lrow[:nb]
             for b in range(nb):
-                gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw) if ok[b] else 0.0
-                coef[b] = like(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), x)
-                tcoef[b] = like(gv * eps_c, x)
-            dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
-            from_exp = cols_block_grad(src, None, E, i0, s0, nb, C, m, ls, s, coef, tcoef, w, 1, 0,
-                                       cap, mode, dst, gi0, gs0)
-            for b in range(nb):  # the true-class term, as in index_row
-                if ok[b]:
-                    term = like(_row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
-                                * np.float64(wy[b]), x)
-                    if from_exp:
-                        gy = E[yv[b], b] * s[b] - wy[b] * tcoef[b] - term
-                    else:
-                        gy = exp_nonpos((xy[b] - m[b]) - ls[b]) * coef[b] - wy[b] * tcoef[b] - term
-                    store(dst[gi0 + yv[b]], gs0 + b, gy * cap_slope(xy[b], cap))
-            _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
+                lb[b] = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z)
+            if per_row_sw:
+                for b in range(nb):
+                    lb[b] *= sw[r0 + b]
+            elif sw[0] != 1:
+                for b in range(nb):
+                    lb[b] *= sw[0]
+            for b in range(nb):
+                if not ok[b]:
+                    lb[b] = 0.0
+            if not rows_out:
+                loss[blk] = np.sum(lb)
+            else:
+                for b in range(nb):
+                    r = r0 + b
+                    mx[r] = m[b]
+                    lsx[r] = ls[b]
+                    top1[r] = ok[b] & (xy[b] >= m[b])
+                for b in range(nb):  # ties for the maximum go to the lowest class
+                    if top1[r0 + b] and yv[b] > 0:
+                        top1[r0 + b] = row_is_top1(src[i0:i0 + yv[b] + 1, s0 + b], yv[b],
+                                                   xy[b], m[b], cap)
+        if mode == FORWARD:
+            continue
+        for b in range(nb):
+            gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw) if ok[b] else 0.0
+            coef[b] = like(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), x)
+            tcoef[b] = like(gv * eps_c, x)
+        dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
+        from_exp = cols_block_grad(src, None, E, i0, s0, nb, C, m, ls, s, coef, tcoef, w, 1, 0,
+                                   cap, mode, dst, gi0, gs0)
+        for b in range(nb):  # the true-class term, as in index_row
+            if ok[b]:
+                term = like(_row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
+                            * np.float64(wy[b]), x)
+                if from_exp:
+                    gy = E[yv[b], b] * s[b] - wy[b] * tcoef[b] - term
+                else:
+                    gy = exp_nonpos((xy[b] - m[b]) - ls[b]) * coef[b] - wy[b] * tcoef[b] - term
+                store(dst[gi0 + yv[b]], gs0 + b, gy * cap_slope(xy[b], cap))
+        _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
 
 
-@jit(parallel=True)
-def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad, rows_out):
-    """:func:`prob_kernel` over column blocks (same arguments and results; ``rows_out`` as in
+@jit(python_callable=True)
+def prob_cols_kernel(lo, hi, x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad, rows_out):
+    """:func:`prob_kernel` over the column blocks ``[lo, hi)`` (``rows_out`` as in
     :func:`index_cols_kernel`)."""
     N, C, S = x.shape
     R = N * S
@@ -791,59 +785,56 @@ def prob_cols_kernel(x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, gra
     TX = column_views(t, S)
     GX = column_views(grad, grad.shape[2])
     nbmax = column_block_rows(C)
-    nblocks = column_count(N, S, nbmax)
-    ntasks = min(nblocks, COLUMN_TASKS)
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch_grad = mode != FORWARD and (S == 1 or _same_memory(x, grad))
-    for task in prange(ntasks):
-        XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
-        TT = np.empty((C, nbmax if S == 1 else 0), t.dtype)
-        GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
-        E = compute_scratch(x, C * nbmax).reshape((C, nbmax))
-        m = compute_scratch(x, nbmax)
-        s = compute_scratch(x, nbmax)
-        a = compute_scratch(x, nbmax)
-        d = compute_scratch(x, nbmax)
-        ls = compute_scratch(x, nbmax)
-        coef = compute_scratch(x, nbmax)
-        gcoef = compute_scratch(x, nbmax)
-        for blk in range(task * nblocks // ntasks, (task + 1) * nblocks // ntasks):
-            n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-            src = _block_source(X, XT, S, n, nb, C)
-            tsrc = _block_source(TX, TT, S, n, nb, C)
-            if mode != BACKWARD:
-                cols_max(src, i0, s0, nb, C, m, cap)
-                cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, True, E)
-                cols_log(s, ls, nb)
-                total = 0.0
-                for b in range(nb):
-                    r = r0 + b
-                    lb = prob_loss(m[b], ls[b], a[b], d[b], z) * (sw[r] if per_row_sw else sw[0])
-                    if rows_out:
-                        mx[r] = m[b]
-                        lsx[r] = ls[b]
-                        loss[r] = lb
-                    else:
-                        total += lb
-                if not rows_out:
-                    loss[blk] = total
-            else:
-                _load_saved(mx, lsx, r0, nb, m, ls)
-                cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, False, E)
-            if mode == FORWARD:
-                continue
+    XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
+    TT = np.empty((C, nbmax if S == 1 else 0), t.dtype)
+    GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
+    E = compute_scratch(x, C * nbmax).reshape((C, nbmax))
+    m = compute_scratch(x, nbmax)
+    s = compute_scratch(x, nbmax)
+    a = compute_scratch(x, nbmax)
+    d = compute_scratch(x, nbmax)
+    ls = compute_scratch(x, nbmax)
+    coef = compute_scratch(x, nbmax)
+    gcoef = compute_scratch(x, nbmax)
+    for blk in range(lo, hi):
+        n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
+        src = _block_source(X, XT, S, n, nb, C)
+        tsrc = _block_source(TX, TT, S, n, nb, C)
+        if mode != BACKWARD:
+            cols_max(src, i0, s0, nb, C, m, cap)
+            cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, True, E)
+            cols_log(s, ls, nb)
+            total = 0.0
             for b in range(nb):
-                gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw)
-                coef[b] = like(gv * prob_grad_scale(m[b], ls[b], a[b], z), x)
-                gcoef[b] = like(gv, x)
-            dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
-            cols_block_grad(src, tsrc, E, i0, s0, nb, C, m, ls, s, coef, gcoef, w, keep, add, cap,
-                            mode, dst, gi0, gs0)
-            _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
+                r = r0 + b
+                lb = prob_loss(m[b], ls[b], a[b], d[b], z) * (sw[r] if per_row_sw else sw[0])
+                if rows_out:
+                    mx[r] = m[b]
+                    lsx[r] = ls[b]
+                    loss[r] = lb
+                else:
+                    total += lb
+            if not rows_out:
+                loss[blk] = total
+        else:
+            _load_saved(mx, lsx, r0, nb, m, ls)
+            cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, False, E)
+        if mode == FORWARD:
+            continue
+        for b in range(nb):
+            gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw)
+            coef[b] = like(gv * prob_grad_scale(m[b], ls[b], a[b], z), x)
+            gcoef[b] = like(gv, x)
+        dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
+        cols_block_grad(src, tsrc, E, i0, s0, nb, C, m, ls, s, coef, gcoef, w, keep, add, cap,
+                        mode, dst, gi0, gs0)
+        _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
 
 
-@jit()
+@jit(python_callable=True)
 def check_targets(target, w, sw, ignore_index, C):
     """Validate class-index targets and total their weights in one serial pass.
 

@@ -17,7 +17,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload, register_jitable
 
-from . import _jit  # noqa: F401  (threading layer set before anything parallel)
+from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading layer first)
+
+_FAST = dict(HELPER_OPTIONS, fastmath=set(FASTMATH))
+_PLAIN = dict(HELPER_OPTIONS)
 
 __all__ = ["exp", "exp_nonpos", "log", "exact_storage", "load", "store", "compute_zero", "compute_scratch", "like", "capped", "cap_slope"]
 
@@ -80,7 +83,7 @@ def _f32_to_half_bits(typingctx, x):
 # NaN stays NaN (comparisons are written so NaN passes through), +inf is never an input here
 # (kernels only take exp(x - max) <= 1) but is clamped to a finite overflow anyway.
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _exp_reduced_f32(x):
     """``(p, n)`` with ``exp(x) = p * 2^n``, ``x`` already clamped."""
     n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
@@ -96,7 +99,7 @@ def _exp_reduced_f32(x):
     return p * (r * r) + r + np.float32(1.0), np.int32(n)
 
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _exp_reduced_f64(x):
     """``(p, n)`` with ``exp(x) = p * 2^n``, ``x`` already clamped."""
     n = np.floor(x * 1.4426950408889634 + 0.5)
@@ -118,7 +121,7 @@ def _exp_reduced_f64(x):
     return p * (r * r) + r + 1.0, np.int64(n)
 
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _exp_f32(x):
     if x < np.float32(-104.0):
         x = np.float32(-104.0)
@@ -132,7 +135,7 @@ def _exp_f32(x):
     return p * s1 * s2
 
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _exp_f64(x):
     if x < -746.0:
         x = -746.0
@@ -151,7 +154,7 @@ def _exp_f64(x):
 # bits in one step -- times the constant 2^-64, whose multiply does the single rounding into the
 # subnormal range. Four fewer vector instructions per element than the two-half scaling, same result.
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _exp_nonpos_f32(x):
     if x < np.float32(-104.0):
         x = np.float32(-104.0)
@@ -160,7 +163,7 @@ def _exp_nonpos_f32(x):
     return (p * s) * np.float32(5.421010862427522e-20)  # 2^-64
 
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _exp_nonpos_f64(x):
     if x < -746.0:
         x = -746.0
@@ -174,7 +177,7 @@ def exp_nonpos(x):
     raise NotImplementedError("numbaxent._math.exp_nonpos is only callable from Numba code")
 
 
-@overload(exp_nonpos, jit_options=dict(fastmath={"reassoc", "contract"}))
+@overload(exp_nonpos, jit_options=_FAST)
 def _exp_nonpos_overload(x):
     if x == types.float32:
         return lambda x: _exp_nonpos_f32(x)
@@ -188,7 +191,7 @@ def exp(x):
     raise NotImplementedError("numbaxent._math.exp is only callable from Numba code")
 
 
-@overload(exp, jit_options=dict(fastmath={"reassoc", "contract"}))
+@overload(exp, jit_options=_FAST)
 def _exp_overload(x):
     if x == types.float32:
         return lambda x: _exp_f32(x)
@@ -204,7 +207,7 @@ def _exp_overload(x):
 # exponentials (x >= 1 or NaN), it is exact to ~1 ulp for every positive normal x; +inf and NaN pass
 # through. Like exp, it is plain arithmetic, so loops over many rows' sums vectorise.
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _log_f32(x):
     b = _f32_as_i32(x)
     e = ((b >> np.int32(23)) & np.int32(0xFF)) - np.int32(127)
@@ -224,7 +227,7 @@ def _log_f32(x):
     return r if x < np.float32(np.inf) else x  # +inf and NaN (the comparison is false for NaN)
 
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _log_f64(x):
     b = _f64_as_i64(x)
     e = ((b >> np.int64(52)) & np.int64(0x7FF)) - np.int64(1023)
@@ -249,7 +252,7 @@ def log(x):
     raise NotImplementedError("numbaxent._math.log is only callable from Numba code")
 
 
-@overload(log, jit_options=dict(fastmath={"reassoc", "contract"}))
+@overload(log, jit_options=_FAST)
 def _log_overload(x):
     if x == types.float32:
         return lambda x: _log_f32(x)
@@ -264,7 +267,7 @@ def load(v):
     raise NotImplementedError
 
 
-@overload(load)
+@overload(load, jit_options=_PLAIN)
 def _load_overload(v):
     if v in (types.float32, types.float64):
         return lambda v: v
@@ -280,7 +283,7 @@ def store(arr, j, v):
     raise NotImplementedError
 
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _f32_to_bf16_bits(v):
     b = _f32_as_i32(np.float32(v))
     if (b & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000):  # NaN: keep it a (quiet) NaN
@@ -290,7 +293,7 @@ def _f32_to_bf16_bits(v):
     return np.int16(b >> np.int32(16))
 
 
-@overload(store)
+@overload(store, jit_options=_PLAIN)
 def _store_overload(arr, j, v):
     dt = arr.dtype
     if dt in (types.float32, types.float64):
@@ -313,7 +316,7 @@ def compute_zero(arr):
     raise NotImplementedError
 
 
-@overload(compute_zero)
+@overload(compute_zero, jit_options=_PLAIN)
 def _compute_zero_overload(arr):
     if arr.dtype == types.float64:
         return lambda arr: np.float64(0.0)
@@ -326,7 +329,7 @@ def exact_storage(arr):
     raise NotImplementedError
 
 
-@overload(exact_storage)
+@overload(exact_storage, jit_options=_PLAIN)
 def _exact_storage_overload(arr):
     exact = arr.dtype in (types.float32, types.float64)
     return lambda arr: exact
@@ -337,7 +340,7 @@ def compute_scratch(arr, n):
     raise NotImplementedError
 
 
-@overload(compute_scratch)
+@overload(compute_scratch, jit_options=_PLAIN)
 def _compute_scratch_overload(arr, n):
     if arr.dtype == types.float64:
         return lambda arr, n: np.empty(n, np.float64)
@@ -349,7 +352,7 @@ def like(v, arr):
     raise NotImplementedError
 
 
-@overload(like)
+@overload(like, jit_options=_PLAIN)
 def _like_overload(v, arr):
     if arr.dtype == types.float64:
         return lambda v, arr: np.float64(v)
@@ -372,14 +375,14 @@ def one_like(v):
     raise NotImplementedError
 
 
-@overload(one_like)
+@overload(one_like, jit_options=_PLAIN)
 def _one_like_overload(v):
     if v == types.float32:
         return lambda v: np.float32(1.0)
     return lambda v: np.float64(1.0)
 
 
-@register_jitable
+@register_jitable(**_PLAIN)
 def _tanh(u):
     # 1 - 2/(e^{2u} + 1) with the vectorisable exp; saturates to +-1, NaN stays NaN. Absolute error is
     # a few ulps of 1, which is what a logit of size `cap` carries anyway.
@@ -387,7 +390,7 @@ def _tanh(u):
     return one - (one + one) / (exp(u + u) + one)
 
 
-@overload(capped)
+@overload(capped, jit_options=_PLAIN)
 def _capped_overload(v, cap):
     if isinstance(cap, (types.NoneType, types.Omitted)):
         return lambda v, cap: v
@@ -399,7 +402,7 @@ def _capped_overload(v, cap):
     return impl
 
 
-@overload(cap_slope)
+@overload(cap_slope, jit_options=_PLAIN)
 def _cap_slope_overload(vc, cap):
     if isinstance(cap, (types.NoneType, types.Omitted)):
         return lambda vc, cap: one_like(vc)

@@ -207,7 +207,7 @@ def metrics_rows(x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, en
         pred[r] = pr
 
 
-@jit()
+@jit(python_callable=True)
 def metrics_reduce(target, rank, pred, loss, conf, ks, cls_count, cls_correct, cls_pred, cls_loss,
                    topk_correct, bin_count, bin_conf, bin_correct):
     """Fold per-row records into the (zeroed, chunk-local) totals, serially in row order.

@@ -2,11 +2,14 @@
 
 Useful before a job whose workers start together (each would otherwise compile on first use), in a
 container image build, or on a login node before submitting to a cluster's compute nodes that share
-the installation.
+the installation. ``--cache-dir DIR`` fills a cache that every user then reads (with
+``NUMBAXENT_CACHE_DIR=DIR`` set, or without setting anything when DIR is the package's own
+``__pycache__``, which ``numbaxent cache`` shows).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -27,8 +30,15 @@ def _dtype(name: str):
     return np.dtype(name)
 
 
-def variants(dtypes=DTYPES):
-    """(label, thunk) for every compiled specialisation the public API can reach."""
+def variants(dtypes=DTYPES, only: str = ""):
+    """(label, thunk) for every compiled specialisation the public API can reach (whose label
+    contains ``only``)."""
+    for label, run in _all_variants(dtypes):
+        if only in label:
+            yield label, run
+
+
+def _all_variants(dtypes):
     rng = np.random.default_rng(0)
     for name in dtypes:
         dt = _dtype(name)
@@ -52,7 +62,8 @@ def variants(dtypes=DTYPES):
 
                 yield label, run
     for label, run in _extra_variants():
-        yield label, run
+        if label.split()[0] in dtypes:
+            yield label, run
 
 
 def _extra_variants():
@@ -70,13 +81,33 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="numbaxent warmup", description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default=",".join(DTYPES),
                         help="comma-separated logits dtypes to compile for (default: %(default)s)")
+    parser.add_argument("--only", default="", metavar="TEXT",
+                        help="compile only the variants whose label contains TEXT, e.g. "
+                             "'class-index softcap=off'")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="write the compiled kernels to DIR (default: the first writable "
+                             "directory, see 'numbaxent cache')")
     args = parser.parse_args(argv)
-    from ._cache import cache_dir
+    from . import _cache
 
-    print(f"numbaxent warmup: caching compiled kernels in {cache_dir() or '(numba default)'}",
-          file=sys.stderr)
+    if args.cache_dir:
+        if _cache._chosen_dir is not None:  # kernels already imported in this process
+            print("numbaxent warmup: --cache-dir must be given before any kernel is used",
+                  file=sys.stderr)
+            return 2
+        if not _cache.writable(args.cache_dir):
+            print(f"numbaxent warmup: cannot write to {args.cache_dir}", file=sys.stderr)
+            return 1
+        os.environ[_cache.ENV_VAR] = os.path.abspath(args.cache_dir)
+    target = _cache.cache_dir()
+    if target is None:
+        print("numbaxent warmup: no writable cache directory (see 'numbaxent cache'); nothing "
+              "would be kept", file=sys.stderr)
+        return 1
+    print(f"numbaxent warmup: caching compiled kernels in {target}", file=sys.stderr)
     t_all = time.perf_counter()
-    for label, run in variants(tuple(d.strip() for d in args.dtypes.split(",") if d.strip())):
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    for label, run in variants(dtypes, args.only):
         t0 = time.perf_counter()
         run()
         print(f"  {label}  {time.perf_counter() - t0:6.2f} s", file=sys.stderr)

@@ -20,19 +20,20 @@ import pytest  # noqa: E402
 
 @contextlib.contextmanager
 def kernel_path(path):
-    """Force the row kernels or the column kernels for every shape (``path`` 'rows' or 'columns');
-    None leaves the dispatch alone."""
+    """Force the row kernels or the column kernels for every 2-D shape (``path`` 'rows' or
+    'columns'; K-dim and Fortran-ordered input always take the column kernels); None leaves the
+    dispatch alone."""
     from numbaxent import _kernels as k
 
-    saved = k.COLUMN_MAX_C, k.COLUMN_MIN_S
+    saved = k.COLUMN_MAX_C
     if path == "rows":
-        k.COLUMN_MAX_C, k.COLUMN_MIN_S = -1, 2**62
+        k.COLUMN_MAX_C = -1
     elif path == "columns":
-        k.COLUMN_MAX_C, k.COLUMN_MIN_S = 2**62, 2
+        k.COLUMN_MAX_C = 2**62
     try:
         yield
     finally:
-        k.COLUMN_MAX_C, k.COLUMN_MIN_S = saved
+        k.COLUMN_MAX_C = saved
 
 
 @pytest.fixture(params=["rows", "columns"])

@@ -124,8 +124,8 @@ def test_dispatch_thresholds():
 
     assert _use_columns((100, k.COLUMN_MAX_C, 1))
     assert not _use_columns((100, k.COLUMN_MAX_C + 1, 1))
-    assert _use_columns((2, 1000, k.COLUMN_MIN_S))
-    assert not _use_columns((2, 3, k.COLUMN_MIN_S - 1))
+    assert _use_columns((2, 1000, 2))  # K-dim rows are strided: always the column kernels
+    assert _use_columns((1, 1000, 7))  # 2-D Fortran-ordered input seen as (1, C, N)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

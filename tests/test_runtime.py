@@ -5,6 +5,8 @@ Expected values come from a plain float64 NumPy log-softmax written here, never 
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -150,28 +152,39 @@ def package_copy(tmp_path):
     shutil.copytree(os.path.join(ROOT, "numbaxent"), dst / "numbaxent",
                     ignore=shutil.ignore_patterns("__pycache__"))
     env = {"PYTHONPATH": str(dst), "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
-    env.pop("NUMBA_CACHE_DIR", None)
     return dst, env
 
 
-def _probe(env, seed=0):
-    import json
-
-    env = dict(env)
+def _probe_run(env, seed=0, prefix=()):
+    env = {k: v for k, v in {**os.environ, **env}.items()
+           if k not in ("NUMBA_CACHE_DIR", "NUMBAXENT_CACHE_DIR") or k in env}
     # cwd matters: `python -c` puts the working directory first on sys.path
-    r = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(seed)], capture_output=True,
-                       cwd=env["PYTHONPATH"],
-                       text=True, env={k: v for k, v in {**os.environ, **env}.items()
-                                       if k != "NUMBA_CACHE_DIR"}, timeout=300)
+    return subprocess.run([*prefix, sys.executable, "-c", CACHE_PROBE, str(seed)],
+                          capture_output=True, cwd=env["PYTHONPATH"], text=True, env=env,
+                          timeout=300)
+
+
+def _probe(env, seed=0):
+    r = _probe_run(env, seed)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_cache_hit_then_invalidated_by_a_change_in_another_module(package_copy):
+def _user_cache(tmp_path, dst):
+    import hashlib
+
+    tag = hashlib.sha1(str(dst / "numbaxent").encode()).hexdigest()[:16]
+    return str(tmp_path / "xdg" / "numbaxent" / tag)
+
+
+def test_cache_hit_then_invalidated_by_a_change_in_another_module(package_copy, tmp_path):
     dst, env = package_copy
     first = _probe(env)
     assert first["ok"] and first["misses"] >= 1 and first["hits"] == 0
-    assert first["dir"] == str(dst / "numbaxent" / "__pycache__")
+    # new entries go to the user cache, not into the installed package (uninstall leaves nothing)
+    assert first["dir"] == _user_cache(tmp_path, dst)
+    assert not any(n.endswith(".nbi") for n in os.listdir(dst / "numbaxent" / "__pycache__")) \
+        if (dst / "numbaxent" / "__pycache__").is_dir() else True
     second = _probe(env)
     assert second["ok"] and second["hits"] >= 1 and second["misses"] == 0
     # a change in _math.py (not the kernel's own file) must invalidate the kernel's cache entry
@@ -181,23 +194,99 @@ def test_cache_hit_then_invalidated_by_a_change_in_another_module(package_copy):
     assert third["ok"] and third["misses"] >= 1 and third["hits"] == 0
 
 
-def test_read_only_package_directory_falls_back_to_user_cache(package_copy, tmp_path):
+def test_nothing_writable_compiles_in_memory_and_warns_once(package_copy, tmp_path):
     dst, env = package_copy
-    # tests may run as root, for whom permissions do not stop writes: make __pycache__ a file instead
+    # root may write anywhere: make every candidate impossible instead (a file where a directory
+    # would be created)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    env = dict(env, XDG_CACHE_HOME=str(blocker), HOME=str(blocker))
     (dst / "numbaxent" / "__pycache__").write_text("not a directory")
-    first = _probe(env)
-    assert first["ok"]
-    assert first["dir"].startswith(str(tmp_path / "xdg" / "numbaxent"))
-    assert any(name.endswith(".nbi") for name in os.listdir(first["dir"]))
-    second = _probe(env)
-    assert second["ok"] and second["hits"] >= 1 and second["misses"] == 0
+    r = _probe_run(env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["ok"] and out["dir"] is None and out["hits"] == 0
+    assert r.stderr.count("no writable directory for the kernel cache") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@contextlib.contextmanager
+def _read_only(path):
+    """Make ``path`` unwritable even for root (``chattr +i``), or skip."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)],
+                                                            capture_output=True).returncode:
+            pytest.skip("cannot make a directory read-only for root here (chattr +i)")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        mode = os.stat(path).st_mode
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, mode)
+
+
+def _unprivileged():
+    """Command prefix running a process as 'nobody' with no writable home, when we are root: it may
+    read everything (the interpreter lives under /root here) but write only where anyone may."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+
+
+def test_warmup_cache_dir_is_read_by_another_user_and_cleared(package_copy, tmp_path):
+    dst, env = package_copy
+    shared = tmp_path / "shared"
+    full = {k: v for k, v in {**os.environ, **env}.items() if k != "NUMBA_CACHE_DIR"}
+    r = subprocess.run([sys.executable, "-m", "numbaxent", "warmup", "--dtypes", "float64",
+                        "--only", "class-index softcap=off", "--cache-dir", str(shared)],
+                       capture_output=True, text=True, env=full, cwd=dst, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert str(shared) in r.stderr and "class-index" in r.stderr
+    assert any(n.endswith(".nbi") for n in os.listdir(shared))
+    before = sorted(os.listdir(shared))
+
+    # another user, no writable home, the shared cache read-only: every kernel is a hit
+    other = dict(env, NUMBAXENT_CACHE_DIR=str(shared), HOME="/nonexistent")
+    other.pop("XDG_CACHE_HOME")
+    prefix = _unprivileged()
+    if not prefix:  # not root: the same user, with nothing else writable
+        blocker = tmp_path / "blocker"
+        blocker.write_text("a file")
+        other.update(XDG_CACHE_HOME=str(blocker))
+        (dst / "numbaxent" / "__pycache__").write_text("not a directory")
+    with _read_only(shared):
+        r = _probe_run(other, prefix=prefix)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["ok"] and out["hits"] >= 1 and out["misses"] == 0, out
+    assert out["dir"] is None  # nothing writable for this user ...
+    assert r.stderr.count("no writable directory") == 1  # ... said once, no traceback
+    assert "Traceback" not in r.stderr
+    assert sorted(os.listdir(shared)) == before
+
+    # `numbaxent cache` lists the shared directory and --clear empties it
+    listing = subprocess.run([sys.executable, "-m", "numbaxent", "cache"], capture_output=True,
+                             text=True, env={**full, "NUMBAXENT_CACHE_DIR": str(shared)}, cwd=dst)
+    assert listing.returncode == 0 and str(shared) in listing.stdout
+    n_index = sum(n.endswith(".nbi") for n in before)
+    assert f"{n_index} kernels" in listing.stdout
+    cleared = subprocess.run([sys.executable, "-m", "numbaxent", "cache", "--clear"],
+                             capture_output=True, text=True,
+                             env={**full, "NUMBAXENT_CACHE_DIR": str(shared)}, cwd=dst)
+    assert cleared.returncode == 0, cleared.stderr
+    assert not any(n.endswith((".nbi", ".nbc")) for n in os.listdir(shared))
 
 
 def test_concurrent_cold_compiles_in_several_processes(package_copy):
-    import json
-
     dst, env = package_copy
-    full_env = {k: v for k, v in {**os.environ, **env}.items() if k != "NUMBA_CACHE_DIR"}
+    full_env = {k: v for k, v in {**os.environ, **env}.items()
+                if k not in ("NUMBA_CACHE_DIR", "NUMBAXENT_CACHE_DIR")}
     procs = [subprocess.Popen([sys.executable, "-c", CACHE_PROBE, str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=full_env, cwd=dst)
              for i in range(3)]
@@ -265,11 +354,16 @@ def test_non_thread_safe_layer_is_serialised_not_aborted():
 
 
 ASM_PROBE = """
-import numpy as np
+import numba, numpy as np
 from numbaxent import _kernels
+
+@numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
+def probe(row, m):  # the helper has no Python entry point: LLVM inlines it into this one
+    return _kernels.row_sumexp(row, m, None, row, False)
+
 row = np.linspace(-3, 3, 257).astype(np.float32)
-_kernels.row_sumexp(row, np.float32(3.0), None, None)
-asm = _kernels.row_sumexp.inspect_asm(_kernels.row_sumexp.signatures[0])
+probe(row, np.float32(3.0))
+asm = probe.inspect_asm(probe.signatures[0])
 packed = [ln for ln in asm.splitlines() if "ps\t" in ln and ("%ymm" in ln or "%zmm" in ln)]
 print(len(packed))
 """
@@ -278,11 +372,11 @@ print(len(packed))
 def test_row_loops_compile_to_packed_simd_instructions(tmp_path):
     # LLVM does not vectorise math.exp here (no SVML); numbaxent's exp is plain arithmetic so the
     # row loops must come out as packed AVX instructions: check the machine code of the exp-sum loop
-    # (compiled afresh in a private cache directory: numba cannot show the assembly of cached code)
+    # (through an uncached wrapper: numba cannot show the assembly of cached code)
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 assembly check")
-    r = run_py(ASM_PROBE, env_extra={"NUMBA_CACHE_DIR": str(tmp_path)})
+    r = run_py(ASM_PROBE)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.strip().splitlines()[-1]) > 10, "the float32 exp-sum loop is not vectorised"
