@@ -705,22 +705,31 @@ def _compiled_kernels() -> int:
     return n
 
 
-def _warm_kernels(pairs, C: int, ignore_index: int) -> None:
-    """Run the evaluator on the first row of each kind of input pair (logits and targets: their
-    dtypes, and read-only memory maps or writable buffers), so that compiling is not part of the
-    timing. The targets must have been checked already."""
+def _warm_kernels(pairs, C: int, rows) -> None:
+    """Compile (or load) the kernels for every kind of chunk the pass will see, before the clock
+    starts: Numba specialises on the dtype and on whether an array is read-only (a memory map used
+    in place) or writable (a converted copy, a decompressed buffer), which depends on the file's
+    layout and on how the chunk covers it. So each pair's first chunk goes through the evaluator's
+    own checks, and a one-row array with the same dtype and flags is evaluated."""
     from .evaluate import Evaluator
 
     seen = set()
     for p in pairs:
-        key = (type(p.xs).__name__, p.xdtype.str, p.xshape[2:] == (), type(p.ts).__name__,
-               _shape_dtype(p.ts)[1].str)
-        if key in seen or p.stop <= p.start:
+        if p.stop <= p.start:
+            continue
+        r = rows or _default_rows(p.xs)
+        _, _, x = next(iter(_row_chunks(p.xs, r, p.start, p.stop)))
+        _, _, t = next(iter(_row_chunks(p.ts, r, p.start, p.stop)))
+        x3, tgt, _, _ = Evaluator(C)._check(x, t)
+        dtype = x.dtype.newbyteorder("=") if x.dtype.itemsize in (2, 4, 8) else np.dtype(np.float64)
+        key = (dtype.str, x3.flags.writeable, tgt.flags.writeable)
+        if key in seen:
             continue
         seen.add(key)
-        _, _, x = next(iter(_row_chunks(p.xs, 1, p.start, p.start + 1)))
-        _, _, t = next(iter(_row_chunks(p.ts, 1, p.start, p.start + 1)))
-        Evaluator(C, ignore_index=ignore_index).update(x, t)
+        xp = np.zeros((1, C), dtype=dtype)
+        tp = np.zeros(1, dtype=np.int64)
+        xp.flags.writeable, tp.flags.writeable = key[1], key[2]
+        Evaluator(C).update(xp, tp)
 
 
 def _abs_spec(label: str) -> str:
@@ -763,7 +772,7 @@ def _run(args, parser) -> int:
             _scan_targets(p.ts, max(args.chunk_rows or _default_rows(p.xs), 1 << 16), C,
                           args.ignore_index, p.start, p.stop)
         t0 = time.perf_counter()
-        _warm_kernels(pairs, C, args.ignore_index)
+        _warm_kernels(pairs, C, args.chunk_rows)
         warmup = time.perf_counter() - t0
         compiled = _compiled_kernels()
     progress = _Progress(n_rows, args.progress)
@@ -901,14 +910,16 @@ def _coverage(paths, infos):
 def _run_merge(args, parser) -> int:
     from .evaluate import _read_state
 
-    total = None
-    infos, seen = [], {}
-    for path in args.states:
+    seen = {}
+    for path in args.states:  # before reading any: a state given twice would count twice
         real = os.path.realpath(path)
         if real in seen:
             also = "" if seen[real] == path else f" (also as {seen[real]})"
             raise InputError(f"{path}: given twice{also}; each state may be merged once")
         seen[real] = path
+    total = None
+    infos = []
+    for path in args.states:
         try:
             ev, info = _read_state(path)
         except FileNotFoundError:
