@@ -651,18 +651,17 @@ def test_range_and_file_count_usage_errors_exit_2(files, capsys):
     assert rc == 2 and "usage: numbaxent merge" in err
 
 
-def test_merge_as_a_program(files, tmp_path):
+def test_merge_as_a_program(files, tmp_path, capsys):
     d, *_ = files
     for i, r in enumerate(("0:300", "300:")):
-        r_ = _cmd(sys.executable, "-m", "numbaxent", "eval", str(d / "x.npy"), str(d / "t.npy"),
-                  "--rows", r, "--save-state", str(tmp_path / f"s{i}.npz"), "--json")
-        assert r_.returncode == 0, r_.stderr
-    whole = _cmd(sys.executable, "-m", "numbaxent", "eval", str(d / "x.npy"), str(d / "t.npy"),
-                 "--json")
+        assert main([str(d / "x.npy"), str(d / "t.npy"), "--rows", r, "--save-state",
+                     str(tmp_path / f"s{i}.npz")]) == 0
+    capsys.readouterr()
+    whole = run_json(capsys, d / "x.npy", d / "t.npy")
     merged = _cmd(sys.executable, "-m", "numbaxent", "merge", str(tmp_path / "s0.npz"),
                   str(tmp_path / "s1.npz"), "--json")
     assert merged.returncode == 0, merged.stderr
-    assert_same_report(json.loads(merged.stdout), json.loads(whole.stdout))
+    assert_same_report(json.loads(merged.stdout), whole)
     bad = _cmd(sys.executable, "-m", "numbaxent", "merge", str(d / "x.npy"))
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("numbaxent merge: error: ")
