@@ -682,26 +682,33 @@ def _read_state(path):
             raise ValueError(f"{path}: evaluator state format version {version} is not supported "
                              f"(this numbaxent reads version {STATE_VERSION}); use the numbaxent "
                              f"version that wrote it")
-        C = int(get("num_classes", "iu", 0))
+        settings = dict(num_classes=int(get("num_classes", "iu", 0)),
+                        ignore_index=int(get("ignore_index", "iu", 0)),
+                        label_smoothing=float(get("label_smoothing", "f", 0)),
+                        topk=tuple(int(k) for k in get("topk", "iu", 1)),
+                        calibration_bins=int(get("calibration_bins", "iu", 0)),
+                        confusion=bool(get("confusion", "b", 0)))
         weight = get("weight", "iuf", 1)
+        state = dict(ints=get("ints", "iu", 1), hi=get("hi", "f", 1), lo=get("lo", "f", 1),
+                     matrix=get("matrix", "iu", 2))
+        # the shapes the settings imply, checked before anything of that size is allocated (a
+        # corrupt class count must not become a huge allocation)
+        C, B, K = (settings["num_classes"], settings["calibration_bins"],
+                   len(set(settings["topk"])))
+        n_float = Evaluator._N_FLOAT_SCALARS + C + B
+        expect = dict(ints=(Evaluator._N_INT_SCALARS + K + 3 * C + 2 * B,), hi=(n_float,),
+                      lo=(n_float,), matrix=(C, C) if settings["confusion"] else (0, 0))
+        for name, shape in expect.items():
+            if state[name].shape != shape:
+                raise ValueError(f"{path}: corrupt evaluator state (member '{name}' has shape "
+                                 f"{state[name].shape}, its settings need {shape})")
         try:
-            ev = Evaluator(C, weight=weight if weight.shape[0] else None,
-                           ignore_index=int(get("ignore_index", "iu", 0)),
-                           label_smoothing=float(get("label_smoothing", "f", 0)),
-                           topk=tuple(int(k) for k in get("topk", "iu", 1)),
-                           calibration_bins=int(get("calibration_bins", "iu", 0)),
-                           confusion=bool(get("confusion", "b", 0)))
+            ev = Evaluator(weight=weight if weight.shape[0] else None, **settings)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: invalid evaluator settings ({exc})") from None
-        state = dict(ints=(get("ints", "iu", 1), ev._ints), hi=(get("hi", "f", 1), ev._hi),
-                     lo=(get("lo", "f", 1), ev._lo),
-                     matrix=(get("matrix", "iu", 2),
-                             ev._cm if ev._cm is not None else np.zeros((0, 0), np.int64)))
-        for name, (got, into) in state.items():
-            if got.shape != into.shape:
-                raise ValueError(f"{path}: corrupt evaluator state (member '{name}' has shape "
-                                 f"{got.shape}, its settings need {into.shape})")
-            into[...] = got
+        ev._ints[...], ev._hi[...], ev._lo[...] = state["ints"], state["hi"], state["lo"]
+        if ev._cm is not None:
+            ev._cm[...] = state["matrix"]
         try:
             info = json.loads(str(get("info", "U", 0)))
         except json.JSONDecodeError as exc:

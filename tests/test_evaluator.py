@@ -637,8 +637,11 @@ def test_load_rejects_corrupt_truncated_foreign_and_future_files(tmp_path):
     cases["counts.npz"] = r"corrupt evaluator state \(inconsistent counts\)"
     _rewrite(path, tmp_path / "matrixsum.npz", matrix=ev._cm * 2)
     cases["matrixsum.npz"] = r"inconsistent counts"
-    _rewrite(path, tmp_path / "classes.npz", num_classes=np.array(0))
-    cases["classes.npz"] = r"invalid evaluator settings \(num_classes must be >= 1"
+    _rewrite(path, tmp_path / "smoothing.npz", label_smoothing=np.array(2.0))
+    cases["smoothing.npz"] = r"invalid evaluator settings \(label_smoothing must be between"
+    _rewrite(path, tmp_path / "huge.npz", num_classes=np.array(10**9))  # checked, not allocated
+    cases["huge.npz"] = r"corrupt evaluator state \(member 'ints' has shape \(\d+,\), its " \
+                        r"settings need \(3000000\d+,\)\)"
     np.save(tmp_path / "array.npy", np.zeros(3))
     cases["array.npy"] = r"a single .npy array, not a .npz state file"
     for name, pattern in cases.items():
