@@ -667,3 +667,17 @@ def test_merge_as_a_program(files, tmp_path, capsys):
     assert bad.stderr.startswith("numbaxent merge: error: ")
     usage = _cmd(sys.executable, "-m", "numbaxent")
     assert "merge" in usage.stdout
+
+
+def test_row_ranges_on_every_input_format(files, capsys):
+    d, x, t, _ = files
+    ref = reference(x[137:400], t[137:400], C)
+    for xs, ts in ((d / "x.npy", d / "t.npy"), (d / "xf.npy", d / "t32.npy"),
+                   (f"{d / 'stored.npz'}:logits", f"{d / 'stored.npz'}:targets"),
+                   (f"{d / 'packed.npz'}:logits", f"{d / 'packed.npz'}:targets")):
+        for chunk in ("50", "1000"):
+            got = run_json(capsys, xs, ts, "--rows", "137:400", "--chunk-rows", chunk)
+            assert got["n_seen"] == 263 and got["n_ignored"] == ref["n_ignored"], (xs, chunk)
+            assert got["per_class"]["count"] == ref["per_class"]["count"].tolist()
+            assert got["loss"] == pytest.approx(ref["loss"], rel=2e-5), (xs, chunk)
+            assert got["accuracy"]["1"] == pytest.approx(ref["accuracy"][1], abs=1e-12)
