@@ -1,7 +1,7 @@
 """``numbaxent`` command line: ``python -m numbaxent COMMAND [options]``.
 
 Each sub-command lives in its own module (imported only when used, so the core never imports the
-CLI's dependencies) and exposes ``main(argv) -> int``.
+CLI's dependencies) and exposes ``main(argv) -> int`` (or the function named after ``module:``).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "demo": ("numbaxent.demo", "train a small NumPy MLP on handwritten digits with numbaxent's loss"),
     "eval": ("numbaxent.eval_cli", "stream-evaluate saved logits against targets (loss, accuracy, ...)"),
+    "merge": ("numbaxent.eval_cli:merge_main", "merge evaluator states saved by 'eval --save-state'"),
     "bench": ("numbaxent.bench", "side-by-side speed comparison with the memory floors, PyTorch, JAX"),
     "warmup": ("numbaxent._warmup", "compile every kernel ahead of time into the on-disk cache"),
     "cache": ("numbaxent.cache_cli", "show where compiled kernels are cached, their size; --clear"),
@@ -33,8 +34,9 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"numbaxent: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, func = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -164,8 +164,9 @@ def _merge_states(*states):
 
 
 def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index: int = -100,
-                     label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15, *,
-                     split_every: int = 8, threads=None, chunk_rows=None):
+                     label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15,
+                     confusion: bool = False, *, split_every: int = 8, threads=None,
+                     chunk_rows=None):
     """The graph behind :func:`evaluate`: ``(blocks, root)`` where ``blocks`` is a list of
     ``(rows, Delayed[Evaluator])`` per block and ``root`` the merged ``Delayed[Evaluator]``."""
     x, t = _align(logits, target, chunk_rows)
@@ -173,14 +174,14 @@ def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index
     if num_classes is not None and num_classes != C:
         raise ValueError(f"logits have {C} classes, num_classes={num_classes}")
     proto = Evaluator(C, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                      topk=topk, calibration_bins=calibration_bins)
+                      topk=topk, calibration_bins=calibration_bins, confusion=confusion)
     if not (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
         raise TypeError(f"logits must be floating point, got {x.dtype}")
     if t.dtype.kind not in "iu":
         raise TypeError(f"targets must be integer class indices, got {t.dtype}")
     config = dict(num_classes=C, weight=proto.weight, ignore_index=proto.ignore_index,
                   label_smoothing=proto.label_smoothing, topk=proto.topk,
-                  calibration_bins=proto.calibration_bins)
+                  calibration_bins=proto.calibration_bins, confusion=proto.confusion)
     if weight is not None:
         config["weight"] = proto._weight_src
     token = dask.base.tokenize(x.name, t.name if isinstance(t, da.Array) else t, config, threads,
@@ -197,9 +198,9 @@ def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index
 
 
 def evaluate(logits, target, num_classes=None, weight=None, ignore_index: int = -100,
-             label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15, *,
-             split_every: int = 8, threads=None, chunk_rows=None, compute: bool = True,
-             scheduler=None):
+             label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15,
+             confusion: bool = False, *, split_every: int = 8, threads=None, chunk_rows=None,
+             compute: bool = True, scheduler=None):
     """Evaluate ``dask.array`` logits (N, C[, d1..dk]) against targets (N[, d1..dk]).
 
     Parameters
@@ -209,8 +210,10 @@ def evaluate(logits, target, num_classes=None, weight=None, ignore_index: int = 
         rows when their class axis is chunked; targets are rechunked to the logits' row chunks.
     num_classes : int, optional
         Checked against ``logits.shape[1]`` when given.
-    weight, ignore_index, label_smoothing, topk, calibration_bins
-        As in :class:`~numbaxent.evaluate.Evaluator`.
+    weight, ignore_index, label_smoothing, topk, calibration_bins, confusion
+        As in :class:`~numbaxent.evaluate.Evaluator`. With ``confusion=True`` every block keeps
+        its own C x C confusion matrix and the tree adds them up (exact integer counts), so the
+        result's ``confusion``, ``iou`` and ``mean_iou`` equal the in-memory evaluator's.
     split_every : int
         Fan-in of the tree reduction of block states.
     threads : int, optional
@@ -227,8 +230,8 @@ def evaluate(logits, target, num_classes=None, weight=None, ignore_index: int = 
     whatever the chunking, scheduler and worker count.
     """
     _, root = evaluation_graph(logits, target, num_classes, weight, ignore_index, label_smoothing,
-                               topk, calibration_bins, split_every=split_every, threads=threads,
-                               chunk_rows=chunk_rows)
+                               topk, calibration_bins, confusion, split_every=split_every,
+                               threads=threads, chunk_rows=chunk_rows)
     if not compute:
         return root
     (ev,) = dask.compute(root, scheduler=scheduler)

@@ -1,22 +1,29 @@
-"""``numbaxent eval``: stream-evaluate saved logits against targets.
+"""``numbaxent eval`` and ``numbaxent merge``: stream-evaluate saved logits against targets.
 
-    numbaxent eval LOGITS TARGETS [--weight FILE] [--ignore-index I] [--label-smoothing E]
-                   [--topk 1,5] [--calibration-bins B] [--chunk-rows R] [--threads T]
-                   [--scheduler ADDRESS] [--json] [--per-class] [--progress | --no-progress]
+    numbaxent eval LOGITS [LOGITS ...] TARGETS [TARGETS ...] [--rows START:STOP]
+                   [--save-state FILE] [--confusion] [--weight FILE] [--ignore-index I]
+                   [--label-smoothing E] [--topk 1,5] [--calibration-bins B] [--chunk-rows R]
+                   [--threads T] [--scheduler ADDRESS] [--json] [--per-class]
+                   [--progress | --no-progress]
+    numbaxent merge STATE [STATE ...] [--json] [--per-class]
 
 LOGITS and TARGETS are ``.npy`` files (memory-mapped, read in row chunks), ``file.npz:member``
 (uncompressed members are memory-mapped, compressed ones are decompressed as a stream) or Zarr
 stores (``store.zarr`` or ``store.zarr:component``), which go through Dask (:mod:`numbaxent.dask`).
-``--scheduler ADDRESS`` evaluates on an existing ``distributed`` cluster (workers memory-map ``.npy``
-files from a shared file system; nothing goes through the client).
+Several logits files are followed by as many target files, or two quoted glob patterns are paired in
+sorted order. ``--rows START:STOP`` evaluates a half-open range of the rows (counted over the files
+in order) and ``--save-state`` writes the evaluator state, which ``merge`` combines (SLURM/PBS array
+jobs). ``--scheduler ADDRESS`` evaluates on an existing ``distributed`` cluster (workers memory-map
+``.npy`` files from a shared file system; nothing goes through the client).
 
 Exit status: 0 on success; 1 with a one-line error on stderr for unusable input (missing, truncated
-or corrupt file, mismatched lengths, wrong dtype, out-of-range target); 2 for bad options;
-130 when interrupted (Ctrl-C).
+or corrupt file, mismatched lengths, wrong dtype, out-of-range target, a state file that is not one
+or has other settings); 2 for bad options; 130 when interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import mmap
@@ -118,25 +125,35 @@ class ZipStreamArray:
     def row_bytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.shape[1:])
 
-    def chunks(self, rows: int):
+    def chunks(self, rows: int, start: int = 0, stop: int | None = None):
+        """Yield ``(a, b, rows a:b)`` over ``start:stop``; the rows before ``start`` are
+        decompressed and dropped (a stream cannot seek)."""
         if self.fortran and len(self.shape) > 1:
             raise InputError(f"{self.label}: a compressed Fortran-ordered member cannot be read in "
                              f"row chunks; save it C-ordered or uncompressed (np.savez)")
         n = self.shape[0]
+        stop = n if stop is None else min(stop, n)
+
+        def fill(f, view, row):
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise InputError(f"{self.label}: truncated member (ends at row "
+                                     f"{row + got // max(1, self.row_bytes)} of {n})")
+                got += k
+
         try:
             with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
                 _read_npy_header(f, self.label)
-                for a in range(0, n, rows):
-                    b = min(n, a + rows)
+                skip = max(1, (8 << 20) // max(1, self.row_bytes))  # rows per discarded read
+                for a in range(0, start, skip):
+                    b = min(start, a + skip)
+                    fill(f, memoryview(bytearray((b - a) * self.row_bytes)), a)
+                for a in range(start, stop, rows):
+                    b = min(stop, a + rows)
                     buf = np.empty((b - a,) + self.shape[1:], dtype=self.dtype)
-                    view = memoryview(buf.reshape(-1).view(np.uint8))
-                    got = 0
-                    while got < len(view):
-                        k = f.readinto(view[got:])
-                        if not k:
-                            raise InputError(f"{self.label}: truncated member (ends at row "
-                                             f"{a + got // max(1, self.row_bytes)} of {n})")
-                        got += k
+                    fill(f, memoryview(buf.reshape(-1).view(np.uint8)), a)
                     yield a, b, buf
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
             raise InputError(f"{self.label}: corrupt .npz member ({exc})") from None
@@ -270,29 +287,29 @@ def _shape_dtype(src):
     return src.shape, src.dtype
 
 
-def _row_chunks(src, rows: int):
-    """Yield ``(a, b, rows a:b)`` front to back.
+def _row_chunks(src, rows: int, start: int = 0, stop: int | None = None):
+    """Yield ``(a, b, rows a:b)`` front to back over rows ``start:stop`` (default: all).
 
     A raw file is memory-mapped once; after each chunk the pages already processed are unmapped
     from this process (``MADV_DONTNEED``: they stay in the page cache), in whole 2 MiB steps so that
     huge page-cache folios stay mapped by one page-table entry until they are done with. Resident
     memory, anonymous or file-backed, is therefore bounded by the chunk, not the file."""
     if isinstance(src, ZipStreamArray):
-        yield from src.chunks(rows)
+        yield from src.chunks(rows, start, stop)
         return
-    n = src.shape[0]
+    n = src.shape[0] if stop is None else min(stop, src.shape[0])
     whole = src.whole()
     mm = getattr(whole, "_mmap", None)
     if mm is None or (src.fortran and len(src.shape) > 1):
-        for a in range(0, n, rows):
-            yield a, min(n, a + rows), whole[a:a + rows]
+        for a in range(start, n, rows):
+            yield a, min(n, a + rows), whole[a:min(n, a + rows)]
         return
     _madvise(mm, "MADV_SEQUENTIAL")
     _madvise(mm, "MADV_HUGEPAGE")  # pages read in now are cached as huge folios where possible
     base = src.offset % mmap.ALLOCATIONGRANULARITY  # where the data starts in the mapping
     step = 2 << 20
-    dropped = 0
-    for a in range(0, n, rows):
+    dropped = (base + start * src.row_bytes) // step * step  # nothing before start is touched
+    for a in range(start, n, rows):
         b = min(n, a + rows)
         yield a, b, whole[a:b]
         done = (base + b * src.row_bytes) // step * step
@@ -332,16 +349,45 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _parse_rows(text: str):
+    """``START:STOP`` (either may be left out) -> (start, stop or None)."""
+    a, sep, b = text.partition(":")
+    try:
+        start = int(a) if a.strip() else 0
+        stop = int(b) if b.strip() else None
+    except ValueError:
+        start = stop = -1
+    if not sep or start < 0 or (stop is not None and stop < 0):
+        raise argparse.ArgumentTypeError(f"expected START:STOP with integers >= 0 (a half-open "
+                                         f"range of rows), got {text!r}")
+    if stop is not None and stop <= start:
+        raise argparse.ArgumentTypeError(f"empty range {text!r}: STOP must be greater than START")
+    return start, stop
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="numbaxent eval",
+        usage="numbaxent eval [options] LOGITS [LOGITS ...] TARGETS [TARGETS ...]",
         description="Stream-evaluate saved logits against class-index targets: PyTorch-exact "
                     "cross-entropy (mean and sum), perplexity, top-k accuracy, entropy, "
-                    "calibration error and per-class figures, in one pass over the logits.",
-        epilog="Inputs: FILE.npy, FILE.npz:MEMBER, STORE.zarr[:COMPONENT]. Exit status: 0 ok, "
-               "1 unusable input (one-line error), 2 bad options, 130 interrupted.")
-    p.add_argument("logits", help="logits (N, C[, d1..dk]), any float dtype")
-    p.add_argument("targets", help="class indices (N[, d1..dk]), any integer dtype")
+                    "calibration error, per-class figures and (--confusion) the confusion matrix "
+                    "and IoU, in one pass over the logits.",
+        epilog="Inputs: FILE.npy, FILE.npz:MEMBER, STORE.zarr[:COMPONENT]. Several logits files are "
+               "followed by as many target files (paired in order), or give two quoted glob "
+               "patterns ('logits-*.npy' 'targets-*.npy'), paired in sorted order. Exit status: 0 "
+               "ok, 1 unusable input (one-line error), 2 bad options, 130 interrupted.")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="the logits file(s) (N, C[, d1..dk]), any float dtype, then as many "
+                        "target files (N[, d1..dk]), any integer dtype; or two glob patterns")
+    p.add_argument("--rows", type=_parse_rows, metavar="START:STOP",
+                   help="evaluate only rows START to STOP-1 of the first axis (counted over all "
+                        "the logits files in order; STOP past the end means the end)")
+    p.add_argument("--save-state", metavar="FILE",
+                   help="also save the evaluator state to FILE (.npz) for 'numbaxent merge'")
+    p.add_argument("--confusion", action="store_true",
+                   help="keep the C x C confusion matrix: adds mean IoU and per-class IoU (the "
+                        "matrix itself is in the --json output)")
     p.add_argument("--weight", metavar="FILE",
                    help="class weights: .npy, .npz:MEMBER or a text file of C numbers")
     p.add_argument("--ignore-index", type=int, default=-100, metavar="I",
@@ -360,15 +406,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="evaluate on an existing Dask distributed cluster: its address "
                         "(tcp://host:8786) or its scheduler file (JSON)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--per-class", action="store_true",
-                   help="add the per-class table to the text output")
+    _output_options(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="always show a progress bar on stderr (needs tqdm)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="never show a progress bar (default: only when stderr is a terminal)")
     return p
+
+
+def _output_options(p):
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--per-class", action="store_true",
+                   help="add the per-class table to the text output")
 
 
 def _load_weight(spec: str):
@@ -399,6 +449,8 @@ def _load_weight(spec: str):
     return w
 
 
+
+
 # -- the command ---------------------------------------------------------------------------------------
 def _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype):
     if not (xdtype.kind == "f"):
@@ -420,9 +472,12 @@ def _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype):
                          f"shape {tuple(xshape)} (expected {expect})")
 
 
-def _scan_targets(ts, rows: int, C: int, ignore_index: int):
-    """Fail fast (before reading any logits) on the first out-of-range target."""
-    for a, _, t in _row_chunks(ts, rows):
+
+
+def _scan_targets(ts, rows: int, C: int, ignore_index: int, start: int = 0, stop=None):
+    """Fail fast (before reading any logits) on the first out-of-range target of rows
+    ``start:stop``; the message gives the row in that file."""
+    for a, _, t in _row_chunks(ts, rows, start, stop):
         flat = np.asarray(t).reshape(len(t), -1)
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= C))
         if bad.any():
@@ -436,16 +491,19 @@ def _scan_targets(ts, rows: int, C: int, ignore_index: int):
 
 
 class _Progress:
-    def __init__(self, total: int, enabled):
+    def __init__(self, total: int, enabled, desc: str = "numbaxent eval"):
         self.bar = None
         if enabled is False or (enabled is None and not sys.stderr.isatty()):
             return
         try:
             from tqdm import tqdm
         except ImportError:
+            if enabled:  # asked for explicitly: say once why there is none
+                print(f"{desc}: --progress: tqdm is not installed, so no progress bar can be "
+                      f"shown (pip install 'numbaxent[eval]')", file=sys.stderr)
             return
         self.bar = tqdm(total=total, unit="rows", unit_scale=True, file=sys.stderr,
-                        desc="numbaxent eval", dynamic_ncols=True, mininterval=0.2)
+                        desc=desc, dynamic_ncols=True, mininterval=0.2)
 
     def update(self, n: int):
         if self.bar is not None:
@@ -457,12 +515,90 @@ class _Progress:
             self.bar = None
 
 
-def _evaluate_local(xs, ts, ev, rows: int, progress: _Progress):
-    xit = _row_chunks(xs, rows)
-    tit = _row_chunks(ts, rows)
-    for (a, b, x), (_, _, t) in zip(xit, tit):
-        ev.update(x, t)
-        progress.update(b - a)
+@dataclass(frozen=True)
+class _Pair:
+    """One logits file and its targets, with the file-local rows ``start:stop`` to evaluate."""
+
+    xs: object
+    ts: object
+    xshape: tuple
+    xdtype: np.dtype
+    start: int
+    stop: int
+
+
+def _has_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def _glob(spec: str):
+    """Sorted matches of a glob pattern; a ``:member`` suffix is kept on every match."""
+    matches = sorted(glob.glob(spec))
+    if not matches and ":" in spec:
+        path, member = spec.rsplit(":", 1)
+        if member and "/" not in member:
+            matches = [f"{m}:{member}" for m in sorted(glob.glob(path))]
+    if not matches:
+        raise InputError(f"{spec}: no file matches this pattern")
+    return matches
+
+
+def _pair_specs(files, parser):
+    """[(logits spec, targets spec)] from the positional arguments: two glob patterns, or N
+    logits files followed by N target files."""
+    if len(files) == 2 and any(_has_glob(f) and not os.path.exists(_split_member(f)[0])
+                               for f in files):
+        xs, ts = (_glob(f) if _has_glob(f) and not os.path.exists(_split_member(f)[0]) else [f]
+                  for f in files)
+        if len(xs) != len(ts):
+            raise InputError(f"{files[0]} matches {len(xs)} file(s) but {files[1]} matches "
+                             f"{len(ts)}; each logits file needs one targets file")
+        return list(zip(xs, ts))
+    if len(files) % 2:
+        parser.error(f"expected as many target files as logits files (LOGITS... TARGETS...), got "
+                     f"{len(files)} files")
+    n = len(files) // 2
+    return list(zip(files[:n], files[n:]))
+
+
+def _open_pairs(specs, rows_range):
+    """Open and check every pair; returns (pairs restricted to ``rows_range``, C, total rows)."""
+    opened = []
+    C = None
+    for xspec, tspec in specs:
+        xs, ts = open_array(xspec), open_array(tspec)
+        xshape, xdtype = _shape_dtype(xs)
+        tshape, tdtype = _shape_dtype(ts)
+        _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype)
+        if C is None:
+            C, first = int(xshape[1]), xs.label
+        elif int(xshape[1]) != C:
+            raise InputError(f"{xs.label}: logits have {xshape[1]} classes, {first} has {C}")
+        opened.append((xs, ts, tuple(int(n) for n in xshape), xdtype))
+    total = sum(p[2][0] for p in opened)
+    start, stop = rows_range if rows_range is not None else (0, None)
+    if start > 0 and start >= total:
+        raise InputError(f"--rows {start}:{'' if stop is None else stop} starts at or after the "
+                         f"end of the input ({total} rows)")
+    stop = total if stop is None else min(stop, total)
+    pairs, offset = [], 0
+    for xs, ts, xshape, xdtype in opened:
+        n = xshape[0]
+        a, b = max(start - offset, 0), min(stop - offset, n)
+        if b > a or (n == 0 and len(opened) == 1):
+            pairs.append(_Pair(xs, ts, xshape, xdtype, a, max(a, b)))
+        offset += n
+    return pairs, C, total, (start, stop)
+
+
+def _evaluate_local(pairs, ev, rows, progress: _Progress):
+    for p in pairs:
+        r = rows or _default_rows(p.xs)
+        xit = _row_chunks(p.xs, r, p.start, p.stop)
+        tit = _row_chunks(p.ts, r, p.start, p.stop)
+        for (a, b, x), (_, _, t) in zip(xit, tit):
+            ev.update(x, t)
+            progress.update(b - a)
     return ev
 
 
@@ -477,16 +613,31 @@ def _to_dask(src, rows: int):
                      f".npy, an uncompressed .npz (np.savez) or Zarr")
 
 
-def _evaluate_dask(xs, ts, cfg: dict, rows, threads, scheduler, progress: _Progress):
-    """The Dask path: Zarr inputs, or any input with --scheduler."""
+def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progress):
+    """The Dask path: Zarr inputs, or any input with --scheduler. Several files are concatenated
+    along the rows (they must then agree on the shape after the first axis)."""
     try:
         import dask
+        import dask.array as da
     except ImportError:
         raise InputError("the Dask path needs Dask: pip install 'numbaxent[dask]'") from None
     from . import dask as nxd
 
-    x = _to_dask(xs, rows or _default_rows(xs))
-    t = _to_dask(ts, x.chunks[0][0] if x.chunks[0] else 1)
+    xparts, tparts = [], []
+    for p in pairs:
+        x = _to_dask(p.xs, rows or _default_rows(p.xs))
+        t = _to_dask(p.ts, x.chunks[0][0] if x.chunks[0] else 1)
+        if (p.start, p.stop) != (0, p.xshape[0]):
+            x, t = x[p.start:p.stop], t[p.start:p.stop]
+        xparts.append(x)
+        tparts.append(t)
+    if len(xparts) > 1:
+        if len({x.shape[1:] for x in xparts}) > 1:
+            raise InputError("the Dask path (Zarr inputs or --scheduler) needs every logits file "
+                             "to have the same shape after the first axis")
+        x, t = da.concatenate(xparts, axis=0), da.concatenate(tparts, axis=0)
+    else:
+        x, t = xparts[0], tparts[0]
     if rows is not None:
         x = x.rechunk({0: rows})
     blocks, root = nxd.evaluation_graph(x, t, threads=threads, **cfg)
@@ -537,26 +688,74 @@ def _default_rows(src) -> int:
     return max(1, DEFAULT_CHUNK_BYTES // row_bytes)
 
 
-def _run(args) -> int:
-    xs = open_array(args.logits)
-    ts = open_array(args.targets)
-    xshape, xdtype = _shape_dtype(xs)
-    tshape, tdtype = _shape_dtype(ts)
-    _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype)
-    C = int(xshape[1])
+# Numba specialises a kernel on its argument types (dtype, read-only or not), so the first chunk of
+# each kind compiles it (10-20 s) or loads it from the on-disk cache. That happens before the timed
+# pass; if the timed pass still added a specialisation, the printed time says so.
+_TIMED_KERNELS = (("numbaxent._metrics", ("metrics_rows", "metrics_reduce")),
+                  ("numbaxent._kernels", ("check_targets",)))
+
+
+def _compiled_kernels() -> int:
+    """How many specialisations of the evaluator's kernels this process has compiled or loaded."""
+    n = 0
+    for module, names in _TIMED_KERNELS:
+        m = sys.modules.get(module)
+        if m is not None:
+            n += sum(len(getattr(getattr(m, name), "signatures", ())) for name in names)
+    return n
+
+
+def _warm_kernels(pairs, C: int, rows) -> None:
+    """Compile (or load) the kernels for every kind of chunk the pass will see, before the clock
+    starts: Numba specialises on the dtype and on whether an array is read-only (a memory map used
+    in place) or writable (a converted copy, a decompressed buffer), which depends on the file's
+    layout and on how the chunk covers it. So each pair's first chunk goes through the evaluator's
+    own checks, and a one-row array with the same dtype and flags is evaluated."""
+    from .evaluate import Evaluator
+
+    seen = set()
+    for p in pairs:
+        if p.stop <= p.start:
+            continue
+        r = rows or _default_rows(p.xs)
+        _, _, x = next(iter(_row_chunks(p.xs, r, p.start, p.stop)))
+        _, _, t = next(iter(_row_chunks(p.ts, r, p.start, p.stop)))
+        x3, tgt, _, _ = Evaluator(C)._check(x, t)
+        dtype = x.dtype.newbyteorder("=") if x.dtype.itemsize in (2, 4, 8) else np.dtype(np.float64)
+        key = (dtype.str, x3.flags.writeable, tgt.flags.writeable)
+        if key in seen:
+            continue
+        seen.add(key)
+        xp = np.zeros((1, C), dtype=dtype)
+        tp = np.zeros(1, dtype=np.int64)
+        xp.flags.writeable, tp.flags.writeable = key[1], key[2]
+        Evaluator(C).update(xp, tp)
+
+
+def _abs_spec(label: str) -> str:
+    path, member = _split_member(label)
+    return os.path.abspath(path) + ("" if member is None else f":{member}")
+
+
+def _run(args, parser) -> int:
+    specs = _pair_specs(args.files, parser)
+    if args.save_state is not None:
+        folder = os.path.dirname(os.path.abspath(args.save_state))
+        if not os.path.isdir(folder):
+            raise InputError(f"--save-state {args.save_state}: no such directory {folder}")
+    pairs, C, total, (start, stop) = _open_pairs(specs, args.rows)
     weight = _load_weight(args.weight) if args.weight else None
     from .evaluate import Evaluator
 
-    try:
-        ev = Evaluator(C, weight=weight, ignore_index=args.ignore_index,
-                       label_smoothing=args.label_smoothing, topk=args.topk,
-                       calibration_bins=args.calibration_bins)
-    except (TypeError, ValueError) as exc:
-        raise InputError(str(exc)) from None
     cfg = dict(num_classes=C, weight=weight, ignore_index=args.ignore_index,
                label_smoothing=args.label_smoothing, topk=args.topk,
-               calibration_bins=args.calibration_bins)
-    use_dask = args.scheduler is not None or isinstance(xs, DaskStore) or isinstance(ts, DaskStore)
+               calibration_bins=args.calibration_bins, confusion=args.confusion)
+    try:
+        ev = Evaluator(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+    use_dask = args.scheduler is not None or any(isinstance(s, DaskStore) for p in pairs
+                                                 for s in (p.xs, p.ts))
     if args.threads is not None and args.scheduler is None:
         import numba
 
@@ -566,76 +765,238 @@ def _run(args) -> int:
             raise InputError(f"--threads {args.threads}: at most {numba.config.NUMBA_NUM_THREADS} "
                              f"on this machine")
         numba.set_num_threads(args.threads)
-    rows = args.chunk_rows or _default_rows(xs)
-    n_rows = int(xshape[0])
-    if not use_dask:  # load the compiled kernels first, so that the timing is the pass itself
-        probe = np.zeros((1,) + tuple(xshape[1:]), dtype=xdtype)
-        Evaluator(C).update(probe, np.zeros((1,) + tuple(xshape[2:]), dtype=np.int64))
+    n_rows = sum(p.stop - p.start for p in pairs)
+    warmup = 0.0
+    if not use_dask:  # compile (or load) the kernels before the clock starts
+        t0 = time.perf_counter()
+        _warm_kernels(pairs, C, args.chunk_rows)
+        warmup = time.perf_counter() - t0
+        compiled = _compiled_kernels()
     progress = _Progress(n_rows, args.progress)
     t0 = time.perf_counter()
     try:
         if use_dask:
-            ev = _evaluate_dask(xs, ts, cfg, args.chunk_rows, args.threads, args.scheduler,
+            ev = _evaluate_dask(pairs, cfg, args.chunk_rows, args.threads, args.scheduler,
                                 progress)
         else:
-            _scan_targets(ts, max(rows, 1 << 16), C, args.ignore_index)
-            _evaluate_local(xs, ts, ev, rows, progress)
+            for p in pairs:  # every target first: fail fast, before any logits are read
+                _scan_targets(p.ts, max(args.chunk_rows or _default_rows(p.xs), 1 << 16), C,
+                              args.ignore_index, p.start, p.stop)
+            _evaluate_local(pairs, ev, args.chunk_rows, progress)
     finally:
         progress.close()
     elapsed = time.perf_counter() - t0
+    includes_compile = None if use_dask else _compiled_kernels() != compiled
+    files = [[_abs_spec(p.xs.label), _abs_spec(p.ts.label)] for p in pairs]
+    all_files = [[_abs_spec(x), _abs_spec(t)] for x, t in specs]
+    if args.save_state is not None:
+        ev.save(args.save_state, info=dict(inputs=all_files, total_rows=total,
+                                           rows=[start, stop], files=files))
     res = ev.result()
-    nbytes = xdtype.itemsize * math.prod(xshape)
-    info = dict(logits=xs.label, targets=ts.label, shape=list(xshape), dtype=str(xdtype),
+    nbytes = sum((p.stop - p.start) * p.xdtype.itemsize * math.prod(p.xshape[1:]) for p in pairs)
+    rests = {p.xshape[1:] for p in pairs}
+    shape = [n_rows, *next(iter(rests))] if len(rests) == 1 else None
+    dtypes = ", ".join(sorted({str(p.xdtype) for p in pairs}))
+    one = len(specs) == 1
+    info = dict(logits=specs[0][0] if one else [x for x, _ in specs],
+                targets=specs[0][1] if one else [t for _, t in specs],
+                shape=shape, dtype=dtypes, rows=[start, stop], total_rows=total,
                 weight=args.weight, ignore_index=args.ignore_index,
                 label_smoothing=args.label_smoothing, topk=list(args.topk),
-                chunk_rows=rows if not use_dask else args.chunk_rows,
-                path="dask" if use_dask else "stream", scheduler=args.scheduler)
+                confusion=args.confusion, chunk_rows=args.chunk_rows,
+                path="dask" if use_dask else "stream", scheduler=args.scheduler,
+                save_state=args.save_state)
+    if not use_dask and one:
+        info["chunk_rows"] = args.chunk_rows or _default_rows(pairs[0].xs)
     timing = dict(seconds=elapsed, rows_per_second=n_rows / elapsed if elapsed > 0 else None,
-                  bytes_per_second=nbytes / elapsed if elapsed > 0 else None)
+                  bytes_per_second=nbytes / elapsed if elapsed > 0 else None,
+                  includes_compile=includes_compile, warmup_seconds=None if use_dask else warmup)
     if args.json:
-        out = res.to_dict()
-        out["input"] = info
-        out["timing"] = timing
-        print(json.dumps(out, indent=1))
+        _print_json(res, info, timing)
+        return 0
+    names = lambda i: (specs[0][i] if one else  # noqa: E731
+                       f"{specs[0][i]} ... {specs[-1][i]} ({len(specs)} files)")
+    size = " x ".join(map(str, shape)) if shape else f"{n_rows} rows x {C} classes"
+    header = [f"logits   {names(0)}  {size} {dtypes}", f"targets  {names(1)}"]
+    if (start, stop) != (0, total):
+        header.append(f"rows     {start}:{stop} of {total}")
+    header.append(f"options  {_options_line(ev, args.weight)}")
+    if includes_compile is None:
+        note = "Dask; includes scheduling and any kernel compilation on the workers"
+    elif includes_compile:
+        note = "streamed; includes kernel compilation"
     else:
-        print(f"logits   {xs.label}  {' x '.join(map(str, xshape))} {xdtype}")
-        print(f"targets  {ts.label}")
-        opts = [f"ignore_index={args.ignore_index}"]
-        if args.weight:
-            opts.append(f"weight={args.weight}")
-        if args.label_smoothing:
-            opts.append(f"label_smoothing={args.label_smoothing:g}")
-        print(f"options  {', '.join(opts)}")
-        print()
-        print(res.format(per_class=args.per_class, max_classes=None))
-        print()
-        print(f"time     {elapsed:.3f} s  ({nbytes / max(elapsed, 1e-12) / 1e9:.2f} GB/s of "
-              f"logits, {'Dask' if use_dask else 'streamed'})")
+        note = f"streamed; kernels compiled or loaded beforehand in {warmup:.2f} s, not timed"
+    footer = [f"time     {elapsed:.3f} s  ({nbytes / max(elapsed, 1e-12) / 1e9:.2f} GB/s of "
+              f"logits, {note})"]
+    if args.save_state is not None:
+        footer.append(f"state    saved to {args.save_state}")
+    _print_table(res, args.per_class, header, footer)
     return 0
 
 
-def main(argv=None) -> int:
-    parser = _parser()
+def _options_line(ev, weight_label) -> str:
+    opts = [f"ignore_index={ev.ignore_index}"]
+    if ev.weight is not None:
+        opts.append(f"weight={weight_label or 'set'}")
+    if ev.label_smoothing:
+        opts.append(f"label_smoothing={ev.label_smoothing:g}")
+    if ev.confusion:
+        opts.append("confusion")
+    return ", ".join(opts)
+
+
+def _print_json(res, info: dict, timing: dict | None = None):
+    out = res.to_dict()
+    out["input"] = info
+    if timing is not None:
+        out["timing"] = timing
+    print(json.dumps(out, indent=1))
+
+
+def _print_table(res, per_class: bool, header: list, footer: list):
+    print("\n".join(header))
+    print()
+    print(res.format(per_class=per_class, max_classes=None))
+    if footer:
+        print()
+        print("\n".join(footer))
+
+
+# -- numbaxent merge -----------------------------------------------------------------------------------
+def _merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="numbaxent merge",
+        description="Merge evaluator states saved by 'numbaxent eval --save-state' (or "
+                    "Evaluator.save) and print the report for all their rows: the same figures "
+                    "as one 'numbaxent eval' over those rows.",
+        epilog="States must have the same settings (classes, ignore index, smoothing, weights, "
+               "top-k, bins, confusion). Exit status: 0 ok, 1 unusable state (one-line error), "
+               "2 bad options.")
+    p.add_argument("states", nargs="+", metavar="STATE", help="state files (.npz)")
+    _output_options(p)
+    return p
+
+
+def _coverage(paths, infos):
+    """Rows covered by the states when they all come from the same inputs (as recorded by
+    ``eval --save-state``): ``(total rows, covered ranges, missing ranges)``, or None. Two states
+    holding the same rows would count them twice: that is an error."""
+    if not infos or any("inputs" not in i or "rows" not in i for i in infos) or \
+            any(i["inputs"] != infos[0]["inputs"] for i in infos):
+        return None
+    spans = sorted((int(i["rows"][0]), int(i["rows"][1]), path) for i, path in zip(infos, paths))
+    covered, missing = [], []
+    pos = 0
+    prev = None
+    for a, b, path in spans:
+        if prev is not None and a < prev[1]:
+            raise InputError(f"{prev[2]} and {path} both hold rows {a}:{min(b, prev[1])} of the "
+                             f"same inputs (they would be counted twice)")
+        if a > pos:
+            missing.append([pos, a])
+        if covered and covered[-1][1] == a:
+            covered[-1][1] = b
+        elif b > a:
+            covered.append([a, b])
+        pos = max(pos, b)
+        prev = (a, b, path)
+    total = int(infos[0].get("total_rows", pos))
+    if pos < total:
+        missing.append([pos, total])
+    return total, covered, missing
+
+
+def _run_merge(args, parser) -> int:
+    from .evaluate import _read_state
+
+    seen = {}
+    for path in args.states:  # before reading any: a state given twice would count twice
+        real = os.path.realpath(path)
+        if real in seen:
+            also = "" if seen[real] == path else f" (also as {seen[real]})"
+            raise InputError(f"{path}: given twice{also}; each state may be merged once")
+        seen[real] = path
+    total = None
+    infos = []
+    for path in args.states:
+        try:
+            ev, info = _read_state(path)
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+        if total is None:
+            total = ev
+        else:
+            diff = ev._differences(total)
+            if diff:
+                raise InputError(f"{path}: cannot merge with {args.states[0]}: different settings "
+                                 f"({'; '.join(diff)})")
+            total.merge(ev)
+        infos.append(info)
+    cov = _coverage(args.states, infos)
+    if cov is not None and cov[2]:
+        gaps = ", ".join(f"{a}:{b}" for a, b in cov[2])
+        print(f"numbaxent merge: warning: rows {gaps} of the {cov[0]} are in none of the states",
+              file=sys.stderr)
+    res = total.result()
+    ev = total
+    info = dict(states=list(args.states), ignore_index=ev.ignore_index,
+                label_smoothing=ev.label_smoothing, topk=list(ev.topk),
+                calibration_bins=ev.calibration_bins, weight=ev.weight is not None,
+                confusion=ev.confusion)
+    if cov is not None:
+        info.update(inputs=infos[0]["inputs"], total_rows=cov[0], rows=cov[1], missing=cov[2])
+    if args.json:
+        _print_json(res, info)
+        return 0
+    n = len(args.states)
+    header = [f"states   {args.states[0] if n == 1 else f'{args.states[0]} ... {args.states[-1]}'}"
+              f" ({n} file{'s' if n > 1 else ''})"]
+    if cov is not None:
+        first = cov[1][0] if cov[1] else None
+        spans = ", ".join(f"{a}:{b}" for a, b in cov[1]) if first else "none"
+        header.append(f"rows     {spans} of {cov[0]}")
+    header.append(f"options  {_options_line(ev, None)}")
+    _print_table(res, args.per_class, header, [])
+    return 0
+
+
+# -- entry points --------------------------------------------------------------------------------------
+def _main(parser, run, name: str, argv) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0)
     try:
-        return _run(args)
+        return run(args, parser)
+    except SystemExit as exc:  # parser.error() after parsing (a usage error)
+        return int(exc.code or 0)
     except KeyboardInterrupt:
-        print("numbaxent eval: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except InputError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), name)
     except BrokenPipeError:
         return 1
     except (OSError, ValueError, TypeError, IndexError, zipfile.BadZipFile) as exc:
-        return _fail(str(exc) or type(exc).__name__)
+        return _fail(str(exc) or type(exc).__name__, name)
 
 
-def _fail(msg: str) -> int:
+def main(argv=None) -> int:
+    """``numbaxent eval``."""
+    return _main(_parser(), _run, "numbaxent eval", argv)
+
+
+def merge_main(argv=None) -> int:
+    """``numbaxent merge``."""
+    return _main(_merge_parser(), _run_merge, "numbaxent merge", argv)
+
+
+def _fail(msg: str, name: str = "numbaxent eval") -> int:
     msg = " ".join(msg.split())
-    print(f"numbaxent eval: error: {msg}", file=sys.stderr)
+    print(f"{name}: error: {msg}", file=sys.stderr)
     return 1
 
 

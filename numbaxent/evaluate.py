@@ -6,19 +6,31 @@ calibration bins) numbers, independent of how many rows it has seen), merges wit
 calibration and per-class figures (``result``). Each chunk is read once: the one-pass kernel of
 :mod:`numbaxent._metrics` computes every per-row figure while the row is in cache.
 
+With ``confusion=True`` it also keeps the C x C confusion matrix (segmentation metrics: per-class
+IoU and mean IoU). :meth:`Evaluator.save` / :meth:`Evaluator.load` write and read the state as a
+``.npz`` file without pickle (array jobs save partial states, ``numbaxent merge`` combines them).
+
 Importing this module imports NumPy only; the kernels are loaded on the first ``update``.
 """
 from __future__ import annotations
 
 import math
 import operator
+import os
+import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _api
 
-__all__ = ["Evaluator", "EvalResult"]
+__all__ = ["Evaluator", "EvalResult", "STATE_FORMAT", "STATE_VERSION", "MAX_CONFUSION_BYTES"]
+
+STATE_FORMAT = "numbaxent.Evaluator"  # the ``format`` member of a state file
+STATE_VERSION = 1  # the ``version`` member; load refuses any other
+MAX_CONFUSION_BYTES = 1 << 30  # a C x C int64 confusion matrix above this is refused (C > 11585)
 
 
 def _two_sum_into(hi: np.ndarray, lo: np.ndarray, b_hi, b_lo) -> None:
@@ -79,6 +91,14 @@ class EvalResult:
     n_nonfinite : int
         Non-ignored rows whose softmax is NaN (a NaN or ``+inf`` logit, or all ``-inf``): they are in
         the loss (which is then NaN, as in PyTorch) but in no calibration bin.
+    confusion : ndarray of int64, shape (C, C), or None
+        Only with ``Evaluator(..., confusion=True)``: ``confusion[i, j]`` counts the non-ignored
+        targets of class ``i`` whose predicted class (the argmax, ties to the lowest index) is ``j``.
+    iou : ndarray of float64, shape (C,), or None
+        Per-class intersection over union ``M[c, c] / (sum_j M[c, j] + sum_i M[i, c] - M[c, c])``
+        (NaN for a class that is neither a target nor predicted: its union is empty).
+    mean_iou : float or None
+        Mean of ``iou`` over the classes whose union is non-empty (NaN when there are none).
     """
 
     loss: float
@@ -98,9 +118,16 @@ class EvalResult:
     n_ignored: int
     n_valid: int
     n_nonfinite: int
+    confusion: np.ndarray | None = field(default=None, repr=False)
+    iou: np.ndarray | None = field(default=None, repr=False)
+    mean_iou: float | None = None
+
+    _CONFUSION_FIELDS = ("confusion", "iou", "mean_iou")
 
     def to_dict(self) -> dict:
-        """Plain Python types (lists for arrays, None for NaN/inf), ready for ``json.dumps``."""
+        """Plain Python types (lists for arrays, None for NaN/inf), ready for ``json.dumps``.
+        ``confusion`` (a list of rows), ``iou`` and ``mean_iou`` are present only when the
+        evaluator kept a confusion matrix."""
 
         def clean(v):
             if isinstance(v, dict):
@@ -108,6 +135,8 @@ class EvalResult:
             if isinstance(v, np.ndarray):
                 if v.dtype.kind in "iub":
                     return v.tolist()
+                if v.ndim != 1:
+                    return [clean(row) for row in v]
                 out = v.astype(np.float64).tolist()
                 if not np.isfinite(v).all():
                     out = [x if math.isfinite(x) else None for x in out]
@@ -120,7 +149,8 @@ class EvalResult:
                 return float(v) if math.isfinite(v) else None
             return v
 
-        return {k: clean(getattr(self, k)) for k in self.__dataclass_fields__}
+        skip = self._CONFUSION_FIELDS if self.confusion is None else ()
+        return {k: clean(getattr(self, k)) for k in self.__dataclass_fields__ if k not in skip}
 
     def format(self, per_class: bool = False, max_classes: int | None = None) -> str:
         """A readable table (what ``numbaxent eval`` prints)."""
@@ -142,6 +172,10 @@ class EvalResult:
             ("mean confidence", f(self.confidence)),
             (f"ECE ({len(self.calibration['count'])} bins)", f(self.ece)),
             ("MCE", f(self.mce)),
+        ]
+        if self.confusion is not None:
+            rows.append(("mean IoU", f(self.mean_iou) if self.mean_iou is not None else "nan"))
+        rows += [
             ("targets seen", str(self.n_seen)),
             ("ignored", str(self.n_ignored)),
             ("evaluated", str(self.n_valid)),
@@ -154,13 +188,16 @@ class EvalResult:
             pc = self.per_class
             C = len(pc["count"])
             shown = range(C) if max_classes is None else range(min(C, max_classes))
+            iou = self.iou
             lines += ["", f"{'class':>7} {'count':>10} {'loss':>11} {'accuracy':>9} "
-                          f"{'precision':>9} {'predicted':>10}"]
+                          f"{'precision':>9} {'predicted':>10}" + ("" if iou is None else
+                                                                   f" {'IoU':>7}")]
             for c in shown:
                 lines.append(
                     f"{c:>7} {int(pc['count'][c]):>10} {f(float(pc['loss'][c])):>11} "
                     f"{f(float(pc['accuracy'][c]), '.4f'):>9} {f(float(pc['precision'][c]), '.4f'):>9} "
-                    f"{int(pc['predicted'][c]):>10}")
+                    f"{int(pc['predicted'][c]):>10}"
+                    + ("" if iou is None else f" {f(float(iou[c]), '.4f'):>7}"))
             if len(shown) < C:
                 lines.append(f"    ... {C - len(shown)} more classes (use --json for all)")
         return "\n".join(lines)
@@ -182,12 +219,18 @@ class Evaluator:
         The k of the top-k accuracies (each >= 1; a k >= C gives 1).
     calibration_bins : int
         Number of equal-width confidence bins for the calibration error.
+    confusion : bool
+        Also keep the C x C int64 confusion matrix (rows: target class, columns: predicted class)
+        and report per-class IoU and mean IoU. Refused (ValueError) when the matrix would take more
+        than ``MAX_CONFUSION_BYTES`` (1 GiB: C > 11585).
 
     Notes
     -----
-    The state is a few integer and float64 arrays of length O(C + bins + len(topk)); float totals are
-    kept with a two-sum error term, so ``result()`` agrees to ~1e-15 relative whatever the chunking
-    of the rows and the order of ``merge`` calls. The object pickles (send it between processes).
+    The state is a few integer and float64 arrays of length O(C + bins + len(topk)) (plus C x C
+    integers with ``confusion=True``); float totals are kept with a two-sum error term, so
+    ``result()`` agrees to ~1e-15 relative whatever the chunking of the rows and the order of
+    ``merge`` calls. The object pickles (send it between processes), and :meth:`save` writes it to a
+    pickle-free ``.npz`` file that :meth:`load` reads back (array jobs, shared file systems).
 
     Examples
     --------
@@ -202,7 +245,8 @@ class Evaluator:
     _N_INT_SCALARS = 5  # n_seen, n_ignored, n_valid, n_nonfinite, rows (first-axis entries)
 
     def __init__(self, num_classes: int, weight=None, ignore_index: int = -100,
-                 label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15):
+                 label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15,
+                 confusion: bool = False):
         try:
             C = operator.index(num_classes)
         except TypeError:
@@ -239,6 +283,14 @@ class Evaluator:
         if B < 1:
             raise ValueError(f"calibration_bins must be >= 1, got {B}")
         self.calibration_bins = B
+        if not isinstance(confusion, (bool, np.bool_)):
+            raise TypeError(f"confusion must be True or False, got {confusion!r}")
+        if confusion and 8 * C * C > MAX_CONFUSION_BYTES:
+            raise ValueError(
+                f"confusion=True needs a {C} x {C} int64 matrix ({8 * C * C / 2**30:.1f} GiB), more "
+                f"than the {MAX_CONFUSION_BYTES / 2**30:g} GiB limit (at most "
+                f"{math.isqrt(MAX_CONFUSION_BYTES // 8)} classes); evaluate without confusion")
+        self.confusion = bool(confusion)
         self.reset()
 
     # -- state layout --------------------------------------------------------------------------------
@@ -265,25 +317,35 @@ class Evaluator:
         self._ints = np.zeros(self._N_INT_SCALARS + K + 3 * C + 2 * B, dtype=np.int64)
         self._hi = np.zeros(self._N_FLOAT_SCALARS + C + B, dtype=np.float64)
         self._lo = np.zeros_like(self._hi)
+        self._cm = np.zeros((C, C), dtype=np.int64) if self.confusion else None
         return self
 
-    def _config(self):
-        return (self.num_classes, self.ignore_index, self.label_smoothing, self.topk,
-                self.calibration_bins)
+    _SETTINGS = ("num_classes", "ignore_index", "label_smoothing", "topk", "calibration_bins",
+                 "confusion")
+
+    def _differences(self, other: "Evaluator") -> list:
+        """``["name: mine vs theirs", ...]`` for every setting that differs from ``other``'s."""
+        diff = [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in self._SETTINGS
+                if getattr(self, k) != getattr(other, k)]
+        if (self.weight is None) != (other.weight is None):
+            diff.append(f"weight: {'None' if self.weight is None else 'set'} vs "
+                        f"{'None' if other.weight is None else 'set'}")
+        elif self.weight is not None and not (
+                self.weight.shape == other.weight.shape
+                and np.array_equal(self.weight, other.weight, equal_nan=True)):
+            diff.append("weight: different values")
+        return diff
 
     def compatible(self, other: "Evaluator") -> bool:
         """Whether ``other`` has the same configuration (so the two can be merged)."""
-        if not isinstance(other, Evaluator) or self._config() != other._config():
-            return False
-        if (self.weight is None) != (other.weight is None):
-            return False
-        return self.weight is None or np.array_equal(self.weight, other.weight, equal_nan=True)
+        return isinstance(other, Evaluator) and not self._differences(other)
 
     def __repr__(self):
         return (f"Evaluator(num_classes={self.num_classes}, weight="
                 f"{'None' if self.weight is None else 'set'}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, topk={self.topk}, "
-                f"calibration_bins={self.calibration_bins}; {self.n_seen} targets seen)")
+                f"calibration_bins={self.calibration_bins}, confusion={self.confusion}; "
+                f"{self.n_seen} targets seen)")
 
     @property
     def n_seen(self) -> int:
@@ -299,7 +361,13 @@ class Evaluator:
         new = object.__new__(Evaluator)
         new.__dict__.update(self.__dict__)
         new._ints, new._hi, new._lo = self._ints.copy(), self._hi.copy(), self._lo.copy()
+        new._cm = None if self._cm is None else self._cm.copy()
         return new
+
+    def __setstate__(self, state):
+        state.setdefault("confusion", False)  # pickled by a version without the confusion matrix
+        state.setdefault("_cm", None)
+        self.__dict__.update(state)
 
     # -- merge ---------------------------------------------------------------------------------------
     def merge(self, other: "Evaluator") -> "Evaluator":
@@ -309,12 +377,78 @@ class Evaluator:
         reduction tree over any split of the rows gives the same ``result()``."""
         if not isinstance(other, Evaluator):
             raise TypeError(f"can only merge another Evaluator, got {type(other).__name__}")
-        if not self.compatible(other):
-            raise ValueError(f"cannot merge evaluators with different configurations: {self!r} "
-                             f"and {other!r}")
+        diff = self._differences(other)
+        if diff:
+            raise ValueError(f"cannot merge evaluators with different configurations "
+                             f"({'; '.join(diff)})")
         self._ints += other._ints
         _two_sum_into(self._hi, self._lo, other._hi, other._lo)
+        if self._cm is not None:
+            self._cm += other._cm
         return self
+
+    # -- save / load ---------------------------------------------------------------------------------
+    def save(self, path, info: dict | None = None) -> None:
+        """Write the state to ``path`` as a ``.npz`` file that :meth:`load` reads without pickle.
+
+        Members (format version 1; every one a plain numeric or string array)::
+
+            format            str    "numbaxent.Evaluator"
+            version           int64  1
+            num_classes       int64  C
+            ignore_index      int64
+            label_smoothing   float64
+            topk              int64 (K,)
+            calibration_bins  int64  B
+            confusion         bool
+            weight            (C,) class weights in their dtype, or (0,) float64 for none
+            ints              int64 (5 + K + 3C + 2B,)  counts (see ``_int_slices``)
+            hi, lo            float64 (4 + C + B,)      float totals and their two-sum error terms
+            matrix            int64 (C, C), or (0, 0) without ``confusion``
+            info              str    JSON object (``info``: free-form provenance, e.g. the rows)
+
+        The file is written to a temporary name in the same directory and renamed into place, so a
+        reader never sees a partly written state. ``info`` must be JSON-serialisable.
+        """
+        import json
+
+        w = self._weight_src if self.weight is not None else np.zeros(0)
+        if w.dtype.kind not in "iuf" or not w.dtype.isnative:
+            w = self.weight  # e.g. bfloat16: exactly representable in float64
+        members = dict(
+            format=np.array(STATE_FORMAT), version=np.array(STATE_VERSION, dtype=np.int64),
+            num_classes=np.array(self.num_classes, dtype=np.int64),
+            ignore_index=np.array(self.ignore_index, dtype=np.int64),
+            label_smoothing=np.array(self.label_smoothing, dtype=np.float64),
+            topk=np.array(self.topk, dtype=np.int64),
+            calibration_bins=np.array(self.calibration_bins, dtype=np.int64),
+            confusion=np.array(self.confusion), weight=np.asarray(w),
+            ints=self._ints, hi=self._hi, lo=self._lo,
+            matrix=self._cm if self._cm is not None else np.zeros((0, 0), dtype=np.int64),
+            info=np.array(json.dumps(info or {})))
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, **members)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    @classmethod
+    def load(cls, path) -> "Evaluator":
+        """Read a state written by :meth:`save`.
+
+        Nothing in the file is executed: it is read with ``np.load(allow_pickle=False)`` and every
+        member's dtype and shape is checked. A missing, truncated, corrupt or foreign file, an
+        object (pickle) member or an unknown format version raises ValueError with one line naming
+        the file (FileNotFoundError for a missing one)."""
+        return _read_state(path)[0]
 
     # -- update --------------------------------------------------------------------------------------
     def _check(self, logits, target):
@@ -416,7 +550,21 @@ class Evaluator:
         ints[:5] += (R, R - n_valid, n_valid, n_nonfinite, 1 if t.ndim == 0 else t.shape[0])
         chunk = np.array([np.sum(loss), wtotal, np.sum(nll), np.sum(ent)])  # pairwise, float64
         _two_sum_into(hi[:4], self._lo[:4], chunk, 0.0)
+        if self._cm is not None:
+            self._add_confusion(tgt, pred)
         return self
+
+    def _add_confusion(self, tgt, pred):
+        """Count the chunk's (target, prediction) pairs into the confusion matrix. ``pred`` is the
+        kernel's argmax (lowest index among ties, -1 for ignored rows)."""
+        C = self.num_classes
+        keep = pred >= 0
+        pairs = tgt[keep] * C + pred[keep]
+        flat = self._cm.reshape(-1)
+        if pairs.shape[0] >= C * C // 4:  # dense: one O(rows + C^2) bincount
+            flat += np.bincount(pairs, minlength=C * C)
+        else:  # few rows for many classes: do not touch all C^2 cells per chunk
+            np.add.at(flat, pairs, 1)
 
     def _class_weights(self, compute):
         """(class weights in the compute dtype, their float64 sum), cached per dtype."""
@@ -460,6 +608,14 @@ class Evaluator:
             calibration = dict(edges=np.linspace(0.0, 1.0, self.calibration_bins + 1),
                                count=bcount, confidence=bconf / bcount,
                                accuracy=bcorrect / bcount)
+        cm = iou = mean_iou = None
+        if self._cm is not None:
+            cm = self._cm.copy()
+            inter = np.diag(cm).astype(np.float64)
+            union = cm.sum(axis=1) + cm.sum(axis=0) - np.diag(cm)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                iou = inter / union
+            mean_iou = float(np.mean(iou[union > 0])) if (union > 0).any() else float("nan")
         return EvalResult(
             loss=float(_ratio(loss_sum, wtotal)),
             loss_sum=loss_sum,
@@ -479,7 +635,93 @@ class Evaluator:
             n_ignored=n_ignored,
             n_valid=n_valid,
             n_nonfinite=n_nonfinite,
+            confusion=cm,
+            iou=iou,
+            mean_iou=mean_iou,
         )
+
+
+def _read_state(path):
+    """``(Evaluator, info dict)`` from a state file (see :meth:`Evaluator.save`)."""
+    import json
+
+    path = os.fspath(path)
+    label = f"{path}: not a numbaxent evaluator state"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"{label} (a single .npy array, not a .npz state file)")
+    if magic[:2] != b"PK":  # np.load would take anything else for a pickle (and refuse it)
+        raise ValueError(f"{label} ({'an empty file' if not magic else 'not a .npz (zip) file'})")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{label} (cannot read it as .npz: {_why(exc)})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{label} (a single .npy array, not a .npz state file)")
+    with npz:
+        def get(name, kinds, ndim):
+            if name not in npz.files:
+                raise ValueError(f"{label} (no '{name}' member)")
+            try:
+                a = npz[name]  # raises ValueError for an object (pickled) member
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+                raise ValueError(f"{label} (member '{name}' is unreadable: {_why(exc)})") from None
+            if a.dtype.kind not in kinds or a.ndim != ndim:
+                raise ValueError(f"{label} (member '{name}' has dtype {a.dtype} and shape "
+                                 f"{a.shape})")
+            return a
+
+        fmt = get("format", "U", 0)
+        if str(fmt) != STATE_FORMAT:
+            raise ValueError(f"{label} (its format is {str(fmt)!r})")
+        version = int(get("version", "iu", 0))
+        if version != STATE_VERSION:
+            raise ValueError(f"{path}: evaluator state format version {version} is not supported "
+                             f"(this numbaxent reads version {STATE_VERSION}); use the numbaxent "
+                             f"version that wrote it")
+        settings = dict(num_classes=int(get("num_classes", "iu", 0)),
+                        ignore_index=int(get("ignore_index", "iu", 0)),
+                        label_smoothing=float(get("label_smoothing", "f", 0)),
+                        topk=tuple(int(k) for k in get("topk", "iu", 1)),
+                        calibration_bins=int(get("calibration_bins", "iu", 0)),
+                        confusion=bool(get("confusion", "b", 0)))
+        weight = get("weight", "iuf", 1)
+        state = dict(ints=get("ints", "iu", 1), hi=get("hi", "f", 1), lo=get("lo", "f", 1),
+                     matrix=get("matrix", "iu", 2))
+        # the shapes the settings imply, checked before anything of that size is allocated (a
+        # corrupt class count must not become a huge allocation)
+        C, B, K = (settings["num_classes"], settings["calibration_bins"],
+                   len(set(settings["topk"])))
+        n_float = Evaluator._N_FLOAT_SCALARS + C + B
+        expect = dict(ints=(Evaluator._N_INT_SCALARS + K + 3 * C + 2 * B,), hi=(n_float,),
+                      lo=(n_float,), matrix=(C, C) if settings["confusion"] else (0, 0))
+        for name, shape in expect.items():
+            if state[name].shape != shape:
+                raise ValueError(f"{path}: corrupt evaluator state (member '{name}' has shape "
+                                 f"{state[name].shape}, its settings need {shape})")
+        try:
+            ev = Evaluator(weight=weight if weight.shape[0] else None, **settings)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: invalid evaluator settings ({exc})") from None
+        ev._ints[...], ev._hi[...], ev._lo[...] = state["ints"], state["hi"], state["lo"]
+        if ev._cm is not None:
+            ev._cm[...] = state["matrix"]
+        try:
+            info = json.loads(str(get("info", "U", 0)))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: corrupt evaluator state (info: {exc})") from None
+    n_seen, n_ignored, n_valid = (int(v) for v in ev._ints[:3])
+    if (ev._ints < 0).any() or n_seen != n_ignored + n_valid or \
+            (ev._cm is not None and ((ev._cm < 0).any() or int(ev._cm.sum()) != n_valid)):
+        raise ValueError(f"{path}: corrupt evaluator state (inconsistent counts)")
+    return ev, info if isinstance(info, dict) else {}
+
+
+def _why(exc) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def warmup_variants():

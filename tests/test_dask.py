@@ -164,3 +164,56 @@ def test_core_never_imports_dask():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+# -- confusion matrix, shards, row ranges and saved states -------------------------------------------------
+from test_evaluator import assert_confusion, confusion_reference  # noqa: E402
+
+
+def test_confusion_on_the_cluster_equals_the_reference(client, arrays):
+    x, t, _ = arrays
+    res = nxd.evaluate(da.from_array(x, chunks=(70, 4)), t, confusion=True, topk=(1, 2))
+    assert_confusion(res, confusion_reference(x, t, C))
+    whole = Evaluator(C, confusion=True, topk=(1, 2)).update(x, t).result()
+    assert_same(res, whole, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "sync"])
+def test_confusion_for_kdim_logits_on_local_schedulers(scheduler):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((10, 5, 4, 3)).astype(np.float32)
+    t = rng.integers(0, 5, (10, 4, 3))
+    t[3] = -100
+    dx = da.from_array(x, chunks=(3, 2, 4, 2))  # classes and a spatial axis chunked too
+    res = nxd.evaluate(dx, da.from_array(t, chunks=(4, 2, 3)), confusion=True, split_every=2,
+                       scheduler=scheduler)
+    assert_confusion(res, confusion_reference(np.moveaxis(x, 1, -1).reshape(-1, 5),
+                                              t.reshape(-1), 5))
+    np.testing.assert_array_equal(res.confusion,
+                                  Evaluator(5, confusion=True).update(x, t).result().confusion)
+
+
+def test_eval_command_on_the_cluster_with_shards_rows_and_saved_states(client, arrays, tmp_path,
+                                                                     capsys):
+    from numbaxent.eval_cli import main, merge_main
+
+    x, t, _ = arrays
+    for i, (a, b) in enumerate(((0, 250), (250, N))):
+        np.save(tmp_path / f"x-{i}.npy", x[a:b])
+        np.save(tmp_path / f"t-{i}.npy", t[a:b])
+    shards = [str(tmp_path / "x-*.npy"), str(tmp_path / "t-*.npy"), "--confusion", "--json"]
+    assert main(shards) == 0
+    local = json.loads(capsys.readouterr().out)
+    for i, rows in enumerate(("0:200", "200:")):  # the first range ends inside the first shard
+        assert main(shards + ["--rows", rows, "--chunk-rows", "64", "--scheduler",
+                              client.scheduler.address,
+                              "--save-state", str(tmp_path / f"s{i}.npz")]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["input"]["path"] == "dask" and got["timing"]["includes_compile"] is None
+    assert merge_main([str(tmp_path / "s0.npz"), str(tmp_path / "s1.npz"), "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    for key in ("n_seen", "n_valid", "accuracy", "confusion"):
+        assert merged[key] == local[key], key
+    for key in ("loss", "loss_sum", "entropy", "ece", "mean_iou"):
+        assert merged[key] == pytest.approx(local[key], rel=1e-9), key
+    assert merged["confusion"] == confusion_reference(x, t, C)[0].tolist()

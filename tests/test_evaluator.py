@@ -6,6 +6,7 @@ determinism and the errors of ``update``/``merge``.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -423,3 +424,240 @@ def test_warmup_variants_run():
         run()
         labels.append(label)
     assert len(labels) == 3
+
+
+# -- confusion matrix and IoU ------------------------------------------------------------------------------
+def confusion_reference(x, t, C, ignore_index=-100):
+    """(confusion, iou, mean_iou) by counting, row by row. ``x`` is (R, C) with finite logits; the
+    prediction is the first index of the row maximum (``np.argmax``: ties go to the lowest index).
+    IoU is computed from sets of rows (|target c and predicted c| / |target c or predicted c|), not
+    from the matrix."""
+    x = np.asarray(x, dtype=np.float64)
+    t = np.asarray(t).reshape(-1)
+    pred = np.array([int(np.argmax(row)) for row in x], dtype=np.int64)
+    m = np.zeros((C, C), dtype=np.int64)
+    for ti, pi in zip(t, pred):
+        if ti != ignore_index:
+            m[ti, pi] += 1
+    valid = t != ignore_index
+    iou = np.full(C, np.nan)
+    for c in range(C):
+        union = np.sum(valid & ((t == c) | (pred == c)))
+        if union:
+            iou[c] = np.sum(valid & (t == c) & (pred == c)) / union
+    present = ~np.isnan(iou)
+    return m, iou, float(np.mean(iou[present])) if present.any() else float("nan")
+
+
+def assert_confusion(res: EvalResult, ref):
+    m, iou, mean_iou = ref
+    assert res.confusion.dtype == np.int64
+    np.testing.assert_array_equal(res.confusion, m)
+    np.testing.assert_allclose(res.iou, iou, rtol=1e-15, equal_nan=True)
+    np.testing.assert_allclose(res.mean_iou, mean_iou, rtol=1e-15, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_confusion_and_iou_match_the_reference(dtype):
+    C = 6
+    x, t = data(n=400, C=C, dtype=dtype, seed=30, ignore_frac=0.2)
+    x[:40] = np.round(x[:40])  # ties between classes: the lowest index is the prediction
+    x[40:45] = 0.0  # all tied: predicted 0
+    t[t == 5] = 4  # class 5 is never a target (still predicted: its union is not empty)
+    res = Evaluator(C, confusion=True, weight=np.arange(1.0, C + 1)).update(x, t).result()
+    assert_confusion(res, confusion_reference(x, t, C))
+    assert res.confusion.sum() == res.n_valid
+    np.testing.assert_array_equal(res.confusion.sum(axis=1), res.per_class["count"])
+    np.testing.assert_array_equal(res.confusion.sum(axis=0), res.per_class["predicted"])
+
+
+def test_confusion_for_kdim_logits_and_classes_with_an_empty_union():
+    rng = np.random.default_rng(31)
+    C = 5
+    x = rng.standard_normal((3, C, 4, 6)).astype(np.float32)
+    x[:, 4] -= 10.0  # class 4 is never predicted
+    t = rng.integers(0, 3, (3, 4, 6))  # ... nor a target: its IoU is NaN, out of the mean
+    t[1, 2, :] = 7  # an in-range ignore index
+    res = Evaluator(C, ignore_index=7, confusion=True).update(x, t).result()
+    flat_x = np.moveaxis(x, 1, -1).reshape(-1, C)
+    ref = confusion_reference(flat_x, t.reshape(-1), C, ignore_index=7)
+    assert np.isnan(ref[1][4]) and np.isnan(res.iou[4])
+    assert_confusion(res, ref)
+    assert "mean IoU" in res.format() and "IoU" in res.format(per_class=True)
+    d = res.to_dict()
+    assert d["confusion"] == ref[0].tolist() and d["iou"][4] is None
+    assert "confusion" not in Evaluator(C, ignore_index=7).update(x, t).result().to_dict()
+
+
+def test_confusion_is_the_same_whatever_the_chunking_and_merge_order():
+    C = 7
+    x, t = data(n=300, C=C, seed=32)
+    whole = Evaluator(C, confusion=True).update(x, t).result()
+    parts = [Evaluator(C, confusion=True).update(x[a:b], t[a:b])
+             for a, b in ((0, 1), (1, 150), (150, 151), (151, 300))]
+    merged = parts[3].copy().merge(parts[1]).merge(parts[0]).merge(parts[2]).result()
+    np.testing.assert_array_equal(merged.confusion, whole.confusion)
+    np.testing.assert_array_equal(merged.iou, whole.iou)
+    assert_confusion(whole, confusion_reference(x, t, C))
+    # a few rows for many classes (the sparse update path) and one big chunk (the dense one)
+    C = 300
+    x, t = data(n=50, C=C, seed=33)
+    ev = Evaluator(C, confusion=True)
+    for a in range(0, 50, 7):
+        ev.update(x[a:a + 7], t[a:a + 7])
+    assert_confusion(ev.result(), confusion_reference(x, t, C))
+
+
+def test_confusion_refuses_a_matrix_too_large_for_memory():
+    from numbaxent.evaluate import MAX_CONFUSION_BYTES
+
+    too_many = math.isqrt(MAX_CONFUSION_BYTES // 8) + 1
+    with pytest.raises(ValueError, match=rf"confusion=True needs a {too_many} x {too_many} int64 "
+                                         r"matrix .* more than the 1 GiB limit"):
+        Evaluator(too_many, confusion=True)
+    Evaluator(too_many)  # fine without the matrix
+    with pytest.raises(TypeError, match="confusion must be True or False"):
+        Evaluator(3, confusion="yes")
+    with pytest.raises(ValueError, match=r"different configurations \(confusion: True vs False\)"):
+        Evaluator(3, confusion=True).merge(Evaluator(3))
+
+
+def test_pickles_from_before_the_confusion_matrix_still_load():
+    ev = Evaluator(4).update(*data(n=20, C=4))
+    del ev.__dict__["confusion"], ev.__dict__["_cm"]  # the state as an older version pickled it
+    back = pickle.loads(pickle.dumps(ev))
+    assert back.confusion is False and back.result().confusion is None
+    assert back.copy().merge(Evaluator(4).update(*data(n=5, C=4))).n_seen == 25
+
+
+# -- save / load ------------------------------------------------------------------------------------------
+def _saved(tmp_path, **kw):
+    x, t = data(n=120, C=5, seed=40)
+    t[t == -100] = kw.get("ignore_index", -100)
+    ev = Evaluator(5, **kw).update(x, t)
+    path = tmp_path / "state.npz"
+    ev.save(path)
+    return ev, path
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight=np.linspace(0.5, 2, 5).astype(np.float32),
+                                            ignore_index=3, label_smoothing=0.15, topk=(1, 2, 4),
+                                            calibration_bins=9, confusion=True)])
+def test_save_and_load_round_trip_every_setting_and_the_state(tmp_path, kw):
+    ev, path = _saved(tmp_path, **kw)
+    back = Evaluator.load(path)
+    for name in Evaluator._SETTINGS:
+        assert getattr(back, name) == getattr(ev, name), name
+    assert back.compatible(ev) and ev.compatible(back)
+    if "weight" in kw:
+        assert back._weight_src.dtype == np.float32
+        np.testing.assert_array_equal(back._weight_src, kw["weight"])
+    assert back.result().to_dict() == ev.result().to_dict()
+    # a loaded state keeps going: update and merge as the original would
+    x, t = data(n=30, C=5, seed=41)
+    t[t == -100] = ev.ignore_index
+    assert back.update(x, t).result().to_dict() == ev.copy().update(x, t).result().to_dict()
+    assert not list(tmp_path.glob(".tmp-*"))  # the temporary file was renamed into place
+
+
+def test_loading_reads_no_pickle_and_executes_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # unpickling this calls open(marker, "w"): it creates the file
+            return (open, (str(marker), "w"))
+
+    ev, path = _saved(tmp_path)
+    members = dict(np.load(path, allow_pickle=False))
+    for name in ("format", "ints"):  # the first member read, and one read after the settings
+        evil = dict(members)
+        evil[name] = np.array([Payload()], dtype=object)
+        bad = tmp_path / f"evil-{name}.npz"
+        np.savez(bad, **evil)
+        with pytest.raises(ValueError, match=rf"evil-{name}.npz: not a numbaxent evaluator "
+                                             rf"state \(member '{name}' is unreadable"):
+            Evaluator.load(bad)
+        assert not marker.exists()
+    # the payload is live: the same member loaded with pickle allowed does run it
+    np.load(tmp_path / "evil-ints.npz", allow_pickle=True)["ints"]
+    assert marker.exists()
+    marker.unlink()
+    np.save(tmp_path / "evil.npy", np.array([Payload()], dtype=object), allow_pickle=True)
+    os.replace(tmp_path / "evil.npy", tmp_path / "evil-npy.npz")  # a pickled .npy named .npz
+    with pytest.raises(ValueError, match="a single .npy array"):
+        Evaluator.load(tmp_path / "evil-npy.npz")
+    with open(tmp_path / "raw.npz", "wb") as f:
+        pickle.dump(Payload(), f)  # a bare pickle
+    with pytest.raises(ValueError, match=r"not a \.npz \(zip\) file"):
+        Evaluator.load(tmp_path / "raw.npz")
+    assert not marker.exists()
+
+
+def _rewrite(path, dst, **changes):
+    members = dict(np.load(path, allow_pickle=False))
+    members.update(changes)
+    for k in [k for k, v in changes.items() if v is None]:
+        del members[k]
+    np.savez(dst, **members)
+    return dst
+
+
+def test_load_rejects_corrupt_truncated_foreign_and_future_files(tmp_path):
+    ev, path = _saved(tmp_path, confusion=True)
+    raw = path.read_bytes()
+    cases = {}
+    (tmp_path / "empty.npz").write_bytes(b"")
+    cases["empty.npz"] = r"not a numbaxent evaluator state \(an empty file\)"
+    (tmp_path / "trunc.npz").write_bytes(raw[: len(raw) // 2])
+    cases["trunc.npz"] = r"not a numbaxent evaluator state \(cannot read it as .npz"
+    import zipfile
+
+    info = zipfile.ZipFile(path).getinfo("ints.npy")
+    flipped = bytearray(raw)  # a byte of the compressed data of 'ints': a CRC or zlib error
+    n_name, n_extra = np.frombuffer(raw, np.uint16, 2, info.header_offset + 26)  # local header
+    flipped[info.header_offset + 30 + int(n_name) + int(n_extra) + 20] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    cases["flipped.npz"] = r"not a numbaxent evaluator state"
+    np.savez(tmp_path / "foreign.npz", logits=np.zeros((2, 3)))
+    cases["foreign.npz"] = r"foreign.npz: not a numbaxent evaluator state \(no 'format' member\)"
+    _rewrite(path, tmp_path / "other.npz", format=np.array("something.else"))
+    cases["other.npz"] = r"its format is 'something.else'"
+    _rewrite(path, tmp_path / "v2.npz", version=np.array(2))
+    cases["v2.npz"] = r"v2.npz: evaluator state format version 2 is not supported \(this " \
+                      r"numbaxent reads version 1\)"
+    _rewrite(path, tmp_path / "short.npz", ints=np.zeros(3, dtype=np.int64))
+    cases["short.npz"] = r"corrupt evaluator state \(member 'ints' has shape \(3,\)"
+    _rewrite(path, tmp_path / "nomatrix.npz", matrix=None)
+    cases["nomatrix.npz"] = r"no 'matrix' member"
+    _rewrite(path, tmp_path / "floatints.npz", ints=ev._ints.astype(np.float64))
+    cases["floatints.npz"] = r"member 'ints' has dtype float64"
+    counts = ev._ints.copy()
+    counts[0] += 1  # n_seen != n_ignored + n_valid
+    _rewrite(path, tmp_path / "counts.npz", ints=counts)
+    cases["counts.npz"] = r"corrupt evaluator state \(inconsistent counts\)"
+    _rewrite(path, tmp_path / "matrixsum.npz", matrix=ev._cm * 2)
+    cases["matrixsum.npz"] = r"inconsistent counts"
+    _rewrite(path, tmp_path / "smoothing.npz", label_smoothing=np.array(2.0))
+    cases["smoothing.npz"] = r"invalid evaluator settings \(label_smoothing must be between"
+    _rewrite(path, tmp_path / "huge.npz", num_classes=np.array(10**9))  # checked, not allocated
+    cases["huge.npz"] = r"corrupt evaluator state \(member 'ints' has shape \(\d+,\), its " \
+                        r"settings need \(3000000\d+,\)\)"
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    cases["array.npy"] = r"a single .npy array, not a .npz state file"
+    for name, pattern in cases.items():
+        with pytest.raises(ValueError, match=pattern) as info:
+            Evaluator.load(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value), name
+    with pytest.raises(FileNotFoundError, match="nope.npz: no such file"):
+        Evaluator.load(tmp_path / "nope.npz")
+
+
+def test_merge_errors_name_every_differing_setting():
+    a = Evaluator(4, topk=(1, 2), label_smoothing=0.1, weight=[1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"different configurations \(label_smoothing: 0.1 vs 0.0; "
+                                         r"topk: \(1, 2\) vs \(1, 5\); weight: set vs None\)"):
+        a.merge(Evaluator(4))
+    with pytest.raises(ValueError, match=r"\(weight: different values\)"):
+        a.merge(Evaluator(4, topk=(1, 2), label_smoothing=0.1, weight=[1, 2, 3, 5]))
+    with pytest.raises(ValueError, match=r"\(num_classes: 4 vs 5; weight: set vs None\)"):
+        a.merge(Evaluator(5, topk=(1, 2), label_smoothing=0.1))
