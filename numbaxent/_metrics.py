@@ -5,7 +5,7 @@ storage array (16-bit storage for float16/bfloat16, computed in float32), target
 indices over the ``N*S`` rows, ``w`` are the class weights in the compute type.
 
 For each non-ignored row the logits are read from memory once; the passes below run over the row
-while it is in cache (as the core forward does), rows in parallel (``prange``):
+while it is in cache (as the core forward does), rows split across threads (``_parallel.run_tasks``):
 
 1. :func:`~numbaxent._kernels.row_max` (the core's primitive): ``m = max_c x_c``;
 2. :func:`row_eval_sums`, one fused loop: ``s = sum_c e_c`` with ``e_c = exp(x_c - m)``,
@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
 
 from ._jit import jit
 from ._kernels import row_is_top1, row_max
@@ -170,20 +169,20 @@ def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
 
 
 # -- kernels -----------------------------------------------------------------------------------------
-@jit(parallel=True)
-def metrics_rows(x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf, rank,
-                 pred):
-    """Per-row metrics of ``x`` (N, C, S) against ``target`` (N*S,), parallel over rows.
+@jit(python_callable=True)
+def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf,
+                 rank, pred):
+    """Per-row metrics of ``x`` (N, C, S) against ``target`` (N*S,) for rows ``[lo, hi)`` (dealt to
+    threads by ``_parallel.run_tasks``).
 
     Writes, for every row ``r``: ``loss[r]`` (the cross-entropy term, 0 when ignored), ``nll[r]``,
     ``ent[r]``, ``conf[r]`` (0 when ignored), ``rank[r]`` (``min(rank, kmax)``, ``IGNORED`` when
     ignored) and ``pred[r]`` (argmax, lowest index among ties). Targets must already be validated.
     """
     N, C, S = x.shape
-    R = N * S
     x2 = x.reshape((N, C * S))
     eps_c = eps / C
-    for r in prange(R):
+    for r in range(lo, hi):
         y = target[r]
         if y == ignore_index:
             loss[r] = 0.0

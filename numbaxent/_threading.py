@@ -1,20 +1,20 @@
-"""Choose Numba's threading layer before the first parallel kernel runs.
+"""Choose Numba's threading layer before numba starts its threads.
 
-Why this module exists: numbaxent's kernels are ``parallel=True`` and must be safe both for concurrent
-calls from several Python threads (Dask's threaded scheduler, a web service) and inside ``fork()``ed
-children (multiprocessing, Dask's process scheduler) after the parent used the library.
+numbaxent's own kernels no longer run Numba parallel regions: they are serial functions dealt to a pool
+of Python threads by ``_parallel`` (compiled once instead of three times), which is safe for
+concurrent callers and after ``fork()`` with any layer. The layer still matters for
+``numba.get_num_threads``/``set_num_threads``, which size that pool and start Numba's own threads,
+and for the user's own ``parallel=True`` code in the same process:
 
-- GNU OpenMP (numba's usual pick on Linux) kills forked children;
+- GNU OpenMP (numba's usual pick on Linux) kills forked children that enter a parallel region;
 - the ``workqueue`` layer aborts when two threads enter a parallel region at once;
 - TBB is safe in both situations, but the PyPI ``tbb`` wheel installs ``libtbb.so.12`` into
   ``<prefix>/lib``, which the dynamic loader does not search inside a virtualenv, so numba reports
   TBB as unavailable.
 
 We therefore pre-load ``libtbb`` by absolute path (``RTLD_GLOBAL``) so that numba's ``tbbpool`` extension
-resolves against it, and select the ``tbb`` layer. When no TBB can be loaded (a platform without
-wheels), we select ``workqueue`` and serialise parallel kernel calls with a process-wide lock, which keeps
-concurrent calls correct (they queue instead of overlapping) and fork safe. A threading layer chosen by
-the user through ``NUMBA_THREADING_LAYER`` is respected as it is.
+resolves against it, and select the ``tbb`` layer; when no TBB can be loaded, ``workqueue``. A threading
+layer chosen by the user through ``NUMBA_THREADING_LAYER`` is respected as it is.
 """
 from __future__ import annotations
 
@@ -23,24 +23,11 @@ import glob
 import os
 import site
 import sys
-import threading
 
-__all__ = ["configure", "kernel_lock", "threading_layer_choice"]
+__all__ = ["configure", "threading_layer_choice"]
 
 _configured = False
 _choice = None
-_lock = None  # a threading.Lock when calls into parallel kernels must be serialised
-
-
-class _NullLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _NullLock()
 
 
 def _tbb_candidates():
@@ -82,7 +69,7 @@ def _preload_tbb() -> bool:
 
 def configure() -> str:
     """Select the threading layer once, before numba starts its thread pool. Returns the choice."""
-    global _configured, _choice, _lock
+    global _configured, _choice
     if _configured:
         return _choice
     import numba
@@ -90,32 +77,14 @@ def configure() -> str:
     user = os.environ.get("NUMBA_THREADING_LAYER")
     if user:
         _choice = user
-        # only tbb (and omp with a non-GNU runtime) are safe for concurrent callers
-        _lock = None if user in ("tbb", "safe", "threadsafe", "omp") else threading.Lock()
     elif _preload_tbb():
         numba.config.THREADING_LAYER = "tbb"
         _choice = "tbb"
     else:
         numba.config.THREADING_LAYER = "workqueue"
         _choice = "workqueue"
-        _lock = threading.Lock()
     _configured = True
     return _choice
-
-
-def kernel_lock():
-    """Context manager held around parallel kernel calls (a no-op unless the layer is not thread safe)."""
-    return _lock if _lock is not None else _NULL
-
-
-def _reset_lock_in_child():
-    global _lock
-    if _lock is not None:  # a lock held by another thread at fork time would never be released here
-        _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 
 def threading_layer_choice() -> str | None:

@@ -519,7 +519,7 @@ class Evaluator:
         if R == 0:
             return self
         from . import _kernels, _metrics
-        from ._threading import kernel_lock
+        from ._parallel import run_tasks
 
         C = self.num_classes
         w, wsum = self._class_weights(compute)
@@ -536,9 +536,8 @@ class Evaluator:
         pred = np.empty(R, dtype=np.int64)
         ks = np.asarray(self.topk, dtype=np.int64)
         kmax = min(int(ks[-1]), C)
-        with kernel_lock():
-            _metrics.metrics_rows(x3, tgt, w, wsum, self.ignore_index, self.label_smoothing, None,
-                                  kmax, loss, nll, ent, conf, rank, pred)
+        run_tasks(_metrics.metrics_rows, tgt.shape[0], x3.size, x3, tgt, w, wsum, self.ignore_index,
+                  self.label_smoothing, None, kmax, loss, nll, ent, conf, rank, pred)
         # per-class, per-bin and top-k totals go straight into the state (no O(C) work per chunk):
         # counts are exact, and each class's float total is a sum in row order whatever the chunking
         si, sf = self._int_slices(), self._float_slices()
