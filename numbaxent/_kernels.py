@@ -41,17 +41,11 @@ from ._math import (cap_slope, capped, compute_scratch, compute_zero, exact_stor
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
 
-MAX_LANES = 256  # running maxima of row_max (1-2 KB, in L1)
+MAX_LANES = 256  # running maxima of row_max_lanes (1-2 KB, in L1)
 
 
 # -- row primitives ----------------------------------------------------------------------------------
 # ``cap`` is None (plain logits) or the soft-cap value; every primitive reads ``capped(load(row[j]), cap)``.
-
-@jit()
-def row_max(row, cap):
-    """:func:`row_max_lanes` with its own scratch."""
-    return row_max_lanes(row, cap, compute_scratch(row, MAX_LANES))
-
 
 @jit()
 def row_max_lanes(row, cap, lanes):
@@ -467,7 +461,7 @@ def column_block_rows(C):
 
 @jit()
 def cols_max(X, i0, s0, nb, C, m, cap):
-    """``m_b = max_c x_cb`` (NaN skipped, as in :func:`row_max`), then soft-capped."""
+    """``m_b = max_c x_cb`` (NaN skipped, as in :func:`row_max_lanes`), then soft-capped."""
     for b in range(nb):
         m[b] = -like(np.inf, m)
     for c in range(C):

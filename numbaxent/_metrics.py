@@ -7,7 +7,7 @@ indices over the ``N*S`` rows, ``w`` are the class weights in the compute type.
 For each non-ignored row the logits are read from memory once; the passes below run over the row
 while it is in cache (as the core forward does), rows split across threads (``_parallel.run_tasks``):
 
-1. :func:`~numbaxent._kernels.row_max` (the core's primitive): ``m = max_c x_c``;
+1. :func:`~numbaxent._kernels.row_max_lanes` (the core's primitive): ``m = max_c x_c``;
 2. :func:`row_eval_sums`, one fused loop: ``s = sum_c e_c`` with ``e_c = exp(x_c - m)``,
    ``h = sum_c e_c (x_c - m)`` (entropy) and ``d = sum_c w_c (x_c - m)`` (label smoothing, only
    when ``eps > 0``);
@@ -27,7 +27,8 @@ From these, with ``ls = log s``:
 - predicted class: the first index of the row's maximum (NaN entries skipped; 0 for an all-NaN
   row), as ``np.argsort(-x, kind="stable")[0]`` gives.
 
-The row kernel writes one record per row (O(rows) memory, no O(rows x classes) temporaries);
+Few classes and K-dim input take :func:`metrics_cols` instead, the same computation over the core's
+column blocks (vectorised across rows), as the core's forward does. The row kernel writes one record per row (O(rows) memory, no O(rows x classes) temporaries);
 :func:`metrics_reduce` then folds the records into per-class, per-bin and top-k totals **serially in
 row order** (the caller sums the scalar columns with NumPy's pairwise float64 sum), so every result
 is independent of the number of threads. Ignored rows are not read at all.
@@ -39,10 +40,11 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._kernels import row_is_top1, row_max
-from ._math import capped, compute_zero, exp, load
+from ._kernels import (MAX_LANES, cols_log, cols_max, cols_targets, column_block, column_block_rows,
+                       column_views, row_is_top1, row_max_lanes, _block_source)
+from ._math import capped, compute_scratch, compute_zero, exp, exp_nonpos, load, log
 
-__all__ = ["metrics_rows", "metrics_reduce", "IGNORED"]
+__all__ = ["metrics_rows", "metrics_cols", "metrics_reduce", "IGNORED"]
 
 IGNORED = -1  # rank recorded for ignored rows
 
@@ -134,10 +136,10 @@ def row_nan_target_rank(row, y, cap):
 
 
 @jit()
-def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
+def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax, lanes):
     """All metrics of one non-ignored row: ``(loss, nll, entropy, confidence, rank, pred)``, the
-    floats in float64, ``rank`` capped at ``kmax``."""
-    m = row_max(row, cap)
+    floats in float64, ``rank`` capped at ``kmax``; ``lanes`` is the row maximum's scratch."""
+    m = row_max_lanes(row, cap, lanes)
     s, h, d = row_eval_sums(row, m, w, cap, eps_c > 0)
     xy = capped(load(row[y]), cap)
     ls = math.log(s)
@@ -172,8 +174,9 @@ def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
 @jit(python_callable=True)
 def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf,
                  rank, pred):
-    """Per-row metrics of ``x`` (N, C, S) against ``target`` (N*S,) for rows ``[lo, hi)`` (dealt to
-    threads by ``_parallel.run_tasks``).
+    """Per-row metrics of ``x`` (N, C, 1) against ``target`` (N,) for rows ``[lo, hi)`` (dealt to
+    threads by ``_parallel.run_tasks``); contiguous rows only, as the core's row kernels (K-dim
+    input and few classes take :func:`metrics_cols`).
 
     Writes, for every row ``r``: ``loss[r]`` (the cross-entropy term, 0 when ignored), ``nll[r]``,
     ``ent[r]``, ``conf[r]`` (0 when ignored), ``rank[r]`` (``min(rank, kmax)``, ``IGNORED`` when
@@ -182,28 +185,127 @@ def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss,
     N, C, S = x.shape
     x2 = x.reshape((N, C * S))
     eps_c = eps / C
+    lanes = compute_scratch(x, MAX_LANES)
     for r in range(lo, hi):
         y = target[r]
         if y == ignore_index:
-            loss[r] = 0.0
-            nll[r] = 0.0
-            ent[r] = 0.0
-            conf[r] = 0.0
-            rank[r] = IGNORED
-            pred[r] = -1
+            _ignored(r, loss, nll, ent, conf, rank, pred)
             continue
-        n = r // S
-        if S == 1:
-            lr, nr, er, cr, kr, pr = eval_row(x2[n], y, w, wsum, eps, eps_c, cap, kmax)
-        else:
-            lr, nr, er, cr, kr, pr = eval_row(x[n, :, r - n * S], y, w, wsum, eps, eps_c, cap,
-                                              kmax)
+        lr, nr, er, cr, kr, pr = eval_row(x2[r], y, w, wsum, eps, eps_c, cap, kmax, lanes)
         loss[r] = lr
         nll[r] = nr
         ent[r] = er
         conf[r] = cr
         rank[r] = kr
         pred[r] = pr
+
+
+@jit()
+def _ignored(r, loss, nll, ent, conf, rank, pred):
+    loss[r] = 0.0
+    nll[r] = 0.0
+    ent[r] = 0.0
+    conf[r] = 0.0
+    rank[r] = IGNORED
+    pred[r] = -1
+
+
+# -- column blocks (few classes, K-dim), as the core's column kernels ---------------------------------
+@jit()
+def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, s, h, d):
+    """Per row ``b`` of a block: :func:`row_eval_sums` across the block (``d`` always summed)."""
+    zero = compute_zero(s)
+    for b in range(nb):
+        s[b] = 0
+        h[b] = 0
+        d[b] = 0
+    for c in range(C):
+        xr = X[i0 + c, s0:s0 + nb]
+        wc = w[c]
+        for b in range(nb):
+            v = capped(load(xr[b]), cap) - m[b]
+            e = exp_nonpos(v)
+            s[b] += e
+            h[b] += e * v if e > zero else zero
+            d[b] += wc * v
+
+
+@jit()
+def cols_ranks(X, i0, s0, nb, C, m, xy, yv, cap, gt, ties, nan_rank, first):
+    """Per row ``b``: ``gt = #{c : x_c > x_y}``, ``ties = #{c < y : x_c == x_y}``, ``nan_rank`` (the
+    rank of a NaN target, as :func:`row_nan_target_rank`) and ``first``, the lowest ``c`` with
+    ``x_c == m`` (``C`` if none). Compare-only, integer lanes across the block's rows."""
+    for b in range(nb):
+        gt[b] = 0
+        ties[b] = 0
+        nan_rank[b] = 0
+        first[b] = C
+    for c in range(C):
+        xr = X[i0 + c, s0:s0 + nb]
+        c32 = np.int32(c)
+        one, zero = np.int32(1), np.int32(0)
+        for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
+            v = capped(load(xr[b]), cap)
+            gt[b] += one if v > xy[b] else zero
+            ties[b] += one if (v == xy[b]) & (c < yv[b]) else zero
+            nan_rank[b] += one if (v == v) | (c < yv[b]) else zero
+            first[b] = c32 if (first[b] == C) & (v == m[b]) else first[b]
+
+
+@jit(python_callable=True)
+def metrics_cols(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf,
+                 rank, pred):
+    """:func:`metrics_rows` over the column blocks ``[lo, hi)`` of ``x`` (N, C, S) (the core's
+    blocks: K-dim rows read in place, short 2-D rows transposed into an L1 scratch), every step
+    vectorised across the block's rows. Same outputs, same formulas."""
+    N, C, S = x.shape
+    X = column_views(x, S)
+    nbmax = column_block_rows(C)
+    eps_c = eps / C
+    XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
+    m = compute_scratch(x, nbmax)
+    s = compute_scratch(x, nbmax)
+    h = compute_scratch(x, nbmax)
+    d = compute_scratch(x, nbmax)
+    ls = compute_scratch(x, nbmax)
+    xy = compute_scratch(x, nbmax)
+    wy = compute_scratch(x, nbmax)
+    yv = np.empty(nbmax, np.int64)
+    ok = np.empty(nbmax, np.bool_)
+    gt = np.empty(nbmax, np.int32)  # int32 lanes: as wide as the float32 compares that feed them
+    ties = np.empty(nbmax, np.int32)
+    nan_rank = np.empty(nbmax, np.int32)
+    first = np.empty(nbmax, np.int32)
+    for blk in range(lo, hi):
+        n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
+        src = _block_source(X, XT, S, n, nb, C)
+        cols_max(src, i0, s0, nb, C, m, cap)
+        cols_eval_sums(src, i0, s0, nb, C, m, w, cap, s, h, d)
+        cols_log(s, ls, nb)
+        cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
+        cols_ranks(src, i0, s0, nb, C, m, xy, yv, cap, gt, ties, nan_rank, first)
+        # the per-row results as selects, not branches, so that these loops vectorise too
+        for b in range(nb):
+            r = r0 + b
+            s64 = np.float64(s[b])
+            nr = (np.float64(m[b]) - np.float64(xy[b])) + np.float64(ls[b])
+            smooth = eps_c * (np.float64(wsum) * np.float64(ls[b]) - np.float64(d[b]))
+            lr = (1.0 - eps) * np.float64(wy[b]) * nr + (smooth if eps_c > 0 else 0.0)
+            loss[r] = lr if ok[b] else 0.0
+            nll[r] = nr if ok[b] else 0.0
+            ent[r] = (log(s64) - np.float64(h[b]) / s64) if ok[b] else 0.0
+            conf[r] = (1.0 / s64) if ok[b] else 0.0
+        for b in range(nb):
+            r = r0 + b
+            k = gt[b] + ties[b] if gt[b] < kmax else gt[b]
+            k = 1 if kmax <= 1 else k
+            k = 0 if (xy[b] >= m[b]) & (ties[b] == 0) else k
+            k = nan_rank[b] if xy[b] != xy[b] else k
+            k = min(k, kmax)
+            rank[r] = k if ok[b] else IGNORED
+            p = first[b] if first[b] < C else 0
+            p = yv[b] if k == 0 else p
+            pred[r] = p if ok[b] else -1
 
 
 @jit(python_callable=True)

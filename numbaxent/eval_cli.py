@@ -691,7 +691,7 @@ def _default_rows(src) -> int:
 # Numba specialises a kernel on its argument types (dtype, read-only or not), so the first chunk of
 # each kind compiles it (10-20 s) or loads it from the on-disk cache. That happens before the timed
 # pass; if the timed pass still added a specialisation, the printed time says so.
-_TIMED_KERNELS = (("numbaxent._metrics", ("metrics_rows", "metrics_reduce")),
+_TIMED_KERNELS = (("numbaxent._metrics", ("metrics_rows", "metrics_cols", "metrics_reduce")),
                   ("numbaxent._kernels", ("check_targets",)))
 
 
@@ -726,8 +726,8 @@ def _warm_kernels(pairs, C: int, rows) -> None:
         if key in seen:
             continue
         seen.add(key)
-        xp = np.zeros((1, C), dtype=dtype)
-        tp = np.zeros(1, dtype=np.int64)
+        xp = np.zeros((1,) + x.shape[1:], dtype=dtype)  # K-dim and few classes: the column kernel
+        tp = np.zeros((1,) + x.shape[2:], dtype=np.int64)
         xp.flags.writeable, tp.flags.writeable = key[1], key[2]
         Evaluator(C).update(xp, tp)
 

@@ -536,8 +536,14 @@ class Evaluator:
         pred = np.empty(R, dtype=np.int64)
         ks = np.asarray(self.topk, dtype=np.int64)
         kmax = min(int(ks[-1]), C)
-        run_tasks(_metrics.metrics_rows, tgt.shape[0], x3.size, x3, tgt, w, wsum, self.ignore_index,
-                  self.label_smoothing, None, kmax, loss, nll, ent, conf, rank, pred)
+        if _api._use_columns(x3.shape):  # few classes or K-dim: vectorised across rows
+            N, _, S = x3.shape
+            kernel, count = _metrics.metrics_cols, _kernels.column_count(
+                N, S, _kernels.column_block_rows(C))
+        else:
+            kernel, count = _metrics.metrics_rows, R
+        run_tasks(kernel, count, x3.size, x3, tgt, w, wsum, self.ignore_index, self.label_smoothing,
+                  None, kmax, loss, nll, ent, conf, rank, pred)
         # per-class, per-bin and top-k totals go straight into the state (no O(C) work per chunk):
         # counts are exact, and each class's float total is a sum in row order whatever the chunking
         si, sf = self._int_slices(), self._float_slices()
@@ -727,9 +733,12 @@ def warmup_variants():
     """(label, thunk) pairs compiling the evaluator's kernels (used by ``numbaxent warmup``)."""
     rng = np.random.default_rng(0)
     for name in ("float32", "float64", "float16"):
-        x = rng.standard_normal((3, 4)).astype(name)
+        # 4 classes take the column kernel (short rows, K-dim), 48 the row kernel
+        xs = [rng.standard_normal((3, c)).astype(name) for c in (4, 48)]
 
-        def run(x=x):
-            Evaluator(4, label_smoothing=0.1, topk=(1, 2)).update(x, np.array([0, 3, -100]))
+        def run(xs=xs):
+            for x in xs:
+                Evaluator(x.shape[1], label_smoothing=0.1, topk=(1, 2)).update(
+                    x, np.array([0, 3, -100]))
 
         yield f"{name:<8} evaluator", run

@@ -125,7 +125,7 @@ def data(n=300, C=11, dtype=np.float64, seed=0, ignore_frac=0.1, scale=2.0):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_every_metric_matches_numpy_reference(dtype, weighted, eps):
+def test_every_metric_matches_numpy_reference(dtype, weighted, eps, each_kernel_path):
     C = 11
     x, t = data(C=C, dtype=dtype, seed=int(weighted) + 2 * int(eps > 0))
     weight = np.linspace(0.3, 2.0, C) if weighted else None
@@ -136,7 +136,7 @@ def test_every_metric_matches_numpy_reference(dtype, weighted, eps):
                    exact_bins=dtype == np.float64)
 
 
-def test_in_range_ignore_index_and_topk_beyond_classes():
+def test_in_range_ignore_index_and_topk_beyond_classes(each_kernel_path):
     C = 6
     x, t = data(n=200, C=C, seed=3, ignore_frac=0.0)
     ev = Evaluator(C, ignore_index=2, topk=(2, 1, 6, 9), calibration_bins=4)
@@ -180,7 +180,7 @@ def test_all_ignored_gives_torch_nan_mean():
 
 
 # -- top-k ties and non-finite logits -----------------------------------------------------------------
-def test_topk_ties_follow_a_stable_argsort_of_minus_logits():
+def test_topk_ties_follow_a_stable_argsort_of_minus_logits(each_kernel_path):
     x = np.array([
         [1.0, 1.0, 1.0, 0.0],    # target 2 tied with 0 and 1: rank 2
         [1.0, 1.0, 1.0, 0.0],    # target 0: rank 0 (lowest index wins a tie)
@@ -206,7 +206,7 @@ def test_topk_ties_follow_a_stable_argsort_of_minus_logits():
     assert_matches(res, ref, rtol=1e-12)
 
 
-def test_nonfinite_rows_follow_pytorch_and_stay_out_of_calibration():
+def test_nonfinite_rows_follow_pytorch_and_stay_out_of_calibration(each_kernel_path):
     x = np.array([[-np.inf, 0.0, 1.0], [-np.inf, 0.0, 1.0], [np.nan, 0.0, 1.0], [1.0, 2.0, 3.0],
                   [-np.inf, -np.inf, -np.inf], [2.0, 1.0, 0.0]])
     t = np.array([1, 0, 1, 2, -100, 0])
