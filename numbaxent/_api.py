@@ -518,11 +518,12 @@ def _target_gradient(p: _Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarra
             (z_{ic} - m_i - \ell_i),
 
     with :math:`z` the (soft-capped) logits, :math:`m_i` the row maximum ``mx`` and :math:`\ell_i` the
-    log of the shifted exponential sum ``lsx`` (so :math:`z - m - \ell` is PyTorch's log-softmax,
-    NaN in the same rows), :math:`s_i` the sample weight and :math:`g_i` the upstream gradient
-    (already divided by the ``'mean'`` denominator). The z-loss does not depend on the target.
-    One vectorised NumPy pass over the logits in the compute dtype; the result has the target's
-    dtype and ``input``'s shape (and layout)."""
+    log of the shifted exponential sum ``lsx`` (so :math:`z - (m + \ell)` is the log-softmax, NaN
+    in the same rows as PyTorch's), :math:`s_i` the sample weight and :math:`g_i` the upstream
+    gradient (already divided by the ``'mean'`` denominator). The z-loss does not depend on the
+    target. Vectorised NumPy in the compute dtype: the subtraction writes a new array, one in-place
+    multiply scales it (two with per-row factors; soft-capping adds its own); the result has the
+    target's dtype and ``input``'s shape (and layout)."""
     x = p.x
     cls = 0 if x.ndim == 1 else 1
 
@@ -532,17 +533,23 @@ def _target_gradient(p: _Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarra
 
     shape_c = [1] * x.ndim
     shape_c[cls] = p.C
-    coef = (-(g * p.sw) * (1.0 - p.eps)).astype(p.compute)  # float64 (rows,) or (1,)
-    gt = np.array(x, dtype=p.compute)  # our own buffer, worked on in place
+    coef = -(g * p.sw) * (1.0 - p.eps)  # float64 (rows,) or (1,)
+    # per-class factor w_c, with the upstream factor folded in when it is one number ('mean'/'sum'
+    # without sample weights): then only two passes over the N x C result (subtract, multiply)
+    scale = p.w if coef.shape[0] != 1 else p.w * p.compute.type(coef[0])
+    lse = per_row((mx + lsx).astype(p.compute, copy=False))
     with np.errstate(invalid="ignore", over="ignore"):
-        if p.cap is not None:  # as the kernels: cap * tanh(x / cap)
+        if p.cap is None:
+            gt = np.subtract(x, lse, dtype=p.compute)  # log_softmax(x) = x - lse, a new array
+        else:  # as the kernels: cap * tanh(x / cap)
+            gt = np.array(x, dtype=p.compute)
             gt /= p.cap
             np.tanh(gt, out=gt)
             gt *= p.cap
-        gt -= per_row(mx)  # (z - m) - log(sum): PyTorch's order of log_softmax
-        gt -= per_row(lsx)
-        gt *= p.w.reshape(shape_c)
-        gt *= per_row(coef)
+            gt -= lse
+        gt *= scale.reshape(shape_c)
+        if coef.shape[0] != 1:
+            gt *= per_row(coef.astype(p.compute))
     return gt.astype(p.target_dtype, copy=False)
 
 
@@ -664,7 +671,7 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     ``sample_weight`` (1 by default), :math:`\varepsilon` the label smoothing, and :math:`g_i` the
     upstream gradient, divided by the ``'mean'`` denominator under ``'mean'``. ``z_loss`` does not
     depend on the target. The log-softmax comes from the row statistics of the same pass (the row
-    maximum and log-sum), so it costs one vectorised NumPy pass over the logits, no second softmax.
+    maximum and log-sum): vectorised NumPy over the logits, no second softmax.
 
     Parameters
     ----------
