@@ -517,13 +517,13 @@ def _target_gradient(p: _Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarra
         \frac{\partial}{\partial t_{ic}} = -g_i\, s_i\, w_c\, (1-\varepsilon)\,
             (z_{ic} - m_i - \ell_i),
 
-    with :math:`z` the (soft-capped) logits, :math:`m_i` the row maximum ``mx`` and :math:`\ell_i` the
-    log of the shifted exponential sum ``lsx`` (so :math:`z - (m + \ell)` is the log-softmax, NaN
-    in the same rows as PyTorch's), :math:`s_i` the sample weight and :math:`g_i` the upstream
-    gradient (already divided by the ``'mean'`` denominator). The z-loss does not depend on the
-    target. Vectorised NumPy in the compute dtype: the subtraction writes a new array, one in-place
-    multiply scales it (two with per-row factors; soft-capping adds its own); the result has the
-    target's dtype and ``input``'s shape (and layout)."""
+    with :math:`z` the (soft-capped) logits, :math:`m_i` the row maximum ``mx`` and
+    :math:`\ell_i` the log of the shifted exponential sum ``lsx`` (so :math:`z - (m + \ell)` is the
+    log-softmax, NaN in the same rows as PyTorch's), :math:`s_i` the sample weight and :math:`g_i`
+    the upstream gradient (already divided by the ``'mean'`` denominator). The z-loss does not
+    depend on the target. Vectorised NumPy in the compute dtype: the subtraction writes a new
+    array, one in-place multiply scales it (two with per-row factors; soft-capping adds its own);
+    the result has the target's dtype and ``input``'s shape (and layout)."""
     x = p.x
     cls = 0 if x.ndim == 1 else 1
 
@@ -659,8 +659,8 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     :math:`b_{ij} = v_i[(1-\varepsilon) w_{y_i}[j=y_i] + \frac{\varepsilon}{C} w_j]`, and for
     probability targets :math:`a_i = \sum_c w_c\tilde t_{ic}`, :math:`b_{ij} = w_j \tilde t_{ij}`.
 
-    With ``target_grad=True`` (probability targets only) it also returns the gradient with respect to
-    the target, as PyTorch's autograd gives it for a target that requires grad:
+    With ``target_grad=True`` (probability targets only) it also returns the gradient with respect
+    to the target, as PyTorch's autograd gives it for a target that requires grad:
 
     .. math::
 

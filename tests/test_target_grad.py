@@ -1,9 +1,10 @@
-"""cross_entropy_with_grad(..., target_grad=True): the gradient with respect to a probability target,
-against the independent float64 reference (tests/naive.py: naive_target_grad) and against central
-finite differences of numbaxent's own loss in float64."""
+"""cross_entropy_with_grad(..., target_grad=True): the gradient with respect to a probability
+target, against the independent float64 reference (tests/naive.py: naive_target_grad) and against
+central finite differences of numbaxent's own loss in float64."""
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import numpy as np
 import pytest
@@ -54,7 +55,8 @@ def assert_close(actual, expected, dtype):
 @pytest.mark.parametrize("dtype,shape,reduction,option", list(itertools.product(
     [np.float64, np.float32, np.float16], SHAPES, ["none", "mean", "sum"], OPTIONS)))
 def test_matches_reference(dtype, shape, reduction, option):
-    x, t, kw, go = _problem(dtype, shape, reduction, option, hash((shape, reduction, option)) % 2**32)
+    seed = zlib.crc32(repr((shape, reduction, option)).encode())  # same data on every run
+    x, t, kw, go = _problem(dtype, shape, reduction, option, seed)
     loss, grad, grad_t = nx.cross_entropy_with_grad(x, t, grad_output=go, target_grad=True, **kw)
     assert grad_t.dtype == t.dtype and grad_t.shape == t.shape
     expect = naive_target_grad(x, t, grad_output=go, **_ref_kwargs(kw))

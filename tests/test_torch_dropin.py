@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import numpy as np
 import pytest
@@ -184,7 +185,8 @@ def _first_and_second(fn, x, t, go, vs, **kw):
     [(6,), (5, 6), (3, 6, 2)], [False, True], ["none", "mean", "sum"], [0.0, 0.2],
     [False, True])))
 def test_double_backward_matches_torch(shape, soft, reduction, eps, use_w):
-    g = torch.Generator().manual_seed(hash((shape, soft, reduction, eps, use_w)) % 2**31)
+    seed = zlib.crc32(repr((shape, soft, reduction, eps, use_w)).encode())  # same on every run
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2
     if soft:
         t = torch.rand(shape, generator=g, dtype=torch.float64)
@@ -215,7 +217,8 @@ def test_double_backward_z_loss_and_softcap():
     def composed(xi, ti):  # the same loss from PyTorch operations
         xc = 3.0 * torch.tanh(xi / 3.0)
         keep = ti != -100
-        return F.cross_entropy(xc, ti) + 0.01 * (torch.logsumexp(xc, 1)[keep] ** 2).sum() / keep.sum()
+        z_term = (torch.logsumexp(xc, 1)[keep] ** 2).sum() / keep.sum()
+        return F.cross_entropy(xc, ti) + 0.01 * z_term
 
     ours = _first_and_second(nt.cross_entropy, x, t, go, vs, z_loss=0.01, softcap=3.0)
     theirs = _first_and_second(composed, x, t, go, vs)

@@ -1,7 +1,8 @@
-"""numbaxent.torch.cross_entropy on PyTorch's own OpInfo samples for ``nn.functional.cross_entropy``
-(the inputs PyTorch's test suite uses for the op): value and gradients (input, and a probability target
-that requires grad) against torch.nn.functional.cross_entropy in every dtype the OpInfo lists for the
-CPU, then gradcheck and gradgradcheck on the float64 samples."""
+"""numbaxent.torch.cross_entropy on PyTorch's own OpInfo samples for
+``nn.functional.cross_entropy`` (the inputs PyTorch's test suite uses for the op): value and
+gradients (input, and a probability target that requires grad) against
+torch.nn.functional.cross_entropy in every dtype the OpInfo lists for the CPU, then gradcheck and
+gradgradcheck on the float64 samples."""
 from __future__ import annotations
 
 import pytest
