@@ -118,3 +118,30 @@ def test_gradcheck(fn, inputs):
 @pytest.mark.parametrize("fn,inputs", FLOAT64_CASES)
 def test_gradgradcheck(fn, inputs):
     assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def _second_order(fn, sample):
+    """First derivatives with create_graph=True, then the derivatives of <first, v> with respect to
+    the inputs and the upstream gradient (Hessian-vector products), with fixed v and upstream."""
+    x = sample.input.detach().clone().requires_grad_()
+    target = sample.args[0]
+    t = target.detach().clone().requires_grad_(target.requires_grad)
+    loss = fn(x, t, *sample.args[1:], **sample.kwargs)
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    go.requires_grad_()
+    ins = (x, t) if t.requires_grad else (x,)
+    first = torch.autograd.grad(loss, ins, go, create_graph=True)
+    vs = [torch.linspace(-1.0, 1.0, a.numel(), dtype=a.dtype).reshape(a.shape) for a in first]
+    second = torch.autograd.grad(sum((a * v).sum() for a, v in zip(first, vs)), ins + (go,),
+                                 allow_unused=True)
+    return first + second
+
+
+def test_second_order_matches_torch():
+    for op, sample in _samples(torch.float64):
+        msg = _id(sample)
+        ours = _second_order(nt.cross_entropy, sample)
+        theirs = _second_order(F.cross_entropy, sample)
+        assert len(ours) == len(theirs), msg
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m: f"{msg}: {m}")
