@@ -150,6 +150,7 @@ class _Prepared:
     z: float = 0.0
     cap: float | None = None
     sw: np.ndarray | None = None  # float64 (rows,) sample weights, or (1,) ones
+    target_dtype: np.dtype | None = None  # the user's target dtype (the target gradient's dtype)
 
 
 def _canonical_view(a: np.ndarray, transposed: bool, shape3: tuple) -> np.ndarray | None:
@@ -297,7 +298,7 @@ def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_
     if normalizer is not None:
         denom = norm
     return _Prepared(x, x3, transposed, compute, C, rows, loss_shape, soft, tgt, w, wsum,
-                     float(denom), ignore_index, eps, reduction, z, cap, sw)
+                     float(denom), ignore_index, eps, reduction, z, cap, sw, t.dtype)
 
 
 def _scalar(value: float, dtype: np.dtype):
@@ -497,6 +498,77 @@ def _from_canonical(tmp3: np.ndarray, p: _Prepared) -> np.ndarray:
     return v.reshape(p.C, -1).T if p.transposed else v.reshape(p.x.shape)
 
 
+def _check_target_grad(p: _Prepared, target_grad: bool):
+    if target_grad and not p.soft:
+        raise ValueError(
+            "target_grad=True needs class-probability targets (a floating target of input's shape "
+            f"{p.x.shape}); class-index targets have no gradient"
+        )
+
+
+def _target_gradient(p: _Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray) -> np.ndarray:
+    r"""Gradient of ``sum(grad_output * loss)`` with respect to a probability target, from the row
+    statistics of a pass (no second softmax):
+
+    .. math::
+
+        \frac{\partial}{\partial t_{ic}} = -g_i\, s_i\, w_c\, (1-\varepsilon)\,
+            (z_{ic} - m_i - \ell_i),
+
+    with :math:`z` the (soft-capped) logits, :math:`m_i` the row maximum ``mx`` and
+    :math:`\ell_i` the log of the shifted exponential sum ``lsx`` (so :math:`z - (m + \ell)` is the
+    log-softmax, NaN in the same rows as PyTorch's), :math:`s_i` the sample weight and :math:`g_i`
+    the upstream gradient (already divided by the ``'mean'`` denominator). The z-loss does not
+    depend on the target. Vectorised NumPy in the compute dtype: the subtraction writes a new
+    array, one in-place multiply scales it (two with per-row factors; soft-capping adds its own);
+    the result has the target's dtype and ``input``'s shape (and layout)."""
+    x = p.x
+    cls = 0 if x.ndim == 1 else 1
+
+    def per_row(v):  # (rows,) or (1,) in the loss's row-major order, broadcast along the class axis
+        v = v.reshape(()) if v.shape[0] == 1 else v.reshape(p.loss_shape)
+        return np.expand_dims(v, cls) if v.ndim else v
+
+    shape_c = [1] * x.ndim
+    shape_c[cls] = p.C
+    coef = -(g * p.sw) * (1.0 - p.eps)  # float64 (rows,) or (1,)
+    # per-class factor w_c, with the upstream factor folded in when it is one number ('mean'/'sum'
+    # without sample weights): then only two passes over the N x C result (subtract, multiply)
+    scale = p.w if coef.shape[0] != 1 else p.w * p.compute.type(coef[0])
+    lse = per_row((mx + lsx).astype(p.compute, copy=False))
+    with np.errstate(invalid="ignore", over="ignore"):
+        if p.cap is None:
+            gt = np.subtract(x, lse, dtype=p.compute)  # log_softmax(x) = x - lse, a new array
+        else:  # as the kernels: cap * tanh(x / cap)
+            gt = np.array(x, dtype=p.compute)
+            gt /= p.cap
+            np.tanh(gt, out=gt)
+            gt *= p.cap
+            gt -= lse
+        gt *= scale.reshape(shape_c)
+        if coef.shape[0] != 1:
+            gt *= per_row(coef.astype(p.compute))
+    return gt.astype(p.target_dtype, copy=False)
+
+
+def _backward(p: _Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, out=None,
+              input_grad: bool = True, target_grad: bool = False):
+    """(grad_input or None, grad_target or None) from a forward's row statistics: one BACKWARD
+    pass over the logits for the input, one NumPy pass for a probability target."""
+    _check_target_grad(p, target_grad)
+    g = _upstream(p, grad_output)
+    # the target gradient first: ``out=input`` overwrites the logits it reads
+    grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
+    if not input_grad:
+        return None, grad_t
+    grad, g3, copy_back = _grad_target(p, out)
+    if not _empty_or_classless(p):
+        _run(p, _kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_), g3)
+        if copy_back is not None:
+            np.copyto(grad, _from_canonical(copy_back, p))
+    return grad, grad_t
+
+
 # -- public functions --------------------------------------------------------------------------------
 def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap=None,
@@ -574,7 +646,8 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
 def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100,
                             reduction: str = "mean", label_smoothing: float = 0.0,
                             grad_output=None, out=None, *, z_loss: float = 0.0, softcap=None,
-                            sample_weight=None, normalizer=None, return_stats: bool = False):
+                            sample_weight=None, normalizer=None, return_stats: bool = False,
+                            target_grad: bool = False):
     r"""Loss and its gradient with respect to ``input`` in one fused pass over the logits.
 
     ``grad_input`` is :math:`\partial \sum(\text{grad\_output} \cdot \text{loss}) / \partial x`:
@@ -583,6 +656,20 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     :math:`a_i = v_i[(1-\varepsilon) w_{y_i} + \frac{\varepsilon}{C}\sum_c w_c]` and
     :math:`b_{ij} = v_i[(1-\varepsilon) w_{y_i}[j=y_i] + \frac{\varepsilon}{C} w_j]`, and for
     probability targets :math:`a_i = \sum_c w_c\tilde t_{ic}`, :math:`b_{ij} = w_j \tilde t_{ij}`.
+
+    With ``target_grad=True`` (probability targets only) it also returns the gradient with respect
+    to the target, as PyTorch's autograd gives it for a target that requires grad:
+
+    .. math::
+
+        \frac{\partial}{\partial t_{ic}} = -g_i\, s_i\, w_c\, (1-\varepsilon)\,
+            \log\operatorname{softmax}(z_i)_c,
+
+    where :math:`z` are the logits (soft-capped when ``softcap`` is given), :math:`s_i` the
+    ``sample_weight`` (1 by default), :math:`\varepsilon` the label smoothing, and :math:`g_i` the
+    upstream gradient, divided by the ``'mean'`` denominator under ``'mean'``. ``z_loss`` does not
+    depend on the target. The log-softmax comes from the row statistics of the same pass (the row
+    maximum and log-sum): vectorised NumPy over the logits, no second softmax.
 
     Parameters
     ----------
@@ -596,23 +683,39 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
         logits with their gradient and allocates no N×C array.
     z_loss, softcap, sample_weight, normalizer, return_stats
         As in :func:`cross_entropy`.
+    target_grad : bool, keyword-only
+        Also return the gradient with respect to a class-probability ``target`` (formula above).
+        A ``ValueError`` for class-index targets.
 
     Returns
     -------
     loss : as :func:`cross_entropy`
     grad_input : ndarray of ``input``'s shape and dtype (``out`` when given)
+    grad_target : ndarray of ``input``'s shape and the target's dtype
+        Only with ``target_grad=True``.
     stats : Stats
         Only with ``return_stats=True``.
     """
     p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
+    _check_target_grad(p, target_grad)
+    k = _kernels()
     g = _upstream(p, grad_output)
-    grad, g3, copy_back = _grad_target(p, out)
-    loss_rows, lse, top1 = _pass(p, _kernels().FUSED, g, g3, keep=return_stats)
-    if copy_back is not None:
-        np.copyto(grad, _from_canonical(copy_back, p))
-    loss = _reduce(p, loss_rows)
-    return (loss, grad, _stats(p, lse, top1)) if return_stats else (loss, grad)
+    if target_grad and out is not None and np.may_share_memory(out, p.x):
+        # the fused pass would overwrite the logits the target gradient reads: forward pass, then
+        # the target gradient, then the backward pass into ``out`` (no N x C copy)
+        loss_rows, mx, lsx, top1 = _pass_rows(p, k.FORWARD, g, np.empty((1, 1, 1), p.x3.dtype))
+        grad, grad_t = _backward(p, mx, lsx, grad_output, out, target_grad=True)
+    else:
+        grad, g3, copy_back = _grad_target(p, out)
+        # target_grad reads the per-row statistics: keep them (the column kernels otherwise write
+        # only block sums for a reduced loss)
+        loss_rows, mx, lsx, top1 = _pass_rows(p, k.FUSED, g, g3, keep=return_stats or target_grad)
+        if copy_back is not None:
+            np.copyto(grad, _from_canonical(copy_back, p))
+        grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
+    res = (_reduce(p, loss_rows), grad) + ((grad_t,) if target_grad else ())
+    return res + (_stats(p, mx + lsx, top1),) if return_stats else res
 
 
 class CrossEntropyLoss:
@@ -658,19 +761,15 @@ class CrossEntropyLoss:
 
     __call__ = forward
 
-    def backward(self, grad_output=None, out=None):
+    def backward(self, grad_output=None, out=None, *, target_grad: bool = False):
         """Gradient of ``sum(grad_output * loss)`` w.r.t. the last ``forward``'s input.
 
         ``out`` may be given as in :func:`cross_entropy_with_grad` (``out=input`` is in place).
+        ``target_grad=True`` (probability targets) returns ``(grad_input, grad_target)``, the
+        target's gradient as in :func:`cross_entropy_with_grad`.
         """
         if self._saved is None:
             raise ValueError("backward() called before forward()")
         p, mx, lsx = self._saved
-        g = _upstream(p, grad_output)
-        grad, g3, copy_back = _grad_target(p, out)
-        if _empty_or_classless(p):
-            return grad
-        _run(p, _kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_), g3)
-        if copy_back is not None:
-            np.copyto(grad, _from_canonical(copy_back, p))
-        return grad
+        grad, grad_t = _backward(p, mx, lsx, grad_output, out, target_grad=target_grad)
+        return (grad, grad_t) if target_grad else grad

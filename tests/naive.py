@@ -117,3 +117,45 @@ def naive_cross_entropy(x, target, weight=None, ignore_index=-100, reduction="me
     if unbatched:
         grad = grad[0]
     return loss, grad
+
+
+def naive_target_grad(x, target, weight=None, reduction="mean", label_smoothing=0.0,
+                      grad_output=None, softcap=None, sample_weight=None, normalizer=None):
+    """d(sum(grad_output * loss))/d target for probability targets, in float64, one row at a time.
+
+    Per row r: ``loss_r = -s_r sum_c w_c t~_rc logp_rc`` with ``t~ = (1-eps) t + eps/C``, so
+    ``d loss_r / d t_rc = -s_r (1-eps) w_c logp_rc`` (the z-loss has no target in it); the upstream
+    factor is grad_output (divided by the 'mean' denominator: rows, sum of sample weights, or the
+    normalizer)."""
+    x = np.asarray(x, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    assert t.shape == x.shape, "probability targets only"
+    unbatched = x.ndim == 1
+    if unbatched:
+        x, t = x[None], t[None]
+    n, c = x.shape[:2]
+    spatial = x.shape[2:]
+    xr = np.moveaxis(x, 1, -1).reshape(-1, c)
+    R = xr.shape[0]
+    w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64)
+    sw = np.ones(R) if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(-1)
+    eps = float(label_smoothing)
+    if reduction == "none":
+        loss_shape = () if unbatched else (n,) + spatial
+        go = np.ones(R) if grad_output is None else np.broadcast_to(
+            np.asarray(grad_output, np.float64), loss_shape).reshape(-1)
+    else:
+        go = np.full(R, 1.0 if grad_output is None else float(grad_output))
+        if reduction == "mean":
+            denom = float(normalizer) if normalizer is not None else (
+                float(R) if sample_weight is None else float(np.sum(sw)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                go = go / np.float64(denom)
+    out = np.zeros((R, c))
+    for r in range(R):
+        z = xr[r] if softcap is None else softcap * np.tanh(xr[r] / softcap)
+        logp = _log_softmax(z)
+        with np.errstate(invalid="ignore", over="ignore"):
+            out[r] = -go[r] * sw[r] * (1.0 - eps) * w * logp
+    grad = np.moveaxis(out.reshape((n,) + spatial + (c,)), -1, 1)
+    return grad[0] if unbatched else grad
