@@ -417,3 +417,15 @@ def test_half_precision_linear_cross_entropy_against_a_float64_reference(dtype, 
     none, stats = nx.linear_cross_entropy(h, w, t, b, reduction="none", return_stats=True,
                                           **{k: x for k, x in opts.items() if k != "reduction"})
     assert none.dtype == dtype and stats.lse.dtype == np.float32  # as the core's half path
+
+
+def test_eval_reads_bfloat16_logits_saved_by_np_save(files, capsys, tmp_path):
+    d, h, w, b, t = files
+    x = (h @ w.T + b).astype(BF16)
+    np.save(tmp_path / "xbf.npy", x)  # stored as the raw dtype |V2
+    assert np.load(tmp_path / "xbf.npy").dtype == np.dtype("V2")
+    got = run_json(capsys, tmp_path / "xbf.npy", d / "t.npy", cmd=eval_main)
+    ref = reference(x.astype(np.float64), t, V)
+    for key in FIGURES:
+        assert got[key] == pytest.approx(ref[key], rel=2e-5), key
+    assert got["input"]["dtype"] == "bfloat16"
