@@ -429,3 +429,17 @@ def test_eval_reads_bfloat16_logits_saved_by_np_save(files, capsys, tmp_path):
     for key in FIGURES:
         assert got[key] == pytest.approx(ref[key], rel=2e-5), key
     assert got["input"]["dtype"] == "bfloat16"
+
+
+def test_dask_tasks_can_map_the_weight_file_themselves(files):
+    """What ``eval-hidden --scheduler`` sends: the weight as a file spec, mapped in each task."""
+    pytest.importorskip("dask.array")
+    import numbaxent.dask as nxd
+    from numbaxent.eval_cli import RawArray, open_array
+
+    d, h, w, b, t = files
+    spec = open_array(str(d / "w.npy"), raw_only=True)
+    assert isinstance(spec, RawArray)
+    got = nxd.evaluate_hidden(h, spec, t, b, chunk_rows=64, scheduler="sync")
+    want = Evaluator(V).update_hidden(h, w, t, b).result()
+    assert_same(got, want, rtol=1e-6)
