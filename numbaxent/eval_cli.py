@@ -384,7 +384,7 @@ def _positive_float(text: str) -> float:
 
 def _parser(hidden: bool = False) -> argparse.ArgumentParser:
     """``eval``'s options; ``hidden=True``: ``eval-hidden``'s (the same, plus the output layer)."""
-    what = "hidden states" if hidden else "logits"
+    what = "hidden-state" if hidden else "logits"
     p = argparse.ArgumentParser(
         prog="numbaxent eval-hidden" if hidden else "numbaxent eval",
         usage=("numbaxent eval-hidden [options] HIDDEN [HIDDEN ...] WEIGHT TARGETS [TARGETS ...]"
