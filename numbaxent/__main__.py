@@ -11,6 +11,8 @@ import sys
 COMMANDS = {
     "demo": ("numbaxent.demo", "train a small NumPy MLP on handwritten digits with numbaxent's loss"),
     "eval": ("numbaxent.eval_cli", "stream-evaluate saved logits against targets (loss, accuracy, ...)"),
+    "eval-hidden": ("numbaxent.eval_cli:hidden_main",
+                    "evaluate a language model from hidden states and its output layer"),
     "merge": ("numbaxent.eval_cli:merge_main", "merge evaluator states saved by 'eval --save-state'"),
     "bench": ("numbaxent.bench", "side-by-side speed comparison with the memory floors, PyTorch, JAX"),
     "warmup": ("numbaxent._warmup", "compile every kernel ahead of time into the on-disk cache"),
@@ -20,7 +22,8 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: numbaxent COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "'numbaxent COMMAND --help' describes a command's options."]
     return "\n".join(lines)
 

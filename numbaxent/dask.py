@@ -20,7 +20,7 @@ from dask.delayed import delayed
 
 from .evaluate import Evaluator, _two_sum_into
 
-__all__ = ["cross_entropy", "evaluate", "evaluation_graph", "from_npy"]
+__all__ = ["cross_entropy", "evaluate", "evaluate_hidden", "evaluation_graph", "from_npy"]
 
 
 # -- inputs --------------------------------------------------------------------------------------------
@@ -34,11 +34,13 @@ def _as_dask(a, name: str, chunk_rows=None):
     return da.from_array(arr, chunks=chunks, name=f"numbaxent-{name}-" + dask.base.tokenize(arr))
 
 
-def _align(logits, target, chunk_rows=None):
+def _align(logits, target, chunk_rows=None, what="logits"):
     """(logits chunked along rows only, targets): the targets are a Dask array with the logits' row
     chunks, or a NumPy array when they were given as one (each block's slice then travels inside
-    its block's task)."""
-    x = _as_dask(logits, "logits", chunk_rows)
+    its block's task). ``what="hidden"``: hidden states (N, H) instead of logits."""
+    x = _as_dask(logits, what, chunk_rows)
+    if what == "hidden" and x.ndim != 2:
+        raise ValueError(f"hidden must have shape (N, H), got {x.shape}")
     if x.ndim < 2:
         raise ValueError(f"logits must have shape (N, C) or (N, C, d1, ..., dk), got {x.shape}")
     rest = {i: -1 for i in range(1, x.ndim)}
@@ -50,8 +52,8 @@ def _align(logits, target, chunk_rows=None):
     expect = (x.shape[0],) + x.shape[2:]
     if t.shape != x.shape and t.shape != expect:
         if t.ndim >= 1 and t.shape[0] != x.shape[0]:
-            raise ValueError(f"logits have {x.shape[0]} rows but targets have {t.shape[0]}")
-        raise ValueError(f"logits of shape {x.shape} need targets of shape {expect}, got {t.shape}")
+            raise ValueError(f"{what} have {x.shape[0]} rows but targets have {t.shape[0]}")
+        raise ValueError(f"{what} of shape {x.shape} need targets of shape {expect}, got {t.shape}")
     if isinstance(t, da.Array):
         t = t.rechunk(x.chunks if t.shape == x.shape
                       else (x.chunks[0],) + tuple((n,) for n in t.shape[1:]))
@@ -147,13 +149,43 @@ class _numba_threads:
 
 
 # -- evaluate ------------------------------------------------------------------------------------------
-def _block_state(xb, tb, row0: int, config: dict, threads):
+def _block_state(xb, tb, row0: int, config: dict, threads, head=None):
     ev = Evaluator(**config)
     ev._row_offset = row0  # so an out-of-range target is reported with its global row
     with _numba_threads(threads):
-        ev.update(xb, tb)
+        if head is None:
+            ev.update(xb, tb)
+        else:  # hidden states: the block's logits are formed chunk by chunk in the task
+            w = head["weight"]
+            w = w.whole() if hasattr(w, "whole") else w  # a file spec: mapped by the worker
+            ev.update_hidden(xb, w, tb, head["bias"], head["softcap"], head["chunk_size"])
     ev._row_offset = 0
     return ev
+
+
+def _check_head(weight, bias, softcap, chunk_size, hidden_dtype, H: int) -> dict:
+    """The output layer for the hidden-state blocks, checked once here (not in every task), with
+    NumPy arrays converted once to the dtype the blocks compute in."""
+    from . import _api
+    from .evaluate import _is_float, hidden_compute_dtype
+
+    spec = hasattr(weight, "whole")  # a RawArray from the CLI: each task maps the file itself
+    w = weight if spec else _api._as_array(weight, "weight")
+    if not _is_float(np.dtype(w.dtype)):
+        raise TypeError(f"weight must be float16, bfloat16, float32 or float64, got {w.dtype}")
+    if len(w.shape) != 2 or w.shape[1] != H:
+        raise ValueError(f"hidden size mismatch: hidden has H={H}, weight has shape "
+                         f"{tuple(w.shape)} (expected (V, {H}))")
+    compute = hidden_compute_dtype(hidden_dtype, w.dtype)
+    if not spec and w.dtype != compute:
+        w = np.asarray(w, dtype=compute)
+    V = int(w.shape[0])
+    if bias is not None:
+        b = _api._as_array(bias, "bias")
+        if b.shape != (V,):
+            raise ValueError(f"bias must have shape ({V},) (one per class), got shape {b.shape}")
+        bias = np.asarray(b, dtype=compute)
+    return dict(weight=w, bias=bias, softcap=_api._check_softcap(softcap), chunk_size=chunk_size)
 
 
 def _merge_states(*states):
@@ -166,13 +198,23 @@ def _merge_states(*states):
 def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index: int = -100,
                      label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15,
                      confusion: bool = False, *, split_every: int = 8, threads=None,
-                     chunk_rows=None):
-    """The graph behind :func:`evaluate`: ``(blocks, root)`` where ``blocks`` is a list of
-    ``(rows, Delayed[Evaluator])`` per block and ``root`` the merged ``Delayed[Evaluator]``."""
-    x, t = _align(logits, target, chunk_rows)
-    C = x.shape[1]
+                     chunk_rows=None, head=None):
+    """The graph behind :func:`evaluate` and :func:`evaluate_hidden`: ``(blocks, root)`` where
+    ``blocks`` is a list of ``(rows, Delayed[Evaluator])`` per block and ``root`` the merged
+    ``Delayed[Evaluator]``. With ``head=dict(weight=, bias=, softcap=, chunk_size=)``, ``logits``
+    are hidden states (N, H) and each block is scored by ``Evaluator.update_hidden``."""
+    x, t = _align(logits, target, chunk_rows, "logits" if head is None else "hidden")
+    if head is None:
+        C = x.shape[1]
+    else:
+        if not (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
+            raise TypeError(f"hidden must be floating point, got {x.dtype}")
+        head = _check_head(head["weight"], head.get("bias"), head.get("softcap"),
+                           head.get("chunk_size"), x.dtype, x.shape[1])
+        C = int(head["weight"].shape[0])
     if num_classes is not None and num_classes != C:
-        raise ValueError(f"logits have {C} classes, num_classes={num_classes}")
+        raise ValueError(f"{'logits' if head is None else 'weight'} have {C} classes, "
+                         f"num_classes={num_classes}")
     proto = Evaluator(C, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
                       topk=topk, calibration_bins=calibration_bins, confusion=confusion)
     if not (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
@@ -185,8 +227,9 @@ def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index
     if weight is not None:
         config["weight"] = proto._weight_src
     token = dask.base.tokenize(x.name, t.name if isinstance(t, da.Array) else t, config, threads,
-                               split_every)
-    parts = _per_block(x, t, _block_state, "numbaxent-block", config=config, threads=threads)
+                               split_every, head)
+    parts = _per_block(x, t, _block_state, "numbaxent-block", config=config, threads=threads,
+                       head=head)
     blocks = list(zip(x.chunks[0], parts))
     if not parts:  # no rows
         root = delayed(proto.copy, pure=True)(dask_key_name=f"numbaxent-empty-{token}")
@@ -232,6 +275,47 @@ def evaluate(logits, target, num_classes=None, weight=None, ignore_index: int = 
     _, root = evaluation_graph(logits, target, num_classes, weight, ignore_index, label_smoothing,
                                topk, calibration_bins, confusion, split_every=split_every,
                                threads=threads, chunk_rows=chunk_rows)
+    if not compute:
+        return root
+    (ev,) = dask.compute(root, scheduler=scheduler)
+    return ev.result()
+
+
+def evaluate_hidden(hidden, weight, target, bias=None, *, softcap=None, class_weight=None,
+                    ignore_index: int = -100, label_smoothing: float = 0.0, topk=(1, 5),
+                    calibration_bins: int = 15, confusion: bool = False, chunk_size=None,
+                    split_every: int = 8, threads=None, chunk_rows=None, compute: bool = True,
+                    scheduler=None):
+    """:func:`evaluate` of the logits ``hidden @ weight.T + bias``, never stored: each block of
+    hidden states (N, H) is scored by :meth:`~numbaxent.evaluate.Evaluator.update_hidden` in its
+    task (logits formed ``chunk_size`` rows at a time, 64 MiB by default).
+
+    Parameters
+    ----------
+    hidden : dask.array.Array or array_like, shape (N, H)
+        float16, bfloat16, float32 or float64; rechunked to whole rows when H is chunked.
+    weight : ndarray, shape (V, H)
+        The output layer (a NumPy array: it travels with the graph, converted once to the compute
+        dtype: float64 if either input is float64, else float32).
+    target : dask.array.Array or array_like of int, shape (N,)
+    bias : array_like, shape (V,), optional
+    softcap : float, optional
+        Score ``softcap * tanh(logits / softcap)``.
+    class_weight
+        :func:`evaluate`'s ``weight`` (per-class loss weights).
+    ignore_index, label_smoothing, topk, calibration_bins, confusion, split_every, threads, chunk_rows, compute, scheduler
+        As in :func:`evaluate`.
+    chunk_size : int, optional
+        Rows per logits chunk inside a task (``Evaluator.update_hidden``'s).
+
+    The result equals ``evaluate(hidden @ weight.T + bias, target, ...)`` within the rounding of
+    the matrix product, whatever the chunking and scheduler.
+    """
+    _, root = evaluation_graph(hidden, target, None, class_weight, ignore_index, label_smoothing,
+                               topk, calibration_bins, confusion, split_every=split_every,
+                               threads=threads, chunk_rows=chunk_rows,
+                               head=dict(weight=weight, bias=bias, softcap=softcap,
+                                         chunk_size=chunk_size))
     if not compute:
         return root
     (ev,) = dask.compute(root, scheduler=scheduler)

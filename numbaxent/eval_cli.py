@@ -1,10 +1,13 @@
-"""``numbaxent eval`` and ``numbaxent merge``: stream-evaluate saved logits against targets.
+"""``numbaxent eval``, ``eval-hidden`` and ``merge``: stream-evaluate saved logits (or the logits of
+saved hidden states) against targets.
 
     numbaxent eval LOGITS [LOGITS ...] TARGETS [TARGETS ...] [--rows START:STOP]
                    [--save-state FILE] [--confusion] [--weight FILE] [--ignore-index I]
                    [--label-smoothing E] [--topk 1,5] [--calibration-bins B] [--chunk-rows R]
                    [--threads T] [--scheduler ADDRESS] [--json] [--per-class]
                    [--progress | --no-progress]
+    numbaxent eval-hidden HIDDEN [HIDDEN ...] WEIGHT TARGETS [TARGETS ...] [--bias FILE]
+                   [--softcap S] [every option of eval]
     numbaxent merge STATE [STATE ...] [--json] [--per-class]
 
 LOGITS and TARGETS are ``.npy`` files (memory-mapped, read in row chunks), ``file.npz:member``
@@ -15,6 +18,10 @@ sorted order. ``--rows START:STOP`` evaluates a half-open range of the rows (cou
 in order) and ``--save-state`` writes the evaluator state, which ``merge`` combines (SLURM/PBS array
 jobs). ``--scheduler ADDRESS`` evaluates on an existing ``distributed`` cluster (workers memory-map
 ``.npy`` files from a shared file system; nothing goes through the client).
+
+``eval-hidden`` reads a language model's final hidden states (N, H) and its output layer WEIGHT
+(V, H) instead of logits, and forms the logits ``HIDDEN @ WEIGHT.T + BIAS`` a chunk at a time
+(:meth:`numbaxent.evaluate.Evaluator.update_hidden`): everything else is ``eval``'s code path.
 
 Exit status: 0 on success; 1 with a one-line error on stderr for unusable input (missing, truncated
 or corrupt file, mismatched lengths, wrong dtype, out-of-range target, a state file that is not one
@@ -32,7 +39,7 @@ import struct
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -365,24 +372,61 @@ def _parse_rows(text: str):
     return start, stop
 
 
-def _parser() -> argparse.ArgumentParser:
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def _parser(hidden: bool = False) -> argparse.ArgumentParser:
+    """``eval``'s options; ``hidden=True``: ``eval-hidden``'s (the same, plus the output layer)."""
+    what = "hidden-state" if hidden else "logits"
     p = argparse.ArgumentParser(
-        prog="numbaxent eval",
-        usage="numbaxent eval [options] LOGITS [LOGITS ...] TARGETS [TARGETS ...]",
-        description="Stream-evaluate saved logits against class-index targets: PyTorch-exact "
-                    "cross-entropy (mean and sum), perplexity, top-k accuracy, entropy, "
-                    "calibration error, per-class figures and (--confusion) the confusion matrix "
-                    "and IoU, in one pass over the logits.",
-        epilog="Inputs: FILE.npy, FILE.npz:MEMBER, STORE.zarr[:COMPONENT]. Several logits files are "
-               "followed by as many target files (paired in order), or give two quoted glob "
-               "patterns ('logits-*.npy' 'targets-*.npy'), paired in sorted order. Exit status: 0 "
-               "ok, 1 unusable input (one-line error), 2 bad options, 130 interrupted.")
-    p.add_argument("files", nargs="+", metavar="FILE",
-                   help="the logits file(s) (N, C[, d1..dk]), any float dtype, then as many "
-                        "target files (N[, d1..dk]), any integer dtype; or two glob patterns")
+        prog="numbaxent eval-hidden" if hidden else "numbaxent eval",
+        usage=("numbaxent eval-hidden [options] HIDDEN [HIDDEN ...] WEIGHT TARGETS [TARGETS ...]"
+               if hidden else
+               "numbaxent eval [options] LOGITS [LOGITS ...] TARGETS [TARGETS ...]"),
+        description=("Stream-evaluate a language model from its final hidden states: the logits "
+                     "HIDDEN @ WEIGHT.T (+ BIAS) are formed chunk by chunk (64 MiB at a time by "
+                     "default), never stored, and scored as 'numbaxent eval' scores saved logits."
+                     if hidden else
+                     "Stream-evaluate saved logits against class-index targets: PyTorch-exact "
+                     "cross-entropy (mean and sum), perplexity, top-k accuracy, entropy, "
+                     "calibration error, per-class figures and (--confusion) the confusion matrix "
+                     "and IoU, in one pass over the logits."),
+        epilog=("Inputs: FILE.npy, FILE.npz:MEMBER, STORE.zarr[:COMPONENT]. "
+                + ("HIDDEN is (N, H) float16/bfloat16/float32/float64 (bfloat16 as saved by "
+                   "np.save with ml_dtypes: dtype |V2), WEIGHT (V, H), TARGETS (N,). Several "
+                   "HIDDEN files are followed by one WEIGHT and as many TARGETS files, or give "
+                   "'hidden-*.npy' WEIGHT 'targets-*.npy' (quoted glob patterns, paired in sorted "
+                   "order). --weight is the class weights of the loss, as in 'numbaxent eval'. "
+                   if hidden else
+                   "Several logits files are followed by as many target files (paired in order), "
+                   "or give two quoted glob patterns ('logits-*.npy' 'targets-*.npy'), paired in "
+                   "sorted order. ")
+                + "Exit status: 0 ok, 1 unusable input (one-line error), 2 bad options, 130 "
+                  "interrupted."))
+    if hidden:
+        p.set_defaults(hidden=True)
+        p.add_argument("files", nargs="+", metavar="FILE",
+                       help="the hidden-state file(s) (N, H), then the output layer WEIGHT "
+                            "(V, H), then as many target files (N,), any integer dtype")
+        p.add_argument("--bias", metavar="FILE",
+                       help="output-layer bias (V,): .npy, .npz:MEMBER or a text file of V "
+                            "numbers")
+        p.add_argument("--softcap", type=_positive_float, metavar="S",
+                       help="score the soft-capped logits S * tanh(logits / S) (Gemma 2)")
+    else:
+        p.add_argument("files", nargs="+", metavar="FILE",
+                       help="the logits file(s) (N, C[, d1..dk]), any float dtype, then as many "
+                            "target files (N[, d1..dk]), any integer dtype; or two glob patterns")
     p.add_argument("--rows", type=_parse_rows, metavar="START:STOP",
-                   help="evaluate only rows START to STOP-1 of the first axis (counted over all "
-                        "the logits files in order; STOP past the end means the end)")
+                   help=f"evaluate only rows START to STOP-1 of the first axis (counted over all "
+                        f"the {what} files in order; STOP past the end means the end)")
     p.add_argument("--save-state", metavar="FILE",
                    help="also save the evaluator state to FILE (.npz) for 'numbaxent merge'")
     p.add_argument("--confusion", action="store_true",
@@ -399,8 +443,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-bins", type=_positive_int, default=15, metavar="B",
                    help="equal-width confidence bins of the calibration error (default: 15)")
     p.add_argument("--chunk-rows", type=_positive_int, metavar="R",
-                   help=f"rows per chunk (default: about {DEFAULT_CHUNK_BYTES >> 20} MiB of "
-                        f"logits); memory use is bounded by the chunk, not the file")
+                   help=(f"rows per chunk (default: about {DEFAULT_CHUNK_BYTES >> 20} MiB of "
+                         f"logits)" if not hidden else
+                         "rows of logits formed at a time (default: as many as fit 64 MiB)")
+                        + "; memory use is bounded by the chunk, not the file")
     p.add_argument("--threads", type=_positive_int, metavar="T",
                    help="compute threads (default: all cores; with --scheduler: per task)")
     p.add_argument("--scheduler", metavar="ADDRESS",
@@ -421,21 +467,14 @@ def _output_options(p):
                    help="add the per-class table to the text output")
 
 
-def _load_weight(spec: str):
+def _load_weight(spec: str, what: str = "class weights"):
     path, member = _split_member(spec)
     if not os.path.exists(path):
         raise InputError(f"{spec}: no such file")
     with open(path, "rb") as f:
         head = f.read(6)
     if head == b"\x93NUMPY" or head[:4] == b"PK\x03\x04":
-        src = open_array(spec)
-        if isinstance(src, RawArray):
-            w = np.array(src.whole())
-        elif isinstance(src, ZipStreamArray):
-            w = np.concatenate([c for _, _, c in src.chunks(max(1, src.shape[0] or 1))]) \
-                if src.shape and src.shape[0] else np.empty(src.shape, src.dtype)
-        else:
-            w = np.asarray(src.array())
+        w = np.array(_read_whole(_bfloat16_view(open_array(spec))))
     else:
         try:
             with open(path) as f:
@@ -444,23 +483,107 @@ def _load_weight(spec: str):
         except (ValueError, UnicodeDecodeError):
             raise InputError(f"{spec}: not a .npy/.npz file nor whitespace- or comma-separated "
                              f"numbers") from None
-    if w.dtype.kind not in "iuf":
-        raise InputError(f"{spec}: class weights must be real numbers, got dtype {w.dtype}")
+    if w.dtype.kind not in "iuf" and w.dtype.name != "bfloat16":
+        raise InputError(f"{spec}: {what} must be real numbers, got dtype {w.dtype}")
     return w
+
+
+def _read_whole(src):
+    """The whole array of an opened input: a memory map for a raw file (nothing read yet)."""
+    if isinstance(src, RawArray):
+        return src.whole()
+    if isinstance(src, ZipStreamArray):
+        return np.concatenate([c for _, _, c in src.chunks(max(1, src.shape[0] or 1))]) \
+            if src.shape and src.shape[0] else np.empty(src.shape, src.dtype)
+    return np.asarray(src.array())
+
+
+def _bfloat16_view(src):
+    """Read a file whose dtype is a bare 2-byte void (``|V2``: what ``np.save`` writes for an
+    ``ml_dtypes.bfloat16`` array, NumPy having no such type) as bfloat16."""
+    dt = getattr(src, "dtype", None)
+    if dt is None or dt.kind != "V" or dt.itemsize != 2 or dt.names is not None:
+        return src
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise InputError(f"{src.label}: raw 2-byte dtype {dt} (bfloat16 saved by np.save?): "
+                         f"reading it as bfloat16 needs ml_dtypes (pip install ml_dtypes)") \
+            from None
+    return replace(src, dtype=np.dtype(ml_dtypes.bfloat16))
+
+
+@dataclass
+class _Head:
+    """The output layer of ``eval-hidden``: ``weight`` (V, H) as stored (a memory map for a raw
+    file), converted once per compute dtype when a chunk's dtype needs it."""
+
+    weight: np.ndarray
+    src: object
+    label: str
+    bias: np.ndarray | None
+    bias_label: str | None
+    softcap: float | None
+    chunk_size: int | None
+    _cast: dict = field(default_factory=dict)
+
+    def weight_for(self, dtype):
+        from .evaluate import hidden_compute_dtype
+
+        compute = hidden_compute_dtype(dtype, self.weight.dtype)
+        if self.weight.dtype == compute:
+            return self.weight
+        if compute.str not in self._cast:  # e.g. a bfloat16 layer: one float32 copy, not per chunk
+            self._cast[compute.str] = np.asarray(self.weight, dtype=compute)
+        return self._cast[compute.str]
+
+
+def _open_head(spec: str, H: int, first: str, args) -> _Head:
+    """The output layer WEIGHT (and ``--bias``) of ``eval-hidden``, checked against H."""
+    from .evaluate import _is_float
+
+    src = _bfloat16_view(open_array(spec))
+    shape, dtype = _shape_dtype(src)
+    if not _is_float(np.dtype(dtype)):
+        raise InputError(f"{spec}: the output layer must be float16, bfloat16, float32 or "
+                         f"float64, got {dtype}")
+    if len(shape) != 2 or shape[1] != H or shape[0] < 1:
+        raise InputError(f"{spec}: output layer of shape {tuple(shape)} does not fit hidden states "
+                         f"of size H={H} ({first}): expected (V, {H}) with V >= 1")
+    V = int(shape[0])
+    bias = None
+    if args.bias is not None:
+        bias = _load_weight(args.bias, "bias")
+        if bias.shape != (V,):
+            raise InputError(f"{args.bias}: bias must have shape ({V},) (one per row of {spec}), "
+                             f"got {bias.shape}")
+    return _Head(_read_whole(src), src, spec, bias, args.bias, args.softcap, args.chunk_rows)
 
 
 
 
 # -- the command ---------------------------------------------------------------------------------------
-def _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype):
-    if not (xdtype.kind == "f"):
-        raise InputError(f"{xs.label}: logits must be floating point (float16, float32, float64, "
-                         f"...), got {xdtype}")
-    if len(xshape) < 2:
-        raise InputError(f"{xs.label}: logits must have shape (N, C) or (N, C, d1, ..., dk), got "
-                         f"{xshape}")
-    if xshape[1] < 1:
-        raise InputError(f"{xs.label}: logits have no classes (shape {xshape})")
+def _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype, hidden=False):
+    """Check one (logits or hidden states, targets) pair from their shapes and dtypes."""
+    if hidden:
+        from .evaluate import _is_float
+
+        if not _is_float(xdtype):
+            raise InputError(f"{xs.label}: hidden states must be float16, bfloat16, float32 or "
+                             f"float64, got {xdtype}")
+        if len(xshape) != 2:
+            raise InputError(f"{xs.label}: hidden states must have shape (N, H), got {xshape}")
+        if xshape[1] < 1:
+            raise InputError(f"{xs.label}: hidden states have no features (shape {xshape})")
+    else:
+        if not (xdtype.kind == "f" or xdtype.name == "bfloat16"):
+            raise InputError(f"{xs.label}: logits must be floating point (float16, float32, "
+                             f"float64, ...), got {xdtype}")
+        if len(xshape) < 2:
+            raise InputError(f"{xs.label}: logits must have shape (N, C) or (N, C, d1, ..., dk), "
+                             f"got {xshape}")
+        if xshape[1] < 1:
+            raise InputError(f"{xs.label}: logits have no classes (shape {xshape})")
     if tdtype.kind not in "iu":
         raise InputError(f"{ts.label}: targets must be integer class indices, got dtype {tdtype}")
     if len(tshape) == 0 or tshape[0] != xshape[0]:
@@ -468,8 +591,9 @@ def _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype):
         raise InputError(f"lengths differ: {xs.label} has {xshape[0]} rows, {ts.label} has {n}")
     expect = (xshape[0],) + tuple(xshape[2:])
     if tuple(tshape) != expect:
-        raise InputError(f"{ts.label}: targets of shape {tuple(tshape)} do not match logits of "
-                         f"shape {tuple(xshape)} (expected {expect})")
+        raise InputError(f"{ts.label}: targets of shape {tuple(tshape)} do not match "
+                         f"{'hidden states' if hidden else 'logits'} of shape {tuple(xshape)} "
+                         f"(expected {expect})")
 
 
 
@@ -561,19 +685,22 @@ def _pair_specs(files, parser):
     return list(zip(files[:n], files[n:]))
 
 
-def _open_pairs(specs, rows_range):
-    """Open and check every pair; returns (pairs restricted to ``rows_range``, C, total rows)."""
+def _open_pairs(specs, rows_range, hidden=False):
+    """Open and check every pair; returns (pairs restricted to ``rows_range``, C, total rows).
+    ``hidden``: the files hold hidden states (N, H), and C is H."""
     opened = []
     C = None
     for xspec, tspec in specs:
-        xs, ts = open_array(xspec), open_array(tspec)
+        xs, ts = _bfloat16_view(open_array(xspec)), open_array(tspec)
         xshape, xdtype = _shape_dtype(xs)
         tshape, tdtype = _shape_dtype(ts)
-        _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype)
+        _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype, hidden)
         if C is None:
             C, first = int(xshape[1]), xs.label
         elif int(xshape[1]) != C:
-            raise InputError(f"{xs.label}: logits have {xshape[1]} classes, {first} has {C}")
+            raise InputError(f"{xs.label}: " + (f"hidden states have size H={xshape[1]}, {first} "
+                                                f"has H={C}" if hidden else
+                                                f"logits have {xshape[1]} classes, {first} has {C}"))
         opened.append((xs, ts, tuple(int(n) for n in xshape), xdtype))
     total = sum(p[2][0] for p in opened)
     start, stop = rows_range if rows_range is not None else (0, None)
@@ -591,13 +718,17 @@ def _open_pairs(specs, rows_range):
     return pairs, C, total, (start, stop)
 
 
-def _evaluate_local(pairs, ev, rows, progress: _Progress):
+def _evaluate_local(pairs, ev, rows, progress: _Progress, head: _Head | None = None):
     for p in pairs:
-        r = rows or _default_rows(p.xs)
+        r = rows or _default_rows(p.xs, head)
         xit = _row_chunks(p.xs, r, p.start, p.stop)
         tit = _row_chunks(p.ts, r, p.start, p.stop)
         for (a, b, x), (_, _, t) in zip(xit, tit):
-            ev.update(x, t)
+            if head is None:
+                ev.update(x, t)
+            else:
+                ev.update_hidden(x, head.weight_for(x.dtype), t, head.bias, head.softcap,
+                                 head.chunk_size)
             progress.update(b - a)
     return ev
 
@@ -613,7 +744,8 @@ def _to_dask(src, rows: int):
                      f".npy, an uncompressed .npz (np.savez) or Zarr")
 
 
-def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progress):
+def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progress,
+                   head: _Head | None = None):
     """The Dask path: Zarr inputs, or any input with --scheduler. Several files are concatenated
     along the rows (they must then agree on the shape after the first axis)."""
     try:
@@ -625,7 +757,7 @@ def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progre
 
     xparts, tparts = [], []
     for p in pairs:
-        x = _to_dask(p.xs, rows or _default_rows(p.xs))
+        x = _to_dask(p.xs, rows or _default_rows(p.xs, head))
         t = _to_dask(p.ts, x.chunks[0][0] if x.chunks[0] else 1)
         if (p.start, p.stop) != (0, p.xshape[0]):
             x, t = x[p.start:p.stop], t[p.start:p.stop]
@@ -640,7 +772,13 @@ def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progre
         x, t = xparts[0], tparts[0]
     if rows is not None:
         x = x.rechunk({0: rows})
-    blocks, root = nxd.evaluation_graph(x, t, threads=threads, **cfg)
+    hd = None
+    if head is not None:
+        # on a cluster, workers map a raw weight file themselves (nothing large in the graph)
+        w = head.src if scheduler is not None and isinstance(head.src, RawArray) \
+            else head.weight_for(x.dtype)
+        hd = dict(weight=w, bias=head.bias, softcap=head.softcap, chunk_size=head.chunk_size)
+    blocks, root = nxd.evaluation_graph(x, t, threads=threads, head=hd, **cfg)
     if scheduler is None:
         from dask.callbacks import Callback
 
@@ -682,10 +820,19 @@ def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progre
         client.close()
 
 
-def _default_rows(src) -> int:
+def _default_rows(src, head: _Head | None = None) -> int:
+    """Rows read at a time: about ``DEFAULT_CHUNK_BYTES`` of the file; for hidden states, a
+    multiple of the logits chunk (so no read ends in a short matrix product)."""
     shape, dtype = _shape_dtype(src)
     row_bytes = max(1, dtype.itemsize * math.prod(shape[1:]))
-    return max(1, DEFAULT_CHUNK_BYTES // row_bytes)
+    rows = max(1, DEFAULT_CHUNK_BYTES // row_bytes)
+    if head is None:
+        return rows
+    from .evaluate import hidden_chunk_rows, hidden_compute_dtype
+
+    k = head.chunk_size or hidden_chunk_rows(
+        head.weight.shape[0], hidden_compute_dtype(dtype, head.weight.dtype).itemsize)
+    return max(k, rows // k * k)
 
 
 # Numba specialises a kernel on its argument types (dtype, read-only or not), so the first chunk of
@@ -705,7 +852,7 @@ def _compiled_kernels() -> int:
     return n
 
 
-def _warm_kernels(pairs, C: int, rows) -> None:
+def _warm_kernels(pairs, C: int, rows, head: _Head | None = None) -> None:
     """Compile (or load) the kernels for every kind of chunk the pass will see, before the clock
     starts: Numba specialises on the dtype and on whether an array is read-only (a memory map used
     in place) or writable (a converted copy, a decompressed buffer), which depends on the file's
@@ -713,6 +860,12 @@ def _warm_kernels(pairs, C: int, rows) -> None:
     own checks, and a one-row array with the same dtype and flags is evaluated."""
     from .evaluate import Evaluator
 
+    if head is not None:  # update_hidden hands the kernels writable buffers: one kind per dtype
+        for dtype in {p.xdtype for p in pairs if p.stop > p.start}:
+            Evaluator(C).update_hidden(np.zeros((1, head.weight.shape[1]), dtype=dtype),
+                                       head.weight_for(dtype), np.zeros(1, dtype=np.int64),
+                                       head.bias, head.softcap)
+        return
     seen = set()
     for p in pairs:
         if p.stop <= p.start:
@@ -738,12 +891,27 @@ def _abs_spec(label: str) -> str:
 
 
 def _run(args, parser) -> int:
-    specs = _pair_specs(args.files, parser)
+    """``eval``, and ``eval-hidden`` (``args.hidden``): the same pass, with the logits of each
+    chunk formed from hidden states by ``Evaluator.update_hidden``."""
+    hidden = getattr(args, "hidden", False)
+    files = args.files
+    if hidden:  # HIDDEN... WEIGHT TARGETS...
+        if len(files) < 3 or len(files) % 2 == 0:
+            parser.error(f"expected HIDDEN... WEIGHT TARGETS... (one WEIGHT between as many "
+                         f"hidden-state files as target files), got {len(files)} file(s)")
+        head_spec, files = files[len(files) // 2], files[:len(files) // 2] + files[
+            len(files) // 2 + 1:]
+    specs = _pair_specs(files, parser)
     if args.save_state is not None:
         folder = os.path.dirname(os.path.abspath(args.save_state))
         if not os.path.isdir(folder):
             raise InputError(f"--save-state {args.save_state}: no such directory {folder}")
-    pairs, C, total, (start, stop) = _open_pairs(specs, args.rows)
+    pairs, C, total, (start, stop) = _open_pairs(specs, args.rows, hidden)
+    head = None
+    if hidden:
+        H = C
+        head = _open_head(head_spec, H, specs[0][0], args)
+        C = int(head.weight.shape[0])
     weight = _load_weight(args.weight) if args.weight else None
     from .evaluate import Evaluator
 
@@ -769,29 +937,32 @@ def _run(args, parser) -> int:
     warmup = 0.0
     if not use_dask:  # compile (or load) the kernels before the clock starts
         t0 = time.perf_counter()
-        _warm_kernels(pairs, C, args.chunk_rows)
+        _warm_kernels(pairs, C, args.chunk_rows, head)
         warmup = time.perf_counter() - t0
         compiled = _compiled_kernels()
-    progress = _Progress(n_rows, args.progress)
+    progress = _Progress(n_rows, args.progress, parser.prog)
     t0 = time.perf_counter()
     try:
         if use_dask:
             ev = _evaluate_dask(pairs, cfg, args.chunk_rows, args.threads, args.scheduler,
-                                progress)
+                                progress, head)
         else:
             for p in pairs:  # every target first: fail fast, before any logits are read
-                _scan_targets(p.ts, max(args.chunk_rows or _default_rows(p.xs), 1 << 16), C,
-                              args.ignore_index, p.start, p.stop)
-            _evaluate_local(pairs, ev, args.chunk_rows, progress)
+                _scan_targets(p.ts, max(args.chunk_rows or _default_rows(p.xs, head), 1 << 16),
+                              C, args.ignore_index, p.start, p.stop)
+            _evaluate_local(pairs, ev, args.chunk_rows, progress, head)
     finally:
         progress.close()
     elapsed = time.perf_counter() - t0
     includes_compile = None if use_dask else _compiled_kernels() != compiled
     files = [[_abs_spec(p.xs.label), _abs_spec(p.ts.label)] for p in pairs]
     all_files = [[_abs_spec(x), _abs_spec(t)] for x, t in specs]
+    state_info = dict(inputs=all_files, total_rows=total, rows=[start, stop], files=files)
+    if hidden:  # states of different output layers must not be taken for parts of one run
+        state_info["head"] = [_abs_spec(head.label), head.bias_label and _abs_spec(
+            head.bias_label), head.softcap]
     if args.save_state is not None:
-        ev.save(args.save_state, info=dict(inputs=all_files, total_rows=total,
-                                           rows=[start, stop], files=files))
+        ev.save(args.save_state, info=state_info)
     res = ev.result()
     nbytes = sum((p.stop - p.start) * p.xdtype.itemsize * math.prod(p.xshape[1:]) for p in pairs)
     rests = {p.xshape[1:] for p in pairs}
@@ -807,28 +978,47 @@ def _run(args, parser) -> int:
                 path="dask" if use_dask else "stream", scheduler=args.scheduler,
                 save_state=args.save_state)
     if not use_dask and one:
-        info["chunk_rows"] = args.chunk_rows or _default_rows(pairs[0].xs)
+        info["chunk_rows"] = args.chunk_rows or _default_rows(pairs[0].xs, head)
     timing = dict(seconds=elapsed, rows_per_second=n_rows / elapsed if elapsed > 0 else None,
                   bytes_per_second=nbytes / elapsed if elapsed > 0 else None,
                   includes_compile=includes_compile, warmup_seconds=None if use_dask else warmup)
+    if hidden:
+        V = C
+        info = dict(hidden=info.pop("logits"), output_layer=dict(
+            weight=head.label, shape=[V, H], dtype=str(head.weight.dtype), bias=args.bias,
+            softcap=args.softcap), **info)
+        info["chunk_rows"] = head.chunk_size or _default_rows(pairs[0].xs, head)
+        # the matrix product over the evaluated rows (ignored rows are never multiplied out)
+        flops = 2.0 * res.n_valid * H * V
+        timing["gflops_per_second"] = flops / elapsed / 1e9 if elapsed > 0 else None
     if args.json:
         _print_json(res, info, timing)
         return 0
     names = lambda i: (specs[0][i] if one else  # noqa: E731
                        f"{specs[0][i]} ... {specs[-1][i]} ({len(specs)} files)")
     size = " x ".join(map(str, shape)) if shape else f"{n_rows} rows x {C} classes"
-    header = [f"logits   {names(0)}  {size} {dtypes}", f"targets  {names(1)}"]
+    if hidden:
+        size = " x ".join(map(str, shape)) if shape else f"{n_rows} rows x {H}"
+        header = [f"hidden   {names(0)}  {size} {dtypes}",
+                  f"weight   {head.label}  {V} x {H} {head.weight.dtype}"
+                  + (f", bias {args.bias}" if args.bias else ""),
+                  f"targets  {names(1)}"]
+    else:
+        header = [f"logits   {names(0)}  {size} {dtypes}", f"targets  {names(1)}"]
     if (start, stop) != (0, total):
         header.append(f"rows     {start}:{stop} of {total}")
-    header.append(f"options  {_options_line(ev, args.weight)}")
+    header.append(f"options  {_options_line(ev, args.weight)}"
+                  + (f", softcap={args.softcap:g}" if hidden and args.softcap else ""))
     if includes_compile is None:
         note = "Dask; includes scheduling and any kernel compilation on the workers"
     elif includes_compile:
         note = "streamed; includes kernel compilation"
     else:
         note = f"streamed; kernels compiled or loaded beforehand in {warmup:.2f} s, not timed"
-    footer = [f"time     {elapsed:.3f} s  ({nbytes / max(elapsed, 1e-12) / 1e9:.2f} GB/s of "
-              f"logits, {note})"]
+    rate = (f"{n_rows / max(elapsed, 1e-12):,.0f} rows/s, "
+            f"{timing['gflops_per_second'] or 0:.1f} GFLOP/s of logits" if hidden else
+            f"{nbytes / max(elapsed, 1e-12) / 1e9:.2f} GB/s of logits")
+    footer = [f"time     {elapsed:.3f} s  ({rate}, {note})"]
     if args.save_state is not None:
         footer.append(f"state    saved to {args.save_state}")
     _print_table(res, args.per_class, header, footer)
@@ -883,7 +1073,8 @@ def _coverage(paths, infos):
     ``eval --save-state``): ``(total rows, covered ranges, missing ranges)``, or None. Two states
     holding the same rows would count them twice: that is an error."""
     if not infos or any("inputs" not in i or "rows" not in i for i in infos) or \
-            any(i["inputs"] != infos[0]["inputs"] for i in infos):
+            any((i["inputs"], i.get("head")) != (infos[0]["inputs"], infos[0].get("head"))
+                for i in infos):
         return None
     spans = sorted((int(i["rows"][0]), int(i["rows"][1]), path) for i, path in zip(infos, paths))
     covered, missing = [], []
@@ -935,6 +1126,11 @@ def _run_merge(args, parser) -> int:
                                  f"({'; '.join(diff)})")
             total.merge(ev)
         infos.append(info)
+        heads = [(i.get("head"), p) for i, p in zip(infos, args.states) if i.get("head")]
+        if heads and heads[-1][0] != heads[0][0]:
+            raise InputError(f"{heads[-1][1]}: cannot merge with {heads[0][1]}: evaluated with "
+                             f"another output layer (weight, bias, softcap: {heads[-1][0]} vs "
+                             f"{heads[0][0]})")
     cov = _coverage(args.states, infos)
     if cov is not None and cov[2]:
         gaps = ", ".join(f"{a}:{b}" for a, b in cov[2])
@@ -987,6 +1183,11 @@ def _main(parser, run, name: str, argv) -> int:
 def main(argv=None) -> int:
     """``numbaxent eval``."""
     return _main(_parser(), _run, "numbaxent eval", argv)
+
+
+def hidden_main(argv=None) -> int:
+    """``numbaxent eval-hidden``."""
+    return _main(_parser(hidden=True), _run, "numbaxent eval-hidden", argv)
 
 
 def merge_main(argv=None) -> int:

@@ -26,11 +26,32 @@ import numpy as np
 
 from . import _api
 
-__all__ = ["Evaluator", "EvalResult", "STATE_FORMAT", "STATE_VERSION", "MAX_CONFUSION_BYTES"]
+__all__ = ["Evaluator", "EvalResult", "STATE_FORMAT", "STATE_VERSION", "MAX_CONFUSION_BYTES",
+           "HIDDEN_CHUNK_BYTES", "hidden_chunk_rows", "hidden_compute_dtype"]
 
 STATE_FORMAT = "numbaxent.Evaluator"  # the ``format`` member of a state file
 STATE_VERSION = 1  # the ``version`` member; load refuses any other
 MAX_CONFUSION_BYTES = 1 << 30  # a C x C int64 confusion matrix above this is refused (C > 11585)
+HIDDEN_CHUNK_BYTES = 64 << 20  # default logits buffer of Evaluator.update_hidden
+
+
+def _is_float(dt) -> bool:
+    """float16, bfloat16 (ml_dtypes), float32 or float64, in any byte order."""
+    return dt.name == "bfloat16" or (dt.kind == "f" and dt.itemsize in (2, 4, 8))
+
+
+def hidden_compute_dtype(*dtypes) -> np.dtype:
+    """The dtype :meth:`Evaluator.update_hidden` forms logits in: float64 when any of ``dtypes``
+    is float64, else float32 (float16 and bfloat16 are computed in float32, as the core does)."""
+    wide = any(np.dtype(d).kind == "f" and np.dtype(d).itemsize == 8 for d in dtypes)
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+def hidden_chunk_rows(vocab: int, itemsize: int, budget: int | None = None) -> int:
+    """Default rows per chunk of :meth:`Evaluator.update_hidden`: as many as fit ``budget``
+    (default :data:`HIDDEN_CHUNK_BYTES`) of ``vocab``-wide logits, at least 1."""
+    budget = HIDDEN_CHUNK_BYTES if budget is None else budget
+    return max(1, budget // max(1, vocab * itemsize))
 
 
 def _two_sum_into(hi: np.ndarray, lo: np.ndarray, b_hi, b_lo) -> None:
@@ -514,6 +535,11 @@ class Evaluator:
         target shape) or IndexError (a target outside ``[0, C)`` that is not ``ignore_index``; the
         message gives its row counted over everything seen). A failed update changes nothing.
         """
+        return self._update(logits, target, None)
+
+    def _update(self, logits, target, cap) -> "Evaluator":
+        """:meth:`update` of the logits soft-capped to ``cap * tanh(x / cap)`` (``cap=None``: as
+        they are); the cap is applied by the kernel as it reads each logit."""
         x3, tgt, compute, t = self._check(logits, target)
         R = tgt.shape[0]
         if R == 0:
@@ -543,7 +569,7 @@ class Evaluator:
         else:
             kernel, count = _metrics.metrics_rows, R
         run_tasks(kernel, count, x3.size, x3, tgt, w, wsum, self.ignore_index, self.label_smoothing,
-                  None, kmax, loss, nll, ent, conf, rank, pred)
+                  cap, kmax, loss, nll, ent, conf, rank, pred)
         # per-class, per-bin and top-k totals go straight into the state (no O(C) work per chunk):
         # counts are exact, and each class's float total is a sum in row order whatever the chunking
         si, sf = self._int_slices(), self._float_slices()
@@ -557,6 +583,128 @@ class Evaluator:
         _two_sum_into(hi[:4], self._lo[:4], chunk, 0.0)
         if self._cm is not None:
             self._add_confusion(tgt, pred)
+        return self
+
+    def update_hidden(self, hidden, weight, target, bias=None, softcap=None,
+                      chunk_size=None) -> "Evaluator":
+        r"""Add the rows whose logits are ``hidden @ weight.T + bias``, without forming them all.
+
+        The result equals ``update(hidden @ weight.T + bias, target)`` (within the rounding of the
+        matrix product): the logits are formed ``chunk_size`` rows at a time into one reused buffer
+        (``np.matmul(..., out=)``, BLAS) and each chunk goes through :meth:`update`'s one-pass
+        kernel. Rows whose target is ``ignore_index`` are counted but never multiplied out.
+
+        Parameters
+        ----------
+        hidden : ndarray, shape (N, H) or (..., H)
+            Final hidden states: float16, bfloat16 (``ml_dtypes``), float32 or float64. Leading
+            axes are flattened into rows (an error message then counts rows in that order).
+        weight : ndarray, shape (V, H)
+            The output layer (``V == num_classes``), same dtypes.
+        target : array_like of int, shape ``hidden.shape[:-1]``
+        bias : array_like, shape (V,), optional
+        softcap : float, optional
+            Score the soft-capped logits ``softcap * tanh(x / softcap)`` (Gemma 2), as
+            :func:`numbaxent.cross_entropy` does; the kernel caps each logit as it reads it.
+        chunk_size : int, optional
+            Rows per chunk. Default: as many as fit :data:`HIDDEN_CHUNK_BYTES` (64 MiB) of logits,
+            ``max(1, 64 MiB // (V * itemsize))``.
+
+        Notes
+        -----
+        Precision: logits are computed in float64 when ``hidden`` or ``weight`` is float64, else in
+        float32 (half-precision inputs are converted to float32 one chunk of ``hidden`` at a time;
+        a ``weight`` not already in the compute dtype is converted once per call, ``V * H``
+        values: convert it yourself when calling many times).
+
+        Memory beyond the inputs: the logits buffer (``chunk_size x V``), a converted ``hidden``
+        chunk for half inputs or when rows are skipped, an int64 copy of the targets, and the
+        converted ``weight`` when it needs one.
+
+        Raises TypeError (non-float hidden/weight, non-integer targets), ValueError (hidden sizes,
+        vocabulary vs ``num_classes``, target shape or bias shape that do not match) or IndexError
+        (out-of-range target; all targets are checked before any row is added, so a failed call
+        changes nothing).
+        """
+        name = "Evaluator.update_hidden"
+        h = _api._as_array(hidden, "hidden")
+        w = _api._as_array(weight, "weight")
+        for a, what in ((h, "hidden"), (w, "weight")):
+            if not _is_float(a.dtype):
+                raise TypeError(f"{name}: {what} must be float16, bfloat16, float32 or float64, "
+                                f"got {a.dtype}")
+        if h.ndim == 0:
+            raise ValueError(f"{name}: hidden must have shape (N, H) or (..., H), got a 0-d array")
+        if w.ndim != 2:
+            raise ValueError(f"{name}: weight must have shape (V, H) (one row per class), got "
+                             f"shape {w.shape}")
+        H, V = h.shape[-1], w.shape[0]
+        if w.shape[1] != H:
+            raise ValueError(f"{name}: hidden size mismatch: hidden of shape {h.shape} has "
+                             f"H={H}, weight of shape {w.shape} has H={w.shape[1]}")
+        if V != self.num_classes:
+            raise ValueError(f"{name}: weight of shape {w.shape} gives {V} classes, the evaluator "
+                             f"was made for num_classes={self.num_classes}")
+        t = _api._as_array(target, "target")
+        if t.shape != h.shape[:-1]:
+            raise ValueError(f"{name}: hidden of shape {h.shape} needs targets of shape "
+                             f"{h.shape[:-1]}, got targets of shape {t.shape}")
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"{name}: targets must be integer class indices, got dtype {t.dtype}")
+        compute = hidden_compute_dtype(h.dtype, w.dtype)
+        b = None
+        if bias is not None:
+            ba = _api._as_array(bias, "bias")
+            if not (_is_float(ba.dtype) or ba.dtype.kind in "iu"):
+                raise TypeError(f"{name}: bias must be a real array, got dtype {ba.dtype}")
+            if ba.shape != (V,):
+                raise ValueError(f"{name}: bias must have shape ({V},) (one per class), got shape "
+                                 f"{ba.shape}")
+            b = np.asarray(ba, dtype=compute)
+        cap = _api._check_softcap(softcap)
+        if chunk_size is not None and (isinstance(chunk_size, (bool, np.bool_)) or not isinstance(
+                chunk_size, (int, np.integer)) or chunk_size < 1):
+            raise ValueError(f"{name}: chunk_size must be a positive integer or None, got "
+                             f"{chunk_size!r}")
+        # every target is checked before any row is added, so a failed call changes nothing; the
+        # int64 copy is writable, so every chunk's kernels see one argument type (compiled once)
+        flat = t.reshape(-1)
+        if t.dtype == np.uint64 and flat.size and int(flat.max()) > np.iinfo(np.int64).max:
+            self._bad_target(flat, int(np.argmax(flat > np.iinfo(np.int64).max)))
+        tgt = np.array(flat, dtype=np.int64)
+        N = tgt.shape[0]
+        if N == 0:
+            return self
+        from . import _kernels
+
+        first_bad, _, _ = _kernels.check_targets(tgt, self._class_weights(compute)[0], np.ones(1),
+                                                 self.ignore_index, V)
+        if first_bad >= 0:
+            self._bad_target(flat, int(first_bad))
+        h2 = h if h.ndim == 2 else h.reshape(N, H)
+        wt = (w if w.dtype == compute else np.asarray(w, dtype=compute)).T
+        kept = np.flatnonzero(tgt != self.ignore_index)
+        n_kept = kept.shape[0]
+        skip = n_kept < N  # ignored rows are gathered out: no matrix-product work for padding
+        step = min(chunk_size or hidden_chunk_rows(V, compute.itemsize), max(n_kept, 1))
+        buf = np.empty((step, V), dtype=compute)
+        hbuf = np.empty((step, H), dtype=compute) if h.dtype != compute else None
+        for a in range(0, n_kept, step):
+            stop = min(a + step, n_kept)
+            rows = kept[a:stop] if skip else slice(a, stop)
+            hc = h2[rows]
+            if hbuf is not None:  # half (or non-native) rows: converted one chunk at a time
+                hb = hbuf[:stop - a]
+                hb[...] = hc
+                hc = hb
+            x = buf[:stop - a]
+            np.matmul(hc, wt, out=x)
+            if b is not None:
+                x += b
+            self._update(x, tgt[rows], cap)
+        # the ignored rows, counted as update() counts them (their logits are never read)
+        n_ign = N - n_kept
+        self._ints[[0, 1, 4]] += n_ign
         return self
 
     def _add_confusion(self, tgt, pred):

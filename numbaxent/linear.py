@@ -16,6 +16,12 @@ accumulated in vocabulary blocks of :data:`VOCAB_BLOCK` rows through a small tem
 
 Semantics are the core's (PyTorch's) for every option; ``class_weight`` is ``cross_entropy``'s
 ``weight``.
+
+Precision: float32 and float64 inputs are computed in their own dtype. float16 and bfloat16
+(``ml_dtypes``) ``hidden`` and ``weight`` are computed in float32, as the core computes half logits:
+``weight`` (and ``bias``) are converted to float32 once per call, ``hidden`` one chunk at a time,
+and the gradients are accumulated in float32 and returned in the inputs' dtypes (the loss too, as
+the core returns it; ``Stats.lse`` stays float32, as the core's).
 """
 from __future__ import annotations
 
@@ -41,8 +47,8 @@ def chunk_rows(vocab: int, itemsize: int, n_rows: int) -> int:
 def _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight, grad_output):
     h = _api._as_array(hidden, "hidden")
     w = _api._as_array(weight, "weight")
-    if h.dtype not in (np.float32, np.float64):
-        raise TypeError(f"hidden must be float32 or float64, got {h.dtype}")
+    if not (h.dtype.name == "bfloat16" or h.dtype in (np.float16, np.float32, np.float64)):
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {h.dtype}")
     if w.dtype != h.dtype:
         raise TypeError(f"weight must have hidden's dtype {h.dtype}, got {w.dtype}")
     if h.ndim < 1 or w.ndim != 2 or w.shape[1] != h.shape[-1]:
@@ -55,12 +61,17 @@ def _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight, g
         raise TypeError(f"target must hold integer class indices, got {t.dtype}")
     b = None
     if bias is not None:
-        b = np.ascontiguousarray(_api._as_array(bias, "bias"), dtype=h.dtype)
+        b = np.ascontiguousarray(_api._as_array(bias, "bias"), dtype=_compute(h.dtype))
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
     if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return h, w, t, b
+
+
+def _compute(dtype) -> np.dtype:
+    """The dtype the logits are formed in: float32 for float16/bfloat16, else ``dtype``."""
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
 
 
 def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
@@ -73,13 +84,16 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     H, V = h.shape[-1], w.shape[0]
     h2 = h.reshape(-1, H)
     n = h2.shape[0]
+    cd = _compute(h.dtype)
+    half = cd != h.dtype  # half inputs: float32 weight copy, hidden converted chunk by chunk
+    wc = np.asarray(w, dtype=cd) if half else w
     # the core's own checks; the global 'mean' denominator comes from all targets at once
     eps = _api._check_label_smoothing(label_smoothing)
     ignore_index = _api._check_ignore_index(ignore_index)
     z = _api._check_z_loss(z_loss)
     cap = _api._check_softcap(softcap)
     norm = _api._check_normalizer(normalizer, reduction)
-    cw = _api.class_weights(class_weight, V, h.dtype)
+    cw = _api.class_weights(class_weight, V, cd)
     sw_all = _api.sample_weights(sample_weight, lead)
     tgt, denom = _api.index_targets(t, cw, sw_all, ignore_index, V)
     denom = denom if norm is None else norm
@@ -96,16 +110,21 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
             scale = gout / np.float64(denom) if reduction == "mean" else gout
 
     rows_loss = np.zeros(n)
-    lse = np.full(n, np.nan, dtype=h.dtype) if return_stats else None
+    lse = np.full(n, np.nan, dtype=cd) if return_stats else None
     top1 = np.zeros(n, dtype=bool) if return_stats else None
-    gh = np.zeros_like(h2) if want_grad else None
-    gw = np.zeros_like(w) if want_grad else None
-    gb = (np.zeros(V, dtype=h.dtype) if bias is not None else None) if want_grad else None
+    # gradients accumulate in the compute dtype (float32 for half inputs), cast once at the end
+    gh = (np.zeros_like(h2) if not half else np.zeros(h2.shape, dtype=h.dtype)) \
+        if want_grad else None
+    gw = np.zeros(w.shape, dtype=cd) if want_grad else None
+    gb = (np.zeros(V, dtype=cd) if bias is not None else None) if want_grad else None
 
-    step = chunk_size or chunk_rows(V, h.dtype.itemsize, max(1, kept.size))
-    buf = np.empty((min(step, max(1, kept.size)), V), dtype=h.dtype)
-    wt = w.T
-    tmp = np.empty((min(VOCAB_BLOCK, V), H), dtype=h.dtype) if want_grad else None
+    step = chunk_size or chunk_rows(V, cd.itemsize, max(1, kept.size))
+    rows_max = min(step, max(1, kept.size))
+    buf = np.empty((rows_max, V), dtype=cd)
+    hbuf = np.empty((rows_max, H), dtype=cd) if half else None
+    ghbuf = np.empty((rows_max, H), dtype=cd) if half and want_grad else None
+    wt = wc.T
+    tmp = np.empty((min(VOCAB_BLOCK, V), H), dtype=cd) if want_grad else None
     for start in range(0, kept.size, step):
         if contiguous:
             rows = slice(start, min(start + step, n))
@@ -114,6 +133,9 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
             rows = kept[start:start + step]
             hc = h2[rows]
         m = hc.shape[0]
+        if half:  # this chunk's rows in float32 (never the whole array)
+            hbuf[:m] = hc
+            hc = hbuf[:m]
         logits = buf[:m]
         np.matmul(hc, wt, out=logits)
         if b is not None:
@@ -127,10 +149,12 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
             res = _api.cross_entropy_with_grad(logits, tc, grad_output=g_rows, out=logits, **kw)
             G = logits  # now the gradient of the chunk's logits
             # grad_hidden rows: G @ W; grad_weight: G.T @ h, accumulated by vocabulary blocks
-            if contiguous:
-                np.matmul(G, w, out=gh[rows])
+            if half:
+                gh[rows] = np.matmul(G, wc, out=ghbuf[:m])
+            elif contiguous:
+                np.matmul(G, wc, out=gh[rows])
             else:
-                gh[rows] = G @ w
+                gh[rows] = G @ wc
             for v0 in range(0, V, VOCAB_BLOCK):
                 v1 = min(V, v0 + VOCAB_BLOCK)
                 blk = tmp[: v1 - v0]
@@ -157,7 +181,8 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         loss = np.asarray(value, dtype=np.float64).astype(h.dtype)[()]
     out = [loss]
     if want_grad:
-        out += [gh.reshape(h.shape), gw, gb]
+        out += [gh.reshape(h.shape), gw.astype(h.dtype, copy=False),
+                None if gb is None else gb.astype(h.dtype, copy=False)]
     if return_stats:
         n_valid = kept.size
         acc = float(np.count_nonzero(top1)) / n_valid if n_valid else float("nan")
@@ -176,7 +201,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int
     Parameters
     ----------
     hidden : ndarray, shape (N, H) or (..., H)
-        float32 or float64 activations.
+        float16, bfloat16 (``ml_dtypes``), float32 or float64 activations (half precision is
+        computed in float32; see the module docstring).
     weight : ndarray, shape (V, H)
         Output projection, of ``hidden``'s dtype.
     target : array_like of int, shape (N,) or (...)
@@ -226,6 +252,7 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
     grad_hidden : ndarray of ``hidden``'s shape
     grad_weight : ndarray of ``weight``'s shape
     grad_bias : ndarray of shape (V,), or None when ``bias`` is None
+        Every gradient is in ``hidden``'s (and ``weight``'s) dtype.
     stats : Stats
         Only with ``return_stats=True``.
     """
