@@ -159,3 +159,14 @@ def naive_target_grad(x, target, weight=None, reduction="mean", label_smoothing=
             out[r] = -go[r] * sw[r] * (1.0 - eps) * w * logp
     grad = np.moveaxis(out.reshape((n,) + spatial + (c,)), -1, 1)
     return grad[0] if unbatched else grad
+
+
+def numeric_grad(f, x, h=1e-6):
+    """Central finite differences of the scalar function ``f`` at ``x``, element by element."""
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        g[i] = (f(xp) - f(xm)) / (2 * h)
+    return g

@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 
 import numbaxent as nx
+from naive import numeric_grad
 
 
-def numeric_grad(f, x, h=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        g[i] = (f(xp) - f(xm)) / (2 * h)
-    return g
 
 
 GRID = list(itertools.product(
