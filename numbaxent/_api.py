@@ -9,7 +9,7 @@ import math
 import operator
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -111,6 +111,13 @@ def _as_array(a, name: str) -> np.ndarray:
         return np.asarray(a)
     except Exception as exc:  # ragged lists and the like
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+
+
+def native_byte_order(a: np.ndarray) -> np.ndarray:
+    """``a`` itself, or a copy in the machine's byte order when it is byte-swapped (``>f4`` on a
+    little-endian machine): the kernels read raw machine words. Integer targets and weights are
+    converted by the casts that canonicalise them anyway."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
 def _logits_dtype(x: np.ndarray):
@@ -224,7 +231,7 @@ def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_
     z = _check_z_loss(z_loss)
     cap = _check_softcap(softcap)
     norm = _check_normalizer(normalizer, reduction)
-    x = _as_array(input, "input")
+    x = native_byte_order(_as_array(input, "input"))
     storage, compute = _logits_dtype(x)
     if x.ndim == 0:
         raise ValueError("input must have a class dimension: expected shape (C,), (N, C) or "
@@ -293,6 +300,8 @@ def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_
         tt = ta.T if transposed else ta
         tgt = np.ascontiguousarray(tt).reshape(shape3)
         denom = float(rows) if sample_weight is None else float(np.sum(sw))
+        if C == 0:  # PyTorch divides by input.numel() / C = 0 / 0: 'mean' is NaN
+            denom = 0.0
     else:
         tgt, denom = index_targets(t, w, sw, ignore_index, C)
     if normalizer is not None:
@@ -305,13 +314,77 @@ def _scalar(value: float, dtype: np.dtype):
     return np.asarray(value, dtype=np.float64).astype(dtype)[()]
 
 
-def _reduce(p: _Prepared, loss_rows: np.ndarray):
-    """Apply the reduction to float64 per-row losses, in a fixed order (thread-count independent)."""
+def _zero_weight_mean(p: _Prepared) -> bool:
+    """A class-index ``'mean'`` whose denominator ``W = sum w[y]`` over kept elements is exactly 0
+    (zero weights, or negative weights that cancel) while some element is kept. PyTorch then divides
+    its two terms by zero separately, and its gradient is not the limit of the regular formula:
+    see :func:`_zero_weight_loss` and :func:`_zero_weight_grad`."""
+    return (p.reduction == "mean" and not p.soft and p.denom == 0.0 and p.rows > 0 and p.C > 0
+            and bool(np.any(p.target != p.ignore_index)))
+
+
+def _nll_total(p: _Prepared) -> float:
+    """The weighted NLL sum alone (a forward pass without smoothing), for :func:`_zero_weight_loss`.
+    Run it before a pass that overwrites the logits (``out=input``)."""
+    loss, _, _, _, blocks = _pass_rows(replace(p, eps=0.0), _kernels().FORWARD, np.ones(1),
+                                       np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
+    return _loss_total(p, loss, blocks)
+
+
+def _zero_weight_loss(p: _Prepared, total: float, s_nll=None) -> float:
+    """PyTorch's ``(1-eps) * (S_nll / W) + (eps / C) * (S_smooth / W)`` for ``W == 0``: each quotient
+    is +-inf or NaN by its own sign, so the terms can give NaN (opposite signs) where one division
+    of their sum would give an infinity. ``S_nll`` comes from a second forward pass without
+    smoothing (:func:`_nll_total`; this case is degenerate, not hot)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if p.eps == 0.0:
+            return float(np.float64(total) / 0.0)
+        s_nll = _nll_total(p) if s_nll is None else s_nll
+        s_smooth = (total - (1.0 - p.eps) * s_nll) * p.C / p.eps
+        return float((1.0 - p.eps) * (np.float64(s_nll) / 0.0)
+                     + (p.eps / p.C) * (np.float64(s_smooth) / 0.0))
+
+
+def _zero_weight_grad(p: _Prepared, grad: np.ndarray):
+    """PyTorch's gradient of a zero-denominator ``'mean'`` (see :func:`_zero_weight_mean`), in
+    place, from the gradient the kernels wrote with the undivided upstream gradient (``'sum'``'s):
+    kept rows are scaled by ``1/W = inf`` and then, as autograd's ``g - p * sum(g)`` gives,
+    NaN at the target (``inf - inf``) or, with smoothing, everywhere (the smoothing gradient
+    ``-w_c / W`` has infinities of both signs, or ``0/0``). Ignored rows keep their zeros."""
+    gm = grad[None] if grad.ndim == 1 else np.moveaxis(grad, 1, -1)  # (..., C) view, class last
+    t = p.target.reshape(p.loss_shape or (1,))
+    kept = np.nonzero(t != p.ignore_index)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if p.eps > 0.0:
+            gm[kept] = np.nan
+        else:
+            gm[kept] = gm[kept] * np.inf
+            gm[kept + (t[kept],)] = np.nan
+
+
+def _loss_total(p: _Prepared, loss: np.ndarray, blocks: bool) -> float:
+    """Sum of the float64 losses of a pass in a fixed order, the same whatever produced them:
+    the column kernels' per-block sums (``blocks``) are added as they are; per-row losses on the
+    column path are first summed per block exactly as the kernels do (so every entry point gives
+    the same bits); row-path losses are summed pairwise. Independent of the thread count."""
+    if not blocks and p.rows and p.C and _use_columns(p.x3.shape):
+        k = _kernels()
+        N, C, S = p.x3.shape
+        loss = k.block_sums(loss, N, S, k.column_block_rows(C))
+    return float(np.sum(loss))
+
+
+def _reduce(p: _Prepared, loss: np.ndarray, blocks: bool = False, s_nll=None):
+    """Apply the reduction to the float64 losses of a pass (per row, or per column block when
+    ``blocks``), in a fixed order (thread-count independent). ``s_nll``: see
+    :func:`_zero_weight_loss` (computed here when None, from the logits)."""
     if p.reduction == "none":
-        return loss_rows.astype(p.x.dtype).reshape(p.loss_shape)
-    total = float(np.sum(loss_rows))  # pairwise summation in float64
+        return loss.astype(p.x.dtype).reshape(p.loss_shape)
+    total = _loss_total(p, loss, blocks)
     if p.reduction == "sum":
         return _scalar(total, p.x.dtype)
+    if _zero_weight_mean(p):
+        return _scalar(_zero_weight_loss(p, total, s_nll), p.x.dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
         return _scalar(np.float64(total) / np.float64(p.denom), p.x.dtype)
 
@@ -342,7 +415,7 @@ def _upstream(p: _Prepared, grad_output) -> np.ndarray:
                 f"shape {go.shape} and dtype {go.dtype}"
             )
         gout = float(go.reshape(()))
-    if p.reduction == "mean":
+    if p.reduction == "mean" and not _zero_weight_mean(p):  # that case: _zero_weight_grad
         with np.errstate(divide="ignore", invalid="ignore"):
             gout = float(np.float64(gout) / np.float64(p.denom))
     return np.array([gout])
@@ -358,14 +431,16 @@ def _grad_target(p: _Prepared, out):
         return grad, g3, None
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != x.shape or out.dtype != x.dtype:
+    if out.shape != x.shape or out.dtype.newbyteorder("=") != x.dtype:
         raise ValueError(
             f"out must have input's shape {x.shape} and dtype {x.dtype}, got shape {out.shape} "
             f"and dtype {out.dtype}"
         )
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    g3 = _canonical_view(out.view(p.x3.dtype), p.transposed, p.x3.shape)
+    # a byte-swapped ``out`` (``>f4``, as a byte-swapped input's) is written through a temporary
+    g3 = (_canonical_view(out.view(p.x3.dtype), p.transposed, p.x3.shape)
+          if out.dtype.isnative else None)
     same = (g3 is not None and g3.ctypes.data == p.x3.ctypes.data
             and g3.strides == p.x3.strides)
     if g3 is None or (not same and np.may_share_memory(out, p.x3)):
@@ -376,12 +451,13 @@ def _grad_target(p: _Prepared, out):
 
 
 def _run(p: _Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
-         loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray):
+         loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray, rows_out: bool = True):
+    """One kernel pass over the canonical views. ``rows_out=False`` (forward on the column path
+    only): ``loss`` receives per-block sums and ``mx, lsx, top1`` nothing."""
     k = _kernels()
     from ._parallel import run_tasks
 
     columns = _use_columns(p.x3.shape)
-    rows_out = loss.shape[0] == p.rows or mode == k.BACKWARD
     assert columns or rows_out
     N, C, S = p.x3.shape
     count = k.column_count(N, S, k.column_block_rows(C)) if columns else p.rows
@@ -441,19 +517,24 @@ def _stats(p: _Prepared, lse: np.ndarray, top1: np.ndarray) -> Stats:
 
 
 _workspace = threading.local()
+WORKSPACE_MAX_BYTES = 64 << 20  # per thread; larger calls get fresh arrays, freed after the call
 
 
 def _row_buffers(rows: int, compute: np.dtype, keep: bool):
     """(mx, lsx, loss, top1) arrays of ``rows`` elements. Unless ``keep``, they are views of this
-    thread's grow-only workspace, valid until its next call: fresh arrays of many short rows cost
-    more in page faults (the kernel is their first toucher) than the kernel's whole pass."""
-    if keep:
+    thread's workspace, valid until its next call: fresh arrays of many short rows cost more in page
+    faults (the kernel is their first toucher) than the kernel's whole pass. The workspace never
+    exceeds :data:`WORKSPACE_MAX_BYTES` (enough for ~3.9M float32 rows), so a process that once
+    saw a huge batch does not keep its memory; past that, fresh arrays (whose page faults are then
+    small next to the pass)."""
+    need = rows * (2 * compute.itemsize + 8 + 1)
+    if keep or need > WORKSPACE_MAX_BYTES:
         return (np.empty(rows, compute), np.empty(rows, compute), np.empty(rows, np.float64),
                 np.zeros(rows, np.bool_))
     buf = getattr(_workspace, "buf", None)
-    need = rows * (2 * compute.itemsize + 8 + 1)
-    if buf is None or buf.nbytes < need:
-        buf = _workspace.buf = np.empty(max(need, 2 * (0 if buf is None else buf.nbytes)), np.uint8)
+    if buf is None or buf.nbytes < need or buf.nbytes > WORKSPACE_MAX_BYTES:
+        grown = 2 * (0 if buf is None else buf.nbytes)
+        buf = _workspace.buf = np.empty(min(max(need, grown), WORKSPACE_MAX_BYTES), np.uint8)
     loss = buf[:rows * 8].view(np.float64)
     o = rows * 8
     mx = buf[o:o + rows * compute.itemsize].view(compute)
@@ -465,8 +546,10 @@ def _row_buffers(rows: int, compute: np.dtype, keep: bool):
 
 
 def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
-    """Run FORWARD or FUSED over all rows: (float64 per-row losses, row max, log-sum of the shifted
-    exponentials, top1); the log-sum-exp is ``max + logsum``. ``keep=False``: the arrays are a
+    """Run FORWARD or FUSED over all rows: ``(loss, mx, lsx, top1, blocks)``: float64 losses, row
+    max, log-sum of the shifted exponentials (the log-sum-exp is ``max + logsum``), top1, and
+    whether ``loss`` holds the column kernels' per-block sums instead of per-row losses (only for a
+    reduced loss without ``keep``; give both to :func:`_reduce`). ``keep=False``: the arrays are a
     per-thread workspace, for callers that only reduce them before the next call."""
     mx, lsx, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep)
     if _empty_or_classless(p):
@@ -475,21 +558,22 @@ def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: 
         lsx[:] = 0.0
         top1[:] = False
         loss[:] = -0.0 if p.soft else 0.0
-        return loss, mx, lsx, top1
-    if not keep and p.reduction != "none" and _use_columns(p.x3.shape):
+        return loss, mx, lsx, top1, False
+    blocks = not keep and p.reduction != "none" and _use_columns(p.x3.shape)
+    if blocks:
         # only the total is wanted: the column kernels return per-block sums (no per-row output)
         k = _kernels()
         N, C, S = p.x3.shape
         loss = loss[:k.column_count(N, S, k.column_block_rows(C))]
-    _run(p, mode, g, mx, lsx, loss, top1, grad3)
-    return loss, mx, lsx, top1
+    _run(p, mode, g, mx, lsx, loss, top1, grad3, rows_out=not blocks)
+    return loss, mx, lsx, top1, blocks
 
 
 def _pass(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
-    """Run FORWARD or FUSED over all rows: (float64 per-row losses, lse, top1); lse is None
-    unless ``keep`` (see :func:`_pass_rows`)."""
-    loss, mx, lsx, top1 = _pass_rows(p, mode, g, grad3, keep)
-    return loss, (mx + lsx if keep else None), top1
+    """Run FORWARD or FUSED over all rows: ``(loss, lse, top1, blocks)``; lse is None unless
+    ``keep`` (see :func:`_pass_rows`)."""
+    loss, mx, lsx, top1, blocks = _pass_rows(p, mode, g, grad3, keep)
+    return loss, (mx + lsx if keep else None), top1, blocks
 
 
 def _from_canonical(tmp3: np.ndarray, p: _Prepared) -> np.ndarray:
@@ -566,6 +650,8 @@ def _backward(p: _Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, o
         _run(p, _kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_), g3)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
+        if _zero_weight_mean(p):
+            _zero_weight_grad(p, grad)
     return grad, grad_t
 
 
@@ -637,9 +723,9 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
     """
     p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
-    loss_rows, lse, top1 = _pass(p, _kernels().FORWARD, np.ones(1),
-                                 np.empty((1, 1, 1), dtype=p.x3.dtype), keep=return_stats)
-    loss = _reduce(p, loss_rows)
+    loss_rows, lse, top1, blocks = _pass(p, _kernels().FORWARD, np.ones(1),
+                                         np.empty((1, 1, 1), dtype=p.x3.dtype), keep=return_stats)
+    loss = _reduce(p, loss_rows, blocks)
     return (loss, _stats(p, lse, top1)) if return_stats else loss
 
 
@@ -701,20 +787,26 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     _check_target_grad(p, target_grad)
     k = _kernels()
     g = _upstream(p, grad_output)
+    # a zero-denominator 'mean' needs the NLL sum apart, read before out=input overwrites the logits
+    s_nll = _nll_total(p) if _zero_weight_mean(p) and p.eps > 0 else None
     if target_grad and out is not None and np.may_share_memory(out, p.x):
         # the fused pass would overwrite the logits the target gradient reads: forward pass, then
         # the target gradient, then the backward pass into ``out`` (no N x C copy)
-        loss_rows, mx, lsx, top1 = _pass_rows(p, k.FORWARD, g, np.empty((1, 1, 1), p.x3.dtype))
+        loss_rows, mx, lsx, top1, blocks = _pass_rows(p, k.FORWARD, g,
+                                                      np.empty((1, 1, 1), p.x3.dtype))
         grad, grad_t = _backward(p, mx, lsx, grad_output, out, target_grad=True)
     else:
         grad, g3, copy_back = _grad_target(p, out)
         # target_grad reads the per-row statistics: keep them (the column kernels otherwise write
         # only block sums for a reduced loss)
-        loss_rows, mx, lsx, top1 = _pass_rows(p, k.FUSED, g, g3, keep=return_stats or target_grad)
+        loss_rows, mx, lsx, top1, blocks = _pass_rows(p, k.FUSED, g, g3,
+                                                      keep=return_stats or target_grad)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
+        if _zero_weight_mean(p):
+            _zero_weight_grad(p, grad)
         grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
-    res = (_reduce(p, loss_rows), grad) + ((grad_t,) if target_grad else ())
+    res = (_reduce(p, loss_rows, blocks, s_nll), grad) + ((grad_t,) if target_grad else ())
     return res + (_stats(p, mx + lsx, top1),) if return_stats else res
 
 
@@ -753,11 +845,11 @@ class CrossEntropyLoss:
         :meth:`backward` needs (the per-row log-sum-exp and a reference to ``input``)."""
         p = _prepare(input, target, self.weight, self.ignore_index, self.reduction,
                      self.label_smoothing, self.z_loss, self.softcap, sample_weight, normalizer)
-        loss_rows, mx, lsx, top1 = _pass_rows(p, _kernels().FORWARD, np.ones(1),
-                                              np.empty((1, 1, 1), dtype=p.x3.dtype))
+        loss_rows, mx, lsx, top1, blocks = _pass_rows(p, _kernels().FORWARD, np.ones(1),
+                                                      np.empty((1, 1, 1), dtype=p.x3.dtype))
         self._saved = (p, mx, lsx)
         self.stats = _stats(p, mx + lsx, top1)
-        return _reduce(p, loss_rows)
+        return _reduce(p, loss_rows, blocks)
 
     __call__ = forward
 

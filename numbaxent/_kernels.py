@@ -643,6 +643,28 @@ def column_block(blk, N, C, S, nbmax):
     return n, n * C, s0, min(nbmax, S - s0), n * S + s0
 
 
+@jit()
+def sum_in_order(a):
+    """``a[0] + a[1] + ...`` from 0.0, left to right: the column kernels' per-block loss sums, and
+    :func:`block_sums`, must round the same way."""
+    total = 0.0
+    for i in range(a.shape[0]):
+        total += a[i]
+    return total
+
+
+@jit(python_callable=True)
+def block_sums(loss, N, S, nbmax):
+    """Per-block sums of per-row float64 losses, each block summed as the column kernels sum it
+    when they write no per-row output: so a reduced loss has the same bits whether a caller asked
+    for per-row losses or not."""
+    out = np.empty(column_count(N, S, nbmax), np.float64)
+    for blk in range(out.shape[0]):
+        _, _, _, nb, r0 = column_block(blk, N, 0, S, nbmax)  # C only offsets i0, unused here
+        out[blk] = sum_in_order(loss[r0:r0 + nb])
+    return out
+
+
 @jit(python_callable=True)
 def column_count(N, S, nbmax):
     if S == 1:
@@ -737,7 +759,7 @@ def index_cols_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mod
                 if not ok[b]:
                     lb[b] = 0.0
             if not rows_out:
-                loss[blk] = np.sum(lb)
+                loss[blk] = sum_in_order(lb)
             else:
                 for b in range(nb):
                     r = r0 + b

@@ -328,10 +328,11 @@ def _block_sum(xb, tb, row0, weight, ignore_index, eps, threads):
 
     with _numba_threads(threads):
         p = _api._prepare(xb, tb, weight, ignore_index, "sum", eps)
-        loss_rows, _, _ = _api._pass(p, _api._kernels().FORWARD, np.ones(1),
-                                     np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
+        loss, _, _, blocks = _api._pass(p, _api._kernels().FORWARD, np.ones(1),
+                                        np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
+        total = _api._loss_total(p, loss, blocks)
     # [sum, its error term, denominator, its error term]
-    return np.array([float(np.sum(loss_rows)), 0.0, p.denom, 0.0])
+    return np.array([total, 0.0, p.denom, 0.0])
 
 
 def _sum_partials(*parts):

@@ -15,7 +15,8 @@ accumulated in vocabulary blocks of :data:`VOCAB_BLOCK` rows through a small tem
 ``(vocab, hidden)`` temporary is allocated either.
 
 Semantics are the core's (PyTorch's) for every option; ``class_weight`` is ``cross_entropy``'s
-``weight``.
+``weight``. One deliberate difference: since ignored rows are skipped, a NaN or inf in an ignored
+row's hidden state reaches no gradient (in PyTorch's unfused path it makes ``grad_weight`` NaN).
 
 Precision: float32 and float64 inputs are computed in their own dtype. float16 and bfloat16
 (``ml_dtypes``) ``hidden`` and ``weight`` are computed in float32, as the core computes half logits:
@@ -45,8 +46,8 @@ def chunk_rows(vocab: int, itemsize: int, n_rows: int) -> int:
 
 
 def _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight, grad_output):
-    h = _api._as_array(hidden, "hidden")
-    w = _api._as_array(weight, "weight")
+    h = _api.native_byte_order(_api._as_array(hidden, "hidden"))
+    w = _api.native_byte_order(_api._as_array(weight, "weight"))
     if not (h.dtype.name == "bfloat16" or h.dtype in (np.float16, np.float32, np.float64)):
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {h.dtype}")
     if w.dtype != h.dtype:
@@ -196,7 +197,11 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int
                          chunk_size=None, return_stats: bool = False):
     r"""Cross-entropy of the logits ``hidden @ weight.T + bias``, without forming them all.
 
-    Equal to ``cross_entropy(hidden @ weight.T + bias, target, weight=class_weight, ...)``.
+    Equal to ``cross_entropy(hidden @ weight.T + bias, target, weight=class_weight, ...)``, except
+    that rows whose target is ``ignore_index`` are skipped: their hidden states are never read, so
+    a NaN or inf there does not reach the gradients (PyTorch's unfused path forms those rows'
+    logits and its ``grad_weight`` becomes NaN; a documented deliberate difference, see the
+    semantics page). The loss is the same either way.
 
     Parameters
     ----------

@@ -64,13 +64,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 softcap):
         options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
         p = _prepared(input, target, weight, options)
-        loss_rows, mx, lsx, _ = _api._pass_rows(p, _api._kernels().FORWARD, np.ones(1),
-                                                np.empty((1, 1, 1), dtype=p.x3.dtype))
+        loss_rows, mx, lsx, _, blocks = _api._pass_rows(p, _api._kernels().FORWARD, np.ones(1),
+                                                   np.empty((1, 1, 1), dtype=p.x3.dtype))
         # Everything backward reads goes through save_for_backward: autograd frees it after the
         # backward (unless retain_graph) and checks that nothing was modified in place meanwhile.
         ctx.save_for_backward(input, target, weight, torch.from_numpy(mx), torch.from_numpy(lsx))
         ctx.options = options
-        return _as_tensor(np.asarray(_api._reduce(p, loss_rows)), input)
+        return _as_tensor(np.asarray(_api._reduce(p, loss_rows, blocks)), input)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -1,7 +1,11 @@
 """numbaxent vs PyTorch (golden file and live) and vs the independent float64 reference (tests/naive.py).
 
-Tolerances (issue contract): float64 1e-10 relative; float32 2e-5 relative, 2e-6 absolute. NaN
-positions must match exactly.
+Tolerances come from the dtype: ``|actual - expected| <= k * eps * (|expected| + scale)`` with
+``eps`` the dtype's machine epsilon, ``scale`` the largest finite ``|expected|`` of the array (at
+least 1) and ``k`` in :data:`EPS_UNITS` (PyTorch and numbaxent sum in different orders; the largest
+differences measured against PyTorch 2.13 were about 50 eps for float64, 4 for float32 and 2 for the
+half types, whose results are rounded once from float32). NaN positions, and the positions and
+signs of infinities, must match exactly.
 """
 from __future__ import annotations
 
@@ -18,16 +22,36 @@ from conftest import kernel_path
 from naive import naive_cross_entropy
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden_torch.npz")
-TOL = {np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12),
-       np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6)}
+EPS_UNITS = {"float64": 256, "float32": 32, "float16": 4, "bfloat16": 4}
+EPS = {"float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
+       "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0 ** -7}
 
 
-def assert_close(actual, expected, dtype):
+def dtype_name(dtype) -> str:
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+def tolerance(dtype) -> float:
+    """``k * eps`` for a dtype (a NumPy dtype, or a name such as 'bfloat16')."""
+    name = dtype_name(dtype)
+    return EPS_UNITS[name] * EPS[name]
+
+
+def assert_close(actual, expected, dtype, units=None):
+    """Equal NaN and infinity patterns; finite values within the dtype's tolerance (``units`` eps
+    instead of :data:`EPS_UNITS` when given)."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape
     np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
-    np.testing.assert_allclose(actual, expected, equal_nan=True, **TOL[np.dtype(dtype)])
+    np.testing.assert_array_equal(np.isposinf(actual), np.isposinf(expected))
+    np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected))
+    finite = np.isfinite(expected)
+    if not finite.any():
+        return
+    tol = tolerance(dtype) if units is None else units * EPS[dtype_name(dtype)]
+    scale = max(1.0, float(np.abs(expected[finite]).max()))
+    np.testing.assert_allclose(actual[finite], expected[finite], rtol=tol, atol=tol * scale)
 
 
 def _golden():
@@ -44,22 +68,49 @@ def _golden():
 GOLDEN_CASES = _golden()
 
 
+def _as_case_dtype(a, dtype):
+    """Golden arrays in the case's dtype (bfloat16 is stored as the float32 values it holds)."""
+    if a is None or dtype != "bfloat16" or a.dtype.kind != "f":
+        return a
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes")
+    return a.astype(ml_dtypes.bfloat16)
+
+
 @pytest.mark.parametrize("opts,case", GOLDEN_CASES)
 def test_matches_torch_golden(opts, case):
-    dtype = np.dtype(opts["dtype"])
-    kw = dict(weight=case.get("weight"), ignore_index=opts["ignore_index"],
+    """PyTorch's values through every entry point and, for 2-D input, through both kernel paths
+    (rows, columns), Fortran-ordered and in place (``out=input``); K-dim and unbatched inputs take
+    their own path. The golden file has C = 5 (column kernels), C = 50 (row kernels) and K-dim
+    cases with 4 and 20 positions."""
+    dtype = opts["dtype"]
+    x = _as_case_dtype(case["x"], dtype)
+    t = _as_case_dtype(case["t"], dtype)
+    kw = dict(weight=_as_case_dtype(case.get("weight"), dtype), ignore_index=opts["ignore_index"],
               reduction=opts["reduction"], label_smoothing=opts["label_smoothing"])
     go = case["grad_output"]
     go = go if opts["reduction"] == "none" else go[()]
-    loss, grad = nx.cross_entropy_with_grad(case["x"], case["t"], grad_output=go, **kw)
-    assert np.asarray(loss).dtype == dtype and grad.dtype == dtype
-    assert np.shape(loss) == case["loss"].shape and grad.shape == case["x"].shape
-    assert_close(loss, case["loss"], dtype)
-    assert_close(grad, case["grad"], dtype)
-    assert_close(nx.cross_entropy(case["x"], case["t"], **kw), case["loss"], dtype)
-    crit = nx.CrossEntropyLoss(**kw)
-    assert_close(crit(case["x"], case["t"]), case["loss"], dtype)
-    assert_close(crit.backward(go), case["grad"], dtype)
+    paths = ("rows", "columns") if x.ndim == 2 else (None,)
+    for path in paths:
+        with kernel_path(path):
+            loss, grad = nx.cross_entropy_with_grad(x, t, grad_output=go, **kw)
+            assert np.asarray(loss).dtype == x.dtype and grad.dtype == x.dtype
+            assert np.shape(loss) == case["loss"].shape and grad.shape == x.shape
+            assert_close(loss, case["loss"], dtype)
+            assert_close(grad, case["grad"], dtype)
+            assert_close(nx.cross_entropy(x, t, **kw), case["loss"], dtype)
+            crit = nx.CrossEntropyLoss(**kw)
+            assert_close(crit(x, t), case["loss"], dtype)
+            assert_close(crit.backward(go), case["grad"], dtype)
+            xi = x.copy()
+            loss_i, _ = nx.cross_entropy_with_grad(xi, t, grad_output=go, out=xi, **kw)
+            assert_close(loss_i, case["loss"], dtype)
+            assert_close(xi, case["grad"], dtype)
+    if x.ndim == 2:  # Fortran-ordered 2-D input is read as (1, C, N) by the column kernels
+        xf = np.asfortranarray(x)
+        loss, grad = nx.cross_entropy_with_grad(xf, t, grad_output=go, **kw)
+        assert grad.flags.f_contiguous
+        assert_close(loss, case["loss"], dtype)
+        assert_close(grad, case["grad"], dtype)
 
 
 # -- against the independent reference, on generated cases ---------------------------------------------
@@ -215,8 +266,8 @@ def test_float16_is_float32_rounded_once():
     ref_loss, ref_grad = naive_cross_entropy(x.astype(np.float64), t, reduction="none")
     loss, grad = nx.cross_entropy_with_grad(x, t, reduction="none")
     assert loss.dtype == np.float16 and grad.dtype == np.float16
-    np.testing.assert_allclose(loss.astype(np.float64), ref_loss, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(grad.astype(np.float64), ref_grad, rtol=1e-3, atol=1e-4)
+    assert_close(loss, ref_loss, np.float16)
+    assert_close(grad, ref_grad, np.float16)
     # the true-class term is formed in float32 before rounding: a confident row keeps its gradient
     xc = np.array([[12.0, 0.0, 0.0]], np.float16)
     _, g = nx.cross_entropy_with_grad(xc, np.array([0]), reduction="sum")
@@ -242,7 +293,7 @@ def test_in_place_on_long_rows_matches_reference(dtype, soft):
     else:  # out of place keeps exp(x - m) from the sum pass: equal to rounding
         assert_close(xi, grad_out, dtype)
     if dtype == np.float16:
-        np.testing.assert_allclose(xi.astype(np.float64), ref_grad, rtol=1e-2, atol=1e-5)
+        assert_close(xi, ref_grad, np.float16)
     else:
         assert_close(loss, ref_loss, dtype)
         assert_close(xi, ref_grad, dtype)

@@ -1,0 +1,307 @@
+"""Edges: zero total weights, zero classes, byte order, one loss whatever the entry point, thread-count
+invariance on every kernel path, the bounded workspace, and the LM head's ignored rows.
+
+Expected values come from PyTorch (live, when installed; the golden file otherwise covers the same
+zero-weight cases, see tests/make_golden.py) and from the float64 reference in tests/naive.py.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+import numbaxent as nx
+from conftest import kernel_path
+from naive import naive_cross_entropy
+from test_core_parity import assert_close
+
+
+def stable_rng(*params) -> np.random.Generator:
+    """A generator seeded from the parameters' text (``hash`` of a tuple with strings changes from
+    one process to the next; crc32 does not)."""
+    return np.random.default_rng(zlib.crc32(repr(params).encode()))
+
+
+# -- zero total weight, zero classes (live PyTorch) --------------------------------------------------
+W0_WEIGHTS = {"zero": [0.0, 0.0, 0.0, 0.0], "cancel": [1.0, -0.5, 0.0, 2.0],
+              "zero_at_targets": [0.0, 1.0, 0.0, 3.0]}
+
+
+def _w0_problem(wtag, layout, dtype):
+    rng = stable_rng("w0", wtag, layout, dtype)
+    if layout == "1d":
+        x, t = rng.standard_normal(4), np.array(2)  # class 2 weighs 0 in every set
+    elif layout == "kdim":
+        x = rng.standard_normal((2, 4, 3))
+        t = np.array([[0, 1, 2], [1, 2, 2]]) if wtag == "cancel" else np.array([[0, 2, 2],
+                                                                               [2, 0, 0]])
+    else:
+        x = rng.standard_normal((5, 4)) * 2
+        t = np.array([0, 1, 2, 1, 2]) if wtag == "cancel" else np.array([0, 2, 2, 0, 2])
+        if layout == "2d_ignored":
+            t[2] = -100
+    return x.astype(dtype), t, np.array(W0_WEIGHTS[wtag], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wtag", sorted(W0_WEIGHTS))
+@pytest.mark.parametrize("layout", ["1d", "2d", "2d_ignored", "kdim"])
+def test_zero_total_weight_matches_torch(dtype, wtag, layout):
+    """'mean' with W = sum w[y] = 0: PyTorch divides its NLL and smoothing terms by W separately
+    (NaN when their signs differ) and its gradient is NaN at the target, or everywhere with
+    smoothing; ignored rows stay 0. Every entry point, both kernel paths, upstream 1, 0, -2."""
+    torch = pytest.importorskip("torch")
+    x, t, w = _w0_problem(wtag, layout, dtype)
+    for eps in (0.0, 0.1, 1.0):
+        for go in (1.0, 0.0, -2.0):
+            xt = torch.tensor(x, requires_grad=True)
+            ref = torch.nn.functional.cross_entropy(xt, torch.tensor(t), weight=torch.tensor(w),
+                                                    label_smoothing=eps)
+            (ref * go).backward()
+            ref_loss, ref_grad = ref.detach().numpy(), xt.grad.numpy()
+            for path in ("rows", "columns"):
+                with kernel_path(path):
+                    kw = dict(weight=w, label_smoothing=eps)
+                    loss, grad = nx.cross_entropy_with_grad(x, t, grad_output=go, **kw)
+                    assert_close(loss, ref_loss, dtype)
+                    assert_close(grad, ref_grad, dtype)
+                    assert_close(nx.cross_entropy(x, t, **kw), ref_loss, dtype)
+                    crit = nx.CrossEntropyLoss(**kw)
+                    assert_close(crit(x, t), ref_loss, dtype)
+                    assert_close(crit.backward(go), ref_grad, dtype)
+
+
+def test_zero_total_weight_torch_dropin():
+    torch = pytest.importorskip("torch")
+    import numbaxent.torch as nxt
+
+    x, t, w = _w0_problem("cancel", "2d_ignored", np.float64)
+    for eps in (0.0, 0.1):
+        a = torch.tensor(x, requires_grad=True)
+        b = torch.tensor(x, requires_grad=True)
+        la = torch.nn.functional.cross_entropy(a, torch.tensor(t), weight=torch.tensor(w),
+                                               label_smoothing=eps)
+        lb = nxt.cross_entropy(b, torch.tensor(t), weight=torch.tensor(w), label_smoothing=eps)
+        la.backward()
+        lb.backward()
+        assert_close(lb.detach().numpy(), la.detach().numpy(), np.float64)
+        assert_close(b.grad.numpy(), a.grad.numpy(), np.float64)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (2, 0, 3)])
+def test_probability_targets_over_zero_classes(shape):
+    torch = pytest.importorskip("torch")
+    for dtype in (np.float32, np.float64):
+        x = np.zeros(shape, dtype)
+        for reduction in ("none", "mean", "sum"):
+            ref = torch.nn.functional.cross_entropy(torch.tensor(x), torch.tensor(x),
+                                                    reduction=reduction).numpy()
+            assert_close(nx.cross_entropy(x, x, reduction=reduction), ref, dtype)
+    assert np.isnan(nx.cross_entropy(np.zeros(shape), np.zeros(shape)))
+
+
+# -- byte order ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("code", ["f2", "f4", "f8"])
+def test_byte_swapped_logits_give_the_native_result(code):
+    rng = stable_rng("byteorder", code)
+    x = (rng.standard_normal((6, 5)) * 2).astype(code)
+    t = np.array([0, 1, 2, 3, 4, -100])
+    swapped = x.astype(x.dtype.newbyteorder())
+    assert not swapped.dtype.isnative
+    kw = dict(label_smoothing=0.1, weight=rng.uniform(0.5, 2, 5))
+    loss, grad = nx.cross_entropy_with_grad(x, t, **kw)
+    crit = nx.CrossEntropyLoss(**kw)
+    crit(x, t)
+    grad_b = crit.backward()  # a separate backward pass: equal to the fused one up to rounding
+    for xs, xn in ((swapped, x), (np.asfortranarray(swapped), np.asfortranarray(x))):
+        loss_s, grad_s = nx.cross_entropy_with_grad(xs, t, **kw)
+        assert loss_s.tobytes() == nx.cross_entropy_with_grad(xn, t, **kw)[0].tobytes()
+        np.testing.assert_array_equal(grad_s, nx.cross_entropy_with_grad(xn, t, **kw)[1])
+        assert nx.cross_entropy(xs, t, **kw) == nx.cross_entropy(xn, t, **kw)
+        crit = nx.CrossEntropyLoss(**kw)
+        assert crit(xs, t) == nx.cross_entropy(xn, t, **kw)
+        if xs is swapped:
+            np.testing.assert_array_equal(crit.backward(), grad_b)
+    # a byte-swapped out= (as a byte-swapped input's own dtype), also in place
+    out = np.empty_like(swapped)
+    nx.cross_entropy_with_grad(swapped, t, out=out, **kw)
+    np.testing.assert_array_equal(out, grad)
+    xi = swapped.copy()
+    nx.cross_entropy_with_grad(xi, t, out=xi, **kw)
+    np.testing.assert_array_equal(xi, grad)
+    # K-dim and probability targets in either byte order
+    xk = rng.standard_normal((2, 5, 3, 4)).astype(code)
+    pk = rng.dirichlet(np.ones(5), (2, 3, 4)).transpose(0, 3, 1, 2).astype(code)
+    ref = nx.cross_entropy_with_grad(xk, pk)
+    got = nx.cross_entropy_with_grad(xk.astype(xk.dtype.newbyteorder()),
+                                     pk.astype(pk.dtype.newbyteorder()))
+    assert got[0] == ref[0]
+    np.testing.assert_array_equal(got[1], ref[1])
+    # the evaluator
+    ev, ev_s = nx.Evaluator(5), nx.Evaluator(5)
+    ev.update(x, t)
+    ev_s.update(swapped, t.astype(">i8"))
+    assert ev_s.result().to_dict() == ev.result().to_dict()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_byte_swapped_inputs_to_the_lm_head(dtype):
+    rng = stable_rng("byteorder-linear", np.dtype(dtype).name)
+    h = rng.standard_normal((7, 6)).astype(dtype)
+    w = rng.standard_normal((9, 6)).astype(dtype)
+    t = rng.integers(0, 9, 7)
+    ref = nx.linear_cross_entropy_with_grad(h, w, t, label_smoothing=0.1)
+    got = nx.linear_cross_entropy_with_grad(h.astype(h.dtype.newbyteorder()),
+                                            w.astype(w.dtype.newbyteorder()), t,
+                                            label_smoothing=0.1)
+    assert got[0] == ref[0]
+    for a, b in zip(got[1:], ref[1:]):
+        if b is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+# -- one loss whatever the entry point -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(300, 7), (64, 40), (50, 60), (5, 6, 40), (3, 9, 5, 4)])
+def test_every_entry_point_gives_the_same_bits(dtype, shape):
+    """cross_entropy ('sum', 'mean'), cross_entropy_with_grad, CrossEntropyLoss, return_stats and
+    the torch drop-in reduce the same per-row losses in the same order."""
+    rng = stable_rng("bits", np.dtype(dtype).name, shape)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    t = rng.integers(0, shape[1], (shape[0],) + shape[2:])
+    t.reshape(-1)[::7] = -100
+    try:
+        import torch
+        import numbaxent.torch as nxt
+    except ImportError:
+        torch = None
+    for reduction in ("sum", "mean"):
+        for eps in (0.0, 0.1):
+            kw = dict(reduction=reduction, label_smoothing=eps,
+                      weight=rng.uniform(0.5, 2, shape[1]).astype(dtype))
+            values = [nx.cross_entropy(x, t, **kw),
+                      nx.cross_entropy_with_grad(x, t, **kw)[0],
+                      nx.CrossEntropyLoss(**kw)(x, t),
+                      nx.cross_entropy(x, t, return_stats=True, **kw)[0],
+                      nx.cross_entropy_with_grad(x, t, return_stats=True, **kw)[0]]
+            if torch is not None:
+                tw = dict(kw, weight=torch.tensor(kw["weight"]))
+                values.append(nxt.cross_entropy(torch.tensor(x), torch.tensor(t), **tw).numpy())
+            bits = {np.asarray(v, dtype).tobytes() for v in values}
+            assert len(bits) == 1, (reduction, eps, [float(v) for v in values])
+
+
+# -- thread-count invariance on every kernel path ------------------------------------------------------
+@pytest.fixture
+def forced_threads(monkeypatch):
+    """Deal every call to ``n`` threads however small it is, and record the ranges each kernel got
+    (so the test can see that the work really was split)."""
+    from numbaxent import _kernels, _parallel
+
+    calls = []
+
+    def wrap(name):
+        kernel = getattr(_kernels, name)
+
+        def recorded(lo, hi, *args):
+            calls.append((name, lo, hi))
+            return kernel(lo, hi, *args)
+
+        monkeypatch.setattr(_kernels, name, recorded)
+
+    for name in ("index_kernel", "prob_kernel", "index_cols_kernel", "prob_cols_kernel"):
+        wrap(name)
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_ELEMENTS", 0)
+
+    def use(n):
+        monkeypatch.setattr(_parallel, "num_threads", lambda: n)
+        calls.clear()
+
+    return use, calls
+
+
+@pytest.mark.parametrize("case", ["rows", "rows-soft", "columns", "columns-soft", "kdim",
+                                  "fortran"])
+def test_results_do_not_depend_on_the_thread_count(forced_threads, case):
+    use, calls = forced_threads
+    rng = stable_rng("threads", case)
+    # enough column blocks (672 rows each for C = 6) to be dealt to three threads
+    shape = {"kdim": (3, 6, 50), "fortran": (2100, 6)}.get(
+        case, (97, 50) if case.startswith("rows") else (2100, 6))
+    x = rng.standard_normal(shape).astype(np.float32)
+    if case == "fortran":
+        x = np.asfortranarray(x)
+    soft = case.endswith("soft")
+    t = (rng.random(shape).astype(np.float32) if soft
+         else rng.integers(0, shape[1], (shape[0],) + shape[2:]))
+    path = "rows" if case.startswith("rows") else None
+    kw = dict(label_smoothing=0.1, weight=rng.uniform(0.5, 2, shape[1]).astype(np.float32))
+    results = {}
+    with kernel_path(path):
+        for n in (1, 2, 3):
+            use(n)
+            r = []
+            for reduction in ("none", "sum", "mean"):
+                r.append(nx.cross_entropy(x, t, reduction=reduction, **kw))
+                r.extend(nx.cross_entropy_with_grad(x, t, reduction=reduction, **kw))
+                crit = nx.CrossEntropyLoss(reduction=reduction, **kw)
+                r.append(crit(x, t))
+                r.append(crit.backward())
+            results[n] = r
+            splits = {(lo, hi) for _, lo, hi in calls}
+            assert len(splits) == n, splits  # each call really was dealt to n ranges
+    for n in (2, 3):
+        for a, b in zip(results[n], results[1]):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    # and the values are right
+    ref_loss, ref_grad = naive_cross_entropy(np.asarray(x, np.float64), t, **kw)
+    *_, loss, grad, _, _ = results[2]  # the last reduction's ('mean') cross_entropy_with_grad
+    assert_close(loss, ref_loss, np.float32)
+    assert_close(grad, ref_grad, np.float32)
+
+
+# -- the workspace ---------------------------------------------------------------------------------------
+def test_workspace_is_bounded(monkeypatch):
+    from numbaxent import _api
+
+    monkeypatch.setattr(_api, "WORKSPACE_MAX_BYTES", 4096)
+    rng = stable_rng("workspace")
+    for rows in (10, 100, 1000, 100):  # 1000 rows need ~17 KB: fresh arrays, not the workspace
+        x = rng.standard_normal((rows, 5)).astype(np.float32)
+        t = rng.integers(0, 5, rows)
+        loss = nx.cross_entropy(x, t, reduction="sum")
+        assert_close(loss, naive_cross_entropy(x.astype(np.float64), t, reduction="sum")[0],
+                     np.float32)
+        buf = getattr(_api._workspace, "buf", None)
+        assert buf is None or buf.nbytes <= 4096
+
+
+# -- the LM head: ignored rows are skipped (a documented difference) ---------------------------------
+def test_lm_head_ignored_rows_never_reach_the_gradients():
+    rng = stable_rng("lm-head-ignored")
+    h = rng.standard_normal((6, 4))
+    w = rng.standard_normal((7, 4))
+    b = rng.standard_normal(7)
+    t = np.array([1, -100, 3, 0, -100, 6])
+    h_bad = h.copy()
+    h_bad[1] = np.nan
+    h_bad[4, 0] = np.inf
+    kept = t != -100
+    loss, gh, gw, gb = nx.linear_cross_entropy_with_grad(h_bad, w, t, b, label_smoothing=0.1)
+    # the batch without the ignored rows, by the independent reference
+    ref_loss, ref_glogits = naive_cross_entropy(h[kept] @ w.T + b, t[kept], label_smoothing=0.1)
+    assert_close(loss, ref_loss, np.float64)
+    assert_close(gw, ref_glogits.T @ h[kept], np.float64)
+    assert_close(gb, ref_glogits.sum(0), np.float64)
+    assert_close(gh[kept], ref_glogits @ w, np.float64)
+    assert np.all(gh[~kept] == 0)
+    torch = pytest.importorskip("torch")
+    # PyTorch's unfused path, for the record: the same loss, an all-NaN grad_weight
+    ht = torch.tensor(h_bad, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    lt = torch.nn.functional.cross_entropy(ht @ wt.T + torch.tensor(b), torch.tensor(t),
+                                           label_smoothing=0.1)
+    lt.backward()
+    assert_close(loss, lt.detach().numpy(), np.float64)
+    assert np.isnan(wt.grad.numpy()).all()
