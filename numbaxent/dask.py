@@ -438,7 +438,7 @@ def from_npy(path, chunk_rows: int | None = None, *, chunk_bytes: int = 128 << 2
 
     ``chunk_rows`` rows per block (default: about ``chunk_bytes`` per block).
     """
-    from .eval_cli import open_array
+    from .io import open_array
 
     spec = open_array(os.fspath(path), raw_only=True)
     row_bytes = max(1, spec.row_bytes)

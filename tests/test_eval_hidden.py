@@ -435,7 +435,7 @@ def test_dask_tasks_can_map_the_weight_file_themselves(files):
     """What ``eval-hidden --scheduler`` sends: the weight as a file spec, mapped in each task."""
     pytest.importorskip("dask.array")
     import numbaxent.dask as nxd
-    from numbaxent.eval_cli import RawArray, open_array
+    from numbaxent.io import RawArray, open_array
 
     d, h, w, b, t = files
     spec = open_array(str(d / "w.npy"), raw_only=True)
