@@ -1,4 +1,4 @@
-"""``numbaxent eval``, ``eval-hidden`` and ``merge``: stream-evaluate saved logits (or the logits of
+"""`numbaxent eval`, `eval-hidden` and `merge`: stream-evaluate saved logits (or the logits of
 saved hidden states) against targets.
 
     numbaxent eval LOGITS [LOGITS ...] TARGETS [TARGETS ...] [--rows START:STOP]
@@ -10,18 +10,18 @@ saved hidden states) against targets.
                    [--softcap S] [every option of eval]
     numbaxent merge STATE [STATE ...] [--json] [--per-class]
 
-LOGITS and TARGETS are ``.npy`` files (memory-mapped, read in row chunks), ``file.npz:member``
+LOGITS and TARGETS are `.npy` files (memory-mapped, read in row chunks), `file.npz:member`
 (uncompressed members are memory-mapped, compressed ones are decompressed as a stream) or Zarr
-stores (``store.zarr`` or ``store.zarr:component``), which go through Dask (:mod:`numbaxent.dask`).
+stores (`store.zarr` or `store.zarr:component`), which go through Dask (`numbaxent.dask`).
 Several logits files are followed by as many target files, or two quoted glob patterns are paired in
-sorted order. ``--rows START:STOP`` evaluates a half-open range of the rows (counted over the files
-in order) and ``--save-state`` writes the evaluator state, which ``merge`` combines (SLURM/PBS array
-jobs). ``--scheduler ADDRESS`` evaluates on an existing ``distributed`` cluster (workers memory-map
-``.npy`` files from a shared file system; nothing goes through the client).
+sorted order. `--rows START:STOP` evaluates a half-open range of the rows (counted over the files
+in order) and `--save-state` writes the evaluator state, which `merge` combines (SLURM/PBS array
+jobs). `--scheduler ADDRESS` evaluates on an existing `distributed` cluster (workers memory-map
+`.npy` files from a shared file system; nothing goes through the client).
 
-``eval-hidden`` reads a language model's final hidden states (N, H) and its output layer WEIGHT
-(V, H) instead of logits, and forms the logits ``HIDDEN @ WEIGHT.T + BIAS`` a chunk at a time
-(:meth:`numbaxent.evaluate.Evaluator.update_hidden`): everything else is ``eval``'s code path.
+`eval-hidden` reads a language model's final hidden states (N, H) and its output layer WEIGHT
+(V, H) instead of logits, and forms the logits `HIDDEN @ WEIGHT.T + BIAS` a chunk at a time
+(`numbaxent.evaluate.Evaluator.update_hidden`): everything else is `eval`'s code path.
 
 Exit status: 0 on success; 1 with a one-line error on stderr for unusable input (missing, truncated
 or corrupt file, mismatched lengths, wrong dtype, out-of-range target, a state file that is not one
@@ -55,7 +55,7 @@ class InputError(Exception):
 
 # -- file access ---------------------------------------------------------------------------------------
 def _read_npy_header(f, label: str):
-    """(shape, fortran_order, dtype) from a .npy header at ``f``'s position (left after it)."""
+    """(shape, fortran_order, dtype) from a .npy header at `f`'s position (left after it)."""
     try:
         version = np.lib.format.read_magic(f)
     except ValueError as exc:
@@ -76,7 +76,7 @@ def _read_npy_header(f, label: str):
 
 @dataclass(frozen=True)
 class RawArray:
-    """An array stored raw in a file at ``offset`` (a ``.npy`` file, or an uncompressed ``.npz``
+    """An array stored raw in a file at `offset` (a `.npy` file, or an uncompressed `.npz`
     member): memory-mapped, so reading rows costs no copy and no anonymous memory. Picklable
     (Dask tasks map their own rows)."""
 
@@ -92,7 +92,7 @@ class RawArray:
         return self.dtype.itemsize * math.prod(self.shape[1:])
 
     def rows(self, a: int, b: int) -> np.ndarray:
-        """Rows ``a:b`` (a read-only memory map; ``b`` is clipped to the row count)."""
+        """Rows `a:b` (a read-only memory map; `b` is clipped to the row count)."""
         b = min(b, self.shape[0])
         if b <= a or self.row_bytes == 0:
             return np.empty((max(0, b - a),) + self.shape[1:], dtype=self.dtype)
@@ -119,7 +119,7 @@ class RawArray:
 
 @dataclass(frozen=True)
 class ZipStreamArray:
-    """A compressed ``.npz`` member: read front to back, one chunk of rows at a time."""
+    """A compressed `.npz` member: read front to back, one chunk of rows at a time."""
 
     path: str
     member: str
@@ -133,7 +133,7 @@ class ZipStreamArray:
         return self.dtype.itemsize * math.prod(self.shape[1:])
 
     def chunks(self, rows: int, start: int = 0, stop: int | None = None):
-        """Yield ``(a, b, rows a:b)`` over ``start:stop``; the rows before ``start`` are
+        """Yield `(a, b, rows a:b)` over `start:stop`; the rows before `start` are
         decompressed and dropped (a stream cannot seek)."""
         if self.fortran and len(self.shape) > 1:
             raise InputError(f"{self.label}: a compressed Fortran-ordered member cannot be read in "
@@ -188,7 +188,7 @@ class DaskStore:
 
 
 def _split_member(spec: str):
-    """``path:member`` -> (path, member) when ``path`` exists and ``spec`` does not."""
+    """`path:member` -> (path, member) when `path` exists and `spec` does not."""
     if os.path.exists(spec) or ":" not in spec:
         return spec, None
     path, member = spec.rsplit(":", 1)
@@ -251,10 +251,10 @@ def _open_npz(path: str, member, label: str, raw_only: bool):
 
 
 def open_array(spec: str, raw_only: bool = False):
-    """Open ``path.npy``, ``path.npz[:member]`` or ``store.zarr[:component]`` for reading.
+    """Open `path.npy`, `path.npz[:member]` or `store.zarr[:component]` for reading.
 
-    Returns a :class:`RawArray`, :class:`ZipStreamArray` or :class:`DaskStore`; raises
-    :class:`InputError` with a one-line message for anything unusable."""
+    Returns a `RawArray`, `ZipStreamArray` or `DaskStore`; raises
+    `InputError` with a one-line message for anything unusable."""
     path, member = _split_member(spec)
     label = spec
     if _is_zarr(path):
@@ -295,10 +295,10 @@ def _shape_dtype(src):
 
 
 def _row_chunks(src, rows: int, start: int = 0, stop: int | None = None):
-    """Yield ``(a, b, rows a:b)`` front to back over rows ``start:stop`` (default: all).
+    """Yield `(a, b, rows a:b)` front to back over rows `start:stop` (default: all).
 
     A raw file is memory-mapped once; after each chunk the pages already processed are unmapped
-    from this process (``MADV_DONTNEED``: they stay in the page cache), in whole 2 MiB steps so that
+    from this process (`MADV_DONTNEED`: they stay in the page cache), in whole 2 MiB steps so that
     huge page-cache folios stay mapped by one page-table entry until they are done with. Resident
     memory, anonymous or file-backed, is therefore bounded by the chunk, not the file."""
     if isinstance(src, ZipStreamArray):
@@ -357,7 +357,7 @@ def _positive_int(text: str) -> int:
 
 
 def _parse_rows(text: str):
-    """``START:STOP`` (either may be left out) -> (start, stop or None)."""
+    """`START:STOP` (either may be left out) -> (start, stop or None)."""
     a, sep, b = text.partition(":")
     try:
         start = int(a) if a.strip() else 0
@@ -383,7 +383,7 @@ def _positive_float(text: str) -> float:
 
 
 def _parser(hidden: bool = False) -> argparse.ArgumentParser:
-    """``eval``'s options; ``hidden=True``: ``eval-hidden``'s (the same, plus the output layer)."""
+    """`eval`'s options; `hidden=True`: `eval-hidden`'s (the same, plus the output layer)."""
     what = "hidden-state" if hidden else "logits"
     p = argparse.ArgumentParser(
         prog="numbaxent eval-hidden" if hidden else "numbaxent eval",
@@ -499,8 +499,8 @@ def _read_whole(src):
 
 
 def _bfloat16_view(src):
-    """Read a file whose dtype is a bare 2-byte void (``|V2``: what ``np.save`` writes for an
-    ``ml_dtypes.bfloat16`` array, NumPy having no such type) as bfloat16."""
+    """Read a file whose dtype is a bare 2-byte void (`|V2`: what `np.save` writes for an
+    `ml_dtypes.bfloat16` array, NumPy having no such type) as bfloat16."""
     dt = getattr(src, "dtype", None)
     if dt is None or dt.kind != "V" or dt.itemsize != 2 or dt.names is not None:
         return src
@@ -515,7 +515,7 @@ def _bfloat16_view(src):
 
 @dataclass
 class _Head:
-    """The output layer of ``eval-hidden``: ``weight`` (V, H) as stored (a memory map for a raw
+    """The output layer of `eval-hidden`: `weight` (V, H) as stored (a memory map for a raw
     file), converted once per compute dtype when a chunk's dtype needs it."""
 
     weight: np.ndarray
@@ -539,7 +539,7 @@ class _Head:
 
 
 def _open_head(spec: str, H: int, first: str, args) -> _Head:
-    """The output layer WEIGHT (and ``--bias``) of ``eval-hidden``, checked against H."""
+    """The output layer WEIGHT (and `--bias`) of `eval-hidden`, checked against H."""
     from .evaluate import _is_float
 
     src = _bfloat16_view(open_array(spec))
@@ -600,7 +600,7 @@ def _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype, hidden=False):
 
 def _scan_targets(ts, rows: int, C: int, ignore_index: int, start: int = 0, stop=None):
     """Fail fast (before reading any logits) on the first out-of-range target of rows
-    ``start:stop``; the message gives the row in that file."""
+    `start:stop`; the message gives the row in that file."""
     for a, _, t in _row_chunks(ts, rows, start, stop):
         flat = np.asarray(t).reshape(len(t), -1)
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= C))
@@ -641,7 +641,7 @@ class _Progress:
 
 @dataclass(frozen=True)
 class _Pair:
-    """One logits file and its targets, with the file-local rows ``start:stop`` to evaluate."""
+    """One logits file and its targets, with the file-local rows `start:stop` to evaluate."""
 
     xs: object
     ts: object
@@ -656,7 +656,7 @@ def _has_glob(spec: str) -> bool:
 
 
 def _glob(spec: str):
-    """Sorted matches of a glob pattern; a ``:member`` suffix is kept on every match."""
+    """Sorted matches of a glob pattern; a `:member` suffix is kept on every match."""
     matches = sorted(glob.glob(spec))
     if not matches and ":" in spec:
         path, member = spec.rsplit(":", 1)
@@ -686,8 +686,8 @@ def _pair_specs(files, parser):
 
 
 def _open_pairs(specs, rows_range, hidden=False):
-    """Open and check every pair; returns (pairs restricted to ``rows_range``, C, total rows).
-    ``hidden``: the files hold hidden states (N, H), and C is H."""
+    """Open and check every pair; returns (pairs restricted to `rows_range`, C, total rows).
+    `hidden`: the files hold hidden states (N, H), and C is H."""
     opened = []
     C = None
     for xspec, tspec in specs:
@@ -821,7 +821,7 @@ def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progre
 
 
 def _default_rows(src, head: _Head | None = None) -> int:
-    """Rows read at a time: about ``DEFAULT_CHUNK_BYTES`` of the file; for hidden states, a
+    """Rows read at a time: about `DEFAULT_CHUNK_BYTES` of the file; for hidden states, a
     multiple of the logits chunk (so no read ends in a short matrix product)."""
     shape, dtype = _shape_dtype(src)
     row_bytes = max(1, dtype.itemsize * math.prod(shape[1:]))
@@ -891,8 +891,8 @@ def _abs_spec(label: str) -> str:
 
 
 def _run(args, parser) -> int:
-    """``eval``, and ``eval-hidden`` (``args.hidden``): the same pass, with the logits of each
-    chunk formed from hidden states by ``Evaluator.update_hidden``."""
+    """`eval`, and `eval-hidden` (`args.hidden`): the same pass, with the logits of each
+    chunk formed from hidden states by `Evaluator.update_hidden`."""
     hidden = getattr(args, "hidden", False)
     files = args.files
     if hidden:  # HIDDEN... WEIGHT TARGETS...
@@ -1070,7 +1070,7 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 def _coverage(paths, infos):
     """Rows covered by the states when they all come from the same inputs (as recorded by
-    ``eval --save-state``): ``(total rows, covered ranges, missing ranges)``, or None. Two states
+    `eval --save-state`): `(total rows, covered ranges, missing ranges)`, or None. Two states
     holding the same rows would count them twice: that is an error."""
     if not infos or any("inputs" not in i or "rows" not in i for i in infos) or \
             any((i["inputs"], i.get("head")) != (infos[0]["inputs"], infos[0].get("head"))
@@ -1181,17 +1181,17 @@ def _main(parser, run, name: str, argv) -> int:
 
 
 def main(argv=None) -> int:
-    """``numbaxent eval``."""
+    """`numbaxent eval`."""
     return _main(_parser(), _run, "numbaxent eval", argv)
 
 
 def hidden_main(argv=None) -> int:
-    """``numbaxent eval-hidden``."""
+    """`numbaxent eval-hidden`."""
     return _main(_parser(hidden=True), _run, "numbaxent eval-hidden", argv)
 
 
 def merge_main(argv=None) -> int:
-    """``numbaxent merge``."""
+    """`numbaxent merge`."""
     return _main(_merge_parser(), _run_merge, "numbaxent merge", argv)
 
 
