@@ -668,47 +668,54 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
              + \frac{\varepsilon}{C}\sum_c w_c\,(\operatorname{lse}(x_i) - x_{i,c})\Big],
     $$
 
-    with $v_i = [y_i \ne \text{ignore\_index}]$; `'mean'` divides $\sum_i \ell_i$ by
-    $\sum_i v_i w_{y_i}$. For class-probability targets $t$ (same shape as `input`),
-    $\ell_i = -\sum_c w_c \tilde t_{i,c} \log\operatorname{softmax}(x_i)_c$ with
-    $\tilde t = (1-\varepsilon) t + \varepsilon / C$, and `'mean'` divides by the number of
-    rows.
+    with $v_i = [y_i \ne \text{ignore\_index}]$ and $\varepsilon$ the label smoothing; `'mean'`
+    divides $\sum_i \ell_i$ by $\sum_i v_i w_{y_i}$. For class-probability targets $t$ (same
+    shape as `input`), $\ell_i = -\sum_c w_c \tilde t_{i,c} \log\operatorname{softmax}(x_i)_c$
+    with $\tilde t = (1-\varepsilon) t + \varepsilon / C$, and `'mean'` divides by the number of
+    rows. The [semantics page](semantics.md) lists every case, PyTorch's edge cases included.
 
     Parameters
     ----------
-    input : array_like, shape (C,), (N, C) or (N, C, d1, ..., dk)
-        Logits: float16, bfloat16 (`ml_dtypes`), float32 or float64. Read in place when its layout
-        allows (C-contiguous, or Fortran-ordered 2-D).
+    input : array_like
+        Logits of shape (C,), (N, C) or (N, C, d1, ..., dk): float16, bfloat16 (`ml_dtypes`),
+        float32 or float64. Read in place when its layout allows (C-contiguous, or Fortran-ordered
+        2-D).
     target : array_like
         Class indices of any integer dtype, shape (), (N,) or (N, d1, ..., dk); or class
         probabilities (floating) of `input`'s shape.
-    weight : array_like, shape (C,), optional
-        Per-class weights, cast to the input's compute dtype.
+    weight : array_like, optional
+        Per-class weights $w$, shape (C,), cast to the input's compute dtype.
     ignore_index : int
         Class-index targets equal to this contribute nothing and are not counted by `'mean'`.
         Must be negative for probability targets.
     reduction : {'mean', 'sum', 'none'}
-    label_smoothing : float in [0, 1]
-    z_loss : float, keyword-only
-        Adds `z_loss * lse(x_i)**2` to every non-ignored element's loss (PaLM's auxiliary loss),
-        reduced like the main loss. Default 0 (off).
-    softcap : float, keyword-only
-        Soft-caps the logits to `softcap * tanh(x / softcap)` before the softmax (Gemma 2); the
-        gradient includes the tanh. Default None (off).
-    sample_weight : array_like of the loss's shape, keyword-only
-        Multiplies each element's loss; under `'mean'` the denominator becomes
-        `sum(sample_weight * weight[target])` over kept elements (`sum(sample_weight)` for
-        probability targets).
-    normalizer : float, keyword-only
-        Replaces the `'mean'` denominator (for example the global token count of a batch split into
-        micro-batches, so that accumulated gradients equal the full batch's).
-    return_stats : bool, keyword-only
-        Also return a `Stats` (per-element log-sum-exp, top-1 correctness, accuracy).
+        `'none'`: one loss per element; `'sum'`: their sum; `'mean'`: their sum over the
+        denominator above.
+    label_smoothing : float
+        $\varepsilon$ in [0, 1]: the target mixed with the uniform distribution over the C classes.
+    z_loss : float
+        Keyword-only. Adds $z \operatorname{lse}(x_i)^2$ (with $z$ = `z_loss`) to every
+        non-ignored element's loss (PaLM's auxiliary loss), reduced like the main loss. Default 0
+        (off).
+    softcap : float, optional
+        Keyword-only. Soft-caps the logits to $s \tanh(x / s)$ (with $s$ = `softcap`) before the
+        softmax (Gemma 2); the gradient includes the tanh. Default None (off).
+    sample_weight : array_like, optional
+        Keyword-only, of the loss's shape. Multiplies each element's loss; under `'mean'` the
+        denominator becomes `sum(sample_weight * weight[target])` over kept elements
+        (`sum(sample_weight)` for probability targets).
+    normalizer : float, optional
+        Keyword-only. Replaces the `'mean'` denominator (for example the global token count of a
+        batch split into micro-batches, so that accumulated gradients equal the full batch's).
+    return_stats : bool
+        Keyword-only. Also return a [`Stats`][numbaxent.Stats] (per-element log-sum-exp, top-1
+        correctness, accuracy).
 
     Returns
     -------
-    loss : numpy scalar (`'mean'`/`'sum'`) or ndarray of the target's shape (`'none'`), in
-    `input`'s dtype.
+    loss : numpy scalar or ndarray
+        A scalar for `'mean'` and `'sum'`, an array of the target's shape for `'none'`; in
+        `input`'s dtype.
     stats : Stats
         Only with `return_stats=True`.
 
@@ -736,12 +743,21 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
                             target_grad: bool = False):
     r"""Loss and its gradient with respect to `input` in one fused pass over the logits.
 
-    `grad_input` is $\partial \sum(\text{grad\_output} \cdot \text{loss}) / \partial x$:
-    with $p = \operatorname{softmax}(x_i)$ and upstream $g_i$,
-    $\partial/\partial x_{ij} = g_i\,(p_{ij}\,a_i - b_{ij})$ where for class-index targets
+    `grad_input` is the gradient of $\sum_i g_i \ell_i$ (upstream gradient $g$ = `grad_output`,
+    losses $\ell$ as in [`cross_entropy`][numbaxent.cross_entropy]) with respect to the logits $x$:
+    with $p_i = \operatorname{softmax}(x_i)$,
+
+    $$
+    \frac{\partial}{\partial x_{ij}} = g_i\,(p_{ij}\,a_i - b_{ij}),
+    $$
+
+    where for class-index targets
     $a_i = v_i[(1-\varepsilon) w_{y_i} + \frac{\varepsilon}{C}\sum_c w_c]$ and
     $b_{ij} = v_i[(1-\varepsilon) w_{y_i}[j=y_i] + \frac{\varepsilon}{C} w_j]$, and for
-    probability targets $a_i = \sum_c w_c\tilde t_{ic}$, $b_{ij} = w_j \tilde t_{ij}$.
+    probability targets $a_i = \sum_c w_c\tilde t_{ic}$, $b_{ij} = w_j \tilde t_{ij}$. A z-loss
+    $\zeta$ adds $2\zeta\, v_i \operatorname{lse}(x_i)\, p_{ij}$ inside the parentheses; under a
+    soft-cap $c$ the softmax is that of $z = c \tanh(x / c)$ and the result is multiplied by
+    $1 - \tanh^2(x_{ij} / c)$; a sample weight $s_i$ multiplies $g_i$.
 
     With `target_grad=True` (probability targets only) it also returns the gradient with respect
     to the target, as PyTorch's autograd gives it for a target that requires grad:
@@ -759,26 +775,46 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
 
     Parameters
     ----------
-    input, target, weight, ignore_index, reduction, label_smoothing
-        As in `cross_entropy`.
+    input : array_like
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    target : array_like
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    weight : array_like, optional
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    ignore_index : int
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    reduction : {'mean', 'sum', 'none'}
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    label_smoothing : float
+        As in [`cross_entropy`][numbaxent.cross_entropy].
     grad_output : float or array_like, optional
-        Upstream gradient: a scalar for `'mean'`/`'sum'`, an array broadcastable to the loss's
+        Upstream gradient $g$: a scalar for `'mean'`/`'sum'`, an array broadcastable to the loss's
         shape for `'none'`. Defaults to 1.
     out : ndarray, optional
         Receives the gradient; must have `input`'s shape and dtype. `out=input` overwrites the
         logits with their gradient and allocates no N×C array.
-    z_loss, softcap, sample_weight, normalizer, return_stats
-        As in `cross_entropy`.
-    target_grad : bool, keyword-only
-        Also return the gradient with respect to a class-probability `target` (formula above).
-        A `ValueError` for class-index targets.
+    z_loss : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    softcap : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    sample_weight : array_like, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    normalizer : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    return_stats : bool
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    target_grad : bool
+        Keyword-only. Also return the gradient with respect to a class-probability `target`
+        (formula above). A `ValueError` for class-index targets.
 
     Returns
     -------
-    loss : as `cross_entropy`
-    grad_input : ndarray of `input`'s shape and dtype (`out` when given)
-    grad_target : ndarray of `input`'s shape and the target's dtype
-        Only with `target_grad=True`.
+    loss : numpy scalar or ndarray
+        As [`cross_entropy`][numbaxent.cross_entropy] returns it.
+    grad_input : ndarray
+        Of `input`'s shape and dtype (`out` when given).
+    grad_target : ndarray
+        Of `input`'s shape and the target's dtype. Only with `target_grad=True`.
     stats : Stats
         Only with `return_stats=True`.
     """
@@ -813,12 +849,14 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
 class CrossEntropyLoss:
     """Stateful criterion with `torch.nn.CrossEntropyLoss`'s constructor.
 
-    `forward` (or calling the object) computes the loss and keeps the per-row log-sum-exp (as
-    the row max and the log of the shifted sum: O(rows) memory) and a reference to the logits; `backward` then writes the gradient in a single
-    read of the logits, without recomputing the softmax statistics. The logits must not be modified
-    between `forward` and `backward`. `z_loss` and `softcap` (keyword-only) are as in
-    `cross_entropy`; `sample_weight` and `normalizer` vary per batch and are given to
-    `forward`. After `forward`, `stats` holds the batch's `Stats`.
+    [`forward`][numbaxent.CrossEntropyLoss.forward] (or calling the object) computes the loss and
+    keeps the per-row log-sum-exp (as the row max and the log of the shifted sum: O(rows) memory)
+    and a reference to the logits; [`backward`][numbaxent.CrossEntropyLoss.backward] then writes the
+    gradient in a single read of the logits, without recomputing the softmax statistics. The logits
+    must not be modified between `forward` and `backward`. `z_loss` and `softcap` (keyword-only)
+    are as in [`cross_entropy`][numbaxent.cross_entropy]; `sample_weight` and `normalizer` vary per
+    batch and are given to `forward`. After `forward`, `stats` holds the batch's
+    [`Stats`][numbaxent.Stats].
     """
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
@@ -841,8 +879,9 @@ class CrossEntropyLoss:
                 f"weight={'None' if self.weight is None else 'set'})")
 
     def forward(self, input, target, *, sample_weight=None, normalizer=None):
-        """Loss of `input` against `target` (see `cross_entropy`); saves what
-        `backward` needs (the per-row log-sum-exp and a reference to `input`)."""
+        """Loss of `input` against `target` (see [`cross_entropy`][numbaxent.cross_entropy]);
+        saves what [`backward`][numbaxent.CrossEntropyLoss.backward] needs (the per-row log-sum-exp
+        and a reference to `input`)."""
         p = _prepare(input, target, self.weight, self.ignore_index, self.reduction,
                      self.label_smoothing, self.z_loss, self.softcap, sample_weight, normalizer)
         loss_rows, mx, lsx, top1, blocks = _pass_rows(p, _kernels().FORWARD, np.ones(1),
@@ -856,9 +895,10 @@ class CrossEntropyLoss:
     def backward(self, grad_output=None, out=None, *, target_grad: bool = False):
         """Gradient of `sum(grad_output * loss)` w.r.t. the last `forward`'s input.
 
-        `out` may be given as in `cross_entropy_with_grad` (`out=input` is in place).
-        `target_grad=True` (probability targets) returns `(grad_input, grad_target)`, the
-        target's gradient as in `cross_entropy_with_grad`.
+        `out` may be given as in [`cross_entropy_with_grad`][numbaxent.cross_entropy_with_grad]
+        (`out=input` is in place). `target_grad=True` (probability targets) returns
+        `(grad_input, grad_target)`, the target's gradient as in
+        [`cross_entropy_with_grad`][numbaxent.cross_entropy_with_grad].
         """
         if self._saved is None:
             raise ValueError("backward() called before forward()")
