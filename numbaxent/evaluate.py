@@ -73,7 +73,8 @@ def _ratio(num, den):
 
 @dataclass
 class EvalResult:
-    """What `Evaluator.result` reports. Means are over the non-ignored targets.
+    """What [`Evaluator.result`][numbaxent.evaluate.Evaluator.result] reports. Means are over the
+    non-ignored targets.
 
     Attributes
     ----------
@@ -83,32 +84,40 @@ class EvalResult:
     loss_sum : float
         `reduction="sum"`.
     weight_sum : float
-        The `'mean'` denominator `sum_i w[y_i]` over non-ignored targets (their count without
+        The `'mean'` denominator $\sum_i w_{y_i}$ over non-ignored targets (their count without
         `weight`).
     nll : float
-        Mean negative log-likelihood `-log softmax(x)[y]`, unweighted and unsmoothed.
+        Mean negative log-likelihood $-\log \operatorname{softmax}(x_i)_{y_i}$, unweighted and
+        unsmoothed.
     perplexity : float
-        `exp(nll)`.
+        $\exp(\text{nll})$.
     accuracy : dict[int, float]
         `{k: fraction of targets ranked < k}`; the rank is the target's position in a stable
         `np.argsort(-logits)` (ties: lower class index first; NaN logits last).
     entropy : float
-        Mean predictive entropy `-sum_c p_c log p_c` (nats).
+        Mean predictive entropy $-\sum_c p_c \log p_c$ (nats).
     confidence : float
         Mean probability of the predicted class (over the rows with a finite softmax).
-    ece, mce : float
-        Expected and maximum calibration error over `calibration_bins` equal-width bins
-        `(b/B, (b+1)/B]` of the confidence (top-1 correctness against the confidence).
+    ece : float
+        Expected calibration error over `calibration_bins` = $B$ equal-width bins
+        $(b/B, (b+1)/B]$ of the confidence: the bins' gaps between top-1 accuracy and mean
+        confidence, weighted by their share of the rows.
+    mce : float
+        Maximum calibration error: the largest of those gaps over the non-empty bins.
     calibration : dict
         Per bin: `edges` (B+1), `count`, `confidence` (mean) and `accuracy`.
     per_class : dict
         Per target class (arrays of length C): `count`, `loss_sum`, `loss` (the `'mean'`
-        over that class's rows, `loss_sum / (count * w_c)`), `accuracy` (top-1 recall),
+        over that class's rows, $\text{loss\_sum} / (\text{count} \cdot w_c)$), `accuracy` (top-1 recall),
         `predicted` (how often the class was the argmax), `precision`.
     balanced_accuracy : float
         Mean of the per-class top-1 recall over the classes that occur.
-    n_seen, n_ignored, n_valid : int
-        Targets seen, equal to `ignore_index`, and the rest.
+    n_seen : int
+        Targets seen.
+    n_ignored : int
+        Targets equal to `ignore_index`.
+    n_valid : int
+        The rest: `n_seen - n_ignored`.
     n_nonfinite : int
         Non-ignored rows whose softmax is NaN (a NaN or `+inf` logit, or all `-inf`): they are in
         the loss (which is then NaN, as in PyTorch) but in no calibration bin.
@@ -116,8 +125,9 @@ class EvalResult:
         Only with `Evaluator(..., confusion=True)`: `confusion[i, j]` counts the non-ignored
         targets of class `i` whose predicted class (the argmax, ties to the lowest index) is `j`.
     iou : ndarray of float64, shape (C,), or None
-        Per-class intersection over union `M[c, c] / (sum_j M[c, j] + sum_i M[i, c] - M[c, c])`
-        (NaN for a class that is neither a target nor predicted: its union is empty).
+        Per-class intersection over union of the confusion matrix $M$,
+        $M_{cc} / (\sum_j M_{cj} + \sum_i M_{ic} - M_{cc})$ (NaN for a class that is neither a
+        target nor predicted: its union is empty).
     mean_iou : float or None
         Mean of `iou` over the classes whose union is non-empty (NaN when there are none).
     """
@@ -232,10 +242,16 @@ class Evaluator:
     Parameters
     ----------
     num_classes : int
-        C; every `update` must have logits with C classes.
-    weight, ignore_index, label_smoothing
-        As in `numbaxent.cross_entropy` (class-index targets); they define `loss`/`loss_sum`
-        (the other metrics are unweighted, unsmoothed and skip ignored targets).
+        C; every [`update`][numbaxent.evaluate.Evaluator.update] must have logits with C classes.
+    weight : array_like, optional
+        Class weights of shape (C,), as in [`cross_entropy`][numbaxent.cross_entropy]; they weight
+        `loss` and `loss_sum` only (the other metrics are unweighted).
+    ignore_index : int
+        As in [`cross_entropy`][numbaxent.cross_entropy] (class-index targets); ignored targets are
+        counted in `n_ignored` and skipped by every metric.
+    label_smoothing : float
+        As in [`cross_entropy`][numbaxent.cross_entropy]; it applies to `loss` and `loss_sum` only
+        (the other metrics are unsmoothed).
     topk : int or sequence of int
         The k of the top-k accuracies (each >= 1; a k >= C gives 1).
     calibration_bins : int
@@ -250,8 +266,10 @@ class Evaluator:
     The state is a few integer and float64 arrays of length O(C + bins + len(topk)) (plus C x C
     integers with `confusion=True`); float totals are kept with a two-sum error term, so
     `result()` agrees to ~1e-15 relative whatever the chunking of the rows and the order of
-    `merge` calls. The object pickles (send it between processes), and `save` writes it to a
-    pickle-free `.npz` file that `load` reads back (array jobs, shared file systems).
+    [`merge`][numbaxent.evaluate.Evaluator.merge] calls. The object pickles (send it between
+    processes), and [`save`][numbaxent.evaluate.Evaluator.save] writes it to a pickle-free `.npz`
+    file that [`load`][numbaxent.evaluate.Evaluator.load] reads back (array jobs, shared file
+    systems).
 
     Examples
     --------
@@ -410,9 +428,10 @@ class Evaluator:
 
     # -- save / load ---------------------------------------------------------------------------------
     def save(self, path, info: dict | None = None) -> None:
-        """Write the state to `path` as a `.npz` file that `load` reads without pickle.
+        """Write the state to `path` as a `.npz` file that [`load`][numbaxent.evaluate.Evaluator.load]
+        reads without pickle.
 
-        Members (format version 1; every one a plain numeric or string array)::
+        Members (format version 1; every one a plain numeric or string array):
 
             format            str    "numbaxent.Evaluator"
             version           int64  1
@@ -463,7 +482,7 @@ class Evaluator:
 
     @classmethod
     def load(cls, path) -> "Evaluator":
-        """Read a state written by `save`.
+        """Read a state written by [`save`][numbaxent.evaluate.Evaluator.save].
 
         Nothing in the file is executed: it is read with `np.load(allow_pickle=False)` and every
         member's dtype and shape is checked. A missing, truncated, corrupt or foreign file, an
@@ -528,12 +547,25 @@ class Evaluator:
                          f"ignore_index ({self.ignore_index})")
 
     def update(self, logits, target) -> "Evaluator":
-        """Add a chunk: `logits` (C,), (N, C) or (N, C, d1..dk) of any float dtype with targets of
-        shape (), (N,) or (N, d1..dk) of any integer dtype. Returns `self`.
+        """Add a chunk of logits and their targets; returns `self`.
 
-        Raises TypeError (non-float logits, non-integer targets), ValueError (wrong class count or
-        target shape) or IndexError (a target outside `[0, C)` that is not `ignore_index`; the
-        message gives its row counted over everything seen). A failed update changes nothing.
+        Parameters
+        ----------
+        logits : array_like
+            Shape (C,), (N, C) or (N, C, d1, ..., dk), of any float dtype (float16, bfloat16,
+            float32, float64, either byte order).
+        target : array_like of int
+            Class indices of shape (), (N,) or (N, d1, ..., dk), of any integer dtype.
+
+        Raises
+        ------
+        TypeError
+            Non-float logits, non-integer targets.
+        ValueError
+            Wrong class count or target shape.
+        IndexError
+            A target outside `[0, C)` that is not `ignore_index`; the message gives its row counted
+            over everything seen. A failed update changes nothing.
         """
         return self._update(logits, target, None)
 
@@ -589,23 +621,27 @@ class Evaluator:
                       chunk_size=None) -> "Evaluator":
         r"""Add the rows whose logits are `hidden @ weight.T + bias`, without forming them all.
 
-        The result equals `update(hidden @ weight.T + bias, target)` (within the rounding of the
-        matrix product): the logits are formed `chunk_size` rows at a time into one reused buffer
-        (`np.matmul(..., out=)`, BLAS) and each chunk goes through `update`'s one-pass
-        kernel. Rows whose target is `ignore_index` are counted but never multiplied out.
+        The result equals [`update`][numbaxent.evaluate.Evaluator.update]`(hidden @ weight.T + bias,
+        target)` (within the rounding of the matrix product): the logits are formed `chunk_size`
+        rows at a time into one reused buffer (`np.matmul(..., out=)`, BLAS) and each chunk goes
+        through `update`'s one-pass kernel. Rows whose target is `ignore_index` are counted but never multiplied out.
 
         Parameters
         ----------
-        hidden : ndarray, shape (N, H) or (..., H)
-            Final hidden states: float16, bfloat16 (`ml_dtypes`), float32 or float64. Leading
-            axes are flattened into rows (an error message then counts rows in that order).
-        weight : ndarray, shape (V, H)
-            The output layer (`V == num_classes`), same dtypes.
-        target : array_like of int, shape `hidden.shape[:-1]`
-        bias : array_like, shape (V,), optional
+        hidden : ndarray
+            Final hidden states of shape (N, H) or (..., H): float16, bfloat16 (`ml_dtypes`),
+            float32 or float64. Leading axes are flattened into rows (an error message then counts
+            rows in that order).
+        weight : ndarray
+            The output layer, shape (V, H) with `V == num_classes`, same dtypes.
+        target : array_like of int
+            Class indices of shape `hidden.shape[:-1]`.
+        bias : array_like, optional
+            Output bias of shape (V,).
         softcap : float, optional
-            Score the soft-capped logits `softcap * tanh(x / softcap)` (Gemma 2), as
-            `numbaxent.cross_entropy` does; the kernel caps each logit as it reads it.
+            Score the soft-capped logits $s \tanh(x / s)$ (with $s$ = `softcap`; Gemma 2), as
+            [`cross_entropy`][numbaxent.cross_entropy] does; the kernel caps each logit as it reads
+            it.
         chunk_size : int, optional
             Rows per chunk. Default: as many as fit `HIDDEN_CHUNK_BYTES` (64 MiB) of logits,
             `max(1, 64 MiB // (V * itemsize))`.
@@ -621,10 +657,15 @@ class Evaluator:
         chunk for half inputs or when rows are skipped, an int64 copy of the targets, and the
         converted `weight` when it needs one.
 
-        Raises TypeError (non-float hidden/weight, non-integer targets), ValueError (hidden sizes,
-        vocabulary vs `num_classes`, target shape or bias shape that do not match) or IndexError
-        (out-of-range target; all targets are checked before any row is added, so a failed call
-        changes nothing).
+        Raises
+        ------
+        TypeError
+            Non-float hidden/weight, non-integer targets.
+        ValueError
+            Hidden sizes, vocabulary vs `num_classes`, target shape or bias shape that do not match.
+        IndexError
+            An out-of-range target; all targets are checked before any row is added, so a failed
+            call changes nothing.
         """
         name = "Evaluator.update_hidden"
         h = _api._as_array(hidden, "hidden")
@@ -731,7 +772,8 @@ class Evaluator:
 
     # -- result --------------------------------------------------------------------------------------
     def result(self) -> EvalResult:
-        """The figures for everything seen so far (see `EvalResult`)."""
+        """The figures for everything seen so far (see
+        [`EvalResult`][numbaxent.evaluate.EvalResult])."""
         v = self._hi + self._lo
         si, sf = self._int_slices(), self._float_slices()
         n_seen, n_ignored, n_valid, n_nonfinite = (int(i) for i in self._ints[:4])

@@ -197,32 +197,53 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int
                          chunk_size=None, return_stats: bool = False):
     r"""Cross-entropy of the logits `hidden @ weight.T + bias`, without forming them all.
 
-    Equal to `cross_entropy(hidden @ weight.T + bias, target, weight=class_weight, ...)`, except
+    Equal to [`cross_entropy`][numbaxent.cross_entropy]`(hidden @ weight.T + bias, target,
+    weight=class_weight, ...)`, except
     that rows whose target is `ignore_index` are skipped: their hidden states are never read, so
     a NaN or inf there does not reach the gradients (PyTorch's unfused path forms those rows'
     logits and its `grad_weight` becomes NaN; a documented deliberate difference, see the
-    semantics page). The loss is the same either way.
+    [semantics page](semantics.md)). The loss is the same either way. Rows are processed in chunks
+    whose logits are formed with BLAS into one reused buffer, so memory stays a few tens of MB
+    whatever the number of tokens.
 
     Parameters
     ----------
-    hidden : ndarray, shape (N, H) or (..., H)
-        float16, bfloat16 (`ml_dtypes`), float32 or float64 activations (half precision is
-        computed in float32; see the module docstring).
-    weight : ndarray, shape (V, H)
-        Output projection, of `hidden`'s dtype.
-    target : array_like of int, shape (N,) or (...)
-        Class indices (`ignore_index` rows are skipped).
-    bias : ndarray, shape (V,), optional
-    ignore_index, reduction, label_smoothing, z_loss, softcap, sample_weight, normalizer, return_stats
-        As in `numbaxent.cross_entropy`.
-    class_weight : array_like, shape (V,), optional
-        Per-class weights (`cross_entropy`'s `weight`).
+    hidden : ndarray
+        Activations of shape (N, H) or (..., H): float16, bfloat16 (`ml_dtypes`), float32 or
+        float64 (half precision is computed in float32, its gradients accumulated in float32).
+    weight : ndarray
+        Output projection of shape (V, H), of `hidden`'s dtype.
+    target : array_like of int
+        Class indices of `hidden`'s leading shape, (N,) or (...); `ignore_index` rows are skipped.
+    bias : ndarray, optional
+        Output bias of shape (V,).
+    ignore_index : int
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    reduction : {'mean', 'sum', 'none'}
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    label_smoothing : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    class_weight : array_like, optional
+        Keyword-only. Per-class weights of shape (V,): [`cross_entropy`][numbaxent.cross_entropy]'s
+        `weight`.
+    z_loss : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    softcap : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    sample_weight : array_like, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy] (of `target`'s shape).
+    normalizer : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
     chunk_size : int, optional
-        Rows per chunk; default from a 32 MiB logits budget (see the module docstring).
+        Keyword-only. Rows per chunk; by default as many as fit a 32 MiB logits buffer, rounded
+        down to a multiple of 16 and kept between 16 and 4096.
+    return_stats : bool
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
 
     Returns
     -------
-    loss : numpy scalar, or ndarray of `target`'s shape for `reduction='none'`
+    loss : numpy scalar or ndarray
+        A scalar, or an array of `target`'s shape for `reduction='none'`.
     stats : Stats
         Only with `return_stats=True` (`lse` is NaN on skipped, ignored rows).
     """
@@ -238,26 +259,59 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
                                    grad_output=None, return_stats: bool = False):
     r"""Loss and the gradients of `sum(grad_output * loss)` w.r.t. `hidden`, `weight`, `bias`.
 
-    With `G` the gradient of the loss with respect to the logits (computed chunk by chunk, in place
-    over the chunk's logits): `grad_hidden = G @ weight`, `grad_weight = G.T @ hidden`,
-    `grad_bias = G.sum(0)`.
+    With $G$ the gradient of the loss with respect to the logits $X = H W^\top + b$ (computed chunk
+    by chunk, in place over the chunk's logits, as
+    [`cross_entropy_with_grad`][numbaxent.cross_entropy_with_grad] gives it):
+
+    $$
+    \frac{\partial}{\partial H} = G W, \qquad \frac{\partial}{\partial W} = G^\top H, \qquad
+    \frac{\partial}{\partial b} = \textstyle\sum_i G_{i,:}.
+    $$
 
     Parameters
     ----------
-    hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight
-        As in `linear_cross_entropy`.
-    z_loss, softcap, sample_weight, normalizer, chunk_size, return_stats
-        As in `linear_cross_entropy`.
+    hidden : ndarray
+        As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    weight : ndarray
+        As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    target : array_like of int
+        As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    bias : ndarray, optional
+        As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    ignore_index : int
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    reduction : {'mean', 'sum', 'none'}
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    label_smoothing : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    class_weight : array_like, optional
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    z_loss : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    softcap : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    sample_weight : array_like, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy] (of `target`'s shape).
+    normalizer : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    chunk_size : int, optional
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     grad_output : float or array_like, optional
-        Upstream gradient (a scalar for mean/sum, an array of `target`'s shape for none).
+        Keyword-only. Upstream gradient: a scalar for `'mean'`/`'sum'`, an array of `target`'s
+        shape for `'none'`. Defaults to 1.
+    return_stats : bool
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
 
     Returns
     -------
     loss : numpy scalar or ndarray
-    grad_hidden : ndarray of `hidden`'s shape
-    grad_weight : ndarray of `weight`'s shape
-    grad_bias : ndarray of shape (V,), or None when `bias` is None
-        Every gradient is in `hidden`'s (and `weight`'s) dtype.
+        As [`linear_cross_entropy`][numbaxent.linear_cross_entropy] returns it.
+    grad_hidden : ndarray
+        Of `hidden`'s shape and dtype.
+    grad_weight : ndarray
+        Of `weight`'s shape and dtype.
+    grad_bias : ndarray or None
+        Of shape (V,) in `hidden`'s dtype, or None when `bias` is None.
     stats : Stats
         Only with `return_stats=True`.
     """

@@ -150,7 +150,12 @@ def _differentiable_grads(x, t, weight, options, go, need_x, need_t):
 @torch.compiler.disable
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None):
-    """`torch.nn.functional.cross_entropy` with numbaxent's forward and backward."""
+    """`torch.nn.functional.cross_entropy` with numbaxent's forward and backward.
+
+    Same arguments as PyTorch's, plus `z_loss` and `softcap` (keyword-only, as in
+    [`numbaxent.cross_entropy`][numbaxent.cross_entropy]). CPU tensors only; the gradient flows to
+    `input` and to a probability `target` that requires grad, not to `weight`.
+    """
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("numbaxent.torch.cross_entropy expects torch tensors")
     if input.dtype not in _DTYPES:
@@ -166,7 +171,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
 class CrossEntropyLoss(torch.nn.Module):
     """`torch.nn.CrossEntropyLoss` with numbaxent's kernels (same constructor, plus `z_loss` and
-    `softcap` keyword-only)."""
+    `softcap` keyword-only); its forward calls [`cross_entropy`][numbaxent.torch.cross_entropy]."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None):
