@@ -73,7 +73,7 @@ def _ratio(num, den):
 
 @dataclass
 class EvalResult:
-    """What [`Evaluator.result`][numbaxent.evaluate.Evaluator.result] reports. Means are over the
+    r"""What [`Evaluator.result`][numbaxent.evaluate.Evaluator.result] reports. Means are over the
     non-ignored targets.
 
     Attributes
