@@ -489,14 +489,15 @@ def _empty_or_classless(p: _Prepared) -> bool:
 
 
 class Stats(NamedTuple):
-    """By-products of a forward pass, computed while each row was in cache (no second pass).
+    r"""By-products of a forward pass, computed while each row was in cache (no second pass).
 
     Attributes
     ----------
-    lse : ndarray, the loss's shape
-        Per-element log-sum-exp of the (soft-capped) logits, in the compute dtype.
-    top1 : ndarray of bool, the loss's shape
-        Whether the target class is the argmax of the logits (ties go to the lowest class index;
+    lse : ndarray
+        Per-element log-sum-exp of the (soft-capped) logits, $\operatorname{lse}(x_i) =
+        \log \sum_c e^{x_{i,c}}$: the loss's shape, in the compute dtype.
+    top1 : ndarray of bool
+        Of the loss's shape: whether the target class is the argmax of the logits (ties go to the lowest class index;
         False for ignored elements, rows with NaN, and probability targets).
     accuracy : float
         Mean of `top1` over the non-ignored elements (NaN if none, or for probability targets).

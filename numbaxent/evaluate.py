@@ -442,10 +442,10 @@ class Evaluator:
             calibration_bins  int64  B
             confusion         bool
             weight            (C,) class weights in their dtype, or (0,) float64 for none
-            ints              int64 (5 + K + 3C + 2B,)  counts (see `_int_slices`)
+            ints              int64 (5 + K + 3C + 2B,)  counts (see _int_slices)
             hi, lo            float64 (4 + C + B,)      float totals and their two-sum error terms
-            matrix            int64 (C, C), or (0, 0) without `confusion`
-            info              str    JSON object (`info`: free-form provenance, e.g. the rows)
+            matrix            int64 (C, C), or (0, 0) without confusion
+            info              str    JSON object (info: free-form provenance, e.g. the rows)
 
         The file is written to a temporary name in the same directory and renamed into place, so a
         reader never sees a partly written state. `info` must be JSON-serialisable.
