@@ -65,6 +65,8 @@ def test_no_raw_rest_or_unresolved_reference(site, page):
     assert UNRESOLVED.findall(prose) == [], page
     # a backtick outside code blocks is Markdown that did not render (e.g. in a docstring's type)
     assert "`" not in re.sub(r"<[^>]+>", "", prose), page
+    # one title per page: a wrapped line that starts with '#' (an issue number) becomes a heading
+    assert len(re.findall(r"<h1\b", text)) == 1, page
 
 
 def test_api_page_renders_math_and_links(site):
