@@ -302,7 +302,7 @@ def evaluate_hidden(hidden, weight, target, bias=None, *, softcap=None, class_we
                     calibration_bins: int = 15, confusion: bool = False, chunk_size=None,
                     split_every: int = 8, threads=None, chunk_rows=None, compute: bool = True,
                     scheduler=None):
-    """[`evaluate`][numbaxent.dask.evaluate] of the logits `hidden @ weight.T + bias`, never
+    r"""[`evaluate`][numbaxent.dask.evaluate] of the logits `hidden @ weight.T + bias`, never
     stored: each block of hidden states (N, H) is scored by
     [`Evaluator.update_hidden`][numbaxent.evaluate.Evaluator.update_hidden] in its task (logits
     formed `chunk_size` rows at a time, 64 MiB by default).

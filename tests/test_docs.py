@@ -2,6 +2,8 @@
 and every built page reads as rendered Markdown: no reST left from docstrings, no unresolved
 cross-reference, and the API page's formulas go through arithmatex to the bundled KaTeX (each
 formula parsed by that KaTeX when Node.js is there)."""
+import ast
+import glob
 import html
 import json
 import os
@@ -108,3 +110,20 @@ def test_katex_parses_every_formula(site):
                        input=json.dumps(formulas), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == []
+
+
+def test_docstrings_with_backslashes_are_raw():
+    """LaTeX in a docstring needs a raw string: in a plain one `\\tanh` is a tab and `\\ne` a
+    newline, which KaTeX still renders, wrongly (seen in the browser)."""
+    bad = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "numbaxent", "*.py"))):
+        src = open(path, encoding="utf-8").read()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = node.body[0] if node.body else None
+                if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                        and isinstance(first.value.value, str)):
+                    literal = ast.get_source_segment(src, first.value)
+                    if "\\" in literal and literal[0] not in "rR":
+                        bad.append(f"{os.path.basename(path)}:{first.lineno}")
+    assert bad == []
