@@ -1,6 +1,6 @@
 """numbaxent: PyTorch-exact softmax cross-entropy (loss and gradient) on the CPU, with Numba kernels.
 
-``import numbaxent`` imports only NumPy; the kernels are compiled (or loaded from the on-disk cache) on
+`import numbaxent` imports only NumPy; the kernels are compiled (or loaded from the on-disk cache) on
 first use.
 """
 from ._api import CrossEntropyLoss, Stats, cross_entropy, cross_entropy_with_grad

@@ -1,7 +1,7 @@
-"""``numbaxent`` command line: ``python -m numbaxent COMMAND [options]``.
+"""`numbaxent` command line: `python -m numbaxent COMMAND [options]`.
 
 Each sub-command lives in its own module (imported only when used, so the core never imports the
-CLI's dependencies) and exposes ``main(argv) -> int`` (or the function named after ``module:``).
+CLI's dependencies) and exposes `main(argv) -> int` (or the function named after `module:`).
 """
 from __future__ import annotations
 

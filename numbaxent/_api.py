@@ -1,7 +1,7 @@
 """Public API: argument checking, dtype/shape canonicalisation and dispatch to the kernels.
 
-Nothing here computes a loss; everything here is O(rows) or cheaper. The kernels (``_kernels``) are
-imported on first use, so ``import numbaxent`` compiles nothing and does not even import Numba.
+Nothing here computes a loss; everything here is O(rows) or cheaper. The kernels (`_kernels`) are
+imported on first use, so `import numbaxent` compiles nothing and does not even import Numba.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _kernels():
 
 # -- options -----------------------------------------------------------------------------------------
 def legacy_reduction(size_average, reduce) -> str:
-    """PyTorch's mapping of the deprecated ``size_average``/``reduce`` pair to a ``reduction``."""
+    """PyTorch's mapping of the deprecated `size_average`/`reduce` pair to a `reduction`."""
     size_average = True if size_average is None else bool(size_average)
     reduce = True if reduce is None else bool(reduce)
     if size_average and reduce:
@@ -114,7 +114,7 @@ def _as_array(a, name: str) -> np.ndarray:
 
 
 def native_byte_order(a: np.ndarray) -> np.ndarray:
-    """``a`` itself, or a copy in the machine's byte order when it is byte-swapped (``>f4`` on a
+    """`a` itself, or a copy in the machine's byte order when it is byte-swapped (`>f4` on a
     little-endian machine): the kernels read raw machine words. Integer targets and weights are
     converted by the casts that canonicalise them anyway."""
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
@@ -137,7 +137,7 @@ def _logits_dtype(x: np.ndarray):
 
 @dataclass
 class _Prepared:
-    """Canonical views and constants for one call (see ``_kernels`` for the layout)."""
+    """Canonical views and constants for one call (see `_kernels` for the layout)."""
 
     x: np.ndarray  # the user's logits as an array (its dtype, its shape)
     x3: np.ndarray  # (N, C, S) C-contiguous storage view (a copy only if the layout required it)
@@ -161,7 +161,7 @@ class _Prepared:
 
 
 def _canonical_view(a: np.ndarray, transposed: bool, shape3: tuple) -> np.ndarray | None:
-    """``a`` (input-shaped) as a C-contiguous (N, C, S) view, or None if that needs a copy."""
+    """`a` (input-shaped) as a C-contiguous (N, C, S) view, or None if that needs a copy."""
     v = a.T if transposed else a
     if not v.flags.c_contiguous:
         return None
@@ -211,7 +211,7 @@ def sample_weights(sample_weight, loss_shape: tuple, transposed: bool = False) -
 
 
 def index_targets(t: np.ndarray, w: np.ndarray, sw: np.ndarray, ignore_index: int, C: int):
-    """Flat int64 class targets, validated, and the 'mean' denominator ``sum sw * w[y]`` over kept
+    """Flat int64 class targets, validated, and the 'mean' denominator `sum sw * w[y]` over kept
     elements; IndexError naming the first target out of range."""
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
         bad = t.reshape(-1)[np.argmax(t.reshape(-1) > np.iinfo(np.int64).max)]
@@ -315,27 +315,27 @@ def _scalar(value: float, dtype: np.dtype):
 
 
 def _zero_weight_mean(p: _Prepared) -> bool:
-    """A class-index ``'mean'`` whose denominator ``W = sum w[y]`` over kept elements is exactly 0
+    """A class-index `'mean'` whose denominator `W = sum w[y]` over kept elements is exactly 0
     (zero weights, or negative weights that cancel) while some element is kept. PyTorch then divides
     its two terms by zero separately, and its gradient is not the limit of the regular formula:
-    see :func:`_zero_weight_loss` and :func:`_zero_weight_grad`."""
+    see `_zero_weight_loss` and `_zero_weight_grad`."""
     return (p.reduction == "mean" and not p.soft and p.denom == 0.0 and p.rows > 0 and p.C > 0
             and bool(np.any(p.target != p.ignore_index)))
 
 
 def _nll_total(p: _Prepared) -> float:
-    """The weighted NLL sum alone (a forward pass without smoothing), for :func:`_zero_weight_loss`.
-    Run it before a pass that overwrites the logits (``out=input``)."""
+    """The weighted NLL sum alone (a forward pass without smoothing), for `_zero_weight_loss`.
+    Run it before a pass that overwrites the logits (`out=input`)."""
     loss, _, _, _, blocks = _pass_rows(replace(p, eps=0.0), _kernels().FORWARD, np.ones(1),
                                        np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
     return _loss_total(p, loss, blocks)
 
 
 def _zero_weight_loss(p: _Prepared, total: float, s_nll=None) -> float:
-    """PyTorch's ``(1-eps) * (S_nll / W) + (eps / C) * (S_smooth / W)`` for ``W == 0``: each quotient
+    """PyTorch's `(1-eps) * (S_nll / W) + (eps / C) * (S_smooth / W)` for `W == 0`: each quotient
     is +-inf or NaN by its own sign, so the terms can give NaN (opposite signs) where one division
-    of their sum would give an infinity. ``S_nll`` comes from a second forward pass without
-    smoothing (:func:`_nll_total`; this case is degenerate, not hot)."""
+    of their sum would give an infinity. `S_nll` comes from a second forward pass without
+    smoothing (`_nll_total`; this case is degenerate, not hot)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if p.eps == 0.0:
             return float(np.float64(total) / 0.0)
@@ -346,11 +346,11 @@ def _zero_weight_loss(p: _Prepared, total: float, s_nll=None) -> float:
 
 
 def _zero_weight_grad(p: _Prepared, grad: np.ndarray):
-    """PyTorch's gradient of a zero-denominator ``'mean'`` (see :func:`_zero_weight_mean`), in
-    place, from the gradient the kernels wrote with the undivided upstream gradient (``'sum'``'s):
-    kept rows are scaled by ``1/W = inf`` and then, as autograd's ``g - p * sum(g)`` gives,
-    NaN at the target (``inf - inf``) or, with smoothing, everywhere (the smoothing gradient
-    ``-w_c / W`` has infinities of both signs, or ``0/0``). Ignored rows keep their zeros."""
+    """PyTorch's gradient of a zero-denominator `'mean'` (see `_zero_weight_mean`), in
+    place, from the gradient the kernels wrote with the undivided upstream gradient (`'sum'`'s):
+    kept rows are scaled by `1/W = inf` and then, as autograd's `g - p * sum(g)` gives,
+    NaN at the target (`inf - inf`) or, with smoothing, everywhere (the smoothing gradient
+    `-w_c / W` has infinities of both signs, or `0/0`). Ignored rows keep their zeros."""
     gm = grad[None] if grad.ndim == 1 else np.moveaxis(grad, 1, -1)  # (..., C) view, class last
     t = p.target.reshape(p.loss_shape or (1,))
     kept = np.nonzero(t != p.ignore_index)
@@ -364,7 +364,7 @@ def _zero_weight_grad(p: _Prepared, grad: np.ndarray):
 
 def _loss_total(p: _Prepared, loss: np.ndarray, blocks: bool) -> float:
     """Sum of the float64 losses of a pass in a fixed order, the same whatever produced them:
-    the column kernels' per-block sums (``blocks``) are added as they are; per-row losses on the
+    the column kernels' per-block sums (`blocks`) are added as they are; per-row losses on the
     column path are first summed per block exactly as the kernels do (so every entry point gives
     the same bits); row-path losses are summed pairwise. Independent of the thread count."""
     if not blocks and p.rows and p.C and _use_columns(p.x3.shape):
@@ -376,8 +376,8 @@ def _loss_total(p: _Prepared, loss: np.ndarray, blocks: bool) -> float:
 
 def _reduce(p: _Prepared, loss: np.ndarray, blocks: bool = False, s_nll=None):
     """Apply the reduction to the float64 losses of a pass (per row, or per column block when
-    ``blocks``), in a fixed order (thread-count independent). ``s_nll``: see
-    :func:`_zero_weight_loss` (computed here when None, from the logits)."""
+    `blocks`), in a fixed order (thread-count independent). `s_nll`: see
+    `_zero_weight_loss` (computed here when None, from the logits)."""
     if p.reduction == "none":
         return loss.astype(p.x.dtype).reshape(p.loss_shape)
     total = _loss_total(p, loss, blocks)
@@ -390,7 +390,7 @@ def _reduce(p: _Prepared, loss: np.ndarray, blocks: bool = False, s_nll=None):
 
 
 def _upstream(p: _Prepared, grad_output) -> np.ndarray:
-    """Per-row multipliers ``g`` (float64; one element when the same for every row)."""
+    """Per-row multipliers `g` (float64; one element when the same for every row)."""
     if p.reduction == "none":
         if grad_output is None:
             return np.ones(1)
@@ -438,7 +438,7 @@ def _grad_target(p: _Prepared, out):
         )
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    # a byte-swapped ``out`` (``>f4``, as a byte-swapped input's) is written through a temporary
+    # a byte-swapped `out` (`>f4`, as a byte-swapped input's) is written through a temporary
     g3 = (_canonical_view(out.view(p.x3.dtype), p.transposed, p.x3.shape)
           if out.dtype.isnative else None)
     same = (g3 is not None and g3.ctypes.data == p.x3.ctypes.data
@@ -452,8 +452,8 @@ def _grad_target(p: _Prepared, out):
 
 def _run(p: _Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
          loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray, rows_out: bool = True):
-    """One kernel pass over the canonical views. ``rows_out=False`` (forward on the column path
-    only): ``loss`` receives per-block sums and ``mx, lsx, top1`` nothing."""
+    """One kernel pass over the canonical views. `rows_out=False` (forward on the column path
+    only): `loss` receives per-block sums and `mx, lsx, top1` nothing."""
     k = _kernels()
     from ._parallel import run_tasks
 
@@ -489,17 +489,18 @@ def _empty_or_classless(p: _Prepared) -> bool:
 
 
 class Stats(NamedTuple):
-    """By-products of a forward pass, computed while each row was in cache (no second pass).
+    r"""By-products of a forward pass, computed while each row was in cache (no second pass).
 
     Attributes
     ----------
-    lse : ndarray, the loss's shape
-        Per-element log-sum-exp of the (soft-capped) logits, in the compute dtype.
-    top1 : ndarray of bool, the loss's shape
-        Whether the target class is the argmax of the logits (ties go to the lowest class index;
+    lse : ndarray
+        Per-element log-sum-exp of the (soft-capped) logits, $\operatorname{lse}(x_i) =
+        \log \sum_c e^{x_{i,c}}$: the loss's shape, in the compute dtype.
+    top1 : ndarray of bool
+        Of the loss's shape: whether the target class is the argmax of the logits (ties go to the lowest class index;
         False for ignored elements, rows with NaN, and probability targets).
     accuracy : float
-        Mean of ``top1`` over the non-ignored elements (NaN if none, or for probability targets).
+        Mean of `top1` over the non-ignored elements (NaN if none, or for probability targets).
     """
 
     lse: np.ndarray
@@ -521,10 +522,10 @@ WORKSPACE_MAX_BYTES = 64 << 20  # per thread; larger calls get fresh arrays, fre
 
 
 def _row_buffers(rows: int, compute: np.dtype, keep: bool):
-    """(mx, lsx, loss, top1) arrays of ``rows`` elements. Unless ``keep``, they are views of this
+    """(mx, lsx, loss, top1) arrays of `rows` elements. Unless `keep`, they are views of this
     thread's workspace, valid until its next call: fresh arrays of many short rows cost more in page
     faults (the kernel is their first toucher) than the kernel's whole pass. The workspace never
-    exceeds :data:`WORKSPACE_MAX_BYTES` (enough for ~3.9M float32 rows), so a process that once
+    exceeds `WORKSPACE_MAX_BYTES` (enough for ~3.9M float32 rows), so a process that once
     saw a huge batch does not keep its memory; past that, fresh arrays (whose page faults are then
     small next to the pass)."""
     need = rows * (2 * compute.itemsize + 8 + 1)
@@ -546,10 +547,10 @@ def _row_buffers(rows: int, compute: np.dtype, keep: bool):
 
 
 def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
-    """Run FORWARD or FUSED over all rows: ``(loss, mx, lsx, top1, blocks)``: float64 losses, row
-    max, log-sum of the shifted exponentials (the log-sum-exp is ``max + logsum``), top1, and
-    whether ``loss`` holds the column kernels' per-block sums instead of per-row losses (only for a
-    reduced loss without ``keep``; give both to :func:`_reduce`). ``keep=False``: the arrays are a
+    """Run FORWARD or FUSED over all rows: `(loss, mx, lsx, top1, blocks)`: float64 losses, row
+    max, log-sum of the shifted exponentials (the log-sum-exp is `max + logsum`), top1, and
+    whether `loss` holds the column kernels' per-block sums instead of per-row losses (only for a
+    reduced loss without `keep`; give both to `_reduce`). `keep=False`: the arrays are a
     per-thread workspace, for callers that only reduce them before the next call."""
     mx, lsx, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep)
     if _empty_or_classless(p):
@@ -570,8 +571,8 @@ def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: 
 
 
 def _pass(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
-    """Run FORWARD or FUSED over all rows: ``(loss, lse, top1, blocks)``; lse is None unless
-    ``keep`` (see :func:`_pass_rows`)."""
+    """Run FORWARD or FUSED over all rows: `(loss, lse, top1, blocks)`; lse is None unless
+    `keep` (see `_pass_rows`)."""
     loss, mx, lsx, top1, blocks = _pass_rows(p, mode, g, grad3, keep)
     return loss, (mx + lsx if keep else None), top1, blocks
 
@@ -591,21 +592,21 @@ def _check_target_grad(p: _Prepared, target_grad: bool):
 
 
 def _target_gradient(p: _Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray) -> np.ndarray:
-    r"""Gradient of ``sum(grad_output * loss)`` with respect to a probability target, from the row
+    r"""Gradient of `sum(grad_output * loss)` with respect to a probability target, from the row
     statistics of a pass (no second softmax):
 
-    .. math::
+    $$
+    \frac{\partial}{\partial t_{ic}} = -g_i\, s_i\, w_c\, (1-\varepsilon)\,
+        (z_{ic} - m_i - \ell_i),
+    $$
 
-        \frac{\partial}{\partial t_{ic}} = -g_i\, s_i\, w_c\, (1-\varepsilon)\,
-            (z_{ic} - m_i - \ell_i),
-
-    with :math:`z` the (soft-capped) logits, :math:`m_i` the row maximum ``mx`` and
-    :math:`\ell_i` the log of the shifted exponential sum ``lsx`` (so :math:`z - (m + \ell)` is the
-    log-softmax, NaN in the same rows as PyTorch's), :math:`s_i` the sample weight and :math:`g_i`
-    the upstream gradient (already divided by the ``'mean'`` denominator). The z-loss does not
+    with $z$ the (soft-capped) logits, $m_i$ the row maximum `mx` and
+    $\ell_i$ the log of the shifted exponential sum `lsx` (so $z - (m + \ell)$ is the
+    log-softmax, NaN in the same rows as PyTorch's), $s_i$ the sample weight and $g_i$
+    the upstream gradient (already divided by the `'mean'` denominator). The z-loss does not
     depend on the target. Vectorised NumPy in the compute dtype: the subtraction writes a new
     array, one in-place multiply scales it (two with per-row factors; soft-capping adds its own);
-    the result has the target's dtype and ``input``'s shape (and layout)."""
+    the result has the target's dtype and `input`'s shape (and layout)."""
     x = p.x
     cls = 0 if x.ndim == 1 else 1
 
@@ -641,7 +642,7 @@ def _backward(p: _Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, o
     pass over the logits for the input, one NumPy pass for a probability target."""
     _check_target_grad(p, target_grad)
     g = _upstream(p, grad_output)
-    # the target gradient first: ``out=input`` overwrites the logits it reads
+    # the target gradient first: `out=input` overwrites the logits it reads
     grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
     if not input_grad:
         return None, grad_t
@@ -659,58 +660,65 @@ def _backward(p: _Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, o
 def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap=None,
                   sample_weight=None, normalizer=None, return_stats: bool = False):
-    r"""Cross-entropy between logits and targets, exactly as ``torch.nn.functional.cross_entropy``.
+    r"""Cross-entropy between logits and targets, exactly as `torch.nn.functional.cross_entropy`.
 
-    For class-index targets :math:`y` and class weights :math:`w` (ones by default),
+    For class-index targets $y$ and class weights $w$ (ones by default),
 
-    .. math::
+    $$
+    \ell_i = v_i\Big[(1-\varepsilon)\,w_{y_i}\,(\operatorname{lse}(x_i) - x_{i,y_i})
+             + \frac{\varepsilon}{C}\sum_c w_c\,(\operatorname{lse}(x_i) - x_{i,c})\Big],
+    $$
 
-        \ell_i = v_i\Big[(1-\varepsilon)\,w_{y_i}\,(\operatorname{lse}(x_i) - x_{i,y_i})
-                 + \frac{\varepsilon}{C}\sum_c w_c\,(\operatorname{lse}(x_i) - x_{i,c})\Big],
-
-    with :math:`v_i = [y_i \ne \text{ignore\_index}]`; ``'mean'`` divides :math:`\sum_i \ell_i` by
-    :math:`\sum_i v_i w_{y_i}`. For class-probability targets :math:`t` (same shape as ``input``),
-    :math:`\ell_i = -\sum_c w_c \tilde t_{i,c} \log\operatorname{softmax}(x_i)_c` with
-    :math:`\tilde t = (1-\varepsilon) t + \varepsilon / C`, and ``'mean'`` divides by the number of
-    rows.
+    with $v_i = [y_i \ne \text{ignore\_index}]$ and $\varepsilon$ the label smoothing; `'mean'`
+    divides $\sum_i \ell_i$ by $\sum_i v_i w_{y_i}$. For class-probability targets $t$ (same
+    shape as `input`), $\ell_i = -\sum_c w_c \tilde t_{i,c} \log\operatorname{softmax}(x_i)_c$
+    with $\tilde t = (1-\varepsilon) t + \varepsilon / C$, and `'mean'` divides by the number of
+    rows. The [semantics page](semantics.md) lists every case, PyTorch's edge cases included.
 
     Parameters
     ----------
-    input : array_like, shape (C,), (N, C) or (N, C, d1, ..., dk)
-        Logits: float16, bfloat16 (``ml_dtypes``), float32 or float64. Read in place when its layout
-        allows (C-contiguous, or Fortran-ordered 2-D).
+    input : array_like
+        Logits of shape (C,), (N, C) or (N, C, d1, ..., dk): float16, bfloat16 (`ml_dtypes`),
+        float32 or float64. Read in place when its layout allows (C-contiguous, or Fortran-ordered
+        2-D).
     target : array_like
         Class indices of any integer dtype, shape (), (N,) or (N, d1, ..., dk); or class
-        probabilities (floating) of ``input``'s shape.
-    weight : array_like, shape (C,), optional
-        Per-class weights, cast to the input's compute dtype.
+        probabilities (floating) of `input`'s shape.
+    weight : array_like, optional
+        Per-class weights $w$, shape (C,), cast to the input's compute dtype.
     ignore_index : int
-        Class-index targets equal to this contribute nothing and are not counted by ``'mean'``.
+        Class-index targets equal to this contribute nothing and are not counted by `'mean'`.
         Must be negative for probability targets.
     reduction : {'mean', 'sum', 'none'}
-    label_smoothing : float in [0, 1]
-    z_loss : float, keyword-only
-        Adds ``z_loss * lse(x_i)**2`` to every non-ignored element's loss (PaLM's auxiliary loss),
-        reduced like the main loss. Default 0 (off).
-    softcap : float, keyword-only
-        Soft-caps the logits to ``softcap * tanh(x / softcap)`` before the softmax (Gemma 2); the
-        gradient includes the tanh. Default None (off).
-    sample_weight : array_like of the loss's shape, keyword-only
-        Multiplies each element's loss; under ``'mean'`` the denominator becomes
-        ``sum(sample_weight * weight[target])`` over kept elements (``sum(sample_weight)`` for
-        probability targets).
-    normalizer : float, keyword-only
-        Replaces the ``'mean'`` denominator (for example the global token count of a batch split into
-        micro-batches, so that accumulated gradients equal the full batch's).
-    return_stats : bool, keyword-only
-        Also return a :class:`Stats` (per-element log-sum-exp, top-1 correctness, accuracy).
+        `'none'`: one loss per element; `'sum'`: their sum; `'mean'`: their sum over the
+        denominator above.
+    label_smoothing : float
+        $\varepsilon$ in [0, 1]: the target mixed with the uniform distribution over the C classes.
+    z_loss : float
+        Keyword-only. Adds $z \operatorname{lse}(x_i)^2$ (with $z$ = `z_loss`) to every
+        non-ignored element's loss (PaLM's auxiliary loss), reduced like the main loss. Default 0
+        (off).
+    softcap : float, optional
+        Keyword-only. Soft-caps the logits to $s \tanh(x / s)$ (with $s$ = `softcap`) before the
+        softmax (Gemma 2); the gradient includes the tanh. Default None (off).
+    sample_weight : array_like, optional
+        Keyword-only, of the loss's shape. Multiplies each element's loss; under `'mean'` the
+        denominator becomes `sum(sample_weight * weight[target])` over kept elements
+        (`sum(sample_weight)` for probability targets).
+    normalizer : float, optional
+        Keyword-only. Replaces the `'mean'` denominator (for example the global token count of a
+        batch split into micro-batches, so that accumulated gradients equal the full batch's).
+    return_stats : bool
+        Keyword-only. Also return a [`Stats`][numbaxent.Stats] (per-element log-sum-exp, top-1
+        correctness, accuracy).
 
     Returns
     -------
-    loss : numpy scalar (``'mean'``/``'sum'``) or ndarray of the target's shape (``'none'``), in
-    ``input``'s dtype.
+    loss : numpy scalar or ndarray
+        A scalar for `'mean'` and `'sum'`, an array of the target's shape for `'none'`; in
+        `input`'s dtype.
     stats : Stats
-        Only with ``return_stats=True``.
+        Only with `return_stats=True`.
 
     Raises
     ------
@@ -719,7 +727,7 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
     ValueError
         Mismatched shapes, a bad weight, reduction or label_smoothing.
     IndexError
-        A class target outside ``[0, C)`` that is not ``ignore_index`` (the message names it).
+        A class target outside `[0, C)` that is not `ignore_index` (the message names it).
     """
     p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
@@ -734,53 +742,82 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
                             grad_output=None, out=None, *, z_loss: float = 0.0, softcap=None,
                             sample_weight=None, normalizer=None, return_stats: bool = False,
                             target_grad: bool = False):
-    r"""Loss and its gradient with respect to ``input`` in one fused pass over the logits.
+    r"""Loss and its gradient with respect to `input` in one fused pass over the logits.
 
-    ``grad_input`` is :math:`\partial \sum(\text{grad\_output} \cdot \text{loss}) / \partial x`:
-    with :math:`p = \operatorname{softmax}(x_i)` and upstream :math:`g_i`,
-    :math:`\partial/\partial x_{ij} = g_i\,(p_{ij}\,a_i - b_{ij})` where for class-index targets
-    :math:`a_i = v_i[(1-\varepsilon) w_{y_i} + \frac{\varepsilon}{C}\sum_c w_c]` and
-    :math:`b_{ij} = v_i[(1-\varepsilon) w_{y_i}[j=y_i] + \frac{\varepsilon}{C} w_j]`, and for
-    probability targets :math:`a_i = \sum_c w_c\tilde t_{ic}`, :math:`b_{ij} = w_j \tilde t_{ij}`.
+    `grad_input` is the gradient of $\sum_i g_i \ell_i$ (upstream gradient $g$ = `grad_output`,
+    losses $\ell$ as in [`cross_entropy`][numbaxent.cross_entropy]) with respect to the logits $x$:
+    with $p_i = \operatorname{softmax}(x_i)$,
 
-    With ``target_grad=True`` (probability targets only) it also returns the gradient with respect
+    $$
+    \frac{\partial}{\partial x_{ij}} = g_i\,(p_{ij}\,a_i - b_{ij}),
+    $$
+
+    where for class-index targets
+    $a_i = v_i[(1-\varepsilon) w_{y_i} + \frac{\varepsilon}{C}\sum_c w_c]$ and
+    $b_{ij} = v_i[(1-\varepsilon) w_{y_i}[j=y_i] + \frac{\varepsilon}{C} w_j]$, and for
+    probability targets $a_i = \sum_c w_c\tilde t_{ic}$, $b_{ij} = w_j \tilde t_{ij}$. A z-loss
+    $\zeta$ adds $2\zeta\, v_i \operatorname{lse}(x_i)\, p_{ij}$ inside the parentheses; under a
+    soft-cap $c$ the softmax is that of $z = c \tanh(x / c)$ and the result is multiplied by
+    $1 - \tanh^2(x_{ij} / c)$; a sample weight $s_i$ multiplies $g_i$.
+
+    With `target_grad=True` (probability targets only) it also returns the gradient with respect
     to the target, as PyTorch's autograd gives it for a target that requires grad:
 
-    .. math::
+    $$
+    \frac{\partial}{\partial t_{ic}} = -g_i\, s_i\, w_c\, (1-\varepsilon)\,
+        \log\operatorname{softmax}(z_i)_c,
+    $$
 
-        \frac{\partial}{\partial t_{ic}} = -g_i\, s_i\, w_c\, (1-\varepsilon)\,
-            \log\operatorname{softmax}(z_i)_c,
-
-    where :math:`z` are the logits (soft-capped when ``softcap`` is given), :math:`s_i` the
-    ``sample_weight`` (1 by default), :math:`\varepsilon` the label smoothing, and :math:`g_i` the
-    upstream gradient, divided by the ``'mean'`` denominator under ``'mean'``. ``z_loss`` does not
+    where $z$ are the logits (soft-capped when `softcap` is given), $s_i$ the
+    `sample_weight` (1 by default), $\varepsilon$ the label smoothing, and $g_i$ the
+    upstream gradient, divided by the `'mean'` denominator under `'mean'`. `z_loss` does not
     depend on the target. The log-softmax comes from the row statistics of the same pass (the row
     maximum and log-sum): vectorised NumPy over the logits, no second softmax.
 
     Parameters
     ----------
-    input, target, weight, ignore_index, reduction, label_smoothing
-        As in :func:`cross_entropy`.
+    input : array_like
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    target : array_like
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    weight : array_like, optional
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    ignore_index : int
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    reduction : {'mean', 'sum', 'none'}
+        As in [`cross_entropy`][numbaxent.cross_entropy].
+    label_smoothing : float
+        As in [`cross_entropy`][numbaxent.cross_entropy].
     grad_output : float or array_like, optional
-        Upstream gradient: a scalar for ``'mean'``/``'sum'``, an array broadcastable to the loss's
-        shape for ``'none'``. Defaults to 1.
+        Upstream gradient $g$: a scalar for `'mean'`/`'sum'`, an array broadcastable to the loss's
+        shape for `'none'`. Defaults to 1.
     out : ndarray, optional
-        Receives the gradient; must have ``input``'s shape and dtype. ``out=input`` overwrites the
+        Receives the gradient; must have `input`'s shape and dtype. `out=input` overwrites the
         logits with their gradient and allocates no N×C array.
-    z_loss, softcap, sample_weight, normalizer, return_stats
-        As in :func:`cross_entropy`.
-    target_grad : bool, keyword-only
-        Also return the gradient with respect to a class-probability ``target`` (formula above).
-        A ``ValueError`` for class-index targets.
+    z_loss : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    softcap : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    sample_weight : array_like, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    normalizer : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    return_stats : bool
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    target_grad : bool
+        Keyword-only. Also return the gradient with respect to a class-probability `target`
+        (formula above). A `ValueError` for class-index targets.
 
     Returns
     -------
-    loss : as :func:`cross_entropy`
-    grad_input : ndarray of ``input``'s shape and dtype (``out`` when given)
-    grad_target : ndarray of ``input``'s shape and the target's dtype
-        Only with ``target_grad=True``.
+    loss : numpy scalar or ndarray
+        As [`cross_entropy`][numbaxent.cross_entropy] returns it.
+    grad_input : ndarray
+        Of `input`'s shape and dtype (`out` when given).
+    grad_target : ndarray
+        Of `input`'s shape and the target's dtype. Only with `target_grad=True`.
     stats : Stats
-        Only with ``return_stats=True``.
+        Only with `return_stats=True`.
     """
     p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
@@ -791,7 +828,7 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     s_nll = _nll_total(p) if _zero_weight_mean(p) and p.eps > 0 else None
     if target_grad and out is not None and np.may_share_memory(out, p.x):
         # the fused pass would overwrite the logits the target gradient reads: forward pass, then
-        # the target gradient, then the backward pass into ``out`` (no N x C copy)
+        # the target gradient, then the backward pass into `out` (no N x C copy)
         loss_rows, mx, lsx, top1, blocks = _pass_rows(p, k.FORWARD, g,
                                                       np.empty((1, 1, 1), p.x3.dtype))
         grad, grad_t = _backward(p, mx, lsx, grad_output, out, target_grad=True)
@@ -811,14 +848,16 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
 
 
 class CrossEntropyLoss:
-    """Stateful criterion with ``torch.nn.CrossEntropyLoss``'s constructor.
+    """Stateful criterion with `torch.nn.CrossEntropyLoss`'s constructor.
 
-    ``forward`` (or calling the object) computes the loss and keeps the per-row log-sum-exp (as
-    the row max and the log of the shifted sum: O(rows) memory) and a reference to the logits; ``backward`` then writes the gradient in a single
-    read of the logits, without recomputing the softmax statistics. The logits must not be modified
-    between ``forward`` and ``backward``. ``z_loss`` and ``softcap`` (keyword-only) are as in
-    :func:`cross_entropy`; ``sample_weight`` and ``normalizer`` vary per batch and are given to
-    ``forward``. After ``forward``, :attr:`stats` holds the batch's :class:`Stats`.
+    [`forward`][numbaxent.CrossEntropyLoss.forward] (or calling the object) computes the loss and
+    keeps the per-row log-sum-exp (as the row max and the log of the shifted sum: O(rows) memory)
+    and a reference to the logits; [`backward`][numbaxent.CrossEntropyLoss.backward] then writes the
+    gradient in a single read of the logits, without recomputing the softmax statistics. The logits
+    must not be modified between `forward` and `backward`. `z_loss` and `softcap` (keyword-only)
+    are as in [`cross_entropy`][numbaxent.cross_entropy]; `sample_weight` and `normalizer` vary per
+    batch and are given to `forward`. After `forward`, `stats` holds the batch's
+    [`Stats`][numbaxent.Stats].
     """
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
@@ -841,8 +880,9 @@ class CrossEntropyLoss:
                 f"weight={'None' if self.weight is None else 'set'})")
 
     def forward(self, input, target, *, sample_weight=None, normalizer=None):
-        """Loss of ``input`` against ``target`` (see :func:`cross_entropy`); saves what
-        :meth:`backward` needs (the per-row log-sum-exp and a reference to ``input``)."""
+        """Loss of `input` against `target` (see [`cross_entropy`][numbaxent.cross_entropy]);
+        saves what [`backward`][numbaxent.CrossEntropyLoss.backward] needs (the per-row log-sum-exp
+        and a reference to `input`)."""
         p = _prepare(input, target, self.weight, self.ignore_index, self.reduction,
                      self.label_smoothing, self.z_loss, self.softcap, sample_weight, normalizer)
         loss_rows, mx, lsx, top1, blocks = _pass_rows(p, _kernels().FORWARD, np.ones(1),
@@ -854,11 +894,12 @@ class CrossEntropyLoss:
     __call__ = forward
 
     def backward(self, grad_output=None, out=None, *, target_grad: bool = False):
-        """Gradient of ``sum(grad_output * loss)`` w.r.t. the last ``forward``'s input.
+        """Gradient of `sum(grad_output * loss)` w.r.t. the last `forward`'s input.
 
-        ``out`` may be given as in :func:`cross_entropy_with_grad` (``out=input`` is in place).
-        ``target_grad=True`` (probability targets) returns ``(grad_input, grad_target)``, the
-        target's gradient as in :func:`cross_entropy_with_grad`.
+        `out` may be given as in [`cross_entropy_with_grad`][numbaxent.cross_entropy_with_grad]
+        (`out=input` is in place). `target_grad=True` (probability targets) returns
+        `(grad_input, grad_target)`, the target's gradient as in
+        [`cross_entropy_with_grad`][numbaxent.cross_entropy_with_grad].
         """
         if self._saved is None:
             raise ValueError("backward() called before forward()")

@@ -1,32 +1,32 @@
 """Where numbaxent's compiled kernels are cached on disk, and how a kernel finds its cache entry.
 
 Keying. Numba's own cache keys a function on its *own* file's content, so a change to a helper in
-another module (say the exp polynomial in ``_math.py``) would leave stale machine code in the cache of
+another module (say the exp polynomial in `_math.py`) would leave stale machine code in the cache of
 every kernel that inlined it. numbaxent keys every kernel on the content of all the package's private
-modules (``numbaxent/_*.py``, where every jitted function lives) and the numba/llvmlite/Python
+modules (`numbaxent/_*.py`, where every jitted function lives) and the numba/llvmlite/Python
 versions; Numba adds the CPU (name and features) and the signature, so one directory can serve
 machines of several kinds.
 
-Directories, in this order (``search_dirs``):
+Directories, in this order (`search_dirs`):
 
-1. ``$NUMBAXENT_CACHE_DIR`` when set: a cache shared by every user, for example filled once by
-   ``numbaxent warmup --cache-dir DIR`` in a container build or by an HPC administrator;
-2. ``$NUMBA_CACHE_DIR/numbaxent-<tag>`` when ``NUMBA_CACHE_DIR`` is set (``<tag>`` hashes the
+1. `$NUMBAXENT_CACHE_DIR` when set: a cache shared by every user, for example filled once by
+   `numbaxent warmup --cache-dir DIR` in a container build or by an HPC administrator;
+2. `$NUMBA_CACHE_DIR/numbaxent-<tag>` when `NUMBA_CACHE_DIR` is set (`<tag>` hashes the
    package's path, so two installations never share entries by accident);
-3. the user cache, ``$XDG_CACHE_HOME/numbaxent/<tag>`` (default ``~/.cache/numbaxent/<tag>``);
-4. the package's own ``numbaxent/__pycache__``.
+3. the user cache, `$XDG_CACHE_HOME/numbaxent/<tag>` (default `~/.cache/numbaxent/<tag>`);
+4. the package's own `numbaxent/__pycache__`.
 
 A kernel is loaded from the first directory that holds an entry for it, whoever wrote it and whether
 or not this process may write there. New entries go to the first *writable* directory of the list
-(``cache_dir``): normally the user cache, so that ``pip uninstall`` leaves nothing behind in
+(`cache_dir`): normally the user cache, so that `pip uninstall` leaves nothing behind in
 site-packages; the package directory only when nothing before it is writable. When nothing is
 writable (a user without a home directory, a read-only container), kernels are compiled in memory
-for the process and one ``RuntimeWarning`` says so: importing and calling never fail for want of a
+for the process and one `RuntimeWarning` says so: importing and calling never fail for want of a
 writable place.
 
 Concurrent cold compiles (Dask workers, MPI ranks starting together) are safe: numba writes each cache
 file to a temporary name and renames it into place, so a reader sees either a complete entry or none.
-Cache files are pickles read by numba: point ``NUMBAXENT_CACHE_DIR`` only at a directory whose writers
+Cache files are pickles read by numba: point `NUMBAXENT_CACHE_DIR` only at a directory whose writers
 you trust, as for any Python package directory.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def search_dirs() -> list[str]:
 
 
 def writable(path: str) -> bool:
-    """Whether files can be created in ``path`` (created if missing)."""
+    """Whether files can be created in `path` (created if missing)."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -93,7 +93,7 @@ _warned = False
 
 
 def cache_dir() -> str | None:
-    """The directory new kernels are written to (the first writable of :func:`search_dirs`), or
+    """The directory new kernels are written to (the first writable of `search_dirs`), or
     None when nothing is writable (kernels are then compiled in memory; warned once)."""
     global _chosen_dir, _warned
     if _chosen_dir is None:
@@ -136,8 +136,8 @@ class _Impl(caching.CompileResultCacheImpl):
 
 
 class KernelCache(caching.FunctionCache):
-    """numba's per-function cache, loading from every directory of :func:`search_dirs` in turn and
-    saving to :func:`cache_dir` only (nothing when it is None)."""
+    """numba's per-function cache, loading from every directory of `search_dirs` in turn and
+    saving to `cache_dir` only (nothing when it is None)."""
 
     _impl_class = _Impl
 
@@ -169,14 +169,14 @@ class KernelCache(caching.FunctionCache):
 
 
 def enable(dispatcher):
-    """Give a numbaxent dispatcher its :class:`KernelCache` (instead of ``cache=True``, whose numba
+    """Give a numbaxent dispatcher its `KernelCache` (instead of `cache=True`, whose numba
     locators raise when no directory is writable and read only the one they write)."""
     dispatcher._cache = KernelCache(dispatcher.py_func)
     return dispatcher
 
 
 def entries(path: str) -> list[str]:
-    """numbaxent's cache files (index ``.nbi`` and data ``.nbc``) in ``path``."""
+    """numbaxent's cache files (index `.nbi` and data `.nbc`) in `path`."""
     modules = tuple(f"{name[:-3]}." for name in os.listdir(PACKAGE_DIR)
                     if name.startswith("_") and name.endswith(".py"))
     try:

@@ -22,12 +22,12 @@ HELPER_OPTIONS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 def jit(parallel: bool = False, inline: bool = False, python_callable: bool | None = None):
     """Decorator factory for numbaxent kernels.
 
-    Every kernel is ``nopython``, releases the GIL, is cached on disk (``_cache.KernelCache``), and
+    Every kernel is `nopython`, releases the GIL, is cached on disk (`_cache.KernelCache`), and
     uses NumPy's error model (division by zero gives inf/nan, as in PyTorch, instead of raising).
-    numbaxent's own kernels are serial and dealt to threads by ``_parallel`` (a ``prange`` kernel
-    compiles three times over, see docs/internals.md); ``parallel=True`` remains available.
-    ``inline=True`` marks small helpers that are inlined at the Numba IR level into the kernels that
-    use them. ``python_callable`` (default: ``parallel``) gives the function its CPython entry
+    numbaxent's own kernels are serial and dealt to threads by `_parallel` (a `prange` kernel
+    compiles three times over, see docs/internals.md); `parallel=True` remains available.
+    `inline=True` marks small helpers that are inlined at the Numba IR level into the kernels that
+    use them. `python_callable` (default: `parallel`) gives the function its CPython entry
     point; without it the function can only be called from other kernels.
     """
     options = dict(

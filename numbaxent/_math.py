@@ -1,13 +1,13 @@
-"""Math primitives shared by every kernel: a vectorisable ``exp``, and loads/stores of the storage dtypes.
+"""Math primitives shared by every kernel: a vectorisable `exp`, and loads/stores of the storage dtypes.
 
-Why a hand-written exp: LLVM only vectorises a loop whose body it can see through. ``math.exp`` lowers to
+Why a hand-written exp: LLVM only vectorises a loop whose body it can see through. `math.exp` lowers to
 a libm call (numba's SVML path is not active on these machines), so a row loop calling it runs one
-element at a time. :func:`exp` below is plain arithmetic plus a bit cast, so the loops that call it
+element at a time. `exp` below is plain arithmetic plus a bit cast, so the loops that call it
 compile to packed (AVX2/AVX-512) instructions.
 
 Storage dtypes: Numba has no float16 or bfloat16 arrays, so the API layer passes such logits as 16-bit
-integer views of the same memory (float16 -> ``uint16``, bfloat16 -> ``int16``); :func:`load` widens any
-storage element to its compute type (float32 for both half types) and :func:`store` rounds a compute
+integer views of the same memory (float16 -> `uint16`, bfloat16 -> `int16`); `load` widens any
+storage element to its compute type (float32 for both half types) and `store` rounds a compute
 value back to the storage dtype (round to nearest even).
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _f32_to_half_bits(typingctx, x):
 
 @register_jitable(**_PLAIN)
 def _exp_reduced_f32(x):
-    """``(p, n)`` with ``exp(x) = p * 2^n``, ``x`` already clamped."""
+    """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
     n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
     r = x - n * np.float32(0.693359375)
     r = r - n * np.float32(-2.12194440e-4)
@@ -101,7 +101,7 @@ def _exp_reduced_f32(x):
 
 @register_jitable(**_PLAIN)
 def _exp_reduced_f64(x):
-    """``(p, n)`` with ``exp(x) = p * 2^n``, ``x`` already clamped."""
+    """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
     n = np.floor(x * 1.4426950408889634 + 0.5)
     r = x - n * 0.6931471803691238  # ln2 high part (exactly representable products for |n| < 2^11)
     r = r - n * 1.9082149292705877e-10  # ln2 low part
@@ -173,7 +173,7 @@ def _exp_nonpos_f64(x):
 
 
 def exp_nonpos(x):
-    """:func:`exp` for ``x <= 0`` (or NaN) only: cheaper, the same results. Callable from Numba code."""
+    """`exp` for `x <= 0` (or NaN) only: cheaper, the same results. Callable from Numba code."""
     raise NotImplementedError("numbaxent._math.exp_nonpos is only callable from Numba code")
 
 
@@ -187,7 +187,7 @@ def _exp_nonpos_overload(x):
 
 
 def exp(x):
-    """Vectorisable ``exp`` for float32 and float64 scalars inside Numba code."""
+    """Vectorisable `exp` for float32 and float64 scalars inside Numba code."""
     raise NotImplementedError("numbaxent._math.exp is only callable from Numba code")
 
 
@@ -248,7 +248,7 @@ def _log_f64(x):
 
 
 def log(x):
-    """Vectorisable ``log`` for positive float32 and float64 scalars inside Numba code."""
+    """Vectorisable `log` for positive float32 and float64 scalars inside Numba code."""
     raise NotImplementedError("numbaxent._math.log is only callable from Numba code")
 
 
@@ -279,7 +279,7 @@ def _load_overload(v):
 
 
 def store(arr, j, v):
-    """``arr[j] = v`` rounding the compute value ``v`` to ``arr``'s storage dtype."""
+    """`arr[j] = v` rounding the compute value `v` to `arr`'s storage dtype."""
     raise NotImplementedError
 
 
@@ -312,7 +312,7 @@ def _store_overload(arr, j, v):
 
 
 def compute_zero(arr):
-    """Zero of ``arr``'s compute type (float32 for 16-bit storage, else the array's own dtype)."""
+    """Zero of `arr`'s compute type (float32 for 16-bit storage, else the array's own dtype)."""
     raise NotImplementedError
 
 
@@ -324,7 +324,7 @@ def _compute_zero_overload(arr):
 
 
 def exact_storage(arr):
-    """Whether ``arr``'s storage dtype is its compute dtype (float32/float64), so an intermediate
+    """Whether `arr`'s storage dtype is its compute dtype (float32/float64), so an intermediate
     stored in it loses nothing (a compile-time constant)."""
     raise NotImplementedError
 
@@ -336,7 +336,7 @@ def _exact_storage_overload(arr):
 
 
 def compute_scratch(arr, n):
-    """An uninitialised length-``n`` array of ``arr``'s compute type."""
+    """An uninitialised length-`n` array of `arr`'s compute type."""
     raise NotImplementedError
 
 
@@ -348,7 +348,7 @@ def _compute_scratch_overload(arr, n):
 
 
 def like(v, arr):
-    """``v`` converted to ``arr``'s compute type (keeps float32 arithmetic in float32)."""
+    """`v` converted to `arr`'s compute type (keeps float32 arithmetic in float32)."""
     raise NotImplementedError
 
 
@@ -361,17 +361,17 @@ def _like_overload(v, arr):
 
 # -- soft-capping (Gemma 2): x -> s * tanh(x / s) ---------------------------------------------------------
 def capped(v, cap):
-    """``cap * tanh(v / cap)``, or ``v`` itself when ``cap`` is None (resolved at compile time)."""
+    """`cap * tanh(v / cap)`, or `v` itself when `cap` is None (resolved at compile time)."""
     raise NotImplementedError
 
 
 def cap_slope(vc, cap):
-    """``d capped / d v`` given the capped value ``vc``: ``1 - (vc / cap)**2`` (1 when ``cap`` is None)."""
+    """`d capped / d v` given the capped value `vc`: `1 - (vc / cap)**2` (1 when `cap` is None)."""
     raise NotImplementedError
 
 
 def one_like(v):
-    """1 in ``v``'s float type."""
+    """1 in `v`'s float type."""
     raise NotImplementedError
 
 

@@ -1,35 +1,35 @@
 """One-pass evaluation kernel: every per-row metric while the row is in cache for its log-sum-exp.
 
-Layout and dtypes are those of :mod:`numbaxent._kernels`: logits ``x`` are a C-contiguous ``(N, C, S)``
+Layout and dtypes are those of `numbaxent._kernels`: logits `x` are a C-contiguous `(N, C, S)`
 storage array (16-bit storage for float16/bfloat16, computed in float32), targets are flat int64 class
-indices over the ``N*S`` rows, ``w`` are the class weights in the compute type.
+indices over the `N*S` rows, `w` are the class weights in the compute type.
 
 For each non-ignored row the logits are read from memory once; the passes below run over the row
-while it is in cache (as the core forward does), rows split across threads (``_parallel.run_tasks``):
+while it is in cache (as the core forward does), rows split across threads (`_parallel.run_tasks`):
 
-1. :func:`~numbaxent._kernels.row_max_lanes` (the core's primitive): ``m = max_c x_c``;
-2. :func:`row_eval_sums`, one fused loop: ``s = sum_c e_c`` with ``e_c = exp(x_c - m)``,
-   ``h = sum_c e_c (x_c - m)`` (entropy) and ``d = sum_c w_c (x_c - m)`` (label smoothing, only
-   when ``eps > 0``);
-3. compare-only loops, when needed: :func:`~numbaxent._kernels.row_is_top1` (the core's), the
-   count of logits above the target's (top-k, only when ``kmax > 1`` and the target is not top-1)
-   and the first index attaining ``m`` (the predicted class, only when it is not the target).
+1. `numbaxent._kernels.row_max_lanes` (the core's primitive): `m = max_c x_c`;
+2. `row_eval_sums`, one fused loop: `s = sum_c e_c` with `e_c = exp(x_c - m)`,
+   `h = sum_c e_c (x_c - m)` (entropy) and `d = sum_c w_c (x_c - m)` (label smoothing, only
+   when `eps > 0`);
+3. compare-only loops, when needed: `numbaxent._kernels.row_is_top1` (the core's), the
+   count of logits above the target's (top-k, only when `kmax > 1` and the target is not top-1)
+   and the first index attaining `m` (the predicted class, only when it is not the target).
 
-From these, with ``ls = log s``:
+From these, with `ls = log s`:
 
-- loss ``(1-eps) w_y (m - x_y + ls) + (eps/C) (sum(w) ls - d)`` (the core's formula, float64);
-- plain NLL ``m - x_y + ls`` (for the perplexity);
-- entropy ``H = ls - h / s`` (``-sum p log p``, with ``0 log 0 = 0``);
-- confidence ``max_c p_c = 1 / s``;
-- rank of the target in a *stable* ``np.argsort(-x)`` (ties: lower class index first; NaN logits
-  last). Only ranks below ``kmax`` matter (top-k for k <= kmax), so the stored rank is
-  ``min(rank, kmax)`` and the tie count over ``c < y`` runs only when ``#{x_c > x_y} < kmax``;
+- loss `(1-eps) w_y (m - x_y + ls) + (eps/C) (sum(w) ls - d)` (the core's formula, float64);
+- plain NLL `m - x_y + ls` (for the perplexity);
+- entropy `H = ls - h / s` (`-sum p log p`, with `0 log 0 = 0`);
+- confidence `max_c p_c = 1 / s`;
+- rank of the target in a *stable* `np.argsort(-x)` (ties: lower class index first; NaN logits
+  last). Only ranks below `kmax` matter (top-k for k <= kmax), so the stored rank is
+  `min(rank, kmax)` and the tie count over `c < y` runs only when `#{x_c > x_y} < kmax`;
 - predicted class: the first index of the row's maximum (NaN entries skipped; 0 for an all-NaN
-  row), as ``np.argsort(-x, kind="stable")[0]`` gives.
+  row), as `np.argsort(-x, kind="stable")[0]` gives.
 
-Few classes and K-dim input take :func:`metrics_cols` instead, the same computation over the core's
+Few classes and K-dim input take `metrics_cols` instead, the same computation over the core's
 column blocks (vectorised across rows), as the core's forward does. The row kernel writes one record per row (O(rows) memory, no O(rows x classes) temporaries);
-:func:`metrics_reduce` then folds the records into per-class, per-bin and top-k totals **serially in
+`metrics_reduce` then folds the records into per-class, per-bin and top-k totals **serially in
 row order** (the caller sums the scalar columns with NumPy's pairwise float64 sum), so every result
 is independent of the number of threads. Ignored rows are not read at all.
 """
@@ -52,10 +52,10 @@ IGNORED = -1  # rank recorded for ignored rows
 # -- row primitives ----------------------------------------------------------------------------------
 @jit()
 def row_eval_sums(row, m, w, cap, smooth):
-    """``(s, h, d)`` in one loop: ``s = sum e_c``, ``h = sum e_c (x_c - m)`` (``0 log 0 = 0``: terms
-    with ``e_c = 0`` are left out, which also keeps ``-inf`` logits out) and, when ``smooth``,
-    ``d = sum w_c (x_c - m)`` (0 otherwise). The counts of :func:`row_count_greater` and
-    :func:`row_first_equal` are separate loops on purpose: an integer reduction in this loop halves
+    """`(s, h, d)` in one loop: `s = sum e_c`, `h = sum e_c (x_c - m)` (`0 log 0 = 0`: terms
+    with `e_c = 0` are left out, which also keeps `-inf` logits out) and, when `smooth`,
+    `d = sum w_c (x_c - m)` (0 otherwise). The counts of `row_count_greater` and
+    `row_first_equal` are separate loops on purpose: an integer reduction in this loop halves
     its vector width (measured: +40% time), as a separate compare-only loop over the cached row it
     costs ~4% (less with the early exits of both)."""
     s = compute_zero(row)
@@ -83,8 +83,8 @@ BLOCK = 512  # elements per step of the compare-only scans below (vectorised ins
 
 @jit()
 def row_count_greater(row, xy, cap, limit):
-    """``#{c : x_c > x_y}``, or any value >= ``limit`` once the count reaches ``limit`` (the scan
-    stops there: only ranks below ``kmax`` matter). NaN entries are not greater."""
+    """`#{c : x_c > x_y}`, or any value >= `limit` once the count reaches `limit` (the scan
+    stops there: only ranks below `kmax` matter). NaN entries are not greater."""
     C = row.shape[0]
     n = 0
     for j0 in range(0, C, BLOCK):
@@ -100,7 +100,7 @@ def row_count_greater(row, xy, cap, limit):
 
 @jit()
 def row_ties_before(row, y, xy, cap):
-    """``#{c < y : x_c == x_y}``: the ties that a stable sort puts ahead of the target."""
+    """`#{c < y : x_c == x_y}`: the ties that a stable sort puts ahead of the target."""
     n = np.int32(0)
     for j in range(y):
         n += np.int32(1) if capped(load(row[j]), cap) == xy else np.int32(0)
@@ -109,8 +109,8 @@ def row_ties_before(row, y, xy, cap):
 
 @jit()
 def row_first_equal(row, m, cap):
-    """The lowest ``c`` with ``x_c == m`` (``C`` if none: an all-NaN row): a vectorised
-    index-minimum over steps of ``BLOCK`` elements, stopping in the first step that holds one."""
+    """The lowest `c` with `x_c == m` (`C` if none: an all-NaN row): a vectorised
+    index-minimum over steps of `BLOCK` elements, stopping in the first step that holds one."""
     C = row.shape[0]
     for j0 in range(0, C, BLOCK):
         blk = row[j0:min(j0 + BLOCK, C)]
@@ -125,7 +125,7 @@ def row_first_equal(row, m, cap):
 
 @jit()
 def row_nan_target_rank(row, y, cap):
-    """Rank of a NaN target logit in a stable ``argsort(-x)``: after every non-NaN entry and after
+    """Rank of a NaN target logit in a stable `argsort(-x)`: after every non-NaN entry and after
     the NaN entries of lower index."""
     n = 0
     for j in range(row.shape[0]):
@@ -137,8 +137,8 @@ def row_nan_target_rank(row, y, cap):
 
 @jit()
 def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax, lanes):
-    """All metrics of one non-ignored row: ``(loss, nll, entropy, confidence, rank, pred)``, the
-    floats in float64, ``rank`` capped at ``kmax``; ``lanes`` is the row maximum's scratch."""
+    """All metrics of one non-ignored row: `(loss, nll, entropy, confidence, rank, pred)`, the
+    floats in float64, `rank` capped at `kmax`; `lanes` is the row maximum's scratch."""
     m = row_max_lanes(row, cap, lanes)
     s, h, d = row_eval_sums(row, m, w, cap, eps_c > 0)
     xy = capped(load(row[y]), cap)
@@ -174,13 +174,13 @@ def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax, lanes):
 @jit(python_callable=True)
 def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf,
                  rank, pred):
-    """Per-row metrics of ``x`` (N, C, 1) against ``target`` (N,) for rows ``[lo, hi)`` (dealt to
-    threads by ``_parallel.run_tasks``); contiguous rows only, as the core's row kernels (K-dim
-    input and few classes take :func:`metrics_cols`).
+    """Per-row metrics of `x` (N, C, 1) against `target` (N,) for rows `[lo, hi)` (dealt to
+    threads by `_parallel.run_tasks`); contiguous rows only, as the core's row kernels (K-dim
+    input and few classes take `metrics_cols`).
 
-    Writes, for every row ``r``: ``loss[r]`` (the cross-entropy term, 0 when ignored), ``nll[r]``,
-    ``ent[r]``, ``conf[r]`` (0 when ignored), ``rank[r]`` (``min(rank, kmax)``, ``IGNORED`` when
-    ignored) and ``pred[r]`` (argmax, lowest index among ties). Targets must already be validated.
+    Writes, for every row `r`: `loss[r]` (the cross-entropy term, 0 when ignored), `nll[r]`,
+    `ent[r]`, `conf[r]` (0 when ignored), `rank[r]` (`min(rank, kmax)`, `IGNORED` when
+    ignored) and `pred[r]` (argmax, lowest index among ties). Targets must already be validated.
     """
     N, C, S = x.shape
     x2 = x.reshape((N, C * S))
@@ -213,7 +213,7 @@ def _ignored(r, loss, nll, ent, conf, rank, pred):
 # -- column blocks (few classes, K-dim), as the core's column kernels ---------------------------------
 @jit()
 def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, s, h, d):
-    """Per row ``b`` of a block: :func:`row_eval_sums` across the block (``d`` always summed)."""
+    """Per row `b` of a block: `row_eval_sums` across the block (`d` always summed)."""
     zero = compute_zero(s)
     for b in range(nb):
         s[b] = 0
@@ -232,9 +232,9 @@ def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, s, h, d):
 
 @jit()
 def cols_ranks(X, i0, s0, nb, C, m, xy, yv, cap, gt, ties, nan_rank, first):
-    """Per row ``b``: ``gt = #{c : x_c > x_y}``, ``ties = #{c < y : x_c == x_y}``, ``nan_rank`` (the
-    rank of a NaN target, as :func:`row_nan_target_rank`) and ``first``, the lowest ``c`` with
-    ``x_c == m`` (``C`` if none). Compare-only, integer lanes across the block's rows."""
+    """Per row `b`: `gt = #{c : x_c > x_y}`, `ties = #{c < y : x_c == x_y}`, `nan_rank` (the
+    rank of a NaN target, as `row_nan_target_rank`) and `first`, the lowest `c` with
+    `x_c == m` (`C` if none). Compare-only, integer lanes across the block's rows."""
     for b in range(nb):
         gt[b] = 0
         ties[b] = 0
@@ -255,7 +255,7 @@ def cols_ranks(X, i0, s0, nb, C, m, xy, yv, cap, gt, ties, nan_rank, first):
 @jit(python_callable=True)
 def metrics_cols(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf,
                  rank, pred):
-    """:func:`metrics_rows` over the column blocks ``[lo, hi)`` of ``x`` (N, C, S) (the core's
+    """`metrics_rows` over the column blocks `[lo, hi)` of `x` (N, C, S) (the core's
     blocks: K-dim rows read in place, short 2-D rows transposed into an L1 scratch), every step
     vectorised across the block's rows. Same outputs, same formulas."""
     N, C, S = x.shape
@@ -313,9 +313,9 @@ def metrics_reduce(target, rank, pred, loss, conf, ks, cls_count, cls_correct, c
                    topk_correct, bin_count, bin_conf, bin_correct):
     """Fold per-row records into the (zeroed, chunk-local) totals, serially in row order.
 
-    ``ks`` are the k of top-k (int64); rows with a NaN confidence go to no calibration bin.
-    Confidence ``p`` falls in bin ``b = ceil(p * B) - 1`` (clipped to ``[0, B)``), i.e. bins are
-    ``((b)/B, (b+1)/B]``. Returns the number of non-ignored rows and of rows left out of the bins.
+    `ks` are the k of top-k (int64); rows with a NaN confidence go to no calibration bin.
+    Confidence `p` falls in bin `b = ceil(p * B) - 1` (clipped to `[0, B)`), i.e. bins are
+    `((b)/B, (b+1)/B]`. Returns the number of non-ignored rows and of rows left out of the bins.
     """
     B = bin_count.shape[0]
     n_valid = 0

@@ -1,21 +1,21 @@
 """Deal a kernel's rows (or column blocks) to threads.
 
-Why not ``@njit(parallel=True)``: a ``prange`` kernel is compiled three times over. Numba compiles the
+Why not `@njit(parallel=True)`: a `prange` kernel is compiled three times over. Numba compiles the
 loop body as a separate "gufunc" and links it into the kernel, and LLVM optimises and generates
 machine code for the whole row code once per library that links it: in the body's own library, in
 the gufunc's and in the kernel's. That tripled the first-call compile time of every kernel variant
-(docs/internals.md has the measured breakdown). The kernels are therefore plain serial ``@njit``
-functions over a range ``[lo, hi)`` of work items that release the GIL, and this module runs one
+(docs/internals.md has the measured breakdown). The kernels are therefore plain serial `@njit`
+functions over a range `[lo, hi)` of work items that release the GIL, and this module runs one
 range per thread on a small pool of Python threads: the same parallelism, compiled once.
 
-- Thread count: ``numba.get_num_threads()`` of the calling thread, so ``NUMBA_NUM_THREADS`` and
-  ``numba.set_num_threads`` work as before.
+- Thread count: `numba.get_num_threads()` of the calling thread, so `NUMBA_NUM_THREADS` and
+  `numba.set_num_threads` work as before.
 - Determinism: kernels write per-row results, or per-block sums over blocks fixed by the class count,
   so results do not depend on the split (tested for 1 and 2 threads).
-- Small calls (under ``MIN_PARALLEL_ELEMENTS`` logits) run on the calling thread: handing work to a
+- Small calls (under `MIN_PARALLEL_ELEMENTS` logits) run on the calling thread: handing work to a
   pool costs tens of microseconds.
 - Safe for concurrent callers (each call waits only for its own ranges, and the caller computes one
-  range itself) and after ``fork()`` (a child starts a new pool on first use).
+  range itself) and after `fork()` (a child starts a new pool on first use).
 """
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 def run_tasks(kernel, count: int, elements: int, *args) -> None:
-    """Call ``kernel(lo, hi, *args)`` over ``[0, count)`` split into one contiguous range per thread.
+    """Call `kernel(lo, hi, *args)` over `[0, count)` split into one contiguous range per thread.
 
-    ``elements`` (the logits the call reads) decides whether threads are worth it.
+    `elements` (the logits the call reads) decides whether threads are worth it.
     """
     n = min(num_threads(), count)
     if n <= 1 or elements < MIN_PARALLEL_ELEMENTS:

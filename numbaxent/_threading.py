@@ -1,20 +1,20 @@
 """Choose Numba's threading layer before numba starts its threads.
 
 numbaxent's own kernels no longer run Numba parallel regions: they are serial functions dealt to a pool
-of Python threads by ``_parallel`` (compiled once instead of three times), which is safe for
-concurrent callers and after ``fork()`` with any layer. The layer still matters for
-``numba.get_num_threads``/``set_num_threads``, which size that pool and start Numba's own threads,
-and for the user's own ``parallel=True`` code in the same process:
+of Python threads by `_parallel` (compiled once instead of three times), which is safe for
+concurrent callers and after `fork()` with any layer. The layer still matters for
+`numba.get_num_threads`/`set_num_threads`, which size that pool and start Numba's own threads,
+and for the user's own `parallel=True` code in the same process:
 
 - GNU OpenMP (numba's usual pick on Linux) kills forked children that enter a parallel region;
-- the ``workqueue`` layer aborts when two threads enter a parallel region at once;
-- TBB is safe in both situations, but the PyPI ``tbb`` wheel installs ``libtbb.so.12`` into
-  ``<prefix>/lib``, which the dynamic loader does not search inside a virtualenv, so numba reports
+- the `workqueue` layer aborts when two threads enter a parallel region at once;
+- TBB is safe in both situations, but the PyPI `tbb` wheel installs `libtbb.so.12` into
+  `<prefix>/lib`, which the dynamic loader does not search inside a virtualenv, so numba reports
   TBB as unavailable.
 
-We therefore pre-load ``libtbb`` by absolute path (``RTLD_GLOBAL``) so that numba's ``tbbpool`` extension
-resolves against it, and select the ``tbb`` layer; when no TBB can be loaded, ``workqueue``. A threading
-layer chosen by the user through ``NUMBA_THREADING_LAYER`` is respected as it is.
+We therefore pre-load `libtbb` by absolute path (`RTLD_GLOBAL`) so that numba's `tbbpool` extension
+resolves against it, and select the `tbb` layer; when no TBB can be loaded, `workqueue`. A threading
+layer chosen by the user through `NUMBA_THREADING_LAYER` is respected as it is.
 """
 from __future__ import annotations
 

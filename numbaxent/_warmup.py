@@ -1,10 +1,10 @@
-"""``numbaxent warmup``: compile every kernel variant ahead of time into the on-disk cache.
+"""`numbaxent warmup`: compile every kernel variant ahead of time into the on-disk cache.
 
 Useful before a job whose workers start together (each would otherwise compile on first use), in a
 container image build, or on a login node before submitting to a cluster's compute nodes that share
-the installation. ``--cache-dir DIR`` fills a cache that every user then reads (with
-``NUMBAXENT_CACHE_DIR=DIR`` set, or without setting anything when DIR is the package's own
-``__pycache__``, which ``numbaxent cache`` shows).
+the installation. `--cache-dir DIR` fills a cache that every user then reads (with
+`NUMBAXENT_CACHE_DIR=DIR` set, or without setting anything when DIR is the package's own
+`__pycache__`, which `numbaxent cache` shows).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _dtype(name: str):
 
 def variants(dtypes=DTYPES, only: str = ""):
     """(label, thunk) for every compiled specialisation the public API can reach (whose label
-    contains ``only``)."""
+    contains `only`)."""
     for label, run in _all_variants(dtypes):
         if only in label:
             yield label, run

@@ -1,17 +1,17 @@
-"""``numbaxent bench``: side-by-side timings of numbaxent, the memory floors, plain NumPy, PyTorch CPU
+"""`numbaxent bench`: side-by-side timings of numbaxent, the memory floors, plain NumPy, PyTorch CPU
 and JAX/optax (when installed), in one process, at 1 thread and at all threads.
 
-Floors, measured on the same arrays: forward = ``np.add.reduce(logits, axis=None)`` (one read of the
-logits); forward+backward = ``np.copyto(grad, logits)`` (one read, one write). numbaxent's
-forward+backward writes into a preallocated gradient (``out=``), like the floor; PyTorch and JAX
-allocate theirs. Each figure is the median (and min) of ``--repeat`` runs after a warm-up.
+Floors, measured on the same arrays: forward = `np.add.reduce(logits, axis=None)` (one read of the
+logits); forward+backward = `np.copyto(grad, logits)` (one read, one write). numbaxent's
+forward+backward writes into a preallocated gradient (`out=`), like the floor; PyTorch and JAX
+allocate theirs. Each figure is the median (and min) of `--repeat` runs after a warm-up.
 
     numbaxent bench                                  # the whole matrix, 1 and all threads
     numbaxent bench --cases S1,S3 --repeat 5 --markdown perf.md --plot perf.png
     numbaxent bench --quick                          # small shapes, a smoke run
 
 After the timings, a second table gives each call's extra memory (tracemalloc peak of NumPy
-allocations during one warm call): forward and ``out=`` should add O(rows) bytes, forward+backward
+allocations during one warm call): forward and `out=` should add O(rows) bytes, forward+backward
 one gradient array.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ CASES = {
 
 
 def make_case(name: str, quick: bool = False, seed: int = 0):
-    """(logits, target, kwargs) for a case of the matrix (``quick``: 1/64 of the rows)."""
+    """(logits, target, kwargs) for a case of the matrix (`quick`: 1/64 of the rows)."""
     desc, shape, opts = CASES[name]
     if quick:
         shape = (max(1, shape[0] // 64),) + shape[1:]
@@ -106,7 +106,7 @@ def numpy_cross_entropy_with_grad(x, t, weight=None, label_smoothing=0.0):
 
 
 def timings(fn, repeat: int) -> list:
-    """Seconds of ``repeat`` calls of ``fn`` after one warm-up call (the one timer of every
+    """Seconds of `repeat` calls of `fn` after one warm-up call (the one timer of every
     numbaxent benchmark script)."""
     fn()
     ts = []
@@ -201,7 +201,7 @@ def run_case(name, threads, repeat, quick=False):
 
 
 def _traced_peak(fn) -> int:
-    """Peak bytes allocated through NumPy (which reports to tracemalloc) during one call of ``fn``."""
+    """Peak bytes allocated through NumPy (which reports to tracemalloc) during one call of `fn`."""
     import tracemalloc
 
     fn()  # warm: compiled, workspace grown
@@ -216,8 +216,8 @@ def _traced_peak(fn) -> int:
 
 def memory_case(name, quick=False):
     """Extra memory of numbaxent's calls on a case, in bytes: forward, forward+backward allocating
-    its gradient, and forward+backward into ``out=`` (kernel scratch, a few KB a thread, is not
-    traced). Expected: O(rows) for forward and ``out=``; one gradient array (``logits.nbytes``) plus
+    its gradient, and forward+backward into `out=` (kernel scratch, a few KB a thread, is not
+    traced). Expected: O(rows) for forward and `out=`; one gradient array (`logits.nbytes`) plus
     O(rows) otherwise."""
     x, t, kw = make_case(name, quick)
     grad = np.empty_like(x)

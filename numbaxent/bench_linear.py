@@ -3,9 +3,9 @@ matrix products any implementation needs, and PyTorch CPU (unfused, and F.linear
 
     python -m numbaxent.bench_linear [--n 4096 --h 1024 --v 32000] [--repeat 3] [--threads 2]
 
-Times are medians of ``--repeat`` runs after one warm-up, all in one process. Peak additional memory
+Times are medians of `--repeat` runs after one warm-up, all in one process. Peak additional memory
 is measured in a fresh child process per implementation (Linux): the peak resident set (VmHWM, reset
-through ``/proc/self/clear_refs`` once the inputs exist) minus the resident set at that point, minus
+through `/proc/self/clear_refs` once the inputs exist) minus the resident set at that point, minus
 the returned gradients' own size.
 """
 from __future__ import annotations

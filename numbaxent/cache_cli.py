@@ -1,9 +1,9 @@
-"""``numbaxent cache``: where the compiled kernels are cached, how much is there, and clearing it.
+"""`numbaxent cache`: where the compiled kernels are cached, how much is there, and clearing it.
 
 Kernels are looked up in every directory listed (in that order) and written to the first writable
-one; see ``numbaxent/_cache.py`` for the rules. ``--clear`` deletes numbaxent's cache files (and only
-those: a package ``__pycache__`` also holds Python's own ``.pyc`` files) from every listed directory
-this user may write to; run it before ``pip uninstall numbaxent`` to leave nothing behind.
+one; see `numbaxent/_cache.py` for the rules. `--clear` deletes numbaxent's cache files (and only
+those: a package `__pycache__` also holds Python's own `.pyc` files) from every listed directory
+this user may write to; run it before `pip uninstall numbaxent` to leave nothing behind.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Cross-entropy and evaluation of ``dask.array`` logits, on any Dask scheduler.
+"""Cross-entropy and evaluation of `dask.array` logits, on any Dask scheduler.
 
-``pip install 'numbaxent[dask]'``. Every block (a range of rows with all classes) is turned into a
-small :class:`~numbaxent.evaluate.Evaluator` state (or a loss partial sum) by a task, and the
-states are combined by a tree reduction with a fixed shape (``split_every`` children per node, in
+`pip install 'numbaxent[dask]'`. Every block (a range of rows with all classes) is turned into a
+small `numbaxent.evaluate.Evaluator` state (or a loss partial sum) by a task, and the
+states are combined by a tree reduction with a fixed shape (`split_every` children per node, in
 block order), so the result does not depend on the scheduler, the number of workers or the order in
 which tasks finish. Logits chunked along the class axis (or along trailing spatial axes) are
 rechunked to whole rows first; targets are rechunked to match the logits' row chunks.
@@ -37,7 +37,7 @@ def _as_dask(a, name: str, chunk_rows=None):
 def _align(logits, target, chunk_rows=None, what="logits"):
     """(logits chunked along rows only, targets): the targets are a Dask array with the logits' row
     chunks, or a NumPy array when they were given as one (each block's slice then travels inside
-    its block's task). ``what="hidden"``: hidden states (N, H) instead of logits."""
+    its block's task). `what="hidden"`: hidden states (N, H) instead of logits."""
     x = _as_dask(logits, what, chunk_rows)
     if what == "hidden" and x.ndim != 2:
         raise ValueError(f"hidden must have shape (N, H), got {x.shape}")
@@ -61,7 +61,7 @@ def _align(logits, target, chunk_rows=None, what="logits"):
 
 
 def _call_block(xb, tb, rows, block_fn=None, kw=None):
-    """One row block: ``block_fn(xb, tb, first_row, **kw)`` in a 1x...x1 object array."""
+    """One row block: `block_fn(xb, tb, first_row, **kw)` in a 1x...x1 object array."""
     out = np.empty((1,) * xb.ndim, dtype=object)
     out.reshape(-1)[0] = block_fn(xb, tb, rows[0].start, **kw)
     return out
@@ -72,8 +72,8 @@ def _unwrap(part):
 
 
 def _per_block(x, t, func, name: str, **kw):
-    """``[Delayed(func(x_block, t_block, first_row, **kw))]`` over the row blocks, one task per
-    block and nothing else: the layer that produces a block (a ``from_npy``/``from_array``/Zarr
+    """`[Delayed(func(x_block, t_block, first_row, **kw))]` over the row blocks, one task per
+    block and nothing else: the layer that produces a block (a `from_npy`/`from_array`/Zarr
     read) is fused into this Blockwise layer, and NumPy targets travel as each task's own slice, so
     a block is read by the task that uses it, never moves between workers, and the scheduler has
     one task per block to place (plus the reduction tree)."""
@@ -99,7 +99,7 @@ def _per_block(x, t, func, name: str, **kw):
 
 
 def _tree(parts, combine, split_every: int, name: str):
-    """Reduce ``parts`` with ``combine(*group)`` in a fixed tree (groups in index order)."""
+    """Reduce `parts` with `combine(*group)` in a fixed tree (groups in index order)."""
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
     level = 0
@@ -112,9 +112,9 @@ def _tree(parts, combine, split_every: int, name: str):
 
 
 class _numba_threads:
-    """Run a block with ``n`` Numba threads (restored afterwards; the setting is per thread).
+    """Run a block with `n` Numba threads (restored afterwards; the setting is per thread).
 
-    ``n=None``: inside a ``distributed`` worker, one thread per task (Dask's workers are the
+    `n=None`: inside a `distributed` worker, one thread per task (Dask's workers are the
     parallelism; Numba's pool on top would oversubscribe the cores); elsewhere Numba's default (the
     local threaded scheduler shares one TBB pool between its tasks)."""
 
@@ -199,10 +199,12 @@ def evaluation_graph(logits, target, num_classes=None, weight=None, ignore_index
                      label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15,
                      confusion: bool = False, *, split_every: int = 8, threads=None,
                      chunk_rows=None, head=None):
-    """The graph behind :func:`evaluate` and :func:`evaluate_hidden`: ``(blocks, root)`` where
-    ``blocks`` is a list of ``(rows, Delayed[Evaluator])`` per block and ``root`` the merged
-    ``Delayed[Evaluator]``. With ``head=dict(weight=, bias=, softcap=, chunk_size=)``, ``logits``
-    are hidden states (N, H) and each block is scored by ``Evaluator.update_hidden``."""
+    """The graph behind [`evaluate`][numbaxent.dask.evaluate] and
+    [`evaluate_hidden`][numbaxent.dask.evaluate_hidden]: `(blocks, root)` where `blocks` is a list
+    of `(rows, Delayed[Evaluator])` per block and `root` the merged `Delayed[Evaluator]`. The
+    arguments are [`evaluate`][numbaxent.dask.evaluate]'s; with
+    `head=dict(weight=, bias=, softcap=, chunk_size=)`, `logits` are hidden states (N, H) and each
+    block is scored by [`Evaluator.update_hidden`][numbaxent.evaluate.Evaluator.update_hidden]."""
     x, t = _align(logits, target, chunk_rows, "logits" if head is None else "hidden")
     if head is None:
         C = x.shape[1]
@@ -244,33 +246,47 @@ def evaluate(logits, target, num_classes=None, weight=None, ignore_index: int = 
              label_smoothing: float = 0.0, topk=(1, 5), calibration_bins: int = 15,
              confusion: bool = False, *, split_every: int = 8, threads=None, chunk_rows=None,
              compute: bool = True, scheduler=None):
-    """Evaluate ``dask.array`` logits (N, C[, d1..dk]) against targets (N[, d1..dk]).
+    """Evaluate `dask.array` logits (N, C[, d1..dk]) against targets (N[, d1..dk]).
+
+    The result equals `Evaluator(...).update(all logits, all targets).result()` to ~1e-15 relative,
+    whatever the chunking, scheduler and worker count.
 
     Parameters
     ----------
-    logits, target : dask.array.Array or array_like
-        NumPy inputs are wrapped (``chunk_rows`` rows per block). Logits are rechunked to whole
-        rows when their class axis is chunked; targets are rechunked to the logits' row chunks.
+    logits : dask.array.Array or array_like
+        Logits (N, C[, d1..dk]). NumPy inputs are wrapped (`chunk_rows` rows per block); logits are
+        rechunked to whole rows when their class axis is chunked.
+    target : dask.array.Array or array_like
+        Class indices (N[, d1..dk]), rechunked to the logits' row chunks.
     num_classes : int, optional
-        Checked against ``logits.shape[1]`` when given.
-    weight, ignore_index, label_smoothing, topk, calibration_bins, confusion
-        As in :class:`~numbaxent.evaluate.Evaluator`. With ``confusion=True`` every block keeps
-        its own C x C confusion matrix and the tree adds them up (exact integer counts), so the
-        result's ``confusion``, ``iou`` and ``mean_iou`` equal the in-memory evaluator's.
+        Checked against `logits.shape[1]` when given.
+    weight : array_like, optional
+        As in [`Evaluator`][numbaxent.evaluate.Evaluator].
+    ignore_index : int
+        As in [`Evaluator`][numbaxent.evaluate.Evaluator].
+    label_smoothing : float
+        As in [`Evaluator`][numbaxent.evaluate.Evaluator].
+    topk : int or sequence of int
+        As in [`Evaluator`][numbaxent.evaluate.Evaluator].
+    calibration_bins : int
+        As in [`Evaluator`][numbaxent.evaluate.Evaluator].
+    confusion : bool
+        As in [`Evaluator`][numbaxent.evaluate.Evaluator]: every block keeps its own C x C
+        confusion matrix and the tree adds them up (exact integer counts), so the result's
+        `confusion`, `iou` and `mean_iou` equal the in-memory evaluator's.
     split_every : int
-        Fan-in of the tree reduction of block states.
+        Keyword-only. Fan-in of the tree reduction of block states.
     threads : int, optional
-        Numba threads per task. Default: 1 on ``distributed`` workers, Numba's default otherwise.
+        Keyword-only. Numba threads per task. Default: 1 on `distributed` workers, Numba's default
+        otherwise.
     chunk_rows : int, optional
-        Rechunk the rows to this many per block.
+        Keyword-only. Rechunk the rows to this many per block.
     compute : bool
-        Return the :class:`~numbaxent.evaluate.EvalResult` (default), or a ``Delayed`` of the merged
-        :class:`~numbaxent.evaluate.Evaluator` (``compute=False``).
+        Keyword-only. Return the [`EvalResult`][numbaxent.evaluate.EvalResult] (default), or a
+        `Delayed` of the merged [`Evaluator`][numbaxent.evaluate.Evaluator] (`compute=False`).
     scheduler : optional
-        Passed to ``dask.compute`` (default: the active ``distributed.Client``, else Dask's default).
-
-    The result equals ``Evaluator(...).update(all logits, all targets).result()`` to ~1e-15 relative,
-    whatever the chunking, scheduler and worker count.
+        Keyword-only. Passed to `dask.compute` (default: the active `distributed.Client`, else
+        Dask's default).
     """
     _, root = evaluation_graph(logits, target, num_classes, weight, ignore_index, label_smoothing,
                                topk, calibration_bins, confusion, split_every=split_every,
@@ -286,30 +302,53 @@ def evaluate_hidden(hidden, weight, target, bias=None, *, softcap=None, class_we
                     calibration_bins: int = 15, confusion: bool = False, chunk_size=None,
                     split_every: int = 8, threads=None, chunk_rows=None, compute: bool = True,
                     scheduler=None):
-    """:func:`evaluate` of the logits ``hidden @ weight.T + bias``, never stored: each block of
-    hidden states (N, H) is scored by :meth:`~numbaxent.evaluate.Evaluator.update_hidden` in its
-    task (logits formed ``chunk_size`` rows at a time, 64 MiB by default).
+    r"""[`evaluate`][numbaxent.dask.evaluate] of the logits `hidden @ weight.T + bias`, never
+    stored: each block of hidden states (N, H) is scored by
+    [`Evaluator.update_hidden`][numbaxent.evaluate.Evaluator.update_hidden] in its task (logits
+    formed `chunk_size` rows at a time, 64 MiB by default).
+
+    The result equals `evaluate(hidden @ weight.T + bias, target, ...)` within the rounding of
+    the matrix product, whatever the chunking and scheduler.
 
     Parameters
     ----------
-    hidden : dask.array.Array or array_like, shape (N, H)
-        float16, bfloat16, float32 or float64; rechunked to whole rows when H is chunked.
-    weight : ndarray, shape (V, H)
-        The output layer (a NumPy array: it travels with the graph, converted once to the compute
-        dtype: float64 if either input is float64, else float32).
-    target : dask.array.Array or array_like of int, shape (N,)
-    bias : array_like, shape (V,), optional
+    hidden : dask.array.Array or array_like
+        Hidden states (N, H): float16, bfloat16, float32 or float64; rechunked to whole rows when H
+        is chunked.
+    weight : ndarray
+        The output layer (V, H), a NumPy array: it travels with the graph, converted once to the
+        compute dtype (float64 if either input is float64, else float32).
+    target : dask.array.Array or array_like of int
+        Class indices (N,).
+    bias : array_like, optional
+        Output bias (V,).
     softcap : float, optional
-        Score ``softcap * tanh(logits / softcap)``.
-    class_weight
-        :func:`evaluate`'s ``weight`` (per-class loss weights).
-    ignore_index, label_smoothing, topk, calibration_bins, confusion, split_every, threads, chunk_rows, compute, scheduler
-        As in :func:`evaluate`.
+        Keyword-only. Score $s \tanh(x / s)$ of the logits $x$ (with $s$ = `softcap`).
+    class_weight : array_like, optional
+        Keyword-only. [`evaluate`][numbaxent.dask.evaluate]'s `weight` (per-class loss weights).
+    ignore_index : int
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    label_smoothing : float
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    topk : int or sequence of int
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    calibration_bins : int
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    confusion : bool
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
     chunk_size : int, optional
-        Rows per logits chunk inside a task (``Evaluator.update_hidden``'s).
-
-    The result equals ``evaluate(hidden @ weight.T + bias, target, ...)`` within the rounding of
-    the matrix product, whatever the chunking and scheduler.
+        Keyword-only. Rows per logits chunk inside a task
+        ([`Evaluator.update_hidden`][numbaxent.evaluate.Evaluator.update_hidden]'s).
+    split_every : int
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    threads : int, optional
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    chunk_rows : int, optional
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    compute : bool
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    scheduler : optional
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
     """
     _, root = evaluation_graph(hidden, target, None, class_weight, ignore_index, label_smoothing,
                                topk, calibration_bins, confusion, split_every=split_every,
@@ -365,13 +404,38 @@ def _block_none(xb, tb, weight, ignore_index, eps, threads):
 def cross_entropy(logits, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, split_every: int = 8, threads=None,
                   chunk_rows=None):
-    """:func:`numbaxent.cross_entropy` of ``dask.array`` inputs, lazily.
+    """[`numbaxent.cross_entropy`][numbaxent.cross_entropy] of `dask.array` inputs, lazily.
 
-    Class-index targets (N[, d1..dk]) or probability targets of the logits' shape. Returns a 0-d
-    Dask array (``'mean'``, ``'sum'``: per-block float64 partial sums and ``'mean'`` denominators,
-    combined by a fixed tree with a two-sum error term, then divided once: PyTorch's weighted mean
-    over all rows) or a Dask array of per-element losses (``'none'``), in the logits' dtype. Call
-    ``.compute()`` on it.
+    For `'mean'` and `'sum'`, per-block float64 partial sums and `'mean'` denominators are combined
+    by a fixed tree with a two-sum error term, then divided once: PyTorch's weighted mean over all
+    rows. Call `.compute()` on the result.
+
+    Parameters
+    ----------
+    logits : dask.array.Array or array_like
+        Logits (N, C[, d1..dk]), rechunked to whole rows when the class axis is chunked.
+    target : dask.array.Array or array_like
+        Class-index targets (N[, d1..dk]) or probability targets of the logits' shape.
+    weight : array_like, optional
+        As in [`numbaxent.cross_entropy`][numbaxent.cross_entropy].
+    ignore_index : int
+        As in [`numbaxent.cross_entropy`][numbaxent.cross_entropy].
+    reduction : {'mean', 'sum', 'none'}
+        As in [`numbaxent.cross_entropy`][numbaxent.cross_entropy].
+    label_smoothing : float
+        As in [`numbaxent.cross_entropy`][numbaxent.cross_entropy].
+    split_every : int
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    threads : int, optional
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+    chunk_rows : int, optional
+        Keyword-only; as in [`evaluate`][numbaxent.dask.evaluate].
+
+    Returns
+    -------
+    dask.array.Array
+        A 0-d array for `'mean'` and `'sum'`, per-element losses for `'none'`; in the logits'
+        dtype.
     """
     from . import _api
 
@@ -411,8 +475,8 @@ def _read_block(spec, slices):
 
 
 def _from_raw(spec, rows: int):
-    """A Dask array whose blocks memory-map rows of ``spec`` (a ``RawArray``) in the task that
-    reads them (a Blockwise "data producer" layer, as ``from_array``'s, so it fuses with its
+    """A Dask array whose blocks memory-map rows of `spec` (a `RawArray`) in the task that
+    reads them (a Blockwise "data producer" layer, as `from_array`'s, so it fuses with its
     consumer)."""
     from dask.blockwise import blockwise as core_blockwise
     from dask.highlevelgraph import HighLevelGraph
@@ -432,11 +496,18 @@ def _from_raw(spec, rows: int):
 
 
 def from_npy(path, chunk_rows: int | None = None, *, chunk_bytes: int = 128 << 20):
-    """A Dask array over a ``.npy`` file (or ``file.npz:member`` stored uncompressed) whose blocks
+    """A Dask array over a `.npy` file (or `file.npz:member` stored uncompressed) whose blocks
     are memory-mapped **by the task that uses them** (on a cluster: by the worker, from a shared
     file system), so no data goes through the scheduler or the client.
 
-    ``chunk_rows`` rows per block (default: about ``chunk_bytes`` per block).
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A `.npy` file, or `file.npz:member` for a member stored uncompressed.
+    chunk_rows : int, optional
+        Rows per block (default: about `chunk_bytes` per block).
+    chunk_bytes : int
+        Keyword-only. Target block size when `chunk_rows` is not given (128 MiB).
     """
     from .io import open_array
 

@@ -1,13 +1,13 @@
-"""``numbaxent demo``: train a small NumPy multilayer perceptron with numbaxent's loss and gradient.
+"""`numbaxent demo`: train a small NumPy multilayer perceptron with numbaxent's loss and gradient.
 
 Data: the 8x8 handwritten digits (1,797 images, 10 classes) that ship inside scikit-learn
-(``sklearn.datasets.load_digits``, a copy of the UCI "Optical Recognition of Handwritten Digits" test
+(`sklearn.datasets.load_digits`, a copy of the UCI "Optical Recognition of Handwritten Digits" test
 set, E. Alpaydin and C. Kaynak, 1998; distributed with scikit-learn under its BSD-3-Clause licence;
 the UCI original under CC BY 4.0). Nothing is downloaded.
 
 Model: 64 -> hidden -> hidden -> 10, ReLU, written in plain NumPy, trained with Adam on mini-batches;
 the loss and its gradient with respect to the logits come from
-:func:`numbaxent.cross_entropy_with_grad` with label smoothing, computed in place over the logits.
+`numbaxent.cross_entropy_with_grad` with label smoothing, computed in place over the logits.
 """
 from __future__ import annotations
 

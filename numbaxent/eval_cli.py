@@ -1,4 +1,4 @@
-"""``numbaxent eval``, ``eval-hidden`` and ``merge``: stream-evaluate saved logits (or the logits of
+"""`numbaxent eval`, `eval-hidden` and `merge`: stream-evaluate saved logits (or the logits of
 saved hidden states) against targets.
 
     numbaxent eval LOGITS [LOGITS ...] TARGETS [TARGETS ...] [--rows START:STOP]
@@ -10,18 +10,18 @@ saved hidden states) against targets.
                    [--softcap S] [every option of eval]
     numbaxent merge STATE [STATE ...] [--json] [--per-class]
 
-LOGITS and TARGETS are ``.npy`` files (memory-mapped, read in row chunks), ``file.npz:member``
+LOGITS and TARGETS are `.npy` files (memory-mapped, read in row chunks), `file.npz:member`
 (uncompressed members are memory-mapped, compressed ones are decompressed as a stream) or Zarr
-stores (``store.zarr`` or ``store.zarr:component``), which go through Dask (:mod:`numbaxent.dask`).
+stores (`store.zarr` or `store.zarr:component`), which go through Dask (`numbaxent.dask`).
 Several logits files are followed by as many target files, or two quoted glob patterns are paired in
-sorted order. ``--rows START:STOP`` evaluates a half-open range of the rows (counted over the files
-in order) and ``--save-state`` writes the evaluator state, which ``merge`` combines (SLURM/PBS array
-jobs). ``--scheduler ADDRESS`` evaluates on an existing ``distributed`` cluster (workers memory-map
-``.npy`` files from a shared file system; nothing goes through the client).
+sorted order. `--rows START:STOP` evaluates a half-open range of the rows (counted over the files
+in order) and `--save-state` writes the evaluator state, which `merge` combines (SLURM/PBS array
+jobs). `--scheduler ADDRESS` evaluates on an existing `distributed` cluster (workers memory-map
+`.npy` files from a shared file system; nothing goes through the client).
 
-``eval-hidden`` reads a language model's final hidden states (N, H) and its output layer WEIGHT
-(V, H) instead of logits, and forms the logits ``HIDDEN @ WEIGHT.T + BIAS`` a chunk at a time
-(:meth:`numbaxent.evaluate.Evaluator.update_hidden`): everything else is ``eval``'s code path.
+`eval-hidden` reads a language model's final hidden states (N, H) and its output layer WEIGHT
+(V, H) instead of logits, and forms the logits `HIDDEN @ WEIGHT.T + BIAS` a chunk at a time
+(`numbaxent.evaluate.Evaluator.update_hidden`): everything else is `eval`'s code path.
 
 Exit status: 0 on success; 1 with a one-line error on stderr for unusable input (missing, truncated
 or corrupt file, mismatched lengths, wrong dtype, out-of-range target, a state file that is not one
@@ -69,7 +69,7 @@ def _positive_int(text: str) -> int:
 
 
 def _parse_rows(text: str):
-    """``START:STOP`` (either may be left out) -> (start, stop or None)."""
+    """`START:STOP` (either may be left out) -> (start, stop or None)."""
     a, sep, b = text.partition(":")
     try:
         start = int(a) if a.strip() else 0
@@ -95,7 +95,7 @@ def _positive_float(text: str) -> float:
 
 
 def _parser(hidden: bool = False) -> argparse.ArgumentParser:
-    """``eval``'s options; ``hidden=True``: ``eval-hidden``'s (the same, plus the output layer)."""
+    """`eval`'s options; `hidden=True`: `eval-hidden`'s (the same, plus the output layer)."""
     what = "hidden-state" if hidden else "logits"
     p = argparse.ArgumentParser(
         prog="numbaxent eval-hidden" if hidden else "numbaxent eval",
@@ -202,7 +202,7 @@ def _load_weight(spec: str, what: str = "class weights"):
 
 @dataclass
 class _Head:
-    """The output layer of ``eval-hidden``: ``weight`` (V, H) as stored (a memory map for a raw
+    """The output layer of `eval-hidden`: `weight` (V, H) as stored (a memory map for a raw
     file), converted once per compute dtype when a chunk's dtype needs it."""
 
     weight: np.ndarray
@@ -226,7 +226,7 @@ class _Head:
 
 
 def _open_head(spec: str, H: int, first: str, args) -> _Head:
-    """The output layer WEIGHT (and ``--bias``) of ``eval-hidden``, checked against H."""
+    """The output layer WEIGHT (and `--bias`) of `eval-hidden`, checked against H."""
     from .evaluate import _is_float
 
     src = bfloat16_view(open_array(spec))
@@ -287,7 +287,7 @@ def _check_inputs(xs, ts, xshape, xdtype, tshape, tdtype, hidden=False):
 
 def _scan_targets(ts, rows: int, C: int, ignore_index: int, start: int = 0, stop=None):
     """Fail fast (before reading any logits) on the first out-of-range target of rows
-    ``start:stop``; the message gives the row in that file."""
+    `start:stop`; the message gives the row in that file."""
     for a, _, t in row_chunks(ts, rows, start, stop):
         flat = np.asarray(t).reshape(len(t), -1)
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= C))
@@ -328,7 +328,7 @@ class _Progress:
 
 @dataclass(frozen=True)
 class _Pair:
-    """One logits file and its targets, with the file-local rows ``start:stop`` to evaluate."""
+    """One logits file and its targets, with the file-local rows `start:stop` to evaluate."""
 
     xs: object
     ts: object
@@ -343,7 +343,7 @@ def _has_glob(spec: str) -> bool:
 
 
 def _glob(spec: str):
-    """Sorted matches of a glob pattern; a ``:member`` suffix is kept on every match."""
+    """Sorted matches of a glob pattern; a `:member` suffix is kept on every match."""
     matches = sorted(glob.glob(spec))
     if not matches and ":" in spec:
         path, member = spec.rsplit(":", 1)
@@ -373,8 +373,8 @@ def _pair_specs(files, parser):
 
 
 def _open_pairs(specs, rows_range, hidden=False):
-    """Open and check every pair; returns (pairs restricted to ``rows_range``, C, total rows).
-    ``hidden``: the files hold hidden states (N, H), and C is H."""
+    """Open and check every pair; returns (pairs restricted to `rows_range`, C, total rows).
+    `hidden`: the files hold hidden states (N, H), and C is H."""
     opened = []
     C = None
     for xspec, tspec in specs:
@@ -508,7 +508,7 @@ def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progre
 
 
 def _default_rows(src, head: _Head | None = None) -> int:
-    """Rows read at a time: about ``DEFAULT_CHUNK_BYTES`` of the file; for hidden states, a
+    """Rows read at a time: about `DEFAULT_CHUNK_BYTES` of the file; for hidden states, a
     multiple of the logits chunk (so no read ends in a short matrix product)."""
     shape, dtype = shape_dtype(src)
     row_bytes = max(1, dtype.itemsize * math.prod(shape[1:]))
@@ -578,8 +578,8 @@ def _abs_spec(label: str) -> str:
 
 
 def _run(args, parser) -> int:
-    """``eval``, and ``eval-hidden`` (``args.hidden``): the same pass, with the logits of each
-    chunk formed from hidden states by ``Evaluator.update_hidden``."""
+    """`eval`, and `eval-hidden` (`args.hidden`): the same pass, with the logits of each
+    chunk formed from hidden states by `Evaluator.update_hidden`."""
     hidden = getattr(args, "hidden", False)
     files = args.files
     if hidden:  # HIDDEN... WEIGHT TARGETS...
@@ -757,7 +757,7 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 def _coverage(paths, infos):
     """Rows covered by the states when they all come from the same inputs (as recorded by
-    ``eval --save-state``): ``(total rows, covered ranges, missing ranges)``, or None. Two states
+    `eval --save-state`): `(total rows, covered ranges, missing ranges)`, or None. Two states
     holding the same rows would count them twice: that is an error."""
     if not infos or any("inputs" not in i or "rows" not in i for i in infos) or \
             any((i["inputs"], i.get("head")) != (infos[0]["inputs"], infos[0].get("head"))
@@ -868,17 +868,17 @@ def _main(parser, run, name: str, argv) -> int:
 
 
 def main(argv=None) -> int:
-    """``numbaxent eval``."""
+    """`numbaxent eval`."""
     return _main(_parser(), _run, "numbaxent eval", argv)
 
 
 def hidden_main(argv=None) -> int:
-    """``numbaxent eval-hidden``."""
+    """`numbaxent eval-hidden`."""
     return _main(_parser(hidden=True), _run, "numbaxent eval-hidden", argv)
 
 
 def merge_main(argv=None) -> int:
-    """``numbaxent merge``."""
+    """`numbaxent merge`."""
     return _main(_merge_parser(), _run_merge, "numbaxent merge", argv)
 
 

@@ -1,16 +1,16 @@
 """Streaming, mergeable evaluation of logits against class-index targets.
 
-:class:`Evaluator` consumes logits in chunks of rows (``update``), keeps a small state (O(classes +
+`Evaluator` consumes logits in chunks of rows (`update`), keeps a small state (O(classes +
 calibration bins) numbers, independent of how many rows it has seen), merges with other evaluators
-(``merge``: several processes, Dask blocks) and reports loss, perplexity, top-k accuracy, entropy,
-calibration and per-class figures (``result``). Each chunk is read once: the one-pass kernel of
-:mod:`numbaxent._metrics` computes every per-row figure while the row is in cache.
+(`merge`: several processes, Dask blocks) and reports loss, perplexity, top-k accuracy, entropy,
+calibration and per-class figures (`result`). Each chunk is read once: the one-pass kernel of
+`numbaxent._metrics` computes every per-row figure while the row is in cache.
 
-With ``confusion=True`` it also keeps the C x C confusion matrix (segmentation metrics: per-class
-IoU and mean IoU). :meth:`Evaluator.save` / :meth:`Evaluator.load` write and read the state as a
-``.npz`` file without pickle (array jobs save partial states, ``numbaxent merge`` combines them).
+With `confusion=True` it also keeps the C x C confusion matrix (segmentation metrics: per-class
+IoU and mean IoU). `Evaluator.save` / `Evaluator.load` write and read the state as a
+`.npz` file without pickle (array jobs save partial states, `numbaxent merge` combines them).
 
-Importing this module imports NumPy only; the kernels are loaded on the first ``update``.
+Importing this module imports NumPy only; the kernels are loaded on the first `update`.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from . import _api
 __all__ = ["Evaluator", "EvalResult", "STATE_FORMAT", "STATE_VERSION", "MAX_CONFUSION_BYTES",
            "HIDDEN_CHUNK_BYTES", "hidden_chunk_rows", "hidden_compute_dtype"]
 
-STATE_FORMAT = "numbaxent.Evaluator"  # the ``format`` member of a state file
-STATE_VERSION = 1  # the ``version`` member; load refuses any other
+STATE_FORMAT = "numbaxent.Evaluator"  # the `format` member of a state file
+STATE_VERSION = 1  # the `version` member; load refuses any other
 MAX_CONFUSION_BYTES = 1 << 30  # a C x C int64 confusion matrix above this is refused (C > 11585)
 HIDDEN_CHUNK_BYTES = 64 << 20  # default logits buffer of Evaluator.update_hidden
 
@@ -41,21 +41,21 @@ def _is_float(dt) -> bool:
 
 
 def hidden_compute_dtype(*dtypes) -> np.dtype:
-    """The dtype :meth:`Evaluator.update_hidden` forms logits in: float64 when any of ``dtypes``
+    """The dtype `Evaluator.update_hidden` forms logits in: float64 when any of `dtypes`
     is float64, else float32 (float16 and bfloat16 are computed in float32, as the core does)."""
     wide = any(np.dtype(d).kind == "f" and np.dtype(d).itemsize == 8 for d in dtypes)
     return np.dtype(np.float64 if wide else np.float32)
 
 
 def hidden_chunk_rows(vocab: int, itemsize: int, budget: int | None = None) -> int:
-    """Default rows per chunk of :meth:`Evaluator.update_hidden`: as many as fit ``budget``
-    (default :data:`HIDDEN_CHUNK_BYTES`) of ``vocab``-wide logits, at least 1."""
+    """Default rows per chunk of `Evaluator.update_hidden`: as many as fit `budget`
+    (default `HIDDEN_CHUNK_BYTES`) of `vocab`-wide logits, at least 1."""
     budget = HIDDEN_CHUNK_BYTES if budget is None else budget
     return max(1, budget // max(1, vocab * itemsize))
 
 
 def _two_sum_into(hi: np.ndarray, lo: np.ndarray, b_hi, b_lo) -> None:
-    """``hi + lo += b_hi + b_lo`` with the rounding error of the main addition kept in ``lo``
+    """`hi + lo += b_hi + b_lo` with the rounding error of the main addition kept in `lo`
     (Knuth's two-sum), so a total does not depend on the order in which partial sums arrive."""
     s = hi + b_hi
     bp = s - hi
@@ -73,53 +73,63 @@ def _ratio(num, den):
 
 @dataclass
 class EvalResult:
-    """What :meth:`Evaluator.result` reports. Means are over the non-ignored targets.
+    r"""What [`Evaluator.result`][numbaxent.evaluate.Evaluator.result] reports. Means are over the
+    non-ignored targets.
 
     Attributes
     ----------
     loss : float
-        Exactly ``torch.nn.functional.cross_entropy(..., reduction="mean")`` over every row seen:
-        ``loss_sum / weight_sum`` (NaN when every target was ignored, as in PyTorch).
+        Exactly `torch.nn.functional.cross_entropy(..., reduction="mean")` over every row seen:
+        `loss_sum / weight_sum` (NaN when every target was ignored, as in PyTorch).
     loss_sum : float
-        ``reduction="sum"``.
+        `reduction="sum"`.
     weight_sum : float
-        The ``'mean'`` denominator ``sum_i w[y_i]`` over non-ignored targets (their count without
-        ``weight``).
+        The `'mean'` denominator $\sum_i w_{y_i}$ over non-ignored targets (their count without
+        `weight`).
     nll : float
-        Mean negative log-likelihood ``-log softmax(x)[y]``, unweighted and unsmoothed.
+        Mean negative log-likelihood $-\log \operatorname{softmax}(x_i)_{y_i}$, unweighted and
+        unsmoothed.
     perplexity : float
-        ``exp(nll)``.
+        $\exp(\text{nll})$.
     accuracy : dict[int, float]
-        ``{k: fraction of targets ranked < k}``; the rank is the target's position in a stable
-        ``np.argsort(-logits)`` (ties: lower class index first; NaN logits last).
+        `{k: fraction of targets ranked < k}`; the rank is the target's position in a stable
+        `np.argsort(-logits)` (ties: lower class index first; NaN logits last).
     entropy : float
-        Mean predictive entropy ``-sum_c p_c log p_c`` (nats).
+        Mean predictive entropy $-\sum_c p_c \log p_c$ (nats).
     confidence : float
         Mean probability of the predicted class (over the rows with a finite softmax).
-    ece, mce : float
-        Expected and maximum calibration error over ``calibration_bins`` equal-width bins
-        ``(b/B, (b+1)/B]`` of the confidence (top-1 correctness against the confidence).
+    ece : float
+        Expected calibration error over `calibration_bins` = $B$ equal-width bins
+        $(b/B, (b+1)/B]$ of the confidence: the bins' gaps between top-1 accuracy and mean
+        confidence, weighted by their share of the rows.
+    mce : float
+        Maximum calibration error: the largest of those gaps over the non-empty bins.
     calibration : dict
-        Per bin: ``edges`` (B+1), ``count``, ``confidence`` (mean) and ``accuracy``.
+        Per bin: `edges` (B+1), `count`, `confidence` (mean) and `accuracy`.
     per_class : dict
-        Per target class (arrays of length C): ``count``, ``loss_sum``, ``loss`` (the ``'mean'``
-        over that class's rows, ``loss_sum / (count * w_c)``), ``accuracy`` (top-1 recall),
-        ``predicted`` (how often the class was the argmax), ``precision``.
+        Per target class (arrays of length C): `count`, `loss_sum`, `loss` (the `'mean'`
+        over that class's rows, $\text{loss\_sum} / (\text{count} \cdot w_c)$), `accuracy` (top-1 recall),
+        `predicted` (how often the class was the argmax), `precision`.
     balanced_accuracy : float
         Mean of the per-class top-1 recall over the classes that occur.
-    n_seen, n_ignored, n_valid : int
-        Targets seen, equal to ``ignore_index``, and the rest.
+    n_seen : int
+        Targets seen.
+    n_ignored : int
+        Targets equal to `ignore_index`.
+    n_valid : int
+        The rest: `n_seen - n_ignored`.
     n_nonfinite : int
-        Non-ignored rows whose softmax is NaN (a NaN or ``+inf`` logit, or all ``-inf``): they are in
+        Non-ignored rows whose softmax is NaN (a NaN or `+inf` logit, or all `-inf`): they are in
         the loss (which is then NaN, as in PyTorch) but in no calibration bin.
     confusion : ndarray of int64, shape (C, C), or None
-        Only with ``Evaluator(..., confusion=True)``: ``confusion[i, j]`` counts the non-ignored
-        targets of class ``i`` whose predicted class (the argmax, ties to the lowest index) is ``j``.
+        Only with `Evaluator(..., confusion=True)`: `confusion[i, j]` counts the non-ignored
+        targets of class `i` whose predicted class (the argmax, ties to the lowest index) is `j`.
     iou : ndarray of float64, shape (C,), or None
-        Per-class intersection over union ``M[c, c] / (sum_j M[c, j] + sum_i M[i, c] - M[c, c])``
-        (NaN for a class that is neither a target nor predicted: its union is empty).
+        Per-class intersection over union of the confusion matrix $M$,
+        $M_{cc} / (\sum_j M_{cj} + \sum_i M_{ic} - M_{cc})$ (NaN for a class that is neither a
+        target nor predicted: its union is empty).
     mean_iou : float or None
-        Mean of ``iou`` over the classes whose union is non-empty (NaN when there are none).
+        Mean of `iou` over the classes whose union is non-empty (NaN when there are none).
     """
 
     loss: float
@@ -146,8 +156,8 @@ class EvalResult:
     _CONFUSION_FIELDS = ("confusion", "iou", "mean_iou")
 
     def to_dict(self) -> dict:
-        """Plain Python types (lists for arrays, None for NaN/inf), ready for ``json.dumps``.
-        ``confusion`` (a list of rows), ``iou`` and ``mean_iou`` are present only when the
+        """Plain Python types (lists for arrays, None for NaN/inf), ready for `json.dumps`.
+        `confusion` (a list of rows), `iou` and `mean_iou` are present only when the
         evaluator kept a confusion matrix."""
 
         def clean(v):
@@ -174,7 +184,7 @@ class EvalResult:
         return {k: clean(getattr(self, k)) for k in self.__dataclass_fields__ if k not in skip}
 
     def format(self, per_class: bool = False, max_classes: int | None = None) -> str:
-        """A readable table (what ``numbaxent eval`` prints)."""
+        """A readable table (what `numbaxent eval` prints)."""
         def f(v, spec=".6g"):
             return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -232,10 +242,16 @@ class Evaluator:
     Parameters
     ----------
     num_classes : int
-        C; every ``update`` must have logits with C classes.
-    weight, ignore_index, label_smoothing
-        As in :func:`numbaxent.cross_entropy` (class-index targets); they define ``loss``/``loss_sum``
-        (the other metrics are unweighted, unsmoothed and skip ignored targets).
+        C; every [`update`][numbaxent.evaluate.Evaluator.update] must have logits with C classes.
+    weight : array_like, optional
+        Class weights of shape (C,), as in [`cross_entropy`][numbaxent.cross_entropy]; they weight
+        `loss` and `loss_sum` only (the other metrics are unweighted).
+    ignore_index : int
+        As in [`cross_entropy`][numbaxent.cross_entropy] (class-index targets); ignored targets are
+        counted in `n_ignored` and skipped by every metric.
+    label_smoothing : float
+        As in [`cross_entropy`][numbaxent.cross_entropy]; it applies to `loss` and `loss_sum` only
+        (the other metrics are unsmoothed).
     topk : int or sequence of int
         The k of the top-k accuracies (each >= 1; a k >= C gives 1).
     calibration_bins : int
@@ -243,15 +259,17 @@ class Evaluator:
     confusion : bool
         Also keep the C x C int64 confusion matrix (rows: target class, columns: predicted class)
         and report per-class IoU and mean IoU. Refused (ValueError) when the matrix would take more
-        than ``MAX_CONFUSION_BYTES`` (1 GiB: C > 11585).
+        than `MAX_CONFUSION_BYTES` (1 GiB: C > 11585).
 
     Notes
     -----
     The state is a few integer and float64 arrays of length O(C + bins + len(topk)) (plus C x C
-    integers with ``confusion=True``); float totals are kept with a two-sum error term, so
-    ``result()`` agrees to ~1e-15 relative whatever the chunking of the rows and the order of
-    ``merge`` calls. The object pickles (send it between processes), and :meth:`save` writes it to a
-    pickle-free ``.npz`` file that :meth:`load` reads back (array jobs, shared file systems).
+    integers with `confusion=True`); float totals are kept with a two-sum error term, so
+    `result()` agrees to ~1e-15 relative whatever the chunking of the rows and the order of
+    [`merge`][numbaxent.evaluate.Evaluator.merge] calls. The object pickles (send it between
+    processes), and [`save`][numbaxent.evaluate.Evaluator.save] writes it to a pickle-free `.npz`
+    file that [`load`][numbaxent.evaluate.Evaluator.load] reads back (array jobs, shared file
+    systems).
 
     Examples
     --------
@@ -345,7 +363,7 @@ class Evaluator:
                  "confusion")
 
     def _differences(self, other: "Evaluator") -> list:
-        """``["name: mine vs theirs", ...]`` for every setting that differs from ``other``'s."""
+        """`["name: mine vs theirs", ...]` for every setting that differs from `other`'s."""
         diff = [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in self._SETTINGS
                 if getattr(self, k) != getattr(other, k)]
         if (self.weight is None) != (other.weight is None):
@@ -358,7 +376,7 @@ class Evaluator:
         return diff
 
     def compatible(self, other: "Evaluator") -> bool:
-        """Whether ``other`` has the same configuration (so the two can be merged)."""
+        """Whether `other` has the same configuration (so the two can be merged)."""
         return isinstance(other, Evaluator) and not self._differences(other)
 
     def __repr__(self):
@@ -392,10 +410,10 @@ class Evaluator:
 
     # -- merge ---------------------------------------------------------------------------------------
     def merge(self, other: "Evaluator") -> "Evaluator":
-        """Add ``other``'s state to this one (in place) and return ``self``.
+        """Add `other`'s state to this one (in place) and return `self`.
 
         Merging is associative and commutative up to ~1e-16 relative on the float totals, so any
-        reduction tree over any split of the rows gives the same ``result()``."""
+        reduction tree over any split of the rows gives the same `result()`."""
         if not isinstance(other, Evaluator):
             raise TypeError(f"can only merge another Evaluator, got {type(other).__name__}")
         diff = self._differences(other)
@@ -410,9 +428,10 @@ class Evaluator:
 
     # -- save / load ---------------------------------------------------------------------------------
     def save(self, path, info: dict | None = None) -> None:
-        """Write the state to ``path`` as a ``.npz`` file that :meth:`load` reads without pickle.
+        """Write the state to `path` as a `.npz` file that [`load`][numbaxent.evaluate.Evaluator.load]
+        reads without pickle.
 
-        Members (format version 1; every one a plain numeric or string array)::
+        Members (format version 1; every one a plain numeric or string array):
 
             format            str    "numbaxent.Evaluator"
             version           int64  1
@@ -423,13 +442,13 @@ class Evaluator:
             calibration_bins  int64  B
             confusion         bool
             weight            (C,) class weights in their dtype, or (0,) float64 for none
-            ints              int64 (5 + K + 3C + 2B,)  counts (see ``_int_slices``)
+            ints              int64 (5 + K + 3C + 2B,)  counts (see _int_slices)
             hi, lo            float64 (4 + C + B,)      float totals and their two-sum error terms
-            matrix            int64 (C, C), or (0, 0) without ``confusion``
-            info              str    JSON object (``info``: free-form provenance, e.g. the rows)
+            matrix            int64 (C, C), or (0, 0) without confusion
+            info              str    JSON object (info: free-form provenance, e.g. the rows)
 
         The file is written to a temporary name in the same directory and renamed into place, so a
-        reader never sees a partly written state. ``info`` must be JSON-serialisable.
+        reader never sees a partly written state. `info` must be JSON-serialisable.
         """
         import json
 
@@ -463,9 +482,9 @@ class Evaluator:
 
     @classmethod
     def load(cls, path) -> "Evaluator":
-        """Read a state written by :meth:`save`.
+        """Read a state written by [`save`][numbaxent.evaluate.Evaluator.save].
 
-        Nothing in the file is executed: it is read with ``np.load(allow_pickle=False)`` and every
+        Nothing in the file is executed: it is read with `np.load(allow_pickle=False)` and every
         member's dtype and shape is checked. A missing, truncated, corrupt or foreign file, an
         object (pickle) member or an unknown format version raises ValueError with one line naming
         the file (FileNotFoundError for a missing one)."""
@@ -515,8 +534,8 @@ class Evaluator:
     _row_offset = 0  # rows before this evaluator's first one (set by numbaxent.dask per block)
 
     def _bad_target(self, t, r):
-        """Raise the IndexError for flat target position ``r`` of chunk ``t``, naming its row
-        counted over everything seen (``(row, j1, ..., jk)`` for K-dimensional targets)."""
+        """Raise the IndexError for flat target position `r` of chunk `t`, naming its row
+        counted over everything seen (`(row, j1, ..., jk)` for K-dimensional targets)."""
         first = self._row_offset + int(self._ints[4])
         if t.ndim <= 1:
             row = first + r
@@ -528,17 +547,30 @@ class Evaluator:
                          f"ignore_index ({self.ignore_index})")
 
     def update(self, logits, target) -> "Evaluator":
-        """Add a chunk: ``logits`` (C,), (N, C) or (N, C, d1..dk) of any float dtype with targets of
-        shape (), (N,) or (N, d1..dk) of any integer dtype. Returns ``self``.
+        """Add a chunk of logits and their targets; returns `self`.
 
-        Raises TypeError (non-float logits, non-integer targets), ValueError (wrong class count or
-        target shape) or IndexError (a target outside ``[0, C)`` that is not ``ignore_index``; the
-        message gives its row counted over everything seen). A failed update changes nothing.
+        Parameters
+        ----------
+        logits : array_like
+            Shape (C,), (N, C) or (N, C, d1, ..., dk), of any float dtype (float16, bfloat16,
+            float32, float64, either byte order).
+        target : array_like of int
+            Class indices of shape (), (N,) or (N, d1, ..., dk), of any integer dtype.
+
+        Raises
+        ------
+        TypeError
+            Non-float logits, non-integer targets.
+        ValueError
+            Wrong class count or target shape.
+        IndexError
+            A target outside `[0, C)` that is not `ignore_index`; the message gives its row counted
+            over everything seen. A failed update changes nothing.
         """
         return self._update(logits, target, None)
 
     def _update(self, logits, target, cap) -> "Evaluator":
-        """:meth:`update` of the logits soft-capped to ``cap * tanh(x / cap)`` (``cap=None``: as
+        """`update` of the logits soft-capped to `cap * tanh(x / cap)` (`cap=None`: as
         they are); the cap is applied by the kernel as it reads each logit."""
         x3, tgt, compute, t = self._check(logits, target)
         R = tgt.shape[0]
@@ -587,44 +619,53 @@ class Evaluator:
 
     def update_hidden(self, hidden, weight, target, bias=None, softcap=None,
                       chunk_size=None) -> "Evaluator":
-        r"""Add the rows whose logits are ``hidden @ weight.T + bias``, without forming them all.
+        r"""Add the rows whose logits are `hidden @ weight.T + bias`, without forming them all.
 
-        The result equals ``update(hidden @ weight.T + bias, target)`` (within the rounding of the
-        matrix product): the logits are formed ``chunk_size`` rows at a time into one reused buffer
-        (``np.matmul(..., out=)``, BLAS) and each chunk goes through :meth:`update`'s one-pass
-        kernel. Rows whose target is ``ignore_index`` are counted but never multiplied out.
+        The result equals [`update`][numbaxent.evaluate.Evaluator.update]`(hidden @ weight.T + bias,
+        target)` (within the rounding of the matrix product): the logits are formed `chunk_size`
+        rows at a time into one reused buffer (`np.matmul(..., out=)`, BLAS) and each chunk goes
+        through `update`'s one-pass kernel. Rows whose target is `ignore_index` are counted but never multiplied out.
 
         Parameters
         ----------
-        hidden : ndarray, shape (N, H) or (..., H)
-            Final hidden states: float16, bfloat16 (``ml_dtypes``), float32 or float64. Leading
-            axes are flattened into rows (an error message then counts rows in that order).
-        weight : ndarray, shape (V, H)
-            The output layer (``V == num_classes``), same dtypes.
-        target : array_like of int, shape ``hidden.shape[:-1]``
-        bias : array_like, shape (V,), optional
+        hidden : ndarray
+            Final hidden states of shape (N, H) or (..., H): float16, bfloat16 (`ml_dtypes`),
+            float32 or float64. Leading axes are flattened into rows (an error message then counts
+            rows in that order).
+        weight : ndarray
+            The output layer, shape (V, H) with `V == num_classes`, same dtypes.
+        target : array_like of int
+            Class indices of shape `hidden.shape[:-1]`.
+        bias : array_like, optional
+            Output bias of shape (V,).
         softcap : float, optional
-            Score the soft-capped logits ``softcap * tanh(x / softcap)`` (Gemma 2), as
-            :func:`numbaxent.cross_entropy` does; the kernel caps each logit as it reads it.
+            Score the soft-capped logits $s \tanh(x / s)$ (with $s$ = `softcap`; Gemma 2), as
+            [`cross_entropy`][numbaxent.cross_entropy] does; the kernel caps each logit as it reads
+            it.
         chunk_size : int, optional
-            Rows per chunk. Default: as many as fit :data:`HIDDEN_CHUNK_BYTES` (64 MiB) of logits,
-            ``max(1, 64 MiB // (V * itemsize))``.
+            Rows per chunk. Default: as many as fit `HIDDEN_CHUNK_BYTES` (64 MiB) of logits,
+            `max(1, 64 MiB // (V * itemsize))`.
 
         Notes
         -----
-        Precision: logits are computed in float64 when ``hidden`` or ``weight`` is float64, else in
-        float32 (half-precision inputs are converted to float32 one chunk of ``hidden`` at a time;
-        a ``weight`` not already in the compute dtype is converted once per call, ``V * H``
+        Precision: logits are computed in float64 when `hidden` or `weight` is float64, else in
+        float32 (half-precision inputs are converted to float32 one chunk of `hidden` at a time;
+        a `weight` not already in the compute dtype is converted once per call, `V * H`
         values: convert it yourself when calling many times).
 
-        Memory beyond the inputs: the logits buffer (``chunk_size x V``), a converted ``hidden``
+        Memory beyond the inputs: the logits buffer (`chunk_size x V`), a converted `hidden`
         chunk for half inputs or when rows are skipped, an int64 copy of the targets, and the
-        converted ``weight`` when it needs one.
+        converted `weight` when it needs one.
 
-        Raises TypeError (non-float hidden/weight, non-integer targets), ValueError (hidden sizes,
-        vocabulary vs ``num_classes``, target shape or bias shape that do not match) or IndexError
-        (out-of-range target; all targets are checked before any row is added, so a failed call
-        changes nothing).
+        Raises
+        ------
+        TypeError
+            Non-float hidden/weight, non-integer targets.
+        ValueError
+            Hidden sizes, vocabulary vs `num_classes`, target shape or bias shape that do not match.
+        IndexError
+            An out-of-range target; all targets are checked before any row is added, so a failed
+            call changes nothing.
         """
         name = "Evaluator.update_hidden"
         h = _api._as_array(hidden, "hidden")
@@ -708,7 +749,7 @@ class Evaluator:
         return self
 
     def _add_confusion(self, tgt, pred):
-        """Count the chunk's (target, prediction) pairs into the confusion matrix. ``pred`` is the
+        """Count the chunk's (target, prediction) pairs into the confusion matrix. `pred` is the
         kernel's argmax (lowest index among ties, -1 for ignored rows)."""
         C = self.num_classes
         keep = pred >= 0
@@ -731,7 +772,8 @@ class Evaluator:
 
     # -- result --------------------------------------------------------------------------------------
     def result(self) -> EvalResult:
-        """The figures for everything seen so far (see :class:`EvalResult`)."""
+        """The figures for everything seen so far (see
+        [`EvalResult`][numbaxent.evaluate.EvalResult])."""
         v = self._hi + self._lo
         si, sf = self._int_slices(), self._float_slices()
         n_seen, n_ignored, n_valid, n_nonfinite = (int(i) for i in self._ints[:4])
@@ -795,7 +837,7 @@ class Evaluator:
 
 
 def _read_state(path):
-    """``(Evaluator, info dict)`` from a state file (see :meth:`Evaluator.save`)."""
+    """`(Evaluator, info dict)` from a state file (see `Evaluator.save`)."""
     import json
 
     path = os.fspath(path)
@@ -878,7 +920,7 @@ def _why(exc) -> str:
 
 
 def warmup_variants():
-    """(label, thunk) pairs compiling the evaluator's kernels (used by ``numbaxent warmup``)."""
+    """(label, thunk) pairs compiling the evaluator's kernels (used by `numbaxent warmup`)."""
     rng = np.random.default_rng(0)
     for name in ("float32", "float64", "float16"):
         # 4 classes take the column kernel (short rows, K-dim), 48 the row kernel

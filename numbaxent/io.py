@@ -1,7 +1,7 @@
-"""Reading the arrays that ``numbaxent eval`` and the Dask path evaluate: ``.npy`` files (memory
-maps over 2 MiB-aligned windows, read in row chunks), ``.npz`` members (uncompressed ones memory-mapped,
+"""Reading the arrays that `numbaxent eval` and the Dask path evaluate: `.npy` files (memory
+maps over 2 MiB-aligned windows, read in row chunks), `.npz` members (uncompressed ones memory-mapped,
 compressed ones decompressed as a stream), Zarr stores (through Dask), and bfloat16 saved as raw
-2-byte voids. A library for the command line (:mod:`numbaxent.eval_cli`) and :mod:`numbaxent.dask`;
+2-byte voids. A library for the command line (`numbaxent.eval_cli`) and `numbaxent.dask`;
 it imports neither, nor the kernels.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ class InputError(Exception):
 
 # -- file access ---------------------------------------------------------------------------------------
 def _read_npy_header(f, label: str):
-    """(shape, fortran_order, dtype) from a .npy header at ``f``'s position (left after it)."""
+    """(shape, fortran_order, dtype) from a .npy header at `f`'s position (left after it)."""
     try:
         version = np.lib.format.read_magic(f)
     except ValueError as exc:
@@ -66,14 +66,14 @@ class StoredArray:
 
 @dataclass(frozen=True)
 class RawArray(StoredArray):
-    """An array stored raw in a file at ``offset`` (a ``.npy`` file, or an uncompressed ``.npz``
+    """An array stored raw in a file at `offset` (a `.npy` file, or an uncompressed `.npz`
     member): memory-mapped, so reading rows costs no copy and no anonymous memory. Picklable
     (Dask tasks map their own rows)."""
 
     offset: int = 0  # of the array's data in the file
 
     def rows(self, a: int, b: int) -> np.ndarray:
-        """Rows ``a:b`` (a read-only memory map; ``b`` is clipped to the row count)."""
+        """Rows `a:b` (a read-only memory map; `b` is clipped to the row count)."""
         b = min(b, self.shape[0])
         if b <= a or self.row_bytes == 0:
             return np.empty((max(0, b - a),) + self.shape[1:], dtype=self.dtype)
@@ -100,12 +100,12 @@ class RawArray(StoredArray):
 
 @dataclass(frozen=True)
 class ZipStreamArray(StoredArray):
-    """A compressed ``.npz`` member: read front to back, one chunk of rows at a time."""
+    """A compressed `.npz` member: read front to back, one chunk of rows at a time."""
 
     member: str = ""  # its name in the archive
 
     def chunks(self, rows: int, start: int = 0, stop: int | None = None):
-        """Yield ``(a, b, rows a:b)`` over ``start:stop``; the rows before ``start`` are
+        """Yield `(a, b, rows a:b)` over `start:stop`; the rows before `start` are
         decompressed and dropped (a stream cannot seek)."""
         if self.fortran and len(self.shape) > 1:
             raise InputError(f"{self.label}: a compressed Fortran-ordered member cannot be read in "
@@ -160,7 +160,7 @@ class DaskStore:
 
 
 def split_member(spec: str):
-    """``path:member`` -> (path, member) when ``path`` exists and ``spec`` does not."""
+    """`path:member` -> (path, member) when `path` exists and `spec` does not."""
     if os.path.exists(spec) or ":" not in spec:
         return spec, None
     path, member = spec.rsplit(":", 1)
@@ -223,10 +223,10 @@ def _open_npz(path: str, member, label: str, raw_only: bool):
 
 
 def open_array(spec: str, raw_only: bool = False):
-    """Open ``path.npy``, ``path.npz[:member]`` or ``store.zarr[:component]`` for reading.
+    """Open `path.npy`, `path.npz[:member]` or `store.zarr[:component]` for reading.
 
-    Returns a :class:`RawArray`, :class:`ZipStreamArray` or :class:`DaskStore`; raises
-    :class:`InputError` with a one-line message for anything unusable."""
+    Returns a `RawArray`, `ZipStreamArray` or `DaskStore`; raises
+    `InputError` with a one-line message for anything unusable."""
     path, member = split_member(spec)
     label = spec
     if is_zarr(path):
@@ -267,10 +267,10 @@ def shape_dtype(src):
 
 
 def row_chunks(src, rows: int, start: int = 0, stop: int | None = None):
-    """Yield ``(a, b, rows a:b)`` front to back over rows ``start:stop`` (default: all).
+    """Yield `(a, b, rows a:b)` front to back over rows `start:stop` (default: all).
 
     A raw file is memory-mapped once; after each chunk the pages already processed are unmapped
-    from this process (``MADV_DONTNEED``: they stay in the page cache), in whole 2 MiB steps so that
+    from this process (`MADV_DONTNEED`: they stay in the page cache), in whole 2 MiB steps so that
     huge page-cache folios stay mapped by one page-table entry until they are done with. Resident
     memory, anonymous or file-backed, is therefore bounded by the chunk, not the file."""
     if isinstance(src, ZipStreamArray):
@@ -317,8 +317,8 @@ def read_whole(src):
 
 
 def bfloat16_view(src):
-    """Read a file whose dtype is a bare 2-byte void (``|V2``: what ``np.save`` writes for an
-    ``ml_dtypes.bfloat16`` array, NumPy having no such type) as bfloat16."""
+    """Read a file whose dtype is a bare 2-byte void (`|V2`: what `np.save` writes for an
+    `ml_dtypes.bfloat16` array, NumPy having no such type) as bfloat16."""
     dt = getattr(src, "dtype", None)
     if dt is None or dt.kind != "V" or dt.itemsize != 2 or dt.names is not None:
         return src

@@ -1,28 +1,28 @@
 """Fused linear + cross-entropy for training a language model's output layer on the CPU.
 
-``loss = cross_entropy(hidden @ weight.T + bias, target, ...)`` and its gradients with respect to
-``hidden``, ``weight`` and ``bias``, without ever holding the ``(tokens, vocab)`` logits: rows are
+`loss = cross_entropy(hidden @ weight.T + bias, target, ...)` and its gradients with respect to
+`hidden`, `weight` and `bias`, without ever holding the `(tokens, vocab)` logits: rows are
 processed in chunks; one chunk's logits are formed with BLAS into a reused buffer, turned into their
 gradient in place by numbaxent's fused kernel, and immediately consumed by the two gradient products
-(``grad_hidden[chunk] = G @ weight``, ``grad_weight += G.T @ hidden[chunk]``). Rows whose target is
-``ignore_index`` are skipped entirely: no matrix-product work for padding.
+(`grad_hidden[chunk] = G @ weight`, `grad_weight += G.T @ hidden[chunk]`). Rows whose target is
+`ignore_index` are skipped entirely: no matrix-product work for padding.
 
-Chunk size (``chunk_size=None``): as many rows as fit a logits buffer of
-:data:`LOGITS_BUDGET_BYTES` (32 MiB: ``rows = 32 MiB / (vocab * itemsize)``), rounded down to a
+Chunk size (`chunk_size=None`): as many rows as fit a logits buffer of
+`LOGITS_BUDGET_BYTES` (32 MiB: `rows = 32 MiB / (vocab * itemsize)`), rounded down to a
 multiple of 16 and kept between 16 and 4096 rows — large enough for BLAS to run at full speed, small
-enough that the extra memory is a few tens of MB whatever the number of tokens. ``grad_weight`` is
-accumulated in vocabulary blocks of :data:`VOCAB_BLOCK` rows through a small temporary, so no
-``(vocab, hidden)`` temporary is allocated either.
+enough that the extra memory is a few tens of MB whatever the number of tokens. `grad_weight` is
+accumulated in vocabulary blocks of `VOCAB_BLOCK` rows through a small temporary, so no
+`(vocab, hidden)` temporary is allocated either.
 
-Semantics are the core's (PyTorch's) for every option; ``class_weight`` is ``cross_entropy``'s
-``weight``. One deliberate difference: since ignored rows are skipped, a NaN or inf in an ignored
-row's hidden state reaches no gradient (in PyTorch's unfused path it makes ``grad_weight`` NaN).
+Semantics are the core's (PyTorch's) for every option; `class_weight` is `cross_entropy`'s
+`weight`. One deliberate difference: since ignored rows are skipped, a NaN or inf in an ignored
+row's hidden state reaches no gradient (in PyTorch's unfused path it makes `grad_weight` NaN).
 
 Precision: float32 and float64 inputs are computed in their own dtype. float16 and bfloat16
-(``ml_dtypes``) ``hidden`` and ``weight`` are computed in float32, as the core computes half logits:
-``weight`` (and ``bias``) are converted to float32 once per call, ``hidden`` one chunk at a time,
+(`ml_dtypes`) `hidden` and `weight` are computed in float32, as the core computes half logits:
+`weight` (and `bias`) are converted to float32 once per call, `hidden` one chunk at a time,
 and the gradients are accumulated in float32 and returned in the inputs' dtypes (the loss too, as
-the core returns it; ``Stats.lse`` stays float32, as the core's).
+the core returns it; `Stats.lse` stays float32, as the core's).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ VOCAB_BLOCK = 2048
 
 
 def chunk_rows(vocab: int, itemsize: int, n_rows: int) -> int:
-    """The default chunk size (rows) for a vocabulary of ``vocab`` classes."""
+    """The default chunk size (rows) for a vocabulary of `vocab` classes."""
     rows = LOGITS_BUDGET_BYTES // max(1, vocab * itemsize)
     rows = max(16, min(4096, rows // 16 * 16))
     return max(1, min(rows, n_rows))
@@ -71,7 +71,7 @@ def _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight, g
 
 
 def _compute(dtype) -> np.dtype:
-    """The dtype the logits are formed in: float32 for float16/bfloat16, else ``dtype``."""
+    """The dtype the logits are formed in: float32 for float16/bfloat16, else `dtype`."""
     return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
 
 
@@ -195,36 +195,57 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int
                          reduction: str = "mean", label_smoothing: float = 0.0, class_weight=None,
                          z_loss: float = 0.0, softcap=None, sample_weight=None, normalizer=None,
                          chunk_size=None, return_stats: bool = False):
-    r"""Cross-entropy of the logits ``hidden @ weight.T + bias``, without forming them all.
+    r"""Cross-entropy of the logits `hidden @ weight.T + bias`, without forming them all.
 
-    Equal to ``cross_entropy(hidden @ weight.T + bias, target, weight=class_weight, ...)``, except
-    that rows whose target is ``ignore_index`` are skipped: their hidden states are never read, so
+    Equal to [`cross_entropy`][numbaxent.cross_entropy]`(hidden @ weight.T + bias, target,
+    weight=class_weight, ...)`, except
+    that rows whose target is `ignore_index` are skipped: their hidden states are never read, so
     a NaN or inf there does not reach the gradients (PyTorch's unfused path forms those rows'
-    logits and its ``grad_weight`` becomes NaN; a documented deliberate difference, see the
-    semantics page). The loss is the same either way.
+    logits and its `grad_weight` becomes NaN; a documented deliberate difference, see the
+    [semantics page](semantics.md)). The loss is the same either way. Rows are processed in chunks
+    whose logits are formed with BLAS into one reused buffer, so memory stays a few tens of MB
+    whatever the number of tokens.
 
     Parameters
     ----------
-    hidden : ndarray, shape (N, H) or (..., H)
-        float16, bfloat16 (``ml_dtypes``), float32 or float64 activations (half precision is
-        computed in float32; see the module docstring).
-    weight : ndarray, shape (V, H)
-        Output projection, of ``hidden``'s dtype.
-    target : array_like of int, shape (N,) or (...)
-        Class indices (``ignore_index`` rows are skipped).
-    bias : ndarray, shape (V,), optional
-    ignore_index, reduction, label_smoothing, z_loss, softcap, sample_weight, normalizer, return_stats
-        As in :func:`numbaxent.cross_entropy`.
-    class_weight : array_like, shape (V,), optional
-        Per-class weights (``cross_entropy``'s ``weight``).
+    hidden : ndarray
+        Activations of shape (N, H) or (..., H): float16, bfloat16 (`ml_dtypes`), float32 or
+        float64 (half precision is computed in float32, its gradients accumulated in float32).
+    weight : ndarray
+        Output projection of shape (V, H), of `hidden`'s dtype.
+    target : array_like of int
+        Class indices of `hidden`'s leading shape, (N,) or (...); `ignore_index` rows are skipped.
+    bias : ndarray, optional
+        Output bias of shape (V,).
+    ignore_index : int
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    reduction : {'mean', 'sum', 'none'}
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    label_smoothing : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    class_weight : array_like, optional
+        Keyword-only. Per-class weights of shape (V,): [`cross_entropy`][numbaxent.cross_entropy]'s
+        `weight`.
+    z_loss : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    softcap : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    sample_weight : array_like, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy] (of `target`'s shape).
+    normalizer : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
     chunk_size : int, optional
-        Rows per chunk; default from a 32 MiB logits budget (see the module docstring).
+        Keyword-only. Rows per chunk; by default as many as fit a 32 MiB logits buffer, rounded
+        down to a multiple of 16 and kept between 16 and 4096.
+    return_stats : bool
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
 
     Returns
     -------
-    loss : numpy scalar, or ndarray of ``target``'s shape for ``reduction='none'``
+    loss : numpy scalar or ndarray
+        A scalar, or an array of `target`'s shape for `reduction='none'`.
     stats : Stats
-        Only with ``return_stats=True`` (``lse`` is NaN on skipped, ignored rows).
+        Only with `return_stats=True` (`lse` is NaN on skipped, ignored rows).
     """
     return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
                 class_weight, z_loss, softcap, sample_weight, normalizer, chunk_size, None, False,
@@ -236,30 +257,63 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
                                    class_weight=None, z_loss: float = 0.0, softcap=None,
                                    sample_weight=None, normalizer=None, chunk_size=None,
                                    grad_output=None, return_stats: bool = False):
-    r"""Loss and the gradients of ``sum(grad_output * loss)`` w.r.t. ``hidden``, ``weight``, ``bias``.
+    r"""Loss and the gradients of `sum(grad_output * loss)` w.r.t. `hidden`, `weight`, `bias`.
 
-    With ``G`` the gradient of the loss with respect to the logits (computed chunk by chunk, in place
-    over the chunk's logits): ``grad_hidden = G @ weight``, ``grad_weight = G.T @ hidden``,
-    ``grad_bias = G.sum(0)``.
+    With $G$ the gradient of the loss with respect to the logits $X = H W^\top + b$ (computed chunk
+    by chunk, in place over the chunk's logits, as
+    [`cross_entropy_with_grad`][numbaxent.cross_entropy_with_grad] gives it):
+
+    $$
+    \frac{\partial}{\partial H} = G W, \qquad \frac{\partial}{\partial W} = G^\top H, \qquad
+    \frac{\partial}{\partial b} = \textstyle\sum_i G_{i,:}.
+    $$
 
     Parameters
     ----------
-    hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight
-        As in :func:`linear_cross_entropy`.
-    z_loss, softcap, sample_weight, normalizer, chunk_size, return_stats
-        As in :func:`linear_cross_entropy`.
+    hidden : ndarray
+        As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    weight : ndarray
+        As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    target : array_like of int
+        As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    bias : ndarray, optional
+        As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    ignore_index : int
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    reduction : {'mean', 'sum', 'none'}
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    label_smoothing : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    class_weight : array_like, optional
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
+    z_loss : float
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    softcap : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    sample_weight : array_like, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy] (of `target`'s shape).
+    normalizer : float, optional
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+    chunk_size : int, optional
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     grad_output : float or array_like, optional
-        Upstream gradient (a scalar for mean/sum, an array of ``target``'s shape for none).
+        Keyword-only. Upstream gradient: a scalar for `'mean'`/`'sum'`, an array of `target`'s
+        shape for `'none'`. Defaults to 1.
+    return_stats : bool
+        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
 
     Returns
     -------
     loss : numpy scalar or ndarray
-    grad_hidden : ndarray of ``hidden``'s shape
-    grad_weight : ndarray of ``weight``'s shape
-    grad_bias : ndarray of shape (V,), or None when ``bias`` is None
-        Every gradient is in ``hidden``'s (and ``weight``'s) dtype.
+        As [`linear_cross_entropy`][numbaxent.linear_cross_entropy] returns it.
+    grad_hidden : ndarray
+        Of `hidden`'s shape and dtype.
+    grad_weight : ndarray
+        Of `weight`'s shape and dtype.
+    grad_bias : ndarray or None
+        Of shape (V,) in `hidden`'s dtype, or None when `bias` is None.
     stats : Stats
-        Only with ``return_stats=True``.
+        Only with `return_stats=True`.
     """
     return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
                 class_weight, z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output,

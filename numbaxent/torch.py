@@ -1,19 +1,19 @@
-"""PyTorch drop-in: ``nn.CrossEntropyLoss`` and ``F.cross_entropy`` backed by numbaxent's kernels.
+"""PyTorch drop-in: `nn.CrossEntropyLoss` and `F.cross_entropy` backed by numbaxent's kernels.
 
 Optional: importing this module imports torch; the core never does. CPU tensors only. Tensors are
-shared with NumPy without copies (``Tensor.numpy()`` / ``torch.from_numpy``); the forward keeps the
-row statistics numbaxent's backward needs, and the backward writes ``grad_input`` in one pass.
+shared with NumPy without copies (`Tensor.numpy()` / `torch.from_numpy`); the forward keeps the
+row statistics numbaxent's backward needs, and the backward writes `grad_input` in one pass.
 
     from numbaxent.torch import CrossEntropyLoss
     criterion = CrossEntropyLoss(label_smoothing=0.1)       # same constructor as torch's
     loss = criterion(logits, target); loss.backward()
 
-Every core option works (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``,
-class-index or probability targets, any input rank) plus the keyword-only extras ``z_loss`` and
-``softcap``. Gradients flow to the input and to a probability target that requires grad (not to
-``weight``). Tensors are kept with ``ctx.save_for_backward``, so modifying the logits in place
+Every core option works (`weight`, `ignore_index`, `reduction`, `label_smoothing`,
+class-index or probability targets, any input rank) plus the keyword-only extras `z_loss` and
+`softcap`. Gradients flow to the input and to a probability target that requires grad (not to
+`weight`). Tensors are kept with `ctx.save_for_backward`, so modifying the logits in place
 between forward and backward raises PyTorch's usual error. Double backward
-(``create_graph=True``) computes the gradient with PyTorch operations instead of the kernels, so
+(`create_graph=True`) computes the gradient with PyTorch operations instead of the kernels, so
 that it can be differentiated again.
 """
 from __future__ import annotations
@@ -96,13 +96,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
 def _differentiable_grads(x, t, weight, options, go, need_x, need_t):
     r"""numbaxent's gradients written with differentiable PyTorch operations (double backward).
 
-    With :math:`z` the (soft-capped) logits, :math:`\log p = \operatorname{log\_softmax}(z)`,
-    :math:`G = \partial \ell / \partial \log p` (:math:`-w\tilde t` for probability targets,
-    :math:`-v[(1-\varepsilon) w_y \mathbb 1_y + \frac{\varepsilon}{C} w]` for class indices) and
-    :math:`g` the upstream gradient (over the ``'mean'`` denominator):
-    :math:`\partial/\partial z = g\,(G - p \sum_c G_c + 2\zeta v\,\operatorname{lse}(z)\, p)`,
-    times :math:`1 - \tanh^2(x/s)` under a soft-cap :math:`s`; and for a probability target
-    :math:`\partial/\partial t = -g\,(1-\varepsilon)\, w \log p`.
+    With $z$ the (soft-capped) logits, $\log p = \operatorname{log\_softmax}(z)$,
+    $G = \partial \ell / \partial \log p$ ($-w\tilde t$ for probability targets,
+    $-v[(1-\varepsilon) w_y \mathbb 1_y + \frac{\varepsilon}{C} w]$ for class indices) and
+    $g$ the upstream gradient (over the `'mean'` denominator):
+    $\partial/\partial z = g\,(G - p \sum_c G_c + 2\zeta v\,\operatorname{lse}(z)\, p)$,
+    times $1 - \tanh^2(x/s)$ under a soft-cap $s$; and for a probability target
+    $\partial/\partial t = -g\,(1-\varepsilon)\, w \log p$.
     Half types are computed in float32, as the kernels do."""
     ignore_index, reduction, eps, z_loss, cap = options
     eps = float(eps)
@@ -150,7 +150,12 @@ def _differentiable_grads(x, t, weight, options, go, need_x, need_t):
 @torch.compiler.disable
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None):
-    """``torch.nn.functional.cross_entropy`` with numbaxent's forward and backward."""
+    """`torch.nn.functional.cross_entropy` with numbaxent's forward and backward.
+
+    Same arguments as PyTorch's, plus `z_loss` and `softcap` (keyword-only, as in
+    [`numbaxent.cross_entropy`][numbaxent.cross_entropy]). CPU tensors only; the gradient flows to
+    `input` and to a probability `target` that requires grad, not to `weight`.
+    """
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("numbaxent.torch.cross_entropy expects torch tensors")
     if input.dtype not in _DTYPES:
@@ -165,8 +170,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    """``torch.nn.CrossEntropyLoss`` with numbaxent's kernels (same constructor, plus ``z_loss`` and
-    ``softcap`` keyword-only)."""
+    """`torch.nn.CrossEntropyLoss` with numbaxent's kernels (same constructor, plus `z_loss` and
+    `softcap` keyword-only); its forward calls [`cross_entropy`][numbaxent.torch.cross_entropy]."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None):
