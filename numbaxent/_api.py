@@ -1,320 +1,28 @@
-"""Public API: argument checking, dtype/shape canonicalisation and dispatch to the kernels.
+"""Public API: the loss functions and `CrossEntropyLoss`, their reductions and dispatch to the kernels
+(argument checks and canonical views are `_prepare`'s).
 
 Nothing here computes a loss; everything here is O(rows) or cheaper. The kernels (`_kernels`) are
 imported on first use, so `import numbaxent` compiles nothing and does not even import Numba.
 """
 from __future__ import annotations
 
-import math
-import operator
 import threading
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
 
+from ._prepare import (Prepared, as_array, canonical_view, check_ignore_index, check_label_smoothing,
+                       check_reduction, check_softcap, check_z_loss, kernels, legacy_reduction,
+                       prepare)
+
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "Stats"]
-
-_FLOAT_ITEMSIZES = {2: np.float16, 4: np.float32, 8: np.float64}
-
-
-def _kernels():
-    from . import _kernels as k  # first use: imports numba, selects the threading layer
-
-    return k
-
-
-# -- options -----------------------------------------------------------------------------------------
-def legacy_reduction(size_average, reduce) -> str:
-    """PyTorch's mapping of the deprecated `size_average`/`reduce` pair to a `reduction`."""
-    size_average = True if size_average is None else bool(size_average)
-    reduce = True if reduce is None else bool(reduce)
-    if size_average and reduce:
-        ret = "mean"
-    elif reduce:
-        ret = "sum"
-    else:
-        ret = "none"
-    warnings.warn(
-        f"size_average and reduce args will be deprecated, please use reduction='{ret}' instead.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return ret
-
-
-def _check_reduction(reduction) -> str:
-    if reduction == "elementwise_mean":
-        warnings.warn(
-            "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
-            UserWarning,
-            stacklevel=4,
-        )
-        return "mean"
-    if not isinstance(reduction, str) or reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    return reduction
-
-
-def _check_label_smoothing(label_smoothing) -> float:
-    try:
-        eps = float(label_smoothing)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"label_smoothing must be a real number, got {type(label_smoothing).__name__}"
-        ) from None
-    if not (0.0 <= eps <= 1.0):  # also rejects NaN (PyTorch silently treats NaN and eps < 0 as 0)
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps:g}")
-    return eps
-
-
-def _check_z_loss(z_loss) -> float:
-    z = _real(z_loss, "z_loss")
-    if not (z >= 0.0 and math.isfinite(z)):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    return z
-
-
-def _check_softcap(softcap):
-    if softcap is None:
-        return None
-    c = _real(softcap, "softcap")
-    if not (c > 0.0 and math.isfinite(c)):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    return c
-
-
-def _real(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-
-
-def _check_ignore_index(ignore_index) -> int:
-    try:
-        return operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(
-            f"ignore_index must be an integer, got {type(ignore_index).__name__}"
-        ) from None
-
-
-# -- arrays ------------------------------------------------------------------------------------------
-def _as_array(a, name: str) -> np.ndarray:
-    if isinstance(a, np.ndarray):
-        return a
-    try:
-        return np.asarray(a)
-    except Exception as exc:  # ragged lists and the like
-        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
-
-
-def native_byte_order(a: np.ndarray) -> np.ndarray:
-    """`a` itself, or a copy in the machine's byte order when it is byte-swapped (`>f4` on a
-    little-endian machine): the kernels read raw machine words. Integer targets and weights are
-    converted by the casts that canonicalise them anyway."""
-    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
-
-
-def _logits_dtype(x: np.ndarray):
-    """(storage dtype for the kernels, compute dtype) for a logits array, or TypeError."""
-    dt = x.dtype
-    if dt.name == "bfloat16":  # ml_dtypes
-        return np.dtype(np.int16), np.dtype(np.float32)
-    if dt.kind == "f" and dt.itemsize in _FLOAT_ITEMSIZES:
-        if dt.itemsize == 2:
-            return np.dtype(np.uint16), np.dtype(np.float32)
-        return dt, dt
-    raise TypeError(
-        f"cross_entropy: expected floating point input (float16, bfloat16, float32 or float64), "
-        f"got {dt}"
-    )
-
-
-@dataclass
-class _Prepared:
-    """Canonical views and constants for one call (see `_kernels` for the layout)."""
-
-    x: np.ndarray  # the user's logits as an array (its dtype, its shape)
-    x3: np.ndarray  # (N, C, S) C-contiguous storage view (a copy only if the layout required it)
-    transposed: bool  # 2-D Fortran-ordered input seen as (1, C, N)
-    compute: np.dtype
-    C: int
-    rows: int
-    loss_shape: tuple
-    soft: bool
-    target: np.ndarray  # int64 (rows,) or compute-dtype probabilities in x3's layout
-    w: np.ndarray  # (C,) compute dtype
-    wsum: float
-    denom: float  # 'mean' denominator
-    ignore_index: int
-    eps: float
-    reduction: str
-    z: float = 0.0
-    cap: float | None = None
-    sw: np.ndarray | None = None  # float64 (rows,) sample weights, or (1,) ones
-    target_dtype: np.dtype | None = None  # the user's target dtype (the target gradient's dtype)
-
-
-def _canonical_view(a: np.ndarray, transposed: bool, shape3: tuple) -> np.ndarray | None:
-    """`a` (input-shaped) as a C-contiguous (N, C, S) view, or None if that needs a copy."""
-    v = a.T if transposed else a
-    if not v.flags.c_contiguous:
-        return None
-    return v.reshape(shape3)
-
-
-def _check_normalizer(normalizer, reduction: str):
-    if normalizer is None:
-        return None
-    if reduction != "mean":
-        raise ValueError(f"normalizer replaces the 'mean' denominator; it cannot be used with "
-                         f"reduction='{reduction}'")
-    norm = _real(normalizer, "normalizer")
-    if not (norm > 0.0 and math.isfinite(norm)):
-        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
-    return norm
-
-
-def class_weights(weight, C: int, compute) -> np.ndarray:
-    """The (C,) class weights in the compute dtype (ones for None), or a ValueError/TypeError."""
-    if weight is None:
-        return np.ones(C, dtype=compute)
-    wa = _as_array(weight, "weight")
-    if wa.dtype.kind not in "iuf" and wa.dtype.name != "bfloat16":
-        raise TypeError(f"weight must be a real array, got dtype {wa.dtype}")
-    if wa.ndim != 1 or wa.shape[0] != C:
-        raise ValueError(
-            f"weight tensor should be defined either for all {C} classes or no classes but got "
-            f"weight tensor of shape: {list(wa.shape)}"
-        )
-    return np.ascontiguousarray(wa, dtype=compute)
-
-
-def sample_weights(sample_weight, loss_shape: tuple, transposed: bool = False) -> np.ndarray:
-    """Per-element weights as float64 over the rows (flat), or ones(1) for None."""
-    if sample_weight is None:
-        return np.ones(1)
-    swa = _as_array(sample_weight, "sample_weight")
-    if swa.dtype.kind not in "iuf":
-        raise TypeError(f"sample_weight must be a real array, got dtype {swa.dtype}")
-    if swa.shape != loss_shape:
-        raise ValueError(f"sample_weight must have the shape of the per-element loss "
-                         f"{loss_shape}, got {swa.shape}")
-    swa = swa.T if transposed else swa
-    sw = np.ascontiguousarray(swa, dtype=np.float64).reshape(-1)
-    return sw.copy() if sw.shape[0] == 1 else sw
-
-
-def index_targets(t: np.ndarray, w: np.ndarray, sw: np.ndarray, ignore_index: int, C: int):
-    """Flat int64 class targets, validated, and the 'mean' denominator `sum sw * w[y]` over kept
-    elements; IndexError naming the first target out of range."""
-    if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
-        bad = t.reshape(-1)[np.argmax(t.reshape(-1) > np.iinfo(np.int64).max)]
-        raise IndexError(f"Target {int(bad)} is out of bounds.")
-    tgt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
-    first_bad, denom, _ = _kernels().check_targets(tgt, w, sw, ignore_index, C)
-    if first_bad >= 0:
-        raise IndexError(f"Target {int(tgt[first_bad])} is out of bounds.")
-    return tgt, denom
-
-
-def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0,
-             softcap=None, sample_weight=None, normalizer=None) -> _Prepared:
-    reduction = _check_reduction(reduction)
-    eps = _check_label_smoothing(label_smoothing)
-    ignore_index = _check_ignore_index(ignore_index)
-    z = _check_z_loss(z_loss)
-    cap = _check_softcap(softcap)
-    norm = _check_normalizer(normalizer, reduction)
-    x = native_byte_order(_as_array(input, "input"))
-    storage, compute = _logits_dtype(x)
-    if x.ndim == 0:
-        raise ValueError("input must have a class dimension: expected shape (C,), (N, C) or "
-                         "(N, C, d1, ..., dk), got a 0-d array")
-    t = _as_array(target, "target")
-    C = x.shape[0] if x.ndim == 1 else x.shape[1]
-    N = 1 if x.ndim == 1 else x.shape[0]
-    S = math.prod(x.shape[2:])
-
-    soft = t.shape == x.shape
-    if soft:
-        if t.dtype.kind != "f" and t.dtype.name != "bfloat16":
-            raise TypeError(
-                f"Expected floating point type for target with class probabilities, got {t.dtype}"
-            )
-        if ignore_index >= 0:
-            raise ValueError(
-                f"ignore_index is not supported for floating point target (got ignore_index="
-                f"{ignore_index})"
-            )
-        loss_shape = () if x.ndim == 1 else (N,) + x.shape[2:]
-    else:
-        if x.ndim == 1:
-            if t.ndim != 0:
-                raise ValueError(
-                    f"For unbatched (1-D) input, target must be a 0-d class index, got target of "
-                    f"shape {t.shape}"
-                )
-            loss_shape = ()
-        else:
-            tb = t.shape[0] if t.ndim > 0 else 0
-            if tb != N:
-                raise ValueError(
-                    f"Expected input batch_size ({N}) to match target batch_size ({tb})."
-                )
-            expect = (N,) + x.shape[2:]
-            if t.shape != expect:
-                raise ValueError(
-                    f"Expected target size {list(expect)}, got {list(t.shape)} (input shape "
-                    f"{list(x.shape)})"
-                )
-            loss_shape = expect
-        if t.dtype.kind not in "iu":
-            raise TypeError(
-                f"expected target dtype to be an integer type (class indices) or a floating type "
-                f"of input's shape {x.shape} (class probabilities), but got {t.dtype} of shape "
-                f"{t.shape}"
-            )
-
-    w = class_weights(weight, C, compute)
-    wsum = float(np.sum(w, dtype=np.float64))
-
-    # logits: 2-D Fortran-ordered input is read as (1, C, N) without a copy
-    transposed = x.ndim == 2 and not x.flags.c_contiguous and x.flags.f_contiguous
-    shape3 = (1, C, N) if transposed else (N, C, S)
-    xs = x.view(storage) if storage != x.dtype else x
-    x3 = _canonical_view(xs, transposed, shape3)
-    if x3 is None:
-        x3 = np.ascontiguousarray(xs).reshape(shape3)
-    rows = math.prod(loss_shape)
-
-    sw = sample_weights(sample_weight, loss_shape, transposed)
-
-    if soft:
-        ta = t.astype(compute, copy=False)
-        tt = ta.T if transposed else ta
-        tgt = np.ascontiguousarray(tt).reshape(shape3)
-        denom = float(rows) if sample_weight is None else float(np.sum(sw))
-        if C == 0:  # PyTorch divides by input.numel() / C = 0 / 0: 'mean' is NaN
-            denom = 0.0
-    else:
-        tgt, denom = index_targets(t, w, sw, ignore_index, C)
-    if normalizer is not None:
-        denom = norm
-    return _Prepared(x, x3, transposed, compute, C, rows, loss_shape, soft, tgt, w, wsum,
-                     float(denom), ignore_index, eps, reduction, z, cap, sw, t.dtype)
-
 
 def _scalar(value: float, dtype: np.dtype):
     return np.asarray(value, dtype=np.float64).astype(dtype)[()]
 
 
-def _zero_weight_mean(p: _Prepared) -> bool:
+def _zero_weight_mean(p: Prepared) -> bool:
     """A class-index `'mean'` whose denominator `W = sum w[y]` over kept elements is exactly 0
     (zero weights, or negative weights that cancel) while some element is kept. PyTorch then divides
     its two terms by zero separately, and its gradient is not the limit of the regular formula:
@@ -323,15 +31,15 @@ def _zero_weight_mean(p: _Prepared) -> bool:
             and bool(np.any(p.target != p.ignore_index)))
 
 
-def _nll_total(p: _Prepared) -> float:
+def _nll_total(p: Prepared) -> float:
     """The weighted NLL sum alone (a forward pass without smoothing), for `_zero_weight_loss`.
     Run it before a pass that overwrites the logits (`out=input`)."""
-    loss, _, _, _, blocks = _pass_rows(replace(p, eps=0.0), _kernels().FORWARD, np.ones(1),
+    loss, _, _, _, blocks = kernel_pass(replace(p, eps=0.0), kernels().FORWARD, np.ones(1),
                                        np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
-    return _loss_total(p, loss, blocks)
+    return loss_total(p, loss, blocks)
 
 
-def _zero_weight_loss(p: _Prepared, total: float, s_nll=None) -> float:
+def _zero_weight_loss(p: Prepared, total: float, s_nll=None) -> float:
     """PyTorch's `(1-eps) * (S_nll / W) + (eps / C) * (S_smooth / W)` for `W == 0`: each quotient
     is +-inf or NaN by its own sign, so the terms can give NaN (opposite signs) where one division
     of their sum would give an infinity. `S_nll` comes from a second forward pass without
@@ -345,7 +53,7 @@ def _zero_weight_loss(p: _Prepared, total: float, s_nll=None) -> float:
                      + (p.eps / p.C) * (np.float64(s_smooth) / 0.0))
 
 
-def _zero_weight_grad(p: _Prepared, grad: np.ndarray):
+def _zero_weight_grad(p: Prepared, grad: np.ndarray):
     """PyTorch's gradient of a zero-denominator `'mean'` (see `_zero_weight_mean`), in
     place, from the gradient the kernels wrote with the undivided upstream gradient (`'sum'`'s):
     kept rows are scaled by `1/W = inf` and then, as autograd's `g - p * sum(g)` gives,
@@ -362,25 +70,25 @@ def _zero_weight_grad(p: _Prepared, grad: np.ndarray):
             gm[kept + (t[kept],)] = np.nan
 
 
-def _loss_total(p: _Prepared, loss: np.ndarray, blocks: bool) -> float:
+def loss_total(p: Prepared, loss: np.ndarray, blocks: bool) -> float:
     """Sum of the float64 losses of a pass in a fixed order, the same whatever produced them:
     the column kernels' per-block sums (`blocks`) are added as they are; per-row losses on the
     column path are first summed per block exactly as the kernels do (so every entry point gives
     the same bits); row-path losses are summed pairwise. Independent of the thread count."""
-    if not blocks and p.rows and p.C and _use_columns(p.x3.shape):
-        k = _kernels()
+    if not blocks and p.rows and p.C and use_columns(p.x3.shape):
+        k = kernels()
         N, C, S = p.x3.shape
         loss = k.block_sums(loss, N, S, k.column_block_rows(C))
     return float(np.sum(loss))
 
 
-def _reduce(p: _Prepared, loss: np.ndarray, blocks: bool = False, s_nll=None):
+def reduce_losses(p: Prepared, loss: np.ndarray, blocks: bool = False, s_nll=None):
     """Apply the reduction to the float64 losses of a pass (per row, or per column block when
     `blocks`), in a fixed order (thread-count independent). `s_nll`: see
     `_zero_weight_loss` (computed here when None, from the logits)."""
     if p.reduction == "none":
         return loss.astype(p.x.dtype).reshape(p.loss_shape)
-    total = _loss_total(p, loss, blocks)
+    total = loss_total(p, loss, blocks)
     if p.reduction == "sum":
         return _scalar(total, p.x.dtype)
     if _zero_weight_mean(p):
@@ -389,12 +97,12 @@ def _reduce(p: _Prepared, loss: np.ndarray, blocks: bool = False, s_nll=None):
         return _scalar(np.float64(total) / np.float64(p.denom), p.x.dtype)
 
 
-def _upstream(p: _Prepared, grad_output) -> np.ndarray:
+def _upstream(p: Prepared, grad_output) -> np.ndarray:
     """Per-row multipliers `g` (float64; one element when the same for every row)."""
     if p.reduction == "none":
         if grad_output is None:
             return np.ones(1)
-        go = _as_array(grad_output, "grad_output")
+        go = as_array(grad_output, "grad_output")
         if go.dtype.kind not in "iuf":
             raise TypeError(f"grad_output must be a real array, got dtype {go.dtype}")
         try:
@@ -408,7 +116,7 @@ def _upstream(p: _Prepared, grad_output) -> np.ndarray:
     if grad_output is None:
         gout = 1.0
     else:
-        go = _as_array(grad_output, "grad_output")
+        go = as_array(grad_output, "grad_output")
         if go.size != 1 or go.dtype.kind not in "iuf":
             raise ValueError(
                 f"grad_output for reduction='{p.reduction}' must be a real scalar, got an array of "
@@ -421,13 +129,13 @@ def _upstream(p: _Prepared, grad_output) -> np.ndarray:
     return np.array([gout])
 
 
-def _grad_target(p: _Prepared, out):
+def _grad_target(p: Prepared, out):
     """(user-facing gradient array, its (N, C, S) storage view, copy-back target or None)."""
     x = p.x
     if out is None:
         order = "F" if p.transposed else "C"
         grad = np.empty(x.shape, dtype=x.dtype, order=order)
-        g3 = _canonical_view(grad.view(p.x3.dtype), p.transposed, p.x3.shape)
+        g3 = canonical_view(grad.view(p.x3.dtype), p.transposed, p.x3.shape)
         return grad, g3, None
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
@@ -439,7 +147,7 @@ def _grad_target(p: _Prepared, out):
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     # a byte-swapped `out` (`>f4`, as a byte-swapped input's) is written through a temporary
-    g3 = (_canonical_view(out.view(p.x3.dtype), p.transposed, p.x3.shape)
+    g3 = (canonical_view(out.view(p.x3.dtype), p.transposed, p.x3.shape)
           if out.dtype.isnative else None)
     same = (g3 is not None and g3.ctypes.data == p.x3.ctypes.data
             and g3.strides == p.x3.strides)
@@ -450,14 +158,14 @@ def _grad_target(p: _Prepared, out):
     return out, g3, None
 
 
-def _run(p: _Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
+def _run(p: Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
          loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray, rows_out: bool = True):
     """One kernel pass over the canonical views. `rows_out=False` (forward on the column path
     only): `loss` receives per-block sums and `mx, lsx, top1` nothing."""
-    k = _kernels()
+    k = kernels()
     from ._parallel import run_tasks
 
-    columns = _use_columns(p.x3.shape)
+    columns = use_columns(p.x3.shape)
     assert columns or rows_out
     N, C, S = p.x3.shape
     count = k.column_count(N, S, k.column_block_rows(C)) if columns else p.rows
@@ -476,15 +184,15 @@ def _run(p: _Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray
     run_tasks(kernel, count, p.x3.size, *args)
 
 
-def _use_columns(shape3: tuple) -> bool:
+def use_columns(shape3: tuple) -> bool:
     """Whether the column kernels take these (N, C, S) logits: rows too short to vectorise (few
     classes) or strided (K-dim, and 2-D Fortran-ordered input seen as (1, C, N)): the row kernels
     take contiguous rows only. A module-level threshold, so tests can force either path for 2-D."""
     _, C, S = shape3
-    return S > 1 or C <= _kernels().COLUMN_MAX_C
+    return S > 1 or C <= kernels().COLUMN_MAX_C
 
 
-def _empty_or_classless(p: _Prepared) -> bool:
+def _empty_or_classless(p: Prepared) -> bool:
     return p.rows == 0 or p.C == 0
 
 
@@ -508,7 +216,7 @@ class Stats(NamedTuple):
     accuracy: float
 
 
-def _stats(p: _Prepared, lse: np.ndarray, top1: np.ndarray) -> Stats:
+def _stats(p: Prepared, lse: np.ndarray, top1: np.ndarray) -> Stats:
     if p.soft or p.rows == 0:
         acc = float("nan")
     else:
@@ -546,11 +254,11 @@ def _row_buffers(rows: int, compute: np.dtype, keep: bool):
     return mx, lsx, loss, top1
 
 
-def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
+def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
     """Run FORWARD or FUSED over all rows: `(loss, mx, lsx, top1, blocks)`: float64 losses, row
     max, log-sum of the shifted exponentials (the log-sum-exp is `max + logsum`), top1, and
     whether `loss` holds the column kernels' per-block sums instead of per-row losses (only for a
-    reduced loss without `keep`; give both to `_reduce`). `keep=False`: the arrays are a
+    reduced loss without `keep`; give both to `reduce_losses`). `keep=False`: the arrays are a
     per-thread workspace, for callers that only reduce them before the next call."""
     mx, lsx, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep)
     if _empty_or_classless(p):
@@ -560,30 +268,30 @@ def _pass_rows(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: 
         top1[:] = False
         loss[:] = -0.0 if p.soft else 0.0
         return loss, mx, lsx, top1, False
-    blocks = not keep and p.reduction != "none" and _use_columns(p.x3.shape)
+    blocks = not keep and p.reduction != "none" and use_columns(p.x3.shape)
     if blocks:
         # only the total is wanted: the column kernels return per-block sums (no per-row output)
-        k = _kernels()
+        k = kernels()
         N, C, S = p.x3.shape
         loss = loss[:k.column_count(N, S, k.column_block_rows(C))]
     _run(p, mode, g, mx, lsx, loss, top1, grad3, rows_out=not blocks)
     return loss, mx, lsx, top1, blocks
 
 
-def _pass(p: _Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
+def _pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
     """Run FORWARD or FUSED over all rows: `(loss, lse, top1, blocks)`; lse is None unless
-    `keep` (see `_pass_rows`)."""
-    loss, mx, lsx, top1, blocks = _pass_rows(p, mode, g, grad3, keep)
+    `keep` (see `kernel_pass`)."""
+    loss, mx, lsx, top1, blocks = kernel_pass(p, mode, g, grad3, keep)
     return loss, (mx + lsx if keep else None), top1, blocks
 
 
-def _from_canonical(tmp3: np.ndarray, p: _Prepared) -> np.ndarray:
+def _from_canonical(tmp3: np.ndarray, p: Prepared) -> np.ndarray:
     """A canonical (N, C, S) storage array seen with the user's dtype and shape."""
     v = tmp3.view(p.x.dtype)
     return v.reshape(p.C, -1).T if p.transposed else v.reshape(p.x.shape)
 
 
-def _check_target_grad(p: _Prepared, target_grad: bool):
+def _check_target_grad(p: Prepared, target_grad: bool):
     if target_grad and not p.soft:
         raise ValueError(
             "target_grad=True needs class-probability targets (a floating target of input's shape "
@@ -591,7 +299,7 @@ def _check_target_grad(p: _Prepared, target_grad: bool):
         )
 
 
-def _target_gradient(p: _Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray) -> np.ndarray:
+def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray) -> np.ndarray:
     r"""Gradient of `sum(grad_output * loss)` with respect to a probability target, from the row
     statistics of a pass (no second softmax):
 
@@ -636,7 +344,7 @@ def _target_gradient(p: _Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarra
     return gt.astype(p.target_dtype, copy=False)
 
 
-def _backward(p: _Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, out=None,
+def backward_pass(p: Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, out=None,
               input_grad: bool = True, target_grad: bool = False):
     """(grad_input or None, grad_target or None) from a forward's row statistics: one BACKWARD
     pass over the logits for the input, one NumPy pass for a probability target."""
@@ -648,7 +356,7 @@ def _backward(p: _Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, o
         return None, grad_t
     grad, g3, copy_back = _grad_target(p, out)
     if not _empty_or_classless(p):
-        _run(p, _kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_), g3)
+        _run(p, kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_), g3)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         if _zero_weight_mean(p):
@@ -729,11 +437,11 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
     IndexError
         A class target outside `[0, C)` that is not `ignore_index` (the message names it).
     """
-    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+    p = prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
-    loss_rows, lse, top1, blocks = _pass(p, _kernels().FORWARD, np.ones(1),
+    loss_rows, lse, top1, blocks = _pass(p, kernels().FORWARD, np.ones(1),
                                          np.empty((1, 1, 1), dtype=p.x3.dtype), keep=return_stats)
-    loss = _reduce(p, loss_rows, blocks)
+    loss = reduce_losses(p, loss_rows, blocks)
     return (loss, _stats(p, lse, top1)) if return_stats else loss
 
 
@@ -819,31 +527,31 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     stats : Stats
         Only with `return_stats=True`.
     """
-    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+    p = prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
     _check_target_grad(p, target_grad)
-    k = _kernels()
+    k = kernels()
     g = _upstream(p, grad_output)
     # a zero-denominator 'mean' needs the NLL sum apart, read before out=input overwrites the logits
     s_nll = _nll_total(p) if _zero_weight_mean(p) and p.eps > 0 else None
     if target_grad and out is not None and np.may_share_memory(out, p.x):
         # the fused pass would overwrite the logits the target gradient reads: forward pass, then
         # the target gradient, then the backward pass into `out` (no N x C copy)
-        loss_rows, mx, lsx, top1, blocks = _pass_rows(p, k.FORWARD, g,
+        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, k.FORWARD, g,
                                                       np.empty((1, 1, 1), p.x3.dtype))
-        grad, grad_t = _backward(p, mx, lsx, grad_output, out, target_grad=True)
+        grad, grad_t = backward_pass(p, mx, lsx, grad_output, out, target_grad=True)
     else:
         grad, g3, copy_back = _grad_target(p, out)
         # target_grad reads the per-row statistics: keep them (the column kernels otherwise write
         # only block sums for a reduced loss)
-        loss_rows, mx, lsx, top1, blocks = _pass_rows(p, k.FUSED, g, g3,
+        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, k.FUSED, g, g3,
                                                       keep=return_stats or target_grad)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         if _zero_weight_mean(p):
             _zero_weight_grad(p, grad)
         grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
-    res = (_reduce(p, loss_rows, blocks, s_nll), grad) + ((grad_t,) if target_grad else ())
+    res = (reduce_losses(p, loss_rows, blocks, s_nll), grad) + ((grad_t,) if target_grad else ())
     return res + (_stats(p, mx + lsx, top1),) if return_stats else res
 
 
@@ -865,12 +573,12 @@ class CrossEntropyLoss:
                  softcap=None):
         if size_average is not None or reduce is not None:
             reduction = legacy_reduction(size_average, reduce)
-        self.reduction = _check_reduction(reduction)
-        self.label_smoothing = _check_label_smoothing(label_smoothing)
-        self.ignore_index = _check_ignore_index(ignore_index)
-        self.z_loss = _check_z_loss(z_loss)
-        self.softcap = _check_softcap(softcap)
-        self.weight = None if weight is None else _as_array(weight, "weight")
+        self.reduction = check_reduction(reduction)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.z_loss = check_z_loss(z_loss)
+        self.softcap = check_softcap(softcap)
+        self.weight = None if weight is None else as_array(weight, "weight")
         self.stats = None
         self._saved = None
 
@@ -883,13 +591,13 @@ class CrossEntropyLoss:
         """Loss of `input` against `target` (see [`cross_entropy`][numbaxent.cross_entropy]);
         saves what [`backward`][numbaxent.CrossEntropyLoss.backward] needs (the per-row log-sum-exp
         and a reference to `input`)."""
-        p = _prepare(input, target, self.weight, self.ignore_index, self.reduction,
+        p = prepare(input, target, self.weight, self.ignore_index, self.reduction,
                      self.label_smoothing, self.z_loss, self.softcap, sample_weight, normalizer)
-        loss_rows, mx, lsx, top1, blocks = _pass_rows(p, _kernels().FORWARD, np.ones(1),
+        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, kernels().FORWARD, np.ones(1),
                                                       np.empty((1, 1, 1), dtype=p.x3.dtype))
         self._saved = (p, mx, lsx)
         self.stats = _stats(p, mx + lsx, top1)
-        return _reduce(p, loss_rows, blocks)
+        return reduce_losses(p, loss_rows, blocks)
 
     __call__ = forward
 
@@ -904,5 +612,5 @@ class CrossEntropyLoss:
         if self._saved is None:
             raise ValueError("backward() called before forward()")
         p, mx, lsx = self._saved
-        grad, grad_t = _backward(p, mx, lsx, grad_output, out, target_grad=target_grad)
+        grad, grad_t = backward_pass(p, mx, lsx, grad_output, out, target_grad=target_grad)
         return (grad, grad_t) if target_grad else grad

@@ -172,32 +172,34 @@ def _exp_nonpos_f64(x):
     return (p * s) * 7.458340731200207e-155  # 2^-512
 
 
-def exp_nonpos(x):
-    """`exp` for `x <= 0` (or NaN) only: cheaper, the same results. Callable from Numba code."""
-    raise NotImplementedError("numbaxent._math.exp_nonpos is only callable from Numba code")
+def float_function(f32, f64, doc: str):
+    """A function callable from Numba code only, on float32 or float64 scalars: `f32` or `f64`
+    (register_jitable implementations) chosen by the argument's type at compile time. The one
+    overload factory for the math functions below."""
+
+    def stub(x):
+        raise NotImplementedError(f"numbaxent._math.{stub.__name__} is only callable from Numba code")
+
+    stub.__doc__ = doc
+
+    @overload(stub, jit_options=_FAST)
+    def _by_type(x):
+        if x == types.float32:
+            return lambda x: f32(x)
+        if x == types.float64:
+            return lambda x: f64(x)
+        return None
+
+    return stub
 
 
-@overload(exp_nonpos, jit_options=_FAST)
-def _exp_nonpos_overload(x):
-    if x == types.float32:
-        return lambda x: _exp_nonpos_f32(x)
-    if x == types.float64:
-        return lambda x: _exp_nonpos_f64(x)
-    return None
-
-
-def exp(x):
-    """Vectorisable `exp` for float32 and float64 scalars inside Numba code."""
-    raise NotImplementedError("numbaxent._math.exp is only callable from Numba code")
-
-
-@overload(exp, jit_options=_FAST)
-def _exp_overload(x):
-    if x == types.float32:
-        return lambda x: _exp_f32(x)
-    if x == types.float64:
-        return lambda x: _exp_f64(x)
-    return None
+exp_nonpos = float_function(
+    _exp_nonpos_f32, _exp_nonpos_f64,
+    "`exp` for `x <= 0` (or NaN) only: cheaper, the same results. Callable from Numba code.")
+exp_nonpos.__name__ = "exp_nonpos"
+exp = float_function(_exp_f32, _exp_f64,
+                     "Vectorisable `exp` for float32 and float64 scalars inside Numba code.")
+exp.__name__ = "exp"
 
 
 # -- log ---------------------------------------------------------------------------------------------
@@ -247,18 +249,9 @@ def _log_f64(x):
     return r if x < np.inf else x
 
 
-def log(x):
-    """Vectorisable `log` for positive float32 and float64 scalars inside Numba code."""
-    raise NotImplementedError("numbaxent._math.log is only callable from Numba code")
-
-
-@overload(log, jit_options=_FAST)
-def _log_overload(x):
-    if x == types.float32:
-        return lambda x: _log_f32(x)
-    if x == types.float64:
-        return lambda x: _log_f64(x)
-    return None
+log = float_function(_log_f32, _log_f64,
+                     "Vectorisable `log` for positive float32 and float64 scalars inside Numba code.")
+log.__name__ = "log"
 
 
 # -- storage <-> compute ------------------------------------------------------------------------------
@@ -316,11 +309,16 @@ def compute_zero(arr):
     raise NotImplementedError
 
 
+def _compute_cast(t):
+    """The compute type for a storage or scalar Numba type, as a NumPy scalar type: float64 for
+    float64, float32 for everything else (float32 and the 16-bit storage types)."""
+    return np.float64 if t == types.float64 else np.float32
+
+
 @overload(compute_zero, jit_options=_PLAIN)
 def _compute_zero_overload(arr):
-    if arr.dtype == types.float64:
-        return lambda arr: np.float64(0.0)
-    return lambda arr: np.float32(0.0)
+    cast = _compute_cast(arr.dtype)
+    return lambda arr: cast(0.0)
 
 
 def exact_storage(arr):
@@ -342,9 +340,8 @@ def compute_scratch(arr, n):
 
 @overload(compute_scratch, jit_options=_PLAIN)
 def _compute_scratch_overload(arr, n):
-    if arr.dtype == types.float64:
-        return lambda arr, n: np.empty(n, np.float64)
-    return lambda arr, n: np.empty(n, np.float32)
+    cast = _compute_cast(arr.dtype)
+    return lambda arr, n: np.empty(n, cast)
 
 
 def like(v, arr):
@@ -354,9 +351,8 @@ def like(v, arr):
 
 @overload(like, jit_options=_PLAIN)
 def _like_overload(v, arr):
-    if arr.dtype == types.float64:
-        return lambda v, arr: np.float64(v)
-    return lambda v, arr: np.float32(v)
+    cast = _compute_cast(arr.dtype)
+    return lambda v, arr: cast(v)
 
 
 # -- soft-capping (Gemma 2): x -> s * tanh(x / s) ---------------------------------------------------------
@@ -377,9 +373,8 @@ def one_like(v):
 
 @overload(one_like, jit_options=_PLAIN)
 def _one_like_overload(v):
-    if v == types.float32:
-        return lambda v: np.float32(1.0)
-    return lambda v: np.float64(1.0)
+    cast = np.float32 if v == types.float32 else np.float64
+    return lambda v: cast(1.0)
 
 
 @register_jitable(**_PLAIN)

@@ -166,11 +166,11 @@ def _block_state(xb, tb, row0: int, config: dict, threads, head=None):
 def _check_head(weight, bias, softcap, chunk_size, hidden_dtype, H: int) -> dict:
     """The output layer for the hidden-state blocks, checked once here (not in every task), with
     NumPy arrays converted once to the dtype the blocks compute in."""
-    from . import _api
+    from . import _prepare
     from .evaluate import _is_float, hidden_compute_dtype
 
     spec = hasattr(weight, "whole")  # a RawArray from the CLI: each task maps the file itself
-    w = weight if spec else _api._as_array(weight, "weight")
+    w = weight if spec else _prepare.as_array(weight, "weight")
     if not _is_float(np.dtype(w.dtype)):
         raise TypeError(f"weight must be float16, bfloat16, float32 or float64, got {w.dtype}")
     if len(w.shape) != 2 or w.shape[1] != H:
@@ -181,11 +181,11 @@ def _check_head(weight, bias, softcap, chunk_size, hidden_dtype, H: int) -> dict
         w = np.asarray(w, dtype=compute)
     V = int(w.shape[0])
     if bias is not None:
-        b = _api._as_array(bias, "bias")
+        b = _prepare.as_array(bias, "bias")
         if b.shape != (V,):
             raise ValueError(f"bias must have shape ({V},) (one per class), got shape {b.shape}")
         bias = np.asarray(b, dtype=compute)
-    return dict(weight=w, bias=bias, softcap=_api._check_softcap(softcap), chunk_size=chunk_size)
+    return dict(weight=w, bias=bias, softcap=_prepare.check_softcap(softcap), chunk_size=chunk_size)
 
 
 def _merge_states(*states):
@@ -363,13 +363,13 @@ def evaluate_hidden(hidden, weight, target, bias=None, *, softcap=None, class_we
 
 # -- cross_entropy -------------------------------------------------------------------------------------
 def _block_sum(xb, tb, row0, weight, ignore_index, eps, threads):
-    from . import _api
+    from . import _api, _prepare
 
     with _numba_threads(threads):
-        p = _api._prepare(xb, tb, weight, ignore_index, "sum", eps)
-        loss, _, _, blocks = _api._pass(p, _api._kernels().FORWARD, np.ones(1),
-                                        np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
-        total = _api._loss_total(p, loss, blocks)
+        p = _prepare.prepare(xb, tb, weight, ignore_index, "sum", eps)
+        loss, _, _, _, blocks = _api.kernel_pass(p, _prepare.kernels().FORWARD, np.ones(1),
+                                                 np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
+        total = _api.loss_total(p, loss, blocks)
     # [sum, its error term, denominator, its error term]
     return np.array([total, 0.0, p.denom, 0.0])
 
@@ -437,11 +437,11 @@ def cross_entropy(logits, target, weight=None, ignore_index: int = -100, reducti
         A 0-d array for `'mean'` and `'sum'`, per-element losses for `'none'`; in the logits'
         dtype.
     """
-    from . import _api
+    from . import _prepare
 
-    reduction = _api._check_reduction(reduction)
-    eps = _api._check_label_smoothing(label_smoothing)
-    ignore_index = _api._check_ignore_index(ignore_index)
+    reduction = _prepare.check_reduction(reduction)
+    eps = _prepare.check_label_smoothing(label_smoothing)
+    ignore_index = _prepare.check_ignore_index(ignore_index)
     x, t = _align(logits, target, chunk_rows)
     if weight is not None:
         weight = np.asarray(weight)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _api
+from . import _api, _prepare
 
 __all__ = ["Evaluator", "EvalResult", "STATE_FORMAT", "STATE_VERSION", "MAX_CONFUSION_BYTES",
            "HIDDEN_CHUNK_BYTES", "hidden_chunk_rows", "hidden_compute_dtype"]
@@ -297,15 +297,15 @@ class Evaluator:
         if weight is None:
             self.weight = None
         else:
-            wa = _api._as_array(weight, "weight")
+            wa = _prepare.as_array(weight, "weight")
             if wa.dtype.kind not in "iuf" and wa.dtype.name != "bfloat16":
                 raise TypeError(f"weight must be a real array, got dtype {wa.dtype}")
             if wa.shape != (C,):
                 raise ValueError(f"weight must have shape ({C},) (one per class), got {wa.shape}")
             self.weight = np.array(wa, dtype=np.float64)
             self._weight_src = np.array(wa)  # the user's dtype, cast per chunk like the core does
-        self.ignore_index = _api._check_ignore_index(ignore_index)
-        self.label_smoothing = _api._check_label_smoothing(label_smoothing)
+        self.ignore_index = _prepare.check_ignore_index(ignore_index)
+        self.label_smoothing = _prepare.check_label_smoothing(label_smoothing)
         ks = (topk,) if isinstance(topk, (int, np.integer)) else tuple(topk)
         try:
             ks = tuple(sorted({operator.index(k) for k in ks}))
@@ -493,12 +493,12 @@ class Evaluator:
     # -- update --------------------------------------------------------------------------------------
     def _check(self, logits, target):
         """Validate one chunk; returns (x3, flat int64 targets, compute dtype, target shape)."""
-        x = _api._as_array(logits, "logits")
+        x = _prepare.as_array(logits, "logits")
         if x.dtype.kind == "f" and (not x.dtype.isnative or x.dtype.itemsize not in (2, 4, 8)):
             # non-native byte order, or long double: one converted copy of the chunk
             x = x.astype(np.float64 if x.dtype.itemsize > 8 else x.dtype.newbyteorder("="))
         try:
-            storage, compute = _api._logits_dtype(x)
+            storage, compute = _prepare.logits_dtype(x)
         except TypeError:
             raise TypeError(f"Evaluator.update: logits must be floating point (float16, bfloat16, "
                             f"float32 or float64), got {x.dtype}") from None
@@ -509,7 +509,7 @@ class Evaluator:
         if C != self.num_classes:
             raise ValueError(f"Evaluator.update: logits of shape {x.shape} have {C} classes, the "
                              f"evaluator was made for num_classes={self.num_classes}")
-        t = _api._as_array(target, "target")
+        t = _prepare.as_array(target, "target")
         expect = () if x.ndim == 1 else (x.shape[0],) + x.shape[2:]
         if t.shape != expect:
             raise ValueError(f"Evaluator.update: logits of shape {x.shape} need targets of shape "
@@ -522,7 +522,7 @@ class Evaluator:
         transposed = x.ndim == 2 and not x.flags.c_contiguous and x.flags.f_contiguous
         shape3 = (1, C, N) if transposed else (N, C, S)
         xs = x.view(storage) if storage != x.dtype else x
-        x3 = _api._canonical_view(xs, transposed, shape3)
+        x3 = _prepare.canonical_view(xs, transposed, shape3)
         if x3 is None:
             x3 = np.ascontiguousarray(xs).reshape(shape3)
         flat = t.reshape(-1)
@@ -594,7 +594,7 @@ class Evaluator:
         pred = np.empty(R, dtype=np.int64)
         ks = np.asarray(self.topk, dtype=np.int64)
         kmax = min(int(ks[-1]), C)
-        if _api._use_columns(x3.shape):  # few classes or K-dim: vectorised across rows
+        if _api.use_columns(x3.shape):  # few classes or K-dim: vectorised across rows
             N, _, S = x3.shape
             kernel, count = _metrics.metrics_cols, _kernels.column_count(
                 N, S, _kernels.column_block_rows(C))
@@ -668,8 +668,8 @@ class Evaluator:
             call changes nothing.
         """
         name = "Evaluator.update_hidden"
-        h = _api._as_array(hidden, "hidden")
-        w = _api._as_array(weight, "weight")
+        h = _prepare.as_array(hidden, "hidden")
+        w = _prepare.as_array(weight, "weight")
         for a, what in ((h, "hidden"), (w, "weight")):
             if not _is_float(a.dtype):
                 raise TypeError(f"{name}: {what} must be float16, bfloat16, float32 or float64, "
@@ -686,7 +686,7 @@ class Evaluator:
         if V != self.num_classes:
             raise ValueError(f"{name}: weight of shape {w.shape} gives {V} classes, the evaluator "
                              f"was made for num_classes={self.num_classes}")
-        t = _api._as_array(target, "target")
+        t = _prepare.as_array(target, "target")
         if t.shape != h.shape[:-1]:
             raise ValueError(f"{name}: hidden of shape {h.shape} needs targets of shape "
                              f"{h.shape[:-1]}, got targets of shape {t.shape}")
@@ -695,14 +695,14 @@ class Evaluator:
         compute = hidden_compute_dtype(h.dtype, w.dtype)
         b = None
         if bias is not None:
-            ba = _api._as_array(bias, "bias")
+            ba = _prepare.as_array(bias, "bias")
             if not (_is_float(ba.dtype) or ba.dtype.kind in "iu"):
                 raise TypeError(f"{name}: bias must be a real array, got dtype {ba.dtype}")
             if ba.shape != (V,):
                 raise ValueError(f"{name}: bias must have shape ({V},) (one per class), got shape "
                                  f"{ba.shape}")
             b = np.asarray(ba, dtype=compute)
-        cap = _api._check_softcap(softcap)
+        cap = _prepare.check_softcap(softcap)
         if chunk_size is not None and (isinstance(chunk_size, (bool, np.bool_)) or not isinstance(
                 chunk_size, (int, np.integer)) or chunk_size < 1):
             raise ValueError(f"{name}: chunk_size must be a positive integer or None, got "

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from . import _api
+from . import _api, _prepare
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "chunk_rows"]
 
@@ -46,8 +46,8 @@ def chunk_rows(vocab: int, itemsize: int, n_rows: int) -> int:
 
 
 def _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight, grad_output):
-    h = _api.native_byte_order(_api._as_array(hidden, "hidden"))
-    w = _api.native_byte_order(_api._as_array(weight, "weight"))
+    h = _prepare.native_byte_order(_prepare.as_array(hidden, "hidden"))
+    w = _prepare.native_byte_order(_prepare.as_array(weight, "weight"))
     if not (h.dtype.name == "bfloat16" or h.dtype in (np.float16, np.float32, np.float64)):
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {h.dtype}")
     if w.dtype != h.dtype:
@@ -55,14 +55,14 @@ def _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight, g
     if h.ndim < 1 or w.ndim != 2 or w.shape[1] != h.shape[-1]:
         raise ValueError(f"expected hidden (..., H) and weight (V, H) with the same H, got hidden "
                          f"{h.shape} and weight {w.shape}")
-    t = _api._as_array(target, "target")
+    t = _prepare.as_array(target, "target")
     if t.shape != h.shape[:-1]:
         raise ValueError(f"target must have hidden's leading shape {h.shape[:-1]}, got {t.shape}")
     if t.dtype.kind not in "iu":
         raise TypeError(f"target must hold integer class indices, got {t.dtype}")
     b = None
     if bias is not None:
-        b = np.ascontiguousarray(_api._as_array(bias, "bias"), dtype=_compute(h.dtype))
+        b = np.ascontiguousarray(_prepare.as_array(bias, "bias"), dtype=_compute(h.dtype))
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
     if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
@@ -78,7 +78,7 @@ def _compute(dtype) -> np.dtype:
 def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
          z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output, want_grad,
          return_stats):
-    reduction = _api._check_reduction(reduction)
+    reduction = _prepare.check_reduction(reduction)
     h, w, t, b = _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight,
                         grad_output)
     lead = t.shape
@@ -89,14 +89,14 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     half = cd != h.dtype  # half inputs: float32 weight copy, hidden converted chunk by chunk
     wc = np.asarray(w, dtype=cd) if half else w
     # the core's own checks; the global 'mean' denominator comes from all targets at once
-    eps = _api._check_label_smoothing(label_smoothing)
-    ignore_index = _api._check_ignore_index(ignore_index)
-    z = _api._check_z_loss(z_loss)
-    cap = _api._check_softcap(softcap)
-    norm = _api._check_normalizer(normalizer, reduction)
-    cw = _api.class_weights(class_weight, V, cd)
-    sw_all = _api.sample_weights(sample_weight, lead)
-    tgt, denom = _api.index_targets(t, cw, sw_all, ignore_index, V)
+    eps = _prepare.check_label_smoothing(label_smoothing)
+    ignore_index = _prepare.check_ignore_index(ignore_index)
+    z = _prepare.check_z_loss(z_loss)
+    cap = _prepare.check_softcap(softcap)
+    norm = _prepare.check_normalizer(normalizer, reduction)
+    cw = _prepare.class_weights(class_weight, V, cd)
+    sw_all = _prepare.sample_weights(sample_weight, lead)
+    tgt, denom = _prepare.index_targets(t, cw, sw_all, ignore_index, V)
     denom = denom if norm is None else norm
     sw = sw_all if sample_weight is not None else None
     kept = np.flatnonzero(tgt != ignore_index)

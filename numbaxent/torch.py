@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from . import _api
+from . import _api, _prepare
 
 __all__ = ["cross_entropy", "CrossEntropyLoss"]
 
@@ -55,7 +55,7 @@ def _weight_array(weight, x: np.ndarray):
 def _prepared(input, target, weight, options):
     """numbaxent's canonical views of the tensors (no copy where the layout allows)."""
     x = _as_numpy(input, "input")
-    return _api._prepare(x, _as_numpy(target, "target"), _weight_array(weight, x), *options)
+    return _prepare.prepare(x, _as_numpy(target, "target"), _weight_array(weight, x), *options)
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -64,13 +64,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 softcap):
         options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
         p = _prepared(input, target, weight, options)
-        loss_rows, mx, lsx, _, blocks = _api._pass_rows(p, _api._kernels().FORWARD, np.ones(1),
+        loss_rows, mx, lsx, _, blocks = _api.kernel_pass(p, _prepare.kernels().FORWARD, np.ones(1),
                                                    np.empty((1, 1, 1), dtype=p.x3.dtype))
         # Everything backward reads goes through save_for_backward: autograd frees it after the
         # backward (unless retain_graph) and checks that nothing was modified in place meanwhile.
         ctx.save_for_backward(input, target, weight, torch.from_numpy(mx), torch.from_numpy(lsx))
         ctx.options = options
-        return _as_tensor(np.asarray(_api._reduce(p, loss_rows, blocks)), input)
+        return _as_tensor(np.asarray(_api.reduce_losses(p, loss_rows, blocks)), input)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -86,7 +86,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             go = _as_numpy(grad_output if grad_output.dtype in (torch.float32, torch.float64)
                            else grad_output.float(), "grad_output")
             p = _prepared(input, target, weight, ctx.options)  # O(rows): views, target checks
-            gx, gt = _api._backward(p, mx.numpy(), lsx.numpy(), go if go.ndim else go.item(),
+            gx, gt = _api.backward_pass(p, mx.numpy(), lsx.numpy(), go if go.ndim else go.item(),
                                     input_grad=need_x, target_grad=need_t)
             gx = None if gx is None else _as_tensor(gx, input)
             gt = None if gt is None else _as_tensor(gt, target)
@@ -164,7 +164,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise ValueError("numbaxent.torch does not compute a gradient with respect to weight; "
                          "detach it (weight.requires_grad is True)")
     if size_average is not None or reduce is not None:
-        reduction = _api.legacy_reduction(size_average, reduce)
+        reduction = _prepare.legacy_reduction(size_average, reduce)
     return _CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction,
                                        label_smoothing, z_loss, softcap)
 
@@ -177,11 +177,11 @@ class CrossEntropyLoss(torch.nn.Module):
                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None):
         super().__init__()
         if size_average is not None or reduce is not None:
-            reduction = _api.legacy_reduction(size_average, reduce)
+            reduction = _prepare.legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.reduction = _api._check_reduction(reduction)
-        self.label_smoothing = _api._check_label_smoothing(label_smoothing)
+        self.reduction = _prepare.check_reduction(reduction)
+        self.label_smoothing = _prepare.check_label_smoothing(label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
 

@@ -120,12 +120,12 @@ def test_half_storage_in_column_blocks(dtype):
 
 
 def test_dispatch_thresholds():
-    from numbaxent._api import _use_columns
+    from numbaxent._api import use_columns
 
-    assert _use_columns((100, k.COLUMN_MAX_C, 1))
-    assert not _use_columns((100, k.COLUMN_MAX_C + 1, 1))
-    assert _use_columns((2, 1000, 2))  # K-dim rows are strided: always the column kernels
-    assert _use_columns((1, 1000, 7))  # 2-D Fortran-ordered input seen as (1, C, N)
+    assert use_columns((100, k.COLUMN_MAX_C, 1))
+    assert not use_columns((100, k.COLUMN_MAX_C + 1, 1))
+    assert use_columns((2, 1000, 2))  # K-dim rows are strided: always the column kernels
+    assert use_columns((1, 1000, 7))  # 2-D Fortran-ordered input seen as (1, C, N)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
