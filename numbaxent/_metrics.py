@@ -40,9 +40,9 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._kernels import (MAX_LANES, cols_log, cols_max, cols_targets, column_block, column_block_rows,
+from ._kernels import (MAX_LANES, cols_log, cols_targets, column_block, column_block_rows, column_count,
                        column_views, row_is_top1, row_max_lanes, _block_source)
-from ._math import capped, compute_scratch, compute_zero, exp, exp_nonpos, load, log
+from ._math import capped, compute_scratch, compute_zero, exp, exp_nonpos, like, load, log
 
 __all__ = ["metrics_rows", "metrics_cols", "metrics_reduce", "IGNORED"]
 
@@ -211,6 +211,18 @@ def _ignored(r, loss, nll, ent, conf, rank, pred):
 
 
 # -- column blocks (few classes, K-dim), as the core's column kernels ---------------------------------
+# The column kernel keeps no per-row record: each block's rows are folded at once into small partial
+# totals laid out as the evaluator's state (``ints`` and ``hi``, see evaluate.Evaluator._int_slices),
+# integer counts per task and float sums per *group* of blocks. Groups depend on the class and bin
+# counts only, and their float sums are added in group order afterwards, so every figure is
+# independent of the number of threads; counts are exact in any order.
+
+I_NONFINITE = 3  # state ints: [n_seen, n_ignored, n_valid, n_nonfinite, rows] + topk[K] + ...
+I_TOPK = 5  # then cls_count[C], cls_correct[C], cls_pred[C], bin_count[B], bin_correct[B]
+F_LOSS, F_NLL, F_ENT = 0, 2, 3  # state floats: [loss, weight, nll, entropy] + cls_loss[C] + bin_conf[B]
+F_CLS = 4
+
+
 @jit()
 def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, s, h, d):
     """Per row ``b`` of a block: :func:`row_eval_sums` across the block (``d`` always summed)."""
@@ -231,37 +243,135 @@ def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, s, h, d):
 
 
 @jit()
-def cols_ranks(X, i0, s0, nb, C, m, xy, yv, cap, gt, ties, nan_rank, first):
-    """Per row ``b``: ``gt = #{c : x_c > x_y}``, ``ties = #{c < y : x_c == x_y}``, ``nan_rank`` (the
-    rank of a NaN target, as :func:`row_nan_target_rank`) and ``first``, the lowest ``c`` with
-    ``x_c == m`` (``C`` if none). Compare-only, integer lanes across the block's rows."""
+def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
+    """One compare-only pass over a block: ``m`` (the row maximum, NaN skipped, of the capped
+    logits), ``first`` (the lowest ``c`` with ``x_c > `` every earlier entry, i.e. the first index of
+    the maximum; ``C`` when no entry exceeds ``-inf``) and, when ``count``, ``gt = #{c : x_c > x_y}
+    + #{c < y : x_c == x_y}``, the target's rank in a stable ``argsort(-x)`` (for a non-NaN
+    ``x_y``)."""
+    one, zero = np.int32(1), np.int32(0)
     for b in range(nb):
-        gt[b] = 0
-        ties[b] = 0
-        nan_rank[b] = 0
+        m[b] = -like(np.inf, m)
         first[b] = C
+        gt[b] = 0
     for c in range(C):
         xr = X[i0 + c, s0:s0 + nb]
         c32 = np.int32(c)
-        one, zero = np.int32(1), np.int32(0)
-        for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
-            v = capped(load(xr[b]), cap)
-            gt[b] += one if v > xy[b] else zero
-            ties[b] += one if (v == xy[b]) & (c < yv[b]) else zero
-            nan_rank[b] += one if (v == v) | (c < yv[b]) else zero
-            first[b] = c32 if (first[b] == C) & (v == m[b]) else first[b]
+        if count:
+            for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
+                v = capped(load(xr[b]), cap)
+                up = v > m[b]
+                first[b] = c32 if up else first[b]
+                m[b] = v if up else m[b]
+                gt[b] += one if (v > xy[b]) | ((v == xy[b]) & (c < yv[b])) else zero
+        else:
+            for b in range(nb):
+                v = capped(load(xr[b]), cap)
+                up = v > m[b]
+                first[b] = c32 if up else first[b]
+                m[b] = v if up else m[b]
+
+
+@jit()
+def cols_rare_rows(X, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt):
+    """The rows :func:`cols_max_rank` does not settle, scalar (rare): a NaN target logit (its rank
+    as :func:`row_nan_target_rank`) and a row with no entry above ``-inf`` (``first``: the lowest
+    ``c`` with ``x_c == m``, ``C`` for an all-NaN row)."""
+    for b in range(nb):
+        if not ok[b]:
+            continue
+        if xy[b] != xy[b]:
+            n = 0
+            for c in range(C):
+                v = capped(load(X[i0 + c, s0 + b]), cap)
+                if v == v or c < yv[b]:
+                    n += 1
+            gt[b] = n
+        if first[b] == C:
+            for c in range(C):
+                if capped(load(X[i0 + c, s0 + b]), cap) == m[b]:
+                    first[b] = c
+                    break
+
+
+@jit()
+def cols_fold(nb, C, B, ks, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, first, gt,
+              ip, fp, cm, confusion, loss, nll, ent, conf, rank):
+    """Fold a block's rows into the partial totals ``ip`` (counts, this task's) and ``fp`` (float
+    sums, this group's), and ``cm`` (this task's confusion matrix) when ``confusion``. ``loss, nll,
+    ent, conf, rank`` are length-``nb`` scratch. Formulas as :func:`eval_row`."""
+    K = ks.shape[0]
+    # the per-row figures as selects, not branches, so that this loop vectorises
+    for b in range(nb):
+        s64 = np.float64(s[b])
+        nr = (np.float64(m[b]) - np.float64(xy[b])) + np.float64(ls[b])
+        smooth = eps_c * (np.float64(wsum) * np.float64(ls[b]) - np.float64(d[b]))
+        loss[b] = (1.0 - eps) * np.float64(wy[b]) * nr + (smooth if eps_c > 0 else 0.0)
+        nll[b] = nr
+        ent[b] = log(s64) - np.float64(h[b]) / s64
+        conf[b] = 1.0 / s64
+        # top-1 alone (kmax 1): the target is the first maximum; a NaN target's rank is in gt
+        k = gt[b] if (kmax > 1) | (xy[b] != xy[b]) else (0 if first[b] == yv[b] else 1)
+        rank[b] = min(k, kmax)
+    o_cnt = I_TOPK + K
+    o_cor, o_pred, o_bin = o_cnt + C, o_cnt + 2 * C, o_cnt + 3 * C
+    o_bcor = o_bin + B
+    f_bin = F_CLS + C
+    for b in range(nb):
+        if not ok[b]:
+            continue
+        y = yv[b]
+        k = rank[b]
+        correct = k == 0
+        pred = y if correct else (first[b] if first[b] < C else 0)  # all-NaN row: index 0
+        ip[o_cnt + y] += 1
+        ip[o_pred + pred] += 1
+        if correct:
+            ip[o_cor + y] += 1
+        for i in range(K):
+            if k < ks[i]:
+                ip[I_TOPK + i] += 1
+        if confusion:
+            cm[y, pred] += 1
+        fp[F_LOSS] += loss[b]
+        fp[F_NLL] += nll[b]
+        fp[F_ENT] += ent[b]
+        fp[F_CLS + y] += loss[b]
+        p = conf[b]
+        if p != p:
+            ip[I_NONFINITE] += 1
+            continue
+        j = min(max(int(math.ceil(p * B)) - 1, 0), B - 1)
+        ip[o_bin + j] += 1
+        fp[f_bin + j] += p
+        if correct:
+            ip[o_bcor + j] += 1
 
 
 @jit(python_callable=True)
-def metrics_cols(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf,
-                 rank, pred):
-    """:func:`metrics_rows` over the column blocks ``[lo, hi)`` of ``x`` (N, C, S) (the core's
-    blocks: K-dim rows read in place, short 2-D rows transposed into an L1 scratch), every step
-    vectorised across the block's rows. Same outputs, same formulas."""
+def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index, eps, cap, ks, kmax,
+                 ip, fp, cm):
+    """Every metric of ``x`` (N, C, S) against ``target`` (N*S,) for tasks ``[lo, hi)`` of
+    ``ntasks`` (dealt to threads by ``_parallel.run_tasks``), over the core's column blocks (K-dim
+    rows read in place, short 2-D rows transposed into an L1 scratch), every step vectorised across
+    the block's rows.
+
+    The ``ngroups = fp.shape[0]`` groups of ``group_blocks`` consecutive blocks are split into
+    ``ntasks`` contiguous ranges. Task ``t`` zeroes and fills ``ip[t]`` (the state's integer layout:
+    n_nonfinite, top-k hits, per-class counts, correct and predicted, per-bin counts and correct;
+    the other scalars are left 0) and ``cm[t]`` (C x C, target by prediction; ``cm`` is
+    ``(ntasks, 0, 0)`` without a confusion matrix); group ``g`` zeroes and fills ``fp[g]`` (the
+    state's float layout: loss, nll and entropy sums, per-class loss and per-bin confidence sums).
+    ``kmax = min(max(ks), C)``: ranks are only resolved below it. Targets must already be validated.
+    """
     N, C, S = x.shape
+    B = (fp.shape[1] - F_CLS - C)
     X = column_views(x, S)
     nbmax = column_block_rows(C)
+    nblocks = column_count(N, S, nbmax)
+    ngroups = fp.shape[0]
     eps_c = eps / C
+    confusion = cm.shape[1] > 0
     XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
     m = compute_scratch(x, nbmax)
     s = compute_scratch(x, nbmax)
@@ -272,40 +382,31 @@ def metrics_cols(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss,
     wy = compute_scratch(x, nbmax)
     yv = np.empty(nbmax, np.int64)
     ok = np.empty(nbmax, np.bool_)
-    gt = np.empty(nbmax, np.int32)  # int32 lanes: as wide as the float32 compares that feed them
-    ties = np.empty(nbmax, np.int32)
-    nan_rank = np.empty(nbmax, np.int32)
-    first = np.empty(nbmax, np.int32)
-    for blk in range(lo, hi):
-        n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-        src = _block_source(X, XT, S, n, nb, C)
-        cols_max(src, i0, s0, nb, C, m, cap)
-        cols_eval_sums(src, i0, s0, nb, C, m, w, cap, s, h, d)
-        cols_log(s, ls, nb)
-        cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
-        cols_ranks(src, i0, s0, nb, C, m, xy, yv, cap, gt, ties, nan_rank, first)
-        # the per-row results as selects, not branches, so that these loops vectorise too
-        for b in range(nb):
-            r = r0 + b
-            s64 = np.float64(s[b])
-            nr = (np.float64(m[b]) - np.float64(xy[b])) + np.float64(ls[b])
-            smooth = eps_c * (np.float64(wsum) * np.float64(ls[b]) - np.float64(d[b]))
-            lr = (1.0 - eps) * np.float64(wy[b]) * nr + (smooth if eps_c > 0 else 0.0)
-            loss[r] = lr if ok[b] else 0.0
-            nll[r] = nr if ok[b] else 0.0
-            ent[r] = (log(s64) - np.float64(h[b]) / s64) if ok[b] else 0.0
-            conf[r] = (1.0 / s64) if ok[b] else 0.0
-        for b in range(nb):
-            r = r0 + b
-            k = gt[b] + ties[b] if gt[b] < kmax else gt[b]
-            k = 1 if kmax <= 1 else k
-            k = 0 if (xy[b] >= m[b]) & (ties[b] == 0) else k
-            k = nan_rank[b] if xy[b] != xy[b] else k
-            k = min(k, kmax)
-            rank[r] = k if ok[b] else IGNORED
-            p = first[b] if first[b] < C else 0
-            p = yv[b] if k == 0 else p
-            pred[r] = p if ok[b] else -1
+    first = np.empty(nbmax, np.int32)  # int32 lanes: as wide as the float32 compares that feed them
+    gt = np.empty(nbmax, np.int32)
+    loss = np.empty(nbmax)
+    nll = np.empty(nbmax)
+    ent = np.empty(nbmax)
+    conf = np.empty(nbmax)
+    rank = np.empty(nbmax, np.int32)
+    for t in range(lo, hi):
+        ipt = ip[t]
+        ipt[:] = 0
+        cmt = cm[t]
+        cmt[:, :] = 0
+        for g in range(ngroups * t // ntasks, ngroups * (t + 1) // ntasks):
+            fpg = fp[g]
+            fpg[:] = 0.0
+            for blk in range(g * group_blocks, min((g + 1) * group_blocks, nblocks)):
+                n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
+                src = _block_source(X, XT, S, n, nb, C)
+                cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
+                cols_max_rank(src, i0, s0, nb, C, xy, yv, cap, kmax > 1, m, first, gt)
+                cols_rare_rows(src, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt)
+                cols_eval_sums(src, i0, s0, nb, C, m, w, cap, s, h, d)
+                cols_log(s, ls, nb)
+                cols_fold(nb, C, B, ks, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok,
+                          first, gt, ipt, fpg, cmt, confusion, loss, nll, ent, conf, rank)
 
 
 @jit(python_callable=True)
