@@ -212,15 +212,30 @@ def _ignored(r, loss, nll, ent, conf, rank, pred):
 
 # -- column blocks (few classes, K-dim), as the core's column kernels ---------------------------------
 # The column kernel keeps no per-row record: each block's rows are folded at once into small partial
-# totals laid out as the evaluator's state (``ints`` and ``hi``, see evaluate.Evaluator._int_slices),
-# integer counts per task and float sums per *group* of blocks. Groups depend on the class and bin
-# counts only, and their float sums are added in group order afterwards, so every figure is
-# independent of the number of threads; counts are exact in any order.
+# totals: integer tallies per task (summed exactly afterwards, in any order) and float sums per
+# *group* of blocks (laid out as the evaluator's float state, ``Evaluator._float_slices``). Groups
+# depend on the class and bin counts only, and their sums are added in group order afterwards, so
+# every figure is independent of the number of threads.
+#
+# A row costs a few scattered increments. To keep them few, the integer figures are tallied in a form
+# with one increment each: the (target, prediction) pair (the confusion matrix, from which the
+# per-class counts, hits and predictions follow), the rank (top-k hits are sums over it), and the
+# pair (calibration bin, top-1 hit) (NaN confidences in an extra bin: the non-finite rows).
 
-I_NONFINITE = 3  # state ints: [n_seen, n_ignored, n_valid, n_nonfinite, rows] + topk[K] + ...
-I_TOPK = 5  # then cls_count[C], cls_correct[C], cls_pred[C], bin_count[B], bin_correct[B]
 F_LOSS, F_NLL, F_ENT = 0, 2, 3  # state floats: [loss, weight, nll, entropy] + cls_loss[C] + bin_conf[B]
 F_CLS = 4
+
+
+@jit(python_callable=True)
+def tally_layout(C, B, kmax, pairs):
+    """Offsets in a task's tally: ``(bins, classes, length)``. ``[0, kmax]``: rows by rank (capped
+    at ``kmax``); ``bins + 2 j + hit``: rows by calibration bin ``j`` (``B`` for a NaN
+    confidence) and top-1 hit; without ``pairs`` (no C x C tally), ``classes + [0, C)``: rows by
+    target class, ``+ [C, 2C)``: top-1 hits by target class, ``+ [2C, 3C)``: rows by predicted
+    class."""
+    bins = kmax + 1
+    classes = bins + 2 * (B + 1)
+    return bins, classes, classes + (0 if pairs else 3 * C)
 
 
 @jit()
@@ -295,83 +310,83 @@ def cols_rare_rows(X, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt):
 
 
 @jit()
-def cols_fold(nb, C, B, ks, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, first, gt,
-              ip, fp, cm, confusion, loss, nll, ent, conf, rank):
-    """Fold a block's rows into the partial totals ``ip`` (counts, this task's) and ``fp`` (float
-    sums, this group's), and ``cm`` (this task's confusion matrix) when ``confusion``. ``loss, nll,
-    ent, conf, rank`` are length-``nb`` scratch. Formulas as :func:`eval_row`."""
-    K = ks.shape[0]
+def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, first, gt, tally,
+              pairs, fp, loss, conf, rank, pred, slot):
+    """Fold a block's rows into this task's ``tally`` (see :func:`tally_layout`) and ``pairs`` (its
+    C x C (target, prediction) tally, or a (0, 0) array) and into this group's float sums ``fp``.
+    ``loss, conf, rank, pred, slot`` are length-``nb`` scratch. Formulas as :func:`eval_row`."""
+    bins, classes, _ = tally_layout(C, B, kmax, pairs.shape[0] > 0)
+    sl = 0.0
+    sn = 0.0
+    se = 0.0
     # the per-row figures as selects, not branches, so that this loop vectorises
     for b in range(nb):
+        v = ok[b]
         s64 = np.float64(s[b])
         nr = (np.float64(m[b]) - np.float64(xy[b])) + np.float64(ls[b])
         smooth = eps_c * (np.float64(wsum) * np.float64(ls[b]) - np.float64(d[b]))
-        loss[b] = (1.0 - eps) * np.float64(wy[b]) * nr + (smooth if eps_c > 0 else 0.0)
-        nll[b] = nr
-        ent[b] = log(s64) - np.float64(h[b]) / s64
-        conf[b] = 1.0 / s64
+        lr = (1.0 - eps) * np.float64(wy[b]) * nr + (smooth if eps_c > 0 else 0.0)
+        loss[b] = lr
+        sl += lr if v else 0.0
+        sn += nr if v else 0.0
+        se += (log(s64) - np.float64(h[b]) / s64) if v else 0.0
+        p = 1.0 / s64
+        conf[b] = p
         # top-1 alone (kmax 1): the target is the first maximum; a NaN target's rank is in gt
-        k = gt[b] if (kmax > 1) | (xy[b] != xy[b]) else (0 if first[b] == yv[b] else 1)
-        rank[b] = min(k, kmax)
-    o_cnt = I_TOPK + K
-    o_cor, o_pred, o_bin = o_cnt + C, o_cnt + 2 * C, o_cnt + 3 * C
-    o_bcor = o_bin + B
+        k = gt[b] if (kmax > 1) | (xy[b] != xy[b]) else np.int32(first[b] != yv[b])
+        k = min(k, np.int32(kmax))
+        rank[b] = k
+        f = first[b] if first[b] < C else np.int32(0)  # all-NaN row: index 0
+        pred[b] = np.int32(yv[b]) if k == 0 else f
+        pb = p * B if p == p else 0.0
+        j = min(max(np.int32(math.ceil(pb)) - np.int32(1), np.int32(0)), np.int32(B - 1))
+        slot[b] = np.int32(2) * (j if p == p else np.int32(B)) + np.int32(k == 0)
+    fp[F_LOSS] += sl
+    fp[F_NLL] += sn
+    fp[F_ENT] += se
     f_bin = F_CLS + C
     for b in range(nb):
         if not ok[b]:
             continue
         y = yv[b]
-        k = rank[b]
-        correct = k == 0
-        pred = y if correct else (first[b] if first[b] < C else 0)  # all-NaN row: index 0
-        ip[o_cnt + y] += 1
-        ip[o_pred + pred] += 1
-        if correct:
-            ip[o_cor + y] += 1
-        for i in range(K):
-            if k < ks[i]:
-                ip[I_TOPK + i] += 1
-        if confusion:
-            cm[y, pred] += 1
-        fp[F_LOSS] += loss[b]
-        fp[F_NLL] += nll[b]
-        fp[F_ENT] += ent[b]
+        q = pred[b]
+        if pairs.shape[0] > 0:
+            pairs[y, q] += 1
+        else:
+            tally[classes + y] += 1
+            tally[classes + C + y] += np.int64(rank[b] == 0)
+            tally[classes + 2 * C + q] += 1
+        tally[rank[b]] += 1
+        j2 = slot[b]
+        tally[bins + j2] += 1
         fp[F_CLS + y] += loss[b]
-        p = conf[b]
-        if p != p:
-            ip[I_NONFINITE] += 1
-            continue
-        j = min(max(int(math.ceil(p * B)) - 1, 0), B - 1)
-        ip[o_bin + j] += 1
-        fp[f_bin + j] += p
-        if correct:
-            ip[o_bcor + j] += 1
+        if j2 < 2 * B:
+            fp[f_bin + (j2 >> 1)] += conf[b]
 
 
 @jit(python_callable=True)
-def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index, eps, cap, ks, kmax,
-                 ip, fp, cm):
+def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index, eps, cap, kmax,
+                 tally, pairs, fp):
     """Every metric of ``x`` (N, C, S) against ``target`` (N*S,) for tasks ``[lo, hi)`` of
     ``ntasks`` (dealt to threads by ``_parallel.run_tasks``), over the core's column blocks (K-dim
     rows read in place, short 2-D rows transposed into an L1 scratch), every step vectorised across
     the block's rows.
 
     The ``ngroups = fp.shape[0]`` groups of ``group_blocks`` consecutive blocks are split into
-    ``ntasks`` contiguous ranges. Task ``t`` zeroes and fills ``ip[t]`` (the state's integer layout:
-    n_nonfinite, top-k hits, per-class counts, correct and predicted, per-bin counts and correct;
-    the other scalars are left 0) and ``cm[t]`` (C x C, target by prediction; ``cm`` is
-    ``(ntasks, 0, 0)`` without a confusion matrix); group ``g`` zeroes and fills ``fp[g]`` (the
-    state's float layout: loss, nll and entropy sums, per-class loss and per-bin confidence sums).
-    ``kmax = min(max(ks), C)``: ranks are only resolved below it. Targets must already be validated.
+    ``ntasks`` contiguous ranges. Task ``t`` zeroes and fills ``tally[t]`` (counts, see
+    :func:`tally_layout`) and ``pairs[t]`` (C x C: rows by target and predicted class; ``pairs`` is
+    ``(ntasks, 0, 0)`` to tally the classes in ``tally`` instead); group ``g`` zeroes and fills
+    ``fp[g]`` (the evaluator's float state layout: loss, nll and entropy sums, per-class loss and
+    per-bin confidence sums; the weight sum is left 0). ``kmax = min(max(topk), C)``: ranks are
+    only resolved below it. Targets must already be validated.
     """
     N, C, S = x.shape
-    B = (fp.shape[1] - F_CLS - C)
+    B = fp.shape[1] - F_CLS - C
     X = column_views(x, S)
     nbmax = column_block_rows(C)
     nblocks = column_count(N, S, nbmax)
     ngroups = fp.shape[0]
     eps_c = eps / C
-    confusion = cm.shape[1] > 0
     XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
     m = compute_scratch(x, nbmax)
     s = compute_scratch(x, nbmax)
@@ -385,15 +400,13 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     first = np.empty(nbmax, np.int32)  # int32 lanes: as wide as the float32 compares that feed them
     gt = np.empty(nbmax, np.int32)
     loss = np.empty(nbmax)
-    nll = np.empty(nbmax)
-    ent = np.empty(nbmax)
     conf = np.empty(nbmax)
     rank = np.empty(nbmax, np.int32)
+    pred = np.empty(nbmax, np.int32)
+    slot = np.empty(nbmax, np.int32)
     for t in range(lo, hi):
-        ipt = ip[t]
-        ipt[:] = 0
-        cmt = cm[t]
-        cmt[:, :] = 0
+        tally[t, :] = 0
+        pairs[t, :, :] = 0
         for g in range(ngroups * t // ntasks, ngroups * (t + 1) // ntasks):
             fpg = fp[g]
             fpg[:] = 0.0
@@ -405,8 +418,8 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
                 cols_rare_rows(src, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt)
                 cols_eval_sums(src, i0, s0, nb, C, m, w, cap, s, h, d)
                 cols_log(s, ls, nb)
-                cols_fold(nb, C, B, ks, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok,
-                          first, gt, ipt, fpg, cmt, confusion, loss, nll, ent, conf, rank)
+                cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, first,
+                          gt, tally[t], pairs[t], fp[g], loss, conf, rank, pred, slot)
 
 
 @jit(python_callable=True)

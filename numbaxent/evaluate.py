@@ -559,7 +559,7 @@ class Evaluator:
         rows = 1 if t.ndim == 0 else t.shape[0]
         if _api._use_columns(x3.shape):  # few classes or K-dim: vectorised across rows
             self._update_cols(x3, tgt, w, wsum, cap, ks, kmax, wtotal)
-            self._ints[:5] += (R, R - n_valid, n_valid, 0, rows)  # n_nonfinite: from the kernel
+            self._ints[[0, 1, 2, 4]] += (R, R - n_valid, n_valid, rows)
             return self
         loss = np.empty(R)
         nll = np.empty(R)
@@ -585,34 +585,56 @@ class Evaluator:
         return self
 
     GROUP_SLACK = 4  # a group of column blocks holds >= this many rows per float it sums
+    PAIR_TALLY_MAX_C = 64  # up to this many classes the kernel tallies (target, prediction) pairs
 
     def _update_cols(self, x3, tgt, w, wsum, cap, ks, kmax, wtotal):
         """The column kernel's share of :meth:`_update`: every count and sum of the chunk, folded by
-        the kernel into per-task counts and per-group float sums that are added here (ints exactly,
-        floats in group order: groups depend on C and the bin count, not on the thread count)."""
+        the kernel into per-task tallies and per-group float sums that are added here (counts
+        exactly, floats in group order: groups depend on C and the bin count, not on the thread
+        count)."""
         from . import _kernels, _metrics
         from ._parallel import num_threads, run_tasks
 
         N, C, S = x3.shape
+        B = self.calibration_bins
         nbmax = _kernels.column_block_rows(C)
         nblocks = _kernels.column_count(N, S, nbmax)
         n_float = self._hi.shape[0]
-        # a group's float partial (n_float sums) costs far less than its rows' work, and all of them
-        # take about 8 * R / GROUP_SLACK bytes at most
+        # a group's float sums cost far less than its rows' work, and all of them together take
+        # about 8 * rows / GROUP_SLACK bytes at most
         group = max(1, -(-self.GROUP_SLACK * n_float // nbmax))
         ngroups = -(-nblocks // group)
         T = min(num_threads(), ngroups)
-        ip = np.empty((T, self._ints.shape[0]), dtype=np.int64)
+        # one increment per row for the per-class counts, hits and predictions: the C x C pairs
+        # (the confusion matrix), when that is small or asked for anyway
+        use_pairs = self._cm is not None or C <= self.PAIR_TALLY_MAX_C
+        bins, classes, length = _metrics.tally_layout(C, B, kmax, use_pairs)
+        tally = np.empty((T, length), dtype=np.int64)
+        pairs = np.empty((T, C, C) if use_pairs else (T, 0, 0), dtype=np.int64)
         fp = np.empty((ngroups, n_float))
-        cm = np.empty((T, C, C) if self._cm is not None else (T, 0, 0), dtype=np.int64)
         run_tasks(_metrics.metrics_cols, T, x3.size, T, group, x3, tgt, w, wsum, self.ignore_index,
-                  self.label_smoothing, cap, ks, kmax, ip, fp, cm)
-        self._ints += ip.sum(axis=0)
+                  self.label_smoothing, cap, kmax, tally, pairs, fp)
         chunk = fp.sum(axis=0)  # over groups, in group order
         chunk[1] = wtotal
         _two_sum_into(self._hi, self._lo, chunk, 0.0)
-        if self._cm is not None:
-            self._cm += cm.sum(axis=0)
+        counts = tally.sum(axis=0)
+        by_rank = np.cumsum(counts[:bins])  # by_rank[r]: rows of rank <= r (capped at kmax)
+        by_bin = counts[bins:classes].reshape(B + 1, 2)  # [bin, top-1 hit]; bin B: NaN confidence
+        if use_pairs:
+            cm = pairs.sum(axis=0)
+            cls = (cm.sum(axis=1), np.diagonal(cm), cm.sum(axis=0))
+            if self._cm is not None:
+                self._cm += cm
+        else:
+            cls = counts[classes:].reshape(3, C)
+        si = self._int_slices()
+        ints = self._ints
+        ints[3] += by_bin[B].sum()
+        ints[si["topk"]] += by_rank[np.minimum(ks, bins) - 1]
+        for name, v in zip(("cls_count", "cls_correct", "cls_pred"), cls):
+            ints[si[name]] += v
+        ints[si["bin_count"]] += by_bin[:B].sum(axis=1)
+        ints[si["bin_correct"]] += by_bin[:B, 1]
 
     def update_hidden(self, hidden, weight, target, bias=None, softcap=None,
                       chunk_size=None) -> "Evaluator":
