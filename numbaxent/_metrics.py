@@ -220,7 +220,8 @@ def _ignored(r, loss, nll, ent, conf, rank, pred):
 # A row costs a few scattered increments. To keep them few, the integer figures are tallied in a form
 # with one increment each: the (target, prediction) pair (the confusion matrix, from which the
 # per-class counts, hits and predictions follow), the rank (top-k hits are sums over it), and the
-# pair (calibration bin, top-1 hit) (NaN confidences in an extra bin: the non-finite rows).
+# pair (rank, calibration bin) (top-k hits, bin counts and hits follow; NaN confidences go to an
+# extra bin: the non-finite rows).
 
 F_LOSS, F_NLL, F_ENT = 0, 2, 3  # state floats: [loss, weight, nll, entropy] + cls_loss[C] + bin_conf[B]
 F_CLS = 4
@@ -228,14 +229,12 @@ F_CLS = 4
 
 @jit(python_callable=True)
 def tally_layout(C, B, kmax, pairs):
-    """Offsets in a task's tally: ``(bins, classes, length)``. ``[0, kmax]``: rows by rank (capped
-    at ``kmax``); ``bins + 2 j + hit``: rows by calibration bin ``j`` (``B`` for a NaN
-    confidence) and top-1 hit; without ``pairs`` (no C x C tally), ``classes + [0, C)``: rows by
-    target class, ``+ [C, 2C)``: top-1 hits by target class, ``+ [2C, 3C)``: rows by predicted
-    class."""
-    bins = kmax + 1
-    classes = bins + 2 * (B + 1)
-    return bins, classes, classes + (0 if pairs else 3 * C)
+    """A task's tally: ``(classes, length)``. ``[0, classes)``: rows by rank ``r`` (capped at
+    ``kmax``) and calibration bin ``j`` (``B`` for a NaN confidence), at ``r (B + 1) + j``; without
+    ``pairs`` (no C x C tally), ``classes + [0, C)``: rows by target class, ``+ [C, 2C)``: top-1
+    hits by target class, ``+ [2C, 3C)``: rows by predicted class."""
+    classes = (kmax + 1) * (B + 1)
+    return classes, classes + (0 if pairs else 3 * C)
 
 
 @jit()
@@ -311,36 +310,36 @@ def cols_rare_rows(X, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt):
 
 @jit()
 def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, first, gt, tally,
-              pairs, fp, loss, conf, rank, pred, slot):
+              pairs, fp, loss, conf, pred, cell):
     """Fold a block's rows into this task's ``tally`` (see :func:`tally_layout`) and ``pairs`` (its
     C x C (target, prediction) tally, or a (0, 0) array) and into this group's float sums ``fp``.
-    ``loss, conf, rank, pred, slot`` are length-``nb`` scratch. Formulas as :func:`eval_row`."""
-    bins, classes, _ = tally_layout(C, B, kmax, pairs.shape[0] > 0)
+    ``loss, conf, pred, cell`` are length-``nb`` scratch. Formulas as :func:`eval_row`, except
+    that the entropy takes the row's ``ls = log s`` in the compute type."""
+    classes, _ = tally_layout(C, B, kmax, pairs.shape[0] > 0)
     sl = 0.0
     sn = 0.0
     se = 0.0
     # the per-row figures as selects, not branches, so that this loop vectorises
     for b in range(nb):
         v = ok[b]
-        s64 = np.float64(s[b])
-        nr = (np.float64(m[b]) - np.float64(xy[b])) + np.float64(ls[b])
-        smooth = eps_c * (np.float64(wsum) * np.float64(ls[b]) - np.float64(d[b]))
+        lsb = np.float64(ls[b])
+        nr = (np.float64(m[b]) - np.float64(xy[b])) + lsb
+        smooth = eps_c * (np.float64(wsum) * lsb - np.float64(d[b]))
         lr = (1.0 - eps) * np.float64(wy[b]) * nr + (smooth if eps_c > 0 else 0.0)
+        p = 1.0 / np.float64(s[b])
         loss[b] = lr
+        conf[b] = p
         sl += lr if v else 0.0
         sn += nr if v else 0.0
-        se += (log(s64) - np.float64(h[b]) / s64) if v else 0.0
-        p = 1.0 / s64
-        conf[b] = p
+        se += (lsb - np.float64(h[b]) * p) if v else 0.0
         # top-1 alone (kmax 1): the target is the first maximum; a NaN target's rank is in gt
         k = gt[b] if (kmax > 1) | (xy[b] != xy[b]) else np.int32(first[b] != yv[b])
         k = min(k, np.int32(kmax))
-        rank[b] = k
         f = first[b] if first[b] < C else np.int32(0)  # all-NaN row: index 0
         pred[b] = np.int32(yv[b]) if k == 0 else f
         pb = p * B if p == p else 0.0
         j = min(max(np.int32(math.ceil(pb)) - np.int32(1), np.int32(0)), np.int32(B - 1))
-        slot[b] = np.int32(2) * (j if p == p else np.int32(B)) + np.int32(k == 0)
+        cell[b] = k * np.int32(B + 1) + (j if p == p else np.int32(B))
     fp[F_LOSS] += sl
     fp[F_NLL] += sn
     fp[F_ENT] += se
@@ -354,14 +353,14 @@ def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, 
             pairs[y, q] += 1
         else:
             tally[classes + y] += 1
-            tally[classes + C + y] += np.int64(rank[b] == 0)
+            tally[classes + C + y] += np.int64(q == y)
             tally[classes + 2 * C + q] += 1
-        tally[rank[b]] += 1
-        j2 = slot[b]
-        tally[bins + j2] += 1
+        i = cell[b]
+        tally[i] += 1
         fp[F_CLS + y] += loss[b]
-        if j2 < 2 * B:
-            fp[f_bin + (j2 >> 1)] += conf[b]
+        j = i % (B + 1)
+        if j < B:
+            fp[f_bin + j] += conf[b]
 
 
 @jit(python_callable=True)
@@ -401,9 +400,8 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     gt = np.empty(nbmax, np.int32)
     loss = np.empty(nbmax)
     conf = np.empty(nbmax)
-    rank = np.empty(nbmax, np.int32)
     pred = np.empty(nbmax, np.int32)
-    slot = np.empty(nbmax, np.int32)
+    cell = np.empty(nbmax, np.int32)
     for t in range(lo, hi):
         tally[t, :] = 0
         pairs[t, :, :] = 0
@@ -419,7 +417,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
                 cols_eval_sums(src, i0, s0, nb, C, m, w, cap, s, h, d)
                 cols_log(s, ls, nb)
                 cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, first,
-                          gt, tally[t], pairs[t], fp[g], loss, conf, rank, pred, slot)
+                          gt, tally[t], pairs[t], fp[g], loss, conf, pred, cell)
 
 
 @jit(python_callable=True)

@@ -608,7 +608,7 @@ class Evaluator:
         # one increment per row for the per-class counts, hits and predictions: the C x C pairs
         # (the confusion matrix), when that is small or asked for anyway
         use_pairs = self._cm is not None or C <= self.PAIR_TALLY_MAX_C
-        bins, classes, length = _metrics.tally_layout(C, B, kmax, use_pairs)
+        classes, length = _metrics.tally_layout(C, B, kmax, use_pairs)
         tally = np.empty((T, length), dtype=np.int64)
         pairs = np.empty((T, C, C) if use_pairs else (T, 0, 0), dtype=np.int64)
         fp = np.empty((ngroups, n_float))
@@ -618,8 +618,8 @@ class Evaluator:
         chunk[1] = wtotal
         _two_sum_into(self._hi, self._lo, chunk, 0.0)
         counts = tally.sum(axis=0)
-        by_rank = np.cumsum(counts[:bins])  # by_rank[r]: rows of rank <= r (capped at kmax)
-        by_bin = counts[bins:classes].reshape(B + 1, 2)  # [bin, top-1 hit]; bin B: NaN confidence
+        by = counts[:classes].reshape(kmax + 1, B + 1)  # [rank, bin]; bin B: NaN confidence
+        by_rank = np.cumsum(by.sum(axis=1))  # by_rank[r]: rows of rank <= r (capped at kmax)
         if use_pairs:
             cm = pairs.sum(axis=0)
             cls = (cm.sum(axis=1), np.diagonal(cm), cm.sum(axis=0))
@@ -629,12 +629,12 @@ class Evaluator:
             cls = counts[classes:].reshape(3, C)
         si = self._int_slices()
         ints = self._ints
-        ints[3] += by_bin[B].sum()
-        ints[si["topk"]] += by_rank[np.minimum(ks, bins) - 1]
+        ints[3] += by[:, B].sum()
+        ints[si["topk"]] += by_rank[np.minimum(ks, kmax + 1) - 1]
         for name, v in zip(("cls_count", "cls_correct", "cls_pred"), cls):
             ints[si[name]] += v
-        ints[si["bin_count"]] += by_bin[:B].sum(axis=1)
-        ints[si["bin_correct"]] += by_bin[:B, 1]
+        ints[si["bin_count"]] += by[:, :B].sum(axis=0)
+        ints[si["bin_correct"]] += by[0, :B]
 
     def update_hidden(self, hidden, weight, target, bias=None, softcap=None,
                       chunk_size=None) -> "Evaluator":
