@@ -42,7 +42,7 @@ import numpy as np
 from ._jit import jit
 from ._kernels import (MAX_LANES, cols_log, cols_targets, column_block, column_block_rows, column_count,
                        column_views, row_is_top1, row_max_lanes, _block_source)
-from ._math import capped, compute_scratch, compute_zero, exp, exp_nonpos, like, load, log
+from ._math import capped, compute_scratch, compute_zero, exp_nonpos, like, load, log
 
 __all__ = ["metrics_rows", "metrics_cols", "metrics_reduce", "IGNORED"]
 
@@ -65,14 +65,14 @@ def row_eval_sums(row, m, w, cap, smooth):
     if smooth:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
-            e = exp(v)
+            e = exp_nonpos(v)  # v <= 0 (or NaN): m is the maximum
             s += e
             h += e * v if e > zero else zero
             d += w[j] * v
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
-            e = exp(v)
+            e = exp_nonpos(v)  # v <= 0 (or NaN): m is the maximum
             s += e
             h += e * v if e > zero else zero
     return s, h, d
