@@ -238,8 +238,9 @@ def tally_layout(C, B, kmax, pairs):
 
 
 @jit()
-def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, s, h, d):
-    """Per row ``b`` of a block: :func:`row_eval_sums` across the block (``d`` always summed)."""
+def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, smooth, s, h, d):
+    """Per row ``b`` of a block: :func:`row_eval_sums` across the block (``d`` only when
+    ``smooth``; the loop is written twice, as there, so that neither pays for the other)."""
     zero = compute_zero(s)
     for b in range(nb):
         s[b] = 0
@@ -248,12 +249,19 @@ def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, s, h, d):
     for c in range(C):
         xr = X[i0 + c, s0:s0 + nb]
         wc = w[c]
-        for b in range(nb):
-            v = capped(load(xr[b]), cap) - m[b]
-            e = exp_nonpos(v)
-            s[b] += e
-            h[b] += e * v if e > zero else zero
-            d[b] += wc * v
+        if smooth:
+            for b in range(nb):
+                v = capped(load(xr[b]), cap) - m[b]
+                e = exp_nonpos(v)
+                s[b] += e
+                h[b] += e * v if e > zero else zero
+                d[b] += wc * v
+        else:
+            for b in range(nb):
+                v = capped(load(xr[b]), cap) - m[b]
+                e = exp_nonpos(v)
+                s[b] += e
+                h[b] += e * v if e > zero else zero
 
 
 @jit()
@@ -291,6 +299,11 @@ def cols_rare_rows(X, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt):
     """The rows :func:`cols_max_rank` does not settle, scalar (rare): a NaN target logit (its rank
     as :func:`row_nan_target_rank`) and a row with no entry above ``-inf`` (``first``: the lowest
     ``c`` with ``x_c == m``, ``C`` for an all-NaN row)."""
+    rare = np.int32(0)
+    for b in range(nb):  # vectorised: most blocks have none
+        rare += np.int32(1) if ok[b] & ((xy[b] != xy[b]) | (first[b] == C)) else np.int32(0)
+    if rare == 0:
+        return
     for b in range(nb):
         if not ok[b]:
             continue
@@ -310,10 +323,10 @@ def cols_rare_rows(X, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt):
 
 @jit()
 def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, first, gt, tally,
-              pairs, fp, loss, conf, pred, cell):
+              pairs, fp, loss, conf, pred, cell, jbin):
     """Fold a block's rows into this task's ``tally`` (see :func:`tally_layout`) and ``pairs`` (its
     C x C (target, prediction) tally, or a (0, 0) array) and into this group's float sums ``fp``.
-    ``loss, conf, pred, cell`` are length-``nb`` scratch. Formulas as :func:`eval_row`, except
+    ``loss, conf, pred, cell, jbin`` are length-``nb`` scratch. Formulas as :func:`eval_row`, except
     that the entropy takes the row's ``ls = log s`` in the compute type."""
     classes, _ = tally_layout(C, B, kmax, pairs.shape[0] > 0)
     sl = 0.0
@@ -339,7 +352,9 @@ def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, 
         pred[b] = np.int32(yv[b]) if k == 0 else f
         pb = p * B if p == p else 0.0
         j = min(max(np.int32(math.ceil(pb)) - np.int32(1), np.int32(0)), np.int32(B - 1))
-        cell[b] = k * np.int32(B + 1) + (j if p == p else np.int32(B))
+        j = j if p == p else np.int32(B)
+        jbin[b] = j
+        cell[b] = k * np.int32(B + 1) + j
     fp[F_LOSS] += sl
     fp[F_NLL] += sn
     fp[F_ENT] += se
@@ -355,10 +370,9 @@ def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, 
             tally[classes + y] += 1
             tally[classes + C + y] += np.int64(q == y)
             tally[classes + 2 * C + q] += 1
-        i = cell[b]
-        tally[i] += 1
+        tally[cell[b]] += 1
         fp[F_CLS + y] += loss[b]
-        j = i % (B + 1)
+        j = jbin[b]
         if j < B:
             fp[f_bin + j] += conf[b]
 
@@ -402,6 +416,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     conf = np.empty(nbmax)
     pred = np.empty(nbmax, np.int32)
     cell = np.empty(nbmax, np.int32)
+    jbin = np.empty(nbmax, np.int32)
     for t in range(lo, hi):
         tally[t, :] = 0
         pairs[t, :, :] = 0
@@ -414,10 +429,10 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
                 cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
                 cols_max_rank(src, i0, s0, nb, C, xy, yv, cap, kmax > 1, m, first, gt)
                 cols_rare_rows(src, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt)
-                cols_eval_sums(src, i0, s0, nb, C, m, w, cap, s, h, d)
+                cols_eval_sums(src, i0, s0, nb, C, m, w, cap, eps_c > 0, s, h, d)
                 cols_log(s, ls, nb)
                 cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, first,
-                          gt, tally[t], pairs[t], fp[g], loss, conf, pred, cell)
+                          gt, tally[t], pairs[t], fp[g], loss, conf, pred, cell, jbin)
 
 
 @jit(python_callable=True)
