@@ -586,6 +586,7 @@ class Evaluator:
 
     GROUP_SLACK = 4  # a group of column blocks holds >= this many rows per float it sums
     PAIR_TALLY_MAX_C = 64  # up to this many classes the kernel tallies (target, prediction) pairs
+    _NO_MATRIX = np.zeros((0, 0), dtype=np.int64)
 
     def _update_cols(self, x3, tgt, w, wsum, cap, ks, kmax, wtotal):
         """The column kernel's share of :meth:`_update`: every count and sum of the chunk, folded by
@@ -608,33 +609,17 @@ class Evaluator:
         # one increment per row for the per-class counts, hits and predictions: the C x C pairs
         # (the confusion matrix), when that is small or asked for anyway
         use_pairs = self._cm is not None or C <= self.PAIR_TALLY_MAX_C
-        classes, length = _metrics.tally_layout(C, B, kmax, use_pairs)
+        length = _metrics.tally_layout(C, B, kmax, use_pairs)[1]
         tally = np.empty((T, length), dtype=np.int64)
         pairs = np.empty((T, C, C) if use_pairs else (T, 0, 0), dtype=np.int64)
         fp = np.empty((ngroups, n_float))
         run_tasks(_metrics.metrics_cols, T, x3.size, T, group, x3, tgt, w, wsum, self.ignore_index,
                   self.label_smoothing, cap, kmax, tally, pairs, fp)
-        chunk = fp.sum(axis=0)  # over groups, in group order
+        chunk = np.empty(n_float)
+        _metrics.tallies_into_state(tally, pairs, fp, ks, kmax, B, self._ints,
+                                    self._cm if self._cm is not None else self._NO_MATRIX, chunk)
         chunk[1] = wtotal
         _two_sum_into(self._hi, self._lo, chunk, 0.0)
-        counts = tally.sum(axis=0)
-        by = counts[:classes].reshape(kmax + 1, B + 1)  # [rank, bin]; bin B: NaN confidence
-        by_rank = np.cumsum(by.sum(axis=1))  # by_rank[r]: rows of rank <= r (capped at kmax)
-        if use_pairs:
-            cm = pairs.sum(axis=0)
-            cls = (cm.sum(axis=1), np.diagonal(cm), cm.sum(axis=0))
-            if self._cm is not None:
-                self._cm += cm
-        else:
-            cls = counts[classes:].reshape(3, C)
-        si = self._int_slices()
-        ints = self._ints
-        ints[3] += by[:, B].sum()
-        ints[si["topk"]] += by_rank[np.minimum(ks, kmax + 1) - 1]
-        for name, v in zip(("cls_count", "cls_correct", "cls_pred"), cls):
-            ints[si[name]] += v
-        ints[si["bin_count"]] += by[:, :B].sum(axis=0)
-        ints[si["bin_correct"]] += by[0, :B]
 
     def update_hidden(self, hidden, weight, target, bias=None, softcap=None,
                       chunk_size=None) -> "Evaluator":
