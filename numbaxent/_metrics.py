@@ -27,11 +27,16 @@ From these, with ``ls = log s``:
 - predicted class: the first index of the row's maximum (NaN entries skipped; 0 for an all-NaN
   row), as ``np.argsort(-x, kind="stable")[0]`` gives.
 
-Few classes and K-dim input take :func:`metrics_cols` instead, the same computation over the core's
-column blocks (vectorised across rows), as the core's forward does. The row kernel writes one record per row (O(rows) memory, no O(rows x classes) temporaries);
-:func:`metrics_reduce` then folds the records into per-class, per-bin and top-k totals **serially in
-row order** (the caller sums the scalar columns with NumPy's pairwise float64 sum), so every result
-is independent of the number of threads. Ignored rows are not read at all.
+The row kernel (:func:`metrics_rows`, C > ``COLUMN_MAX_C`` on 2-D input) writes one record per row
+(O(rows) memory, no O(rows x classes) temporaries); :func:`metrics_reduce` then folds the records into
+per-class, per-bin and top-k totals **serially in row order** (the caller sums the scalar columns
+with NumPy's pairwise float64 sum). With many classes a row's work dwarfs its record.
+
+Few classes and K-dim input take :func:`metrics_cols`: the same computation over the core's column
+blocks (vectorised across rows), as the core's forward does, with no per-row record: each block is
+folded at once into per-task integer tallies and per-group float sums (see the section below), which
+:func:`tallies_into_state` adds to the evaluator's state. Either way every result is independent of
+the number of threads. Ignored rows are not read at all.
 """
 from __future__ import annotations
 
