@@ -347,18 +347,20 @@ def test_any_chunking_and_merge_order_gives_the_same_result(cuts, data_):
     assert_same(pool[0].result(), WHOLE_INV)
 
 
-@pytest.mark.parametrize("shape", [(5000, 33), (20000, 8), (4, 3, 50, 300), (1, 300, 1, 1500)])
+@pytest.mark.parametrize("shape", [(3000, 50), (20000, 8), (4, 3, 50, 300), (1, 300, 1, 1500)])
 def test_results_do_not_depend_on_the_thread_count(shape):
-    # each shape above the size that runs threads (_parallel.MIN_PARALLEL_ELEMENTS): the row path,
-    # the column path on 2-D and K-dim logits, and K-dim with many classes (several blocks a group)
+    # each shape above the size that runs threads (_parallel.MIN_PARALLEL_ELEMENTS): the row path
+    # (C > COLUMN_MAX_C), the column path on 2-D and K-dim logits, and K-dim with many classes
+    # (several blocks a group, classes tallied without the C x C pairs)
     import numba
 
-    from numbaxent import _parallel
+    from numbaxent import _kernels, _parallel
 
     rng = np.random.default_rng(4)
     C = shape[1]
     x = (2 * rng.standard_normal(shape)).astype(np.float32)
     assert x.size >= _parallel.MIN_PARALLEL_ELEMENTS
+    assert (len(shape) == 2 and C > _kernels.COLUMN_MAX_C) == (shape == (3000, 50))
     t = rng.integers(0, C, (shape[0],) + shape[2:])
     t.reshape(-1)[::7] = -100
     old = numba.get_num_threads()
