@@ -1,11 +1,17 @@
 """Issue 12's point 4: ``Evaluator.update`` (every metric) against the forward ``cross_entropy`` on the
-same in-memory float32 logits, side by side in one process (medians of ``--repeat``, interleaved).
+same in-memory float32 logits, side by side in one process.
 
-    python benchmarks/eval_vs_forward.py [--repeat 7] [--cases few,kdim,long]
+    python benchmarks/eval_vs_forward.py [--repeat 9] [--cases few,kdim,long] [--threads N]
+                                         [--confusion]
+
+Forward and update runs alternate, so machine noise hits both; the figures are medians over
+``--repeat`` pairs, of the wall time and of the process CPU time (all threads; steadier than the
+wall time on a shared machine), and the ratio of the fastest runs (least disturbed by other load). ``--threads`` sets ``numba.set_num_threads`` (default: as configured).
 """
 from __future__ import annotations
 
 import argparse
+import platform
 import time
 
 import numpy as np
@@ -15,33 +21,54 @@ import numbaxent as nx
 CASES = {"few": (1048576, 10), "kdim": (8, 21, 256, 256), "long": (4096, 32000)}
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line and line.strip())
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model " \
+               f"{info.get('model', '?')})"
+    except OSError:
+        return platform.processor() or "?"
+
+
+def timed(fn):
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--confusion", action="store_true", help="Evaluator(..., confusion=True)")
     args = ap.parse_args(argv)
-    rng = np.random.default_rng(0)
     import numba
-    print(f"threads: {numba.get_num_threads()}")
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"cpu: {cpu_model()}; threads: {numba.get_num_threads()}; repeat: {args.repeat}"
+          + ("; confusion=True" if args.confusion else ""))
     for name in args.cases.split(","):
         shape = CASES[name]
         C = shape[1]
         x = rng.standard_normal(shape, dtype=np.float32)
         t = rng.integers(0, C, (shape[0],) + shape[2:])
-        nx.cross_entropy(x, t)
-        nx.Evaluator(C).update(x, t)
+        nx.cross_entropy(x, t)  # compile (or load) both before timing
+        nx.Evaluator(C, confusion=args.confusion).update(x, t)
         fwd, ev = [], []
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            nx.cross_entropy(x, t)
-            fwd.append(time.perf_counter() - t0)
-            e = nx.Evaluator(C)
-            t0 = time.perf_counter()
-            e.update(x, t)
-            ev.append(time.perf_counter() - t0)
-        f, u = np.median(fwd), np.median(ev)
-        print(f"{name:<5} {str(shape):<22} forward {f * 1e3:7.1f} ms  Evaluator.update "
-              f"{u * 1e3:7.1f} ms  ratio {u / f:5.2f}")
+            fwd.append(timed(lambda: nx.cross_entropy(x, t)))
+            e = nx.Evaluator(C, confusion=args.confusion)
+            ev.append(timed(lambda: e.update(x, t)))
+        (fw, fc), (uw, uc) = np.median(fwd, axis=0), np.median(ev, axis=0)
+        best = min(u for u, _ in ev) / min(f for f, _ in fwd)
+        print(f"{name:<5} {str(shape):<20} forward {fw * 1e3:7.1f} ms  Evaluator.update "
+              f"{uw * 1e3:7.1f} ms  ratio {uw / fw:5.2f}   (CPU time: {fc * 1e3:7.1f} vs "
+              f"{uc * 1e3:7.1f} ms, ratio {uc / fc:5.2f}; fastest runs: {best:5.2f})")
     return 0
 
 

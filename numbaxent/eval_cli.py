@@ -525,7 +525,8 @@ def _default_rows(src, head: _Head | None = None) -> int:
 # Numba specialises a kernel on its argument types (dtype, read-only or not), so the first chunk of
 # each kind compiles it (10-20 s) or loads it from the on-disk cache. That happens before the timed
 # pass; if the timed pass still added a specialisation, the printed time says so.
-_TIMED_KERNELS = (("numbaxent._metrics", ("metrics_rows", "metrics_cols", "metrics_reduce")),
+_TIMED_KERNELS = (("numbaxent._metrics", ("metrics_rows", "metrics_cols", "metrics_reduce",
+                                         "tallies_into_state")),
                   ("numbaxent._kernels", ("check_targets",)))
 
 

@@ -586,22 +586,21 @@ class Evaluator:
         if first_bad >= 0:
             self._bad_target(t, int(first_bad))
         # nothing below can fail on the user's input: the state changes only from here on
+        ks = np.asarray(self.topk, dtype=np.int64)
+        kmax = min(int(ks[-1]), C)
+        rows = 1 if t.ndim == 0 else t.shape[0]
+        if _api.use_columns(x3.shape):  # few classes or K-dim: vectorised across rows
+            self._update_cols(x3, tgt, w, wsum, cap, ks, kmax, wtotal)
+            self._ints[[0, 1, 2, 4]] += (R, R - n_valid, n_valid, rows)
+            return self
         loss = np.empty(R)
         nll = np.empty(R)
         ent = np.empty(R)
         conf = np.empty(R)
         rank = np.empty(R, dtype=np.int64)
         pred = np.empty(R, dtype=np.int64)
-        ks = np.asarray(self.topk, dtype=np.int64)
-        kmax = min(int(ks[-1]), C)
-        if _api.use_columns(x3.shape):  # few classes or K-dim: vectorised across rows
-            N, _, S = x3.shape
-            kernel, count = _metrics.metrics_cols, _kernels.column_count(
-                N, S, _kernels.column_block_rows(C))
-        else:
-            kernel, count = _metrics.metrics_rows, R
-        run_tasks(kernel, count, x3.size, x3, tgt, w, wsum, self.ignore_index, self.label_smoothing,
-                  cap, kmax, loss, nll, ent, conf, rank, pred)
+        run_tasks(_metrics.metrics_rows, R, x3.size, x3, tgt, w, wsum, self.ignore_index,
+                  self.label_smoothing, cap, kmax, loss, nll, ent, conf, rank, pred)
         # per-class, per-bin and top-k totals go straight into the state (no O(C) work per chunk):
         # counts are exact, and each class's float total is a sum in row order whatever the chunking
         si, sf = self._int_slices(), self._float_slices()
@@ -610,12 +609,49 @@ class Evaluator:
             tgt, rank, pred, loss, conf, ks, ints[si["cls_count"]], ints[si["cls_correct"]],
             ints[si["cls_pred"]], hi[sf["cls_loss"]], ints[si["topk"]], ints[si["bin_count"]],
             hi[sf["bin_conf"]], ints[si["bin_correct"]])
-        ints[:5] += (R, R - n_valid, n_valid, n_nonfinite, 1 if t.ndim == 0 else t.shape[0])
+        ints[:5] += (R, R - n_valid, n_valid, n_nonfinite, rows)
         chunk = np.array([np.sum(loss), wtotal, np.sum(nll), np.sum(ent)])  # pairwise, float64
         _two_sum_into(hi[:4], self._lo[:4], chunk, 0.0)
         if self._cm is not None:
             self._add_confusion(tgt, pred)
         return self
+
+    GROUP_SLACK = 4  # a group of column blocks holds >= this many rows per float it sums
+    PAIR_TALLY_MAX_C = 64  # up to this many classes the kernel tallies (target, prediction) pairs
+    _NO_MATRIX = np.zeros((0, 0), dtype=np.int64)
+
+    def _update_cols(self, x3, tgt, w, wsum, cap, ks, kmax, wtotal):
+        """The column kernel's share of `_update`: every count and sum of the chunk, folded by
+        the kernel into per-task tallies and per-group float sums that are added here (counts
+        exactly, floats in group order: groups depend on C and the bin count, not on the thread
+        count)."""
+        from . import _kernels, _metrics
+        from ._parallel import num_threads, run_tasks
+
+        N, C, S = x3.shape
+        B = self.calibration_bins
+        nbmax = _kernels.column_block_rows(C)
+        nblocks = _kernels.column_count(N, S, nbmax)
+        n_float = self._hi.shape[0]
+        # a group's float sums cost far less than its rows' work, and all of them together take
+        # about 8 * rows / GROUP_SLACK bytes at most
+        group = max(1, -(-self.GROUP_SLACK * n_float // nbmax))
+        ngroups = -(-nblocks // group)
+        T = min(num_threads(), ngroups)
+        # one increment per row for the per-class counts, hits and predictions: the C x C pairs
+        # (the confusion matrix), when that is small or asked for anyway
+        use_pairs = self._cm is not None or C <= self.PAIR_TALLY_MAX_C
+        length = _metrics.tally_layout(C, B, kmax, use_pairs)[1]
+        tally = np.empty((T, length), dtype=np.int64)
+        pairs = np.empty((T, C, C) if use_pairs else (T, 0, 0), dtype=np.int64)
+        fp = np.empty((ngroups, n_float))
+        run_tasks(_metrics.metrics_cols, T, x3.size, T, group, x3, tgt, w, wsum, self.ignore_index,
+                  self.label_smoothing, cap, kmax, tally, pairs, fp)
+        chunk = np.empty(n_float)
+        _metrics.tallies_into_state(tally, pairs, fp, ks, kmax, B, self._ints,
+                                    self._cm if self._cm is not None else self._NO_MATRIX, chunk)
+        chunk[1] = wtotal
+        _two_sum_into(self._hi, self._lo, chunk, 0.0)
 
     def update_hidden(self, hidden, weight, target, bias=None, softcap=None,
                       chunk_size=None) -> "Evaluator":

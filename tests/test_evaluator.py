@@ -206,6 +206,38 @@ def test_topk_ties_follow_a_stable_argsort_of_minus_logits(each_kernel_path):
     assert_matches(res, ref, rtol=1e-12)
 
 
+def test_top1_alone_and_the_predicted_class_follow_the_same_rule(each_kernel_path):
+    # with topk=(1,) no rank beyond 1 is counted: top-1 and the prediction come from the first
+    # maximum, except for a NaN target logit (ranked after the non-NaN entries) and rows whose
+    # entries are all -inf or NaN
+    x = np.array([
+        [1.0, 1.0, 1.0, 0.0],           # target 0 wins the tie
+        [1.0, 1.0, 1.0, 0.0],           # target 1 loses it; predicted 0
+        [np.nan] * 4,                   # all NaN, target 0: rank 0 (predicted 0)
+        [np.nan] * 4,                   # all NaN, target 1: rank 1
+        [np.nan, -np.inf, -np.inf, np.nan],  # target 1: rank 0, the first -inf is the maximum
+        [np.nan, -np.inf, -np.inf, np.nan],  # target 2: rank 1; predicted 1
+        [np.nan, 1.0, 3.0, 3.0],        # target 3: predicted 2
+        [np.nan, np.nan, 2.0, 1.0],     # NaN target logit 0 ... rank 2
+    ])
+    t = np.array([0, 1, 0, 1, 1, 2, 3, 0])
+    order = np.argsort(-x, axis=1, kind="stable")
+    ranks = np.argmax(order == t[:, None], axis=1)
+    np.testing.assert_array_equal(ranks, [0, 1, 0, 1, 0, 1, 1, 2])  # the rule itself
+    for ks in ((1,), (1, 2, 3)):
+        res = Evaluator(4, topk=ks, confusion=True).update(x, t).result()
+        for k in ks:
+            assert res.accuracy[k] == np.mean(ranks < k), (ks, k)
+        np.testing.assert_array_equal(res.per_class["predicted"],
+                                      np.bincount(order[:, 0], minlength=4))
+        m = np.zeros((4, 4), dtype=np.int64)
+        np.add.at(m, (t, order[:, 0]), 1)
+        np.testing.assert_array_equal(res.confusion, m)
+        np.testing.assert_array_equal(
+            res.per_class["accuracy"] * res.per_class["count"],
+            np.bincount(t, weights=ranks == 0, minlength=4))
+
+
 def test_nonfinite_rows_follow_pytorch_and_stay_out_of_calibration(each_kernel_path):
     x = np.array([[-np.inf, 0.0, 1.0], [-np.inf, 0.0, 1.0], [np.nan, 0.0, 1.0], [1.0, 2.0, 3.0],
                   [-np.inf, -np.inf, -np.inf], [2.0, 1.0, 0.0]])
@@ -315,19 +347,36 @@ def test_any_chunking_and_merge_order_gives_the_same_result(cuts, data_):
     assert_same(pool[0].result(), WHOLE_INV)
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("shape", [(3000, 50), (20000, 8), (4, 3, 50, 300), (1, 300, 1, 1500)])
+def test_results_do_not_depend_on_the_thread_count(shape):
+    # each shape above the size that runs threads (_parallel.MIN_PARALLEL_ELEMENTS): the row path
+    # (C > COLUMN_MAX_C), the column path on 2-D and K-dim logits, and K-dim with many classes
+    # (several blocks a group, classes tallied without the C x C pairs)
     import numba
 
-    x, t = data(n=2000, C=33, dtype=np.float32, seed=4)
+    from numbaxent import _kernels, _parallel
+
+    rng = np.random.default_rng(4)
+    C = shape[1]
+    x = (2 * rng.standard_normal(shape)).astype(np.float32)
+    assert x.size >= _parallel.MIN_PARALLEL_ELEMENTS
+    assert (len(shape) == 2 and C > _kernels.COLUMN_MAX_C) == (shape == (3000, 50))
+    t = rng.integers(0, C, (shape[0],) + shape[2:])
+    t.reshape(-1)[::7] = -100
     old = numba.get_num_threads()
     try:
         results = []
-        for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        for n in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
             numba.set_num_threads(n)
-            results.append(Evaluator(33, label_smoothing=0.1).update(x, t).result().to_dict())
+            ev = Evaluator(C, label_smoothing=0.1, topk=(1, 2, 5), confusion=True)
+            results.append(ev.update(x, t).result().to_dict())
     finally:
         numba.set_num_threads(old)
-    assert all(r == results[0] for r in results)  # bit for bit
+    assert len(results) > 1 and all(r == results[0] for r in results)  # bit for bit
+    flat_x = np.moveaxis(x, 1, -1).reshape(-1, C)  # the figures themselves, against the reference
+    res = Evaluator(C, label_smoothing=0.1, topk=(1, 2, 5)).update(x, t).result()
+    assert_matches(res, reference(flat_x, t.reshape(-1), C, eps=0.1, topk=(1, 2, 5)), rtol=2e-5,
+                   exact_bins=False)
 
 
 def test_state_is_small_and_pickles():
