@@ -45,8 +45,9 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._kernels import (MAX_LANES, cols_log, cols_targets, column_block, column_block_rows, column_count,
-                       column_views, row_is_top1, row_max_lanes, _block_source)
+from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
+                       column_count, column_views)
+from ._rows import MAX_LANES, row_is_top1, row_max_lanes
 from ._math import capped, compute_scratch, compute_zero, exp_nonpos, like, load
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
