@@ -3,19 +3,21 @@ changed a kernel, and plot or tabulate the committed results (docs/benchmark-his
 
     cd asv_bench
     python ../benchmarks/asv_history.py machine                # this machine, named after its CPU
-    python ../benchmarks/asv_history.py run                    # every kernel commit + HEAD, 1 thread
+    python ../benchmarks/asv_history.py run                    # kernel commits + HEAD, 1 thread
     python ../benchmarks/asv_history.py run --commits HEAD     # just this checkout
     python ../benchmarks/asv_history.py plot --png ../docs/img/asv-history.png --table
 
-``run`` extracts each commit's files (``git archive``, so the repository and the working tree are left
-alone) into a temporary directory and calls, from asv_bench/,
+``run`` extracts each commit's files (``git archive``, so the repository and the working tree are
+left alone) into a temporary directory and calls, from asv_bench/,
 
-    asv run --python=same --set-commit-hash SHA --machine NAME -E ENV --bench '^history\\.'
+    asv run --python=same --set-commit-hash SHA --machine NAME --bench '^history\\.' --record-samples
 
 with ``ASV_PYTHONPATH`` pointing at that directory, so the current interpreter's NumPy and Numba run
-that commit's numbaxent with the current checkout's benchmark suite (asv_bench/benchmarks/history.py).
+that commit's numbaxent with the current checkout's benchmark suite
+(asv_bench/benchmarks/history.py), and the configuration's thread matrix cut to one value.
 ``--set-commit-hash`` is what makes ``asv run --python=same`` save its results; without it asv
-measures and then throws the figures away. ``plot`` and ``table`` need only NumPy (and Matplotlib).
+measures and then throws the figures away. ``plot`` reads the JSON itself (no asv needed) and draws
+with Matplotlib.
 """
 from __future__ import annotations
 
@@ -38,8 +40,7 @@ RESULTS = os.path.join(ASV_DIR, "results")
 KERNEL_FILES = ["numbaxent/_kernels.py", "numbaxent/_math.py", "numbaxent/_metrics.py",
                 "numbaxent/_parallel.py"]
 CASES = ["S1", "S4", "S9b"]
-BENCHMARKS = {"forward": "history.History.time_forward",
-              "forward+backward": "history.History.time_forward_backward"}
+BENCHMARKS = {"forward+backward": "history.History.time_forward_backward"}
 
 
 def _git(*args: str) -> str:
@@ -94,8 +95,9 @@ def cmd_machine(args) -> int:
 
 def _extract(sha: str, dest: str) -> None:
     data = subprocess.check_output(["git", "-C", ROOT, "archive", sha, "numbaxent"])
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
     with tarfile.open(fileobj=BytesIO(data)) as tar:
-        tar.extractall(dest)
+        tar.extractall(dest, **safe)
 
 
 def cmd_run(args) -> int:
@@ -211,9 +213,9 @@ def cmd_plot(args) -> int:
                     continue
                 x = [index[p[1]] for p in pts]
                 line, = ax.plot(x, [p[2] * 1e3 for p in pts], marker=marker,
-                                label=f"{label}, best of the samples")
+                                label=f"{label}, best of the samples (solid)")
                 ax.plot(x, [p[3] * 1e3 for p in pts], ls="--", lw=1, alpha=0.6,
-                        color=line.get_color(), label=f"{label}, median")
+                        color=line.get_color(), label=f"{label}, median (dashed)")
             ax.set_ylabel(f"{case}  [ms]")
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
@@ -225,7 +227,7 @@ def cmd_plot(args) -> int:
         for mpath in glob.glob(os.path.join(RESULTS, args.machine or "*", "machine.json")):
             with open(mpath) as f:
                 cpu = json.load(f).get("cpu", "")
-        fig.suptitle(f"numbaxent asv history: time per call, NUMBA_NUM_THREADS={args.threads}"
+        fig.suptitle(f"numbaxent asv history: CPU time per call, NUMBA_NUM_THREADS={args.threads}"
                      f"\n{cpu}", fontsize=10)
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
