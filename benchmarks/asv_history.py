@@ -219,7 +219,7 @@ def cmd_plot(args) -> int:
             ax.set_ylabel(f"{case}  [ms]")
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        axes[0].legend(loc="upper right", fontsize=8)
+        axes[0].legend(loc="lower left", fontsize=8)
         axes[-1].set_xticks(range(len(commits)))
         axes[-1].set_xticklabels([sha[:7] for _, sha in commits], rotation=60, fontsize=8)
         axes[-1].set_xlabel("commit (oldest first)")
