@@ -243,7 +243,9 @@ def cmd_plot(args) -> int:
             for key in cols:
                 p = {p[1]: p for p in res.get(key, [])}.get(sha)
                 cells.append("—" if p is None else f"{p[2] * 1e3:.0f} ({p[3] * 1e3:.0f})")
-            title = subj.get(sha, "")[:50].replace("|", "/")
+            title = subj.get(sha, "").replace("|", "/")
+            if len(title) > 40:
+                title = title[:40].rsplit(" ", 1)[0] + " …"
             print(f"| `{sha[:7]}` {title} | " + " | ".join(cells) + " |")
     return 0
 
