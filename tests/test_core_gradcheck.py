@@ -24,7 +24,14 @@ GRID = list(itertools.product(
 ))
 
 
-@pytest.mark.parametrize("shape,soft,reduction,eps,use_w,zc,use_sw", GRID)
+# the smoke subset (pytest -m smoke): every option on, once batched and once K-dim
+SMOKE = [((3, 4), False, "mean", 0.2, True, (0.05, 2.0), True),
+         ((2, 4, 3), True, "none", 0.2, True, (0.0, None), False)]
+
+
+@pytest.mark.parametrize("shape,soft,reduction,eps,use_w,zc,use_sw",
+                         [pytest.param(*g, marks=pytest.mark.smoke if g in SMOKE else ())
+                          for g in GRID])
 def test_finite_differences(shape, soft, reduction, eps, use_w, zc, use_sw):
     rng = np.random.default_rng(abs(hash((shape, soft, reduction, eps, use_w, zc, use_sw))) % 2**32)
     c = shape[1]
