@@ -34,15 +34,16 @@ def _golden():
     data = np.load(GOLDEN)
     meta = json.loads(str(data["index"]))
     out = []
-    # the smoke subset (pytest -m smoke): a weighted, smoothed mean case per dtype, target kind and
-    # 2-D/K-dim
+    # the smoke subset (pytest -m smoke): a weighted, smoothed mean case per dtype and target kind,
+    # 2-D (the row kernels), and a float32 class-index K-dim one (the column kernels)
     smoke = set()
     for i, opts in enumerate(meta["cases"]):
         case = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")}
         key = (opts["dtype"], case["t"].shape == case["x"].shape, case["x"].ndim)
         marks = ()
         if (opts["tag"] == "grid" and opts["reduction"] == "mean" and opts["label_smoothing"] == 0.1
-                and "weight" in case and key[2] in (2, 3) and key not in smoke):
+                and "weight" in case and (key[2] == 2 or key == ("float32", False, 3))
+                and key not in smoke):
             smoke.add(key)
             marks = pytest.mark.smoke
         out.append(pytest.param(opts, case, marks=marks,

@@ -147,7 +147,6 @@ def test_in_range_ignore_index_and_topk_beyond_classes(each_kernel_path):
     assert res.per_class["count"][2] == 0 and res.n_ignored == int(np.sum(t == 2))
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("eps,weighted", [(0.0, False), (0.1, True), (1.0, True)])
 def test_loss_equals_core_cross_entropy(dtype, eps, weighted):
