@@ -290,16 +290,17 @@ def notes(rows) -> list:
     """One line per reason a column of ``table(rows)`` shows "—" (a library not installed, a case a
     baseline does not express)."""
     out = []
-    for lib, pip_name, name in (("torch", "torch", "PyTorch"), ("jax", "jax", "JAX")):
-        if any(f"{lib}_fb" in r for r in rows):
-            if lib == "jax" and not all("jax_fb" in r for r in rows):
-                out.append("jax —: only the plain (N, C) cases (no class weight, no label "
-                           "smoothing, not bfloat16) are written in JAX")
+    for lib, name in (("torch", "PyTorch"), ("jax", "JAX")):
+        if all(f"{lib}_fb" in r for r in rows):
             continue
         try:
             __import__(lib)
         except ImportError:
-            out.append(f"{lib} —: {name} is not installed (pip install {pip_name})")
+            out.append(f"{lib} —: {name} is not installed (pip install {lib})")
+            continue
+        if lib == "jax":
+            out.append("jax —: only the plain (N, C) cases (no class weight, no label smoothing, "
+                       "not bfloat16) are written in JAX")
     if any("numpy_fb" not in r for r in rows):
         out.append("numpy —: NumPy has no bfloat16 arithmetic, so there is no plain NumPy baseline "
                    "for bfloat16 cases")

@@ -119,12 +119,20 @@ def test_bench_runs_the_rest_and_says_why_columns_are_empty(without, capsys):
     assert "jax —: JAX is not installed" in out
 
 
-def test_bench_notes_name_only_what_is_missing():
+def test_bench_notes_name_only_what_is_missing(monkeypatch, without):
+    import types
+
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))  # JAX "installed"
     row = {"case": "S1", "torch_fb": (1.0, 1.0), "jax_fb": (1.0, 1.0), "numpy_fb": (1.0, 1.0)}
     assert bench.notes([row]) == []
     bf16 = {"case": "S9b", "torch_fb": (1.0, 1.0)}
     lines = bench.notes([row, bf16])
     assert any(ln.startswith("jax —: only the plain") for ln in lines)
     assert any(ln.startswith("numpy —:") for ln in lines)
-    assert not any(ln.startswith("torch") for ln in lines)
     assert len(lines) == 2
+    weighted = {"case": "S6", "torch_fb": (1.0, 1.0), "numpy_fb": (1.0, 1.0)}
+    assert [ln.split(":")[0] for ln in bench.notes([weighted])] == ["jax —"]
+    without("torch", "jax")
+    assert sorted(bench.notes([{"case": "S1", "numpy_fb": (1.0, 1.0)}])) == [
+        "jax —: JAX is not installed (pip install jax)",
+        "torch —: PyTorch is not installed (pip install torch)"]
