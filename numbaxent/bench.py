@@ -40,9 +40,30 @@ CASES = {
 }
 
 
+class MissingDependency(NotImplementedError):
+    """A case needs an optional package that is not installed. A `NotImplementedError`: asv skips
+    a benchmark whose `setup` raises one, instead of failing it."""
+
+
+def case_unavailable(name: str) -> str | None:
+    """Why case `name` cannot run in this environment (a missing optional package), or None."""
+    if CASES[name][2].get("dtype") == "bfloat16":
+        try:
+            import ml_dtypes  # noqa: F401  (NumPy's bfloat16 dtype)
+        except ImportError:
+            return "ml_dtypes is not installed (pip install ml_dtypes, or 'numbaxent[bench]')"
+    return None
+
+
 def make_case(name: str, quick: bool = False, seed: int = 0):
-    """(logits, target, kwargs) for a case of the matrix (`quick`: 1/64 of the rows)."""
+    """(logits, target, kwargs) for a case of the matrix (`quick`: 1/64 of the rows).
+
+    Raises `MissingDependency` when the case needs a package that is not installed.
+    """
     desc, shape, opts = CASES[name]
+    why = case_unavailable(name)
+    if why:
+        raise MissingDependency(f"{name} ({desc}): {why}")
     if quick:
         shape = (max(1, shape[0] // 64),) + shape[1:]
         if len(shape) > 2:
@@ -265,6 +286,27 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def notes(rows) -> list:
+    """One line per reason a column of `table(rows)` shows "—" (a library not installed, a case a
+    baseline does not express)."""
+    out = []
+    for lib, name in (("torch", "PyTorch"), ("jax", "JAX")):
+        if all(f"{lib}_fb" in r for r in rows):
+            continue
+        try:
+            __import__(lib)
+        except ImportError:
+            out.append(f"{lib} —: {name} is not installed (pip install {lib})")
+            continue
+        if lib == "jax":
+            out.append("jax —: only the plain (N, C) cases (no class weight, no label smoothing, "
+                       "not bfloat16) are written in JAX")
+    if any("numpy_fb" not in r for r in rows):
+        out.append("numpy —: NumPy has no bfloat16 arithmetic, so there is no plain NumPy baseline "
+                   "for bfloat16 cases")
+    return out
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -290,25 +332,40 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     import numba
 
-    ap = argparse.ArgumentParser(prog="numbaxent bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="numbaxent bench",
+                                 description=__doc__.splitlines()[0].replace("``", ""))
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated (default: all)")
     ap.add_argument("--threads", default=f"1,{numba.config.NUMBA_NUM_THREADS}",
                     help="comma-separated thread counts (default: %(default)s)")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="timed calls per figure, after one warm-up call (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="1/64 of the rows (a smoke run)")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     ap.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the ratios")
     ap.add_argument("--lm", action="store_true", help="also time the LM-head training step")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the tracemalloc table of extra memory per call")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    for name in list(names):
+        why = case_unavailable(name)
+        if why:
+            print(f"numbaxent bench: skipping {name} ({CASES[name][0]}): {why}", file=sys.stderr)
+            names.remove(name)
+    if not names:
+        print("numbaxent bench: no case left to run", file=sys.stderr)
+        return 1
     threads = sorted({int(s) for s in args.threads.split(",")})
     rows = []
     for n in threads:
@@ -316,6 +373,8 @@ def main(argv=None) -> int:
             print(f"  {name} at {n} thread(s)...", file=sys.stderr, flush=True)
             rows.append(run_case(name, n, args.repeat, args.quick))
     text = table(rows)
+    if notes(rows):
+        text += "\n\n" + "\n".join(notes(rows))
     if not args.no_memory:
         print("  memory (tracemalloc)...", file=sys.stderr, flush=True)
         text += "\n\n" + memory_table([memory_case(name, args.quick) for name in names])

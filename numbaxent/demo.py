@@ -145,15 +145,29 @@ def plot(history, path):
     plt.close(fig)
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="numbaxent demo",
+                                 description=__doc__.splitlines()[0].replace("``", ""))
+    ap.add_argument("--epochs", type=int, default=30,
+                    help="passes over the training images (80%% of the 1,797 digits) (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=64,
+                    help="images per Adam step (default: %(default)s)")
+    ap.add_argument("--hidden", type=int, default=128,
+                    help="units in each of the two hidden ReLU layers (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=2e-3,
+                    help="Adam learning rate (default: %(default)s)")
+    ap.add_argument("--label-smoothing", type=float, default=0.1,
+                    help="label_smoothing of the cross-entropy, in [0, 1] (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the train/test split, the initial weights and the batch order "
+                         "(default: %(default)s)")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="also write the loss and accuracy curves to FILE.png (needs matplotlib)")
+    return ap
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="numbaxent demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--label-smoothing", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--plot", metavar="FILE.png", help="write the loss/accuracy curves")
+    ap = parser()
     args = ap.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.hidden < 1:
         ap.error("--epochs, --batch-size and --hidden must be positive")

@@ -25,7 +25,13 @@ GRID = list(itertools.product(
 ))
 
 
-@pytest.mark.parametrize("shape,soft,reduction,eps,use_w,zc,use_sw", GRID)
+# the smoke subset (pytest -m smoke): every option on
+SMOKE = [((3, 4), False, "mean", 0.2, True, (0.05, 2.0), True)]
+
+
+@pytest.mark.parametrize("shape,soft,reduction,eps,use_w,zc,use_sw",
+                         [pytest.param(*g, marks=pytest.mark.smoke if g in SMOKE else ())
+                          for g in GRID])
 def test_finite_differences(shape, soft, reduction, eps, use_w, zc, use_sw):
     rng = np.random.default_rng(stable_seed(shape, soft, reduction, eps, use_w, zc, use_sw))
     c = shape[1]

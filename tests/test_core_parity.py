@@ -58,10 +58,20 @@ def _golden():
     data = np.load(GOLDEN)
     meta = json.loads(str(data["index"]))
     out = []
+    # the smoke subset (pytest -m smoke): a weighted, smoothed mean case per dtype and target kind,
+    # 2-D (run through both kernel paths), and a float32 class-index K-dim one
+    smoke = set()
     for i, opts in enumerate(meta["cases"]):
         case = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")}
-        out.append(pytest.param(opts, case, id=f"{i}-{opts['tag']}-{opts['dtype']}-"
-                                                f"{opts['reduction']}"))
+        key = (opts["dtype"], case["t"].shape == case["x"].shape, case["x"].ndim)
+        marks = ()
+        if (opts["tag"] == "grid" and opts["reduction"] == "mean" and opts["label_smoothing"] == 0.1
+                and "weight" in case and (key[2] == 2 or key == ("float32", False, 3))
+                and key not in smoke):
+            smoke.add(key)
+            marks = pytest.mark.smoke
+        out.append(pytest.param(opts, case, marks=marks,
+                                id=f"{i}-{opts['tag']}-{opts['dtype']}-{opts['reduction']}"))
     return out
 
 

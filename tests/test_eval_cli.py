@@ -61,6 +61,7 @@ def run_json(capsys, *args):
 
 
 # -- results -------------------------------------------------------------------------------------------
+@pytest.mark.smoke
 def test_json_matches_the_numpy_reference(files, capsys):
     d, x, t, w = files
     got = run_json(capsys, d / "x.npy", d / "t.npy", "--weight", d / "w.npy", "--label-smoothing",
@@ -267,6 +268,7 @@ def test_kdim_logits_and_their_target_errors(capsys, tmp_path):
     assert rc == 1 and "row 3, position 2: target 9 is out of range [0, 6)" in err
 
 
+@pytest.mark.smoke
 def test_usage_errors_exit_2(files, capsys):
     d, *_ = files
     for args in (["--topk", "0,1"], ["--topk", "a"], ["--chunk-rows", "0"], []):
@@ -274,6 +276,7 @@ def test_usage_errors_exit_2(files, capsys):
         assert rc == 2 and "usage: numbaxent eval" in err
 
 
+@pytest.mark.smoke
 def test_help_exits_0(capsys):
     rc, out, _ = run(capsys, "--help")
     assert rc == 0 and "--chunk-rows" in out and "--scheduler" in out

@@ -172,6 +172,7 @@ def test_loss_equals_torch_when_installed():
     np.testing.assert_allclose(res.loss, expect.item(), rtol=1e-12)
 
 
+@pytest.mark.smoke
 def test_all_ignored_gives_torch_nan_mean():
     x, _ = data(n=5, C=4)
     res = Evaluator(4).update(x, np.full(5, -100)).result()

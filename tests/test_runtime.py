@@ -37,6 +37,7 @@ def run_py(code: str, env_extra=None, cwd=None, timeout=240):
 
 
 # -- threads -------------------------------------------------------------------------------------------
+@pytest.mark.smoke
 def test_threading_layer_is_thread_and_fork_safe():
     import numba
 
@@ -44,12 +45,13 @@ def test_threading_layer_is_thread_and_fork_safe():
     from numbaxent._threading import threading_layer_choice
 
     choice = threading_layer_choice()
-    assert choice in ("tbb", "workqueue")
+    assert choice in ("tbb", "omp", "workqueue")
     assert numba.threading_layer() == choice
     if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
         assert choice == "tbb", "the tbb wheel is a dependency on this platform and must be found"
 
 
+@pytest.mark.smoke
 def test_concurrent_calls_from_python_threads_are_correct():
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((300, 17)) for _ in range(8)]

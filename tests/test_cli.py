@@ -1,0 +1,138 @@
+"""The `numbaxent` command line as a user meets it: `--version`, help texts, a reader that goes away
+(`numbaxent ... | head -1`), and `bench` without its optional packages (ml_dtypes, PyTorch, JAX).
+
+Expected values come from outside the code under test: the version from pyproject.toml, the option
+list from argparse itself, the absence of a traceback from the child's stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from numbaxent import bench
+from numbaxent.__main__ import COMMANDS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numbaxent(*args, stdout=subprocess.PIPE, cwd=None):
+    return subprocess.run([sys.executable, "-m", "numbaxent", *args], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.smoke
+def test_version_is_the_distribution_version(tmp_path):
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        version = re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+    for flag in ("--version", "-V"):
+        r = numbaxent(flag, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"numbaxent {version}"
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_to_a_closed_pipe_exits_quietly(command, tmp_path):
+    # `numbaxent COMMAND --help | head -1`, made deterministic: the reader is gone before the
+    # command writes its first byte
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = numbaxent(*([command] if command else []), "--help", stdout=write_end, cwd=tmp_path)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+    assert r.returncode in (0, 141), r.stderr
+
+
+def _options(parser: argparse.ArgumentParser):
+    return [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("module", ["demo", "bench"])
+def test_every_option_has_a_help_text(module, capsys):
+    import importlib
+
+    mod = importlib.import_module(f"numbaxent.{module}")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    # every option argparse knows about is listed, each followed by its own text
+    for action in _options(mod.parser()):
+        assert action.help and action.help.strip(), action.option_strings
+    for block in filter(str.strip, re.split(r"\n(?=  -)", out.split("options:", 1)[1])):
+        words = block.split()
+        flags = [w for w in words if w.startswith("-")]
+        assert len(words) > len(flags) + 1, f"no help text in {block!r}"
+
+
+@pytest.fixture
+def without(monkeypatch):
+    """Make ``import NAME`` fail as if the package were not installed."""
+    def hide(*names):
+        for name in names:
+            monkeypatch.setitem(sys.modules, name, None)
+    return hide
+
+
+@pytest.mark.smoke
+def test_bfloat16_case_is_skipped_with_a_reason_without_ml_dtypes(without, capsys):
+    without("ml_dtypes")
+    assert bench.case_unavailable("S9b") and not bench.case_unavailable("S1")
+    with pytest.raises(NotImplementedError, match="ml_dtypes"):  # asv skips such a setup
+        bench.make_case("S9b", quick=True)
+    assert bench.main(["--cases", "S9b"]) == 1
+    err = capsys.readouterr().err
+    assert "skipping S9b" in err and "ml_dtypes is not installed" in err
+
+
+def test_asv_bfloat16_benchmark_skips_without_ml_dtypes(without):
+    sys.path.insert(0, os.path.join(ROOT, "asv_bench"))
+    try:
+        from benchmarks.cross_entropy import CrossEntropy
+    finally:
+        sys.path.remove(os.path.join(ROOT, "asv_bench"))
+    without("ml_dtypes")
+    with pytest.raises(NotImplementedError):  # asv reports a benchmark whose setup raises it skipped
+        CrossEntropy().setup("S9b")
+
+
+def test_bench_runs_the_rest_and_says_why_columns_are_empty(without, capsys):
+    without("ml_dtypes", "torch", "jax")
+    rc = bench.main(["--cases", "S1,S9b", "--quick", "--repeat", "1", "--threads", "1",
+                     "--no-memory"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "skipping S9b" in err
+    rows = [ln for ln in out.splitlines() if ln.startswith("| S")]
+    assert len(rows) == 1 and rows[0].startswith("| S1 ")
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[8] == "—" and cells[10] == "—"  # the torch and jax fwd+bwd columns
+    assert "torch —: PyTorch is not installed" in out
+    assert "jax —: JAX is not installed" in out
+
+
+def test_bench_notes_name_only_what_is_missing(monkeypatch, without):
+    import types
+
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))  # JAX "installed"
+    row = {"case": "S1", "torch_fb": (1.0, 1.0), "jax_fb": (1.0, 1.0), "numpy_fb": (1.0, 1.0)}
+    assert bench.notes([row]) == []
+    bf16 = {"case": "S9b", "torch_fb": (1.0, 1.0)}
+    lines = bench.notes([row, bf16])
+    assert any(ln.startswith("jax —: only the plain") for ln in lines)
+    assert any(ln.startswith("numpy —:") for ln in lines)
+    assert len(lines) == 2
+    weighted = {"case": "S6", "torch_fb": (1.0, 1.0), "numpy_fb": (1.0, 1.0)}
+    assert [ln.split(":")[0] for ln in bench.notes([weighted])] == ["jax —"]
+    without("torch", "jax")
+    assert sorted(bench.notes([{"case": "S1", "numpy_fb": (1.0, 1.0)}])) == [
+        "jax —: JAX is not installed (pip install jax)",
+        "torch —: PyTorch is not installed (pip install torch)"]
