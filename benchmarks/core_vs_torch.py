@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 import numbaxent as nx
-from numbaxent.bench import timings
+from numbaxent.bench_cases import timings
 
 
 def timeit(fn, repeat):

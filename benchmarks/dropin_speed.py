@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import numpy as np
 
-from numbaxent.bench import timings
+from numbaxent.bench_cases import timings
 
 
 def measure(shape=(4096, 32000), repeat=7, probs=False):

@@ -38,7 +38,7 @@ from contextlib import redirect_stdout
 
 import numpy as np
 
-from numbaxent.bench import timings
+from numbaxent.bench_cases import timings
 
 
 def _write(path, n, c, seed=0):

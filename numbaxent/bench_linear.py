@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from .bench import timings
+from .bench_cases import timings
 
 
 def _inputs(n, h, v, seed=0):

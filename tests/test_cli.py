@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from numbaxent import bench
+from numbaxent import bench, bench_cases
 from numbaxent.__main__ import COMMANDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,9 +85,9 @@ def without(monkeypatch):
 @pytest.mark.smoke
 def test_bfloat16_case_is_skipped_with_a_reason_without_ml_dtypes(without, capsys):
     without("ml_dtypes")
-    assert bench.case_unavailable("S9b") and not bench.case_unavailable("S1")
+    assert bench_cases.case_unavailable("S9b") and not bench_cases.case_unavailable("S1")
     with pytest.raises(NotImplementedError, match="ml_dtypes"):  # asv skips such a setup
-        bench.make_case("S9b", quick=True)
+        bench_cases.make_case("S9b", quick=True)
     assert bench.main(["--cases", "S9b"]) == 1
     err = capsys.readouterr().err
     assert "skipping S9b" in err and "ml_dtypes is not installed" in err

@@ -6,7 +6,7 @@ with QUICK shapes, so the suite cannot rot."""
 import numpy as np
 
 import numbaxent as nx
-from numbaxent.bench import CASES, make_case
+from numbaxent.bench_cases import CASES, make_case
 
 QUICK = False  # tests/test_asv_bench.py sets this: 1/64 of the rows
 

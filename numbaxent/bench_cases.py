@@ -1,0 +1,121 @@
+"""The benchmark cases and the one timer, shared by `numbaxent bench`, `bench_linear`, the asv suite
+(`asv_bench/`) and the scripts in `benchmarks/`: the performance matrix S1..S9b, how each case's
+arrays are made, a plain NumPy baseline, and `timings`."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+# case: (description, shape, options)
+CASES = {
+    "S1": ("LLM head", (4096, 32000), {}),
+    "S2": ("large vocab", (1024, 128256), {}),
+    "S3": ("ImageNet", (65536, 1000), {}),
+    "S4": ("few classes", (1048576, 10), {}),
+    "S5": ("segmentation, K-dim", (8, 21, 512, 512), {}),
+    "S6": ("everything on", (4096, 32000), {"weight": True, "ignored": 0.1,
+                                             "label_smoothing": 0.1}),
+    "S7": ("soft targets", (65536, 1000), {"soft": True}),
+    "S8": ("double", (65536, 1000), {"dtype": "float64"}),
+    "S9": ("float16 input", (4096, 32000), {"dtype": "float16"}),
+    "S9b": ("bfloat16 input", (4096, 32000), {"dtype": "bfloat16"}),
+}
+
+
+class MissingDependency(NotImplementedError):
+    """A case needs an optional package that is not installed. A `NotImplementedError`: asv skips
+    a benchmark whose `setup` raises one, instead of failing it."""
+
+
+def case_unavailable(name: str) -> str | None:
+    """Why case `name` cannot run in this environment (a missing optional package), or None."""
+    if CASES[name][2].get("dtype") == "bfloat16":
+        try:
+            import ml_dtypes  # noqa: F401  (NumPy's bfloat16 dtype)
+        except ImportError:
+            return "ml_dtypes is not installed (pip install ml_dtypes, or 'numbaxent[bench]')"
+    return None
+
+
+def make_case(name: str, quick: bool = False, seed: int = 0):
+    """(logits, target, kwargs) for a case of the matrix (`quick`: 1/64 of the rows).
+
+    Raises `MissingDependency` when the case needs a package that is not installed.
+    """
+    desc, shape, opts = CASES[name]
+    why = case_unavailable(name)
+    if why:
+        raise MissingDependency(f"{name} ({desc}): {why}")
+    if quick:
+        shape = (max(1, shape[0] // 64),) + shape[1:]
+        if len(shape) > 2:
+            shape = (1, shape[1], 64, 64)
+    rng = np.random.default_rng(seed)
+    dt = opts.get("dtype", "float32")
+    if dt == "bfloat16":
+        import ml_dtypes
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(dt)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    c = shape[1]
+    tshape = (shape[0],) + shape[2:]
+    if opts.get("soft"):
+        t = rng.random(shape, dtype=np.float32)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, c, tshape)
+        if opts.get("ignored"):
+            t[rng.random(tshape) < opts["ignored"]] = -100
+    kw = {}
+    if opts.get("weight"):
+        kw["weight"] = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    if opts.get("label_smoothing"):
+        kw["label_smoothing"] = opts["label_smoothing"]
+    return x, t, kw
+
+
+def numpy_cross_entropy_with_grad(x, t, weight=None, label_smoothing=0.0):
+    """A plain NumPy implementation (class-index or probability targets, mean reduction): the
+    baseline a user would write without numbaxent."""
+    xc = x.astype(np.float32) if x.dtype.itemsize == 2 else x
+    axis = 1
+    m = xc.max(axis=axis, keepdims=True)
+    logp = xc - m
+    logp -= np.log(np.exp(logp).sum(axis=axis, keepdims=True))
+    c = xc.shape[1]
+    w = np.ones(c, xc.dtype) if weight is None else weight.astype(xc.dtype)
+    wshape = (1, c) + (1,) * (xc.ndim - 2)
+    if t.shape == x.shape:
+        tt = t * (1 - label_smoothing) + label_smoothing / c if label_smoothing else t
+        loss = -(logp * tt * w.reshape(wshape)).sum(axis=axis).mean()
+        grad = (np.exp(logp) * (tt * w.reshape(wshape)).sum(axis, keepdims=True)
+                - tt * w.reshape(wshape)) / (t.size // c)
+        return loss, grad
+    valid = t != -100
+    tc = np.where(valid, t, 0)
+    onehot = np.zeros_like(logp)
+    np.put_along_axis(onehot, np.expand_dims(tc, axis), 1.0, axis)
+    onehot *= np.expand_dims(valid, axis)
+    wy = w[tc] * valid
+    coef = (1 - label_smoothing) * onehot * w.reshape(wshape)
+    if label_smoothing:
+        coef = coef + (label_smoothing / c) * w.reshape(wshape) * np.expand_dims(valid, axis)
+    W = wy.sum()
+    loss = -(coef * logp).sum() / W
+    grad = (np.exp(logp) * coef.sum(axis, keepdims=True) - coef) / W
+    return loss, grad
+
+
+def timings(fn, repeat: int) -> list:
+    """Seconds of `repeat` calls of `fn` after one warm-up call (the one timer of every
+    numbaxent benchmark script)."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
