@@ -37,7 +37,8 @@ from io import BytesIO
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASV_DIR = os.path.join(ROOT, "asv_bench")
 RESULTS = os.path.join(ASV_DIR, "results")
-KERNEL_FILES = ["numbaxent/_kernels.py", "numbaxent/_math.py", "numbaxent/_metrics.py",
+KERNEL_FILES = ["numbaxent/_kernels.py", "numbaxent/_rows.py", "numbaxent/_columns.py",
+                "numbaxent/_targets.py", "numbaxent/_math.py", "numbaxent/_metrics.py",
                 "numbaxent/_parallel.py"]
 CASES = ["S1", "S4", "S9b"]
 BENCHMARKS = {"forward+backward": "history.History.time_forward_backward"}
