@@ -27,8 +27,7 @@ def _zero_weight_mean(p: Prepared) -> bool:
     (zero weights, or negative weights that cancel) while some element is kept. PyTorch then divides
     its two terms by zero separately, and its gradient is not the limit of the regular formula:
     see `_zero_weight_loss` and `_zero_weight_grad`."""
-    return (p.reduction == "mean" and not p.soft and p.denom == 0.0 and p.rows > 0 and p.C > 0
-            and bool(np.any(p.target != p.ignore_index)))
+    return p.reduction == "mean" and not p.soft and p.denom == 0.0 and p.n_valid > 0
 
 
 def _nll_total(p: Prepared) -> float:
@@ -220,8 +219,7 @@ def _stats(p: Prepared, lse: np.ndarray, top1: np.ndarray) -> Stats:
     if p.soft or p.rows == 0:
         acc = float("nan")
     else:
-        n_valid = int(np.count_nonzero(p.target != p.ignore_index))
-        acc = float(np.count_nonzero(top1)) / n_valid if n_valid else float("nan")
+        acc = float(np.count_nonzero(top1)) / p.n_valid if p.n_valid else float("nan")
     return Stats(lse.reshape(p.loss_shape), top1.reshape(p.loss_shape), acc)
 
 

@@ -167,6 +167,7 @@ class Prepared:
     cap: float | None = None
     sw: np.ndarray | None = None  # float64 (rows,) sample weights, or (1,) ones
     target_dtype: np.dtype | None = None  # the user's target dtype (the target gradient's dtype)
+    n_valid: int = 0  # rows whose class target is not ignore_index (all rows for probabilities)
 
 
 def canonical_view(a: np.ndarray, transposed: bool, shape3: tuple) -> np.ndarray | None:
@@ -220,16 +221,17 @@ def sample_weights(sample_weight, loss_shape: tuple, transposed: bool = False) -
 
 
 def index_targets(t: np.ndarray, w: np.ndarray, sw: np.ndarray, ignore_index: int, C: int):
-    """Flat int64 class targets, validated, and the 'mean' denominator `sum sw * w[y]` over kept
-    elements; IndexError naming the first target out of range."""
+    """`(targets, W, n_valid)`: flat int64 class targets, validated, the 'mean' denominator
+    `W = sum sw * w[y]` over kept elements and their count; IndexError naming the first target out
+    of range."""
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
         bad = t.reshape(-1)[np.argmax(t.reshape(-1) > np.iinfo(np.int64).max)]
         raise IndexError(f"Target {int(bad)} is out of bounds.")
     tgt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
-    first_bad, denom, _ = kernels().check_targets(tgt, w, sw, ignore_index, C)
+    first_bad, denom, n_valid = kernels().check_targets(tgt, w, sw, ignore_index, C)
     if first_bad >= 0:
         raise IndexError(f"Target {int(tgt[first_bad])} is out of bounds.")
-    return tgt, denom
+    return tgt, denom, int(n_valid)
 
 
 def prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0,
@@ -309,11 +311,12 @@ def prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_l
         tt = ta.T if transposed else ta
         tgt = np.ascontiguousarray(tt).reshape(shape3)
         denom = float(rows) if sample_weight is None else float(np.sum(sw))
+        n_valid = rows
         if C == 0:  # PyTorch divides by input.numel() / C = 0 / 0: 'mean' is NaN
             denom = 0.0
     else:
-        tgt, denom = index_targets(t, w, sw, ignore_index, C)
+        tgt, denom, n_valid = index_targets(t, w, sw, ignore_index, C)
     if normalizer is not None:
         denom = norm
     return Prepared(x, x3, transposed, compute, C, rows, loss_shape, soft, tgt, w, wsum,
-                     float(denom), ignore_index, eps, reduction, z, cap, sw, t.dtype)
+                    float(denom), ignore_index, eps, reduction, z, cap, sw, t.dtype, n_valid)

@@ -96,7 +96,7 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     norm = _prepare.check_normalizer(normalizer, reduction)
     cw = _prepare.class_weights(class_weight, V, cd)
     sw_all = _prepare.sample_weights(sample_weight, lead)
-    tgt, denom = _prepare.index_targets(t, cw, sw_all, ignore_index, V)
+    tgt, denom, _ = _prepare.index_targets(t, cw, sw_all, ignore_index, V)
     denom = denom if norm is None else norm
     sw = sw_all if sample_weight is not None else None
     kept = np.flatnonzero(tgt != ignore_index)
