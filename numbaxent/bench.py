@@ -1,14 +1,20 @@
 """`numbaxent bench`: side-by-side timings of numbaxent, the memory floors, plain NumPy, PyTorch CPU
 and JAX/optax (when installed), in one process, at 1 thread and at all threads.
 
-Floors, measured on the same arrays: forward = `np.add.reduce(logits, axis=None)` (one read of the
-logits); forward+backward = `np.copyto(grad, logits)` (one read, one write). numbaxent's
-forward+backward writes into a preallocated gradient (`out=`), like the floor; PyTorch and JAX
-allocate theirs. Each figure is the median (and min) of `--repeat` runs after a warm-up.
+Floors, measured on the same arrays: forward = one read of the logits, the fastest (by median) of
+several one-pass NumPy reductions over their bytes (`read_floor_candidates`: float add and maximum
+for float32/float64, bitwise or over uint64/uint32 views, maximum over a uint16 view; which is
+fastest depends on the CPU and the dtype, and the table names the one kept); forward+backward =
+`np.copyto(grad, logits)` (one read, one write). numbaxent's forward+backward writes into a
+preallocated gradient (`out=`), like the floor; PyTorch and JAX allocate theirs. JAX computes a
+float64 case in float64 (`jax_enable_x64` is set for that case and restored afterwards). Each
+figure is the median (and min) of `--repeat` runs after a warm-up. Every table starts with the CPU
+it was measured on (lscpu's model name, vendor family/model, LLVM's CPU name, AVX2 or AVX-512).
 
     numbaxent bench                                  # the whole matrix, 1 and all threads
     numbaxent bench --cases S1,S3 --repeat 5 --markdown perf.md --plot perf.png
     numbaxent bench --quick                          # small shapes, a smoke run
+    numbaxent bench --cases S8 --threads 2 --json s8.json   # every figure as JSON, with the CPU
 
 After the timings, a second table gives each call's extra memory (tracemalloc peak of NumPy
 allocations during one warm call): forward and `out=` should add O(rows) bytes, forward+backward
@@ -17,17 +23,56 @@ one gradient array.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 
 import numpy as np
 
 from . import _api
-from .bench_cases import (CASES, case_unavailable, make_case, numpy_cross_entropy_with_grad,
-                          timings)
+from .bench_cases import (CASES, case_unavailable, cpu_info, cpu_line, make_case,
+                          numpy_cross_entropy_with_grad, timings)
 
 def _timeit(fn, repeat):
     ts = timings(fn, repeat)
     return float(np.median(ts)), float(np.min(ts))
+
+
+def read_floor_candidates(x) -> dict:
+    """One-pass NumPy reductions that each read every byte of `x` exactly once (and write a
+    scalar): {name: zero-argument function}. The forward floor is the fastest of them, per case.
+
+    Which one is fastest depends on the CPU and the dtype (`np.add.reduce` over float32 is slower
+    than one read on Intel Xeon, NumPy has no vectorised float16 sum and no bfloat16 arithmetic),
+    so the bench times them all: the float sum and maximum where NumPy vectorises them (float32,
+    float64), and integer reductions over an integer view of the same buffer (bitwise or over
+    uint64 and uint32 lanes, maximum over uint16 lanes; every dtype, half precision included).
+    """
+    out = {}
+    if x.dtype in (np.float32, np.float64):
+        out["add"] = lambda: np.add.reduce(x, axis=None)
+        out["maximum"] = lambda: np.maximum.reduce(x, axis=None)
+    if x.flags.c_contiguous:
+        raw = x.reshape(-1).view(np.uint8)
+        for name, ufunc, dt in (("or/uint64", np.bitwise_or, np.uint64),
+                                ("or/uint32", np.bitwise_or, np.uint32),
+                                ("maximum/uint16", np.maximum, np.uint16)):
+            if raw.size % np.dtype(dt).itemsize == 0:
+                v = raw.view(dt)
+                out[name] = (lambda u, v: lambda: u.reduce(v, axis=None))(ufunc, v)
+    if not out:  # a strided array of another dtype: the plain sum is the one read left
+        out["add"] = lambda: np.add.reduce(x, axis=None)
+    return out
+
+
+def read_floor(x, repeat):
+    """(median s, min s, name) of the fastest of `read_floor_candidates(x)` (by median)."""
+    best = None
+    for name, fn in read_floor_candidates(x).items():
+        t = _timeit(fn, repeat)
+        if best is None or t[0] < best[0]:
+            best = (*t, name)
+    return best
 
 
 def _torch_fns(x, t, kw):
@@ -55,6 +100,11 @@ def _torch_fns(x, t, kw):
 
 
 def _jax_fns(x, t, kw):
+    """JAX/optax-style forward and forward+backward on the case's arrays, in the logits' dtype.
+
+    Call inside `_jax_dtype(x)`: JAX computes in float32 unless `jax_enable_x64` is set, so a
+    float64 case is only timed with it on (and its result checked to be float64).
+    """
     try:
         import jax
         import jax.numpy as jnp
@@ -63,6 +113,9 @@ def _jax_fns(x, t, kw):
     if x.ndim != 2 or x.dtype.name == "bfloat16" or "weight" in kw or kw.get("label_smoothing"):
         return {}  # only the plain (N, C) cases are expressed here
     xj = jnp.asarray(x)
+    if xj.dtype != x.dtype:  # float64 without jax_enable_x64: not the case's precision
+        raise _NotInDtype(f"JAX computes {x.dtype} here in {xj.dtype} (jax_enable_x64 could not "
+                          f"be set)")
     soft = t.shape == x.shape
     tj = jnp.asarray(t)
 
@@ -76,6 +129,30 @@ def _jax_fns(x, t, kw):
     fb = jax.jit(jax.value_and_grad(loss))
     return {"jax": (lambda: f(xj, tj).block_until_ready(),
                     lambda: jax.block_until_ready(fb(xj, tj)))}
+
+
+class _NotInDtype(Exception):
+    """A library cannot compute the case in the logits' own dtype: its column is left out."""
+
+
+@contextlib.contextmanager
+def _jax_dtype(x):
+    """`jax_enable_x64` on while a float64 case is built and timed, restored afterwards (JAX
+    computes float64 inputs in float32 without it); nothing for the other dtypes."""
+    try:
+        import jax
+    except ImportError:
+        yield
+        return
+    old = bool(jax.config.jax_enable_x64)
+    want = old or x.dtype == np.float64
+    if want != old:
+        jax.config.update("jax_enable_x64", want)
+    try:
+        yield
+    finally:
+        if want != old:
+            jax.config.update("jax_enable_x64", old)
 
 
 def _set_threads(n):
@@ -96,15 +173,25 @@ def run_case(name, threads, repeat, quick=False):
     _set_threads(threads)
     r = {"case": name, "threads": threads, "desc": CASES[name][0], "shape": x.shape,
          "dtype": x.dtype.name}
-    r["floor_fwd"] = _timeit(lambda: np.add.reduce(x, axis=None), repeat)
+    med, low, r["floor_fwd_op"] = read_floor(x, repeat)
+    r["floor_fwd"] = (med, low)
     r["floor_fb"] = _timeit(lambda: np.copyto(grad, x), repeat)
     r["nx_fwd"] = _timeit(lambda: _api.cross_entropy(x, t, **kw), repeat)
     r["nx_fb"] = _timeit(lambda: _api.cross_entropy_with_grad(x, t, out=grad, **kw), repeat)
     if x.dtype.name != "bfloat16":
         r["numpy_fb"] = _timeit(lambda: numpy_cross_entropy_with_grad(x, t, **kw), max(1, repeat // 2))
-    for lib, (fwd, fb) in {**_torch_fns(x, t, kw), **_jax_fns(x, t, kw)}.items():
+    for lib, (fwd, fb) in _torch_fns(x, t, kw).items():
         r[f"{lib}_fwd"] = _timeit(fwd, repeat)
         r[f"{lib}_fb"] = _timeit(fb, repeat)
+    with _jax_dtype(x):
+        try:
+            for lib, (fwd, fb) in _jax_fns(x, t, kw).items():
+                r[f"{lib}_fwd"] = _timeit(fwd, repeat)
+                r[f"{lib}_fb"] = _timeit(fb, repeat)
+                if lib == "jax":
+                    r["jax_dtype"] = x.dtype.name
+        except _NotInDtype as e:
+            r["jax_skip"] = str(e)
     return r
 
 
@@ -137,7 +224,7 @@ def memory_case(name, quick=False):
 
 
 def memory_table(rows) -> str:
-    lines = ["| case | logits MB | rows | fwd extra MB (bytes/row) | fwd+bwd extra MB "
+    lines = [cpu_line(), "", "| case | logits MB | rows | fwd extra MB (bytes/row) | fwd+bwd extra MB "
              "(/ logits) | fwd+bwd with out= extra MB (bytes/row) |", "|---|---|---|---|---|---|"]
     for r in rows:
         mb = 1 / 2**20
@@ -155,8 +242,8 @@ def _ratio(r, a, b):
 def table(rows) -> str:
     head = ("| case | threads | numbaxent fwd ms | fwd floor ms | fwd / floor | numbaxent fwd+bwd ms "
             "| fwd+bwd floor ms | fwd+bwd / floor | torch fwd+bwd ms | torch / numbaxent | "
-            "jax fwd+bwd ms | jax / numbaxent | numpy fwd+bwd ms |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+            "jax fwd+bwd ms | jax / numbaxent | numpy fwd+bwd ms | fwd floor read |")
+    lines = [cpu_line(), "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         def ms(k):
             return f"{r[k][0] * 1e3:.1f}" if k in r else "—"
@@ -169,14 +256,19 @@ def table(rows) -> str:
                      f"{ms('floor_fwd')} | {ra('nx_fwd', 'floor_fwd')} | {ms('nx_fb')} | "
                      f"{ms('floor_fb')} | {ra('nx_fb', 'floor_fb')} | {ms('torch_fb')} | "
                      f"{ra('torch_fb', 'nx_fb')} | {ms('jax_fb')} | {ra('jax_fb', 'nx_fb')} | "
-                     f"{ms('numpy_fb')} |")
+                     f"{ms('numpy_fb')} | {r.get('floor_fwd_op', '—')} |")
     return "\n".join(lines)
 
 
 def notes(rows) -> list:
     """One line per reason a column of `table(rows)` shows "—" (a library not installed, a case a
-    baseline does not express)."""
+    baseline does not express), and how the forward floor and JAX's float64 figures were taken."""
     out = []
+    if any("floor_fwd_op" in r for r in rows):
+        out.append("fwd floor: the fastest one-pass NumPy read of the logits' bytes (float add and "
+                   "maximum for float32/float64, bitwise or over uint64/uint32 views, maximum over "
+                   "a uint16 view; the last column names the one kept); fwd+bwd floor: "
+                   "np.copyto into a preallocated array")
     for lib, name in (("torch", "PyTorch"), ("jax", "JAX")):
         if all(f"{lib}_fb" in r for r in rows):
             continue
@@ -186,8 +278,16 @@ def notes(rows) -> list:
             out.append(f"{lib} —: {name} is not installed (pip install {lib})")
             continue
         if lib == "jax":
-            out.append("jax —: only the plain (N, C) cases (no class weight, no label smoothing, "
-                       "not bfloat16) are written in JAX")
+            if any("jax_fb" not in r and "jax_skip" not in r for r in rows):
+                out.append("jax —: only the plain (N, C) cases (no class weight, no label "
+                           "smoothing, not bfloat16) are written in JAX")
+            for r in rows:
+                if "jax_skip" in r:
+                    out.append(f"jax —: {r['case']} left out: {r['jax_skip']}")
+    x64 = sorted({r["case"] for r in rows if r.get("jax_dtype") == "float64"})
+    if x64:
+        out.append(f"jax: {', '.join(x64)} computed in float64 (jax_enable_x64 on for those "
+                   f"cases only)")
     if any("numpy_fb" not in r for r in rows):
         out.append("numpy —: NumPy has no bfloat16 arithmetic, so there is no plain NumPy baseline "
                    "for bfloat16 cases")
@@ -232,6 +332,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="1/64 of the rows (a smoke run)")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     ap.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the ratios")
+    ap.add_argument("--json", metavar="FILE",
+                    help="also write every figure (seconds: median, min), the CPU and the options "
+                         "to FILE as JSON")
     ap.add_argument("--lm", action="store_true", help="also time the LM-head training step")
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the tracemalloc table of extra memory per call")
@@ -262,19 +365,25 @@ def main(argv=None) -> int:
     text = table(rows)
     if notes(rows):
         text += "\n\n" + "\n".join(notes(rows))
+    mem, lm = None, None
     if not args.no_memory:
         print("  memory (tracemalloc)...", file=sys.stderr, flush=True)
-        text += "\n\n" + memory_table([memory_case(name, args.quick) for name in names])
+        mem = [memory_case(name, args.quick) for name in names]
+        text += "\n\n" + memory_table(mem)
     if args.lm:
         from . import bench_linear
 
         lm = bench_linear.run(threads=max(threads), repeat=args.repeat, memory=False)
-        text += "\n\n| LM-head step | median s |\n|---|---|\n" + "\n".join(
-            f"| {r['impl']} | {r['median_s']:.3f} |" for r in lm)
+        text += (f"\n\n{cpu_line()}, {max(threads)} threads\n\n| LM-head step | median s |\n"
+                 "|---|---|\n" + "\n".join(f"| {r['impl']} | {r['median_s']:.3f} |" for r in lm))
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_info(), "repeat": args.repeat, "quick": args.quick,
+                       "rows": rows, "memory": mem, "lm": lm}, f, indent=1, default=list)
     if args.plot:
         plot(rows, args.plot)
     return 0

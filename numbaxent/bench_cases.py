@@ -1,8 +1,12 @@
 """The benchmark cases and the one timer, shared by `numbaxent bench`, `bench_linear`, the asv suite
 (`asv_bench/`) and the scripts in `benchmarks/`: the performance matrix S1..S9b, how each case's
-arrays are made, a plain NumPy baseline, and `timings`."""
+arrays are made, a plain NumPy baseline, `timings`, and `cpu_info` (the CPU every table names)."""
 from __future__ import annotations
 
+import functools
+import os
+import platform
+import subprocess
 import time
 
 import numpy as np
@@ -119,3 +123,75 @@ def timings(fn, repeat: int) -> list:
         fn()
         ts.append(time.perf_counter() - t0)
     return ts
+
+
+def _cpuinfo_fields() -> dict:
+    """The first processor's fields of /proc/cpuinfo (Linux), or {}."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n", 1)[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines())}
+
+
+def _lscpu_model_name() -> str | None:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                             env={**os.environ, "LC_ALL": "C"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_info() -> dict:
+    """The CPU the figures come from: {'model', 'vendor', 'family', 'model_id', 'llvm_cpu', 'isa'}.
+
+    `model` is lscpu's 'Model name' (else /proc/cpuinfo's 'model name', else the platform's
+    processor string); `vendor`, `family` and `model_id` are /proc/cpuinfo's vendor_id, cpu family
+    and model (what tells Zen 3 from Zen 4, or Sapphire from Emerald Rapids, when a hypervisor
+    shortens the model name); `llvm_cpu` is the CPU LLVM (hence Numba) compiles for; `isa` is the
+    widest x86 vector extension the host reports: 'avx512' (avx512f), 'avx2', 'sse' or '' (not
+    x86). Fields that cannot be read are None.
+    """
+    fields = _cpuinfo_fields()
+    flags = set(fields.get("flags", "").split())
+    llvm_cpu = None
+    try:
+        import llvmlite.binding as ll  # numba's own LLVM: the features its kernels are built for
+
+        llvm_cpu = ll.get_host_cpu_name()
+        if not flags:
+            flags = {f[1:] for f in ll.get_host_cpu_features().flatten().split(",")
+                     if f.startswith("+")}
+    except Exception:  # noqa: BLE001  (an informative field only)
+        pass
+    if "avx512f" in flags:
+        isa = "avx512"
+    elif "avx2" in flags:
+        isa = "avx2"
+    elif flags & {"sse2", "sse4_2", "sse4.2"}:
+        isa = "sse"
+    else:
+        isa = ""
+    return {"model": _lscpu_model_name() or fields.get("model name") or platform.processor()
+            or None,
+            "vendor": fields.get("vendor_id"), "family": fields.get("cpu family"),
+            "model_id": fields.get("model"), "llvm_cpu": llvm_cpu, "isa": isa}
+
+
+def cpu_line() -> str:
+    """`cpu_info()` as the one line printed above every benchmark table, e.g.
+    'CPU: AMD EPYC (AuthenticAMD family 25 model 1, LLVM znver3), vector ISA avx2 (no AVX-512)'."""
+    c = cpu_info()
+    ident = " ".join(p for p in (c["vendor"], c["family"] and f"family {c['family']}",
+                                 c["model_id"] and f"model {c['model_id']}") if p)
+    if c["llvm_cpu"]:
+        ident = f"{ident}, LLVM {c['llvm_cpu']}" if ident else f"LLVM {c['llvm_cpu']}"
+    isa = {"avx512": "avx512 (AVX-512F)", "avx2": "avx2 (no AVX-512)"}.get(c["isa"], c["isa"] or "?")
+    return f"CPU: {c['model'] or 'unknown'}" + (f" ({ident})" if ident else "") + \
+        f", vector ISA {isa}"

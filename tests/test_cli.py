@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from numbaxent import bench, bench_cases
@@ -136,3 +137,93 @@ def test_bench_notes_name_only_what_is_missing(monkeypatch, without):
     assert sorted(bench.notes([{"case": "S1", "numpy_fb": (1.0, 1.0)}])) == [
         "jax —: JAX is not installed (pip install jax)",
         "torch —: PyTorch is not installed (pip install torch)"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_every_read_floor_candidate_reads_every_element(dtype):
+    # a floor that skipped part of the buffer (a wrong view length, a strided slice) would not see
+    # a single nonzero element there: each candidate's result must change wherever it is put
+    if dtype == "bfloat16":
+        dt = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    else:
+        dt = np.dtype(dtype)
+    zeros = np.zeros((6, 10), dtype=dt)
+    cands = bench.read_floor_candidates(zeros)
+    assert cands, dtype
+    if dt.itemsize == 2:  # half precision: integer views only (NumPy's own half sums are slow)
+        assert not {"add", "maximum"} & set(cands)
+    for name, fn in cands.items():
+        base = np.asarray(fn())
+        for pos in (0, 29, 59):
+            x = zeros.copy()
+            x.flat[pos] = 1
+            again = bench.read_floor_candidates(x)[name]()
+            assert not np.array_equal(np.asarray(again), base), (dtype, name, pos)
+
+
+def test_read_floor_of_a_strided_array_is_a_plain_sum():
+    x = np.zeros((6, 10), np.float16)[:, ::2]
+    assert list(bench.read_floor_candidates(x)) == ["add"]
+
+
+def _proc_cpuinfo():
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    return dict((k.strip(), v.strip()) for k, _, v in
+                (ln.partition(":") for ln in first.splitlines()))
+
+
+def test_cpu_line_names_the_model_and_the_vector_isa():
+    info = _proc_cpuinfo()
+    if "model name" not in info or "flags" not in info:
+        pytest.skip("not an x86 /proc/cpuinfo")
+    line = bench_cases.cpu_line()
+    assert line.startswith(f"CPU: {info['model name']} (")
+    assert f"family {info['cpu family']} model {info['model']}" in line
+    flags = info["flags"].split()
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    assert f"vector ISA {isa}" in line
+
+
+def test_every_table_starts_with_the_cpu(capsys, tmp_path):
+    import json
+
+    js = tmp_path / "b.json"
+    assert bench.main(["--cases", "S1", "--quick", "--repeat", "1", "--threads", "1",
+                       "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    tables = out.split("\n\n|")
+    assert len(tables) == 3  # the timings and the memory table, each after its caption
+    for before in tables[:-1]:
+        assert before.rstrip().splitlines()[-1] == bench_cases.cpu_line()
+    data = json.loads(js.read_text())
+    assert data["cpu"] == bench_cases.cpu_info()
+    (row,) = data["rows"]
+    assert row["case"] == "S1" and row["floor_fwd_op"] in bench.read_floor_candidates(
+        bench_cases.make_case("S1", quick=True)[0])
+
+
+def test_jax_times_a_float64_case_in_float64_and_restores_the_setting():
+    jax = pytest.importorskip("jax")
+    import numba
+
+    before, threads = bool(jax.config.jax_enable_x64), numba.get_num_threads()
+    try:
+        row = bench.run_case("S8", threads, 1, quick=True)
+    finally:
+        numba.set_num_threads(threads)
+    assert bool(jax.config.jax_enable_x64) == before
+    assert row["dtype"] == "float64" and row["jax_dtype"] == "float64" and "jax_fb" in row
+    assert any(ln.startswith("jax: S8 computed in float64") for ln in bench.notes([row]))
+
+
+def test_a_case_jax_cannot_run_in_its_dtype_is_left_out_and_said_so(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))
+    row = {"case": "S8", "dtype": "float64", "torch_fb": (1.0, 1.0), "numpy_fb": (1.0, 1.0),
+           "jax_skip": "JAX computes float64 here in float32"}
+    assert bench.notes([row]) == ["jax —: S8 left out: JAX computes float64 here in float32"]
