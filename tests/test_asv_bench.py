@@ -49,7 +49,9 @@ def test_bench_command_quick(tmp_path, capsys):
     assert bench.main(["--quick", "--repeat", "1", "--cases", "S1,S5,S7", "--threads", "1",
                        "--markdown", str(md), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "S5 segmentation" in out and md.read_text().startswith("| case |")
+    assert "S5 segmentation" in out
+    caption, table = md.read_text().split("\n\n", 1)  # the CPU it ran on, then the table
+    assert caption.startswith("CPU: ") and table.startswith("| case |")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
