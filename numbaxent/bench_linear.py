@@ -3,7 +3,8 @@ matrix products any implementation needs, and PyTorch CPU (unfused, and F.linear
 
     python -m numbaxent.bench_linear [--n 4096 --h 1024 --v 32000] [--repeat 3] [--threads 2]
 
-Times are medians of `--repeat` runs after one warm-up, all in one process. Peak additional memory
+Times are medians of `--repeat` runs after one warm-up, all in one process; the table is headed by
+the CPU it ran on. Peak additional memory
 is measured in a fresh child process per implementation (Linux): the peak resident set (VmHWM, reset
 through `/proc/self/clear_refs` once the inputs exist) minus the resident set at that point, minus
 the returned gradients' own size.
@@ -18,7 +19,7 @@ import sys
 
 import numpy as np
 
-from .bench_cases import timings
+from .bench_cases import cpu_line, timings
 
 
 def _inputs(n, h, v, seed=0):
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = run(args.threads, args.repeat, args.n, args.h, args.v, not args.no_memory)
     base = next(r["median_s"] for r in rows if r["impl"].startswith("bare"))
+    print(cpu_line())
     print(f"{rows[0]['case']}, float32, {args.threads} threads, median of {args.repeat}")
     print(f"| implementation | median s | min s | / bare matmuls | extra peak MB |")
     print(f"|---|---|---|---|---|")
