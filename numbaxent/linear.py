@@ -80,6 +80,19 @@ def _cblas_gemm(dtype: np.dtype):
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values
 
 
+def _blas_threads():
+    """The thread count of NumPy's bundled OpenBLAS (`scipy_openblas_get_num_threads64_`), or
+    None when that library is not reachable."""
+    try:
+        from numpy._core import _multiarray_umath
+
+        fn = ctypes.CDLL(_multiarray_umath.__file__).scipy_openblas_get_num_threads64_
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [], ctypes.c_int
+    return int(fn())
+
+
 def _rows_unit(a) -> bool:
     """A 2-D array BLAS can read as row-major: unit column stride, rows at a positive stride."""
     return (a.ndim == 2 and a.strides[1] == a.itemsize and a.strides[0] >= a.shape[1] * a.itemsize
@@ -116,13 +129,17 @@ def _accumulate_grad_weight(gw, G, hc, scratch: dict):
         gw[v0:v1] += blk
 
 
-def _grad_hidden(G, wc, tbuf):
-    """`G @ wc` (m, H), returned as the transpose of a C-contiguous (H, m) product in `tbuf`.
+def _grad_hidden(G, wc, tbuf, transposed: bool):
+    """`G @ wc` (m, H); with `transposed`, the transpose of a C-contiguous (H, m) product in `tbuf`.
 
-    BLAS is handed `wc.T @ G.T` (M = H, N = m) rather than `G @ wc` (M = m): for a chunk of a few
-    hundred rows against K = V, OpenBLAS at 2 threads took about twice the CPU time on the latter
-    (1024 x 32000 weight, 256-row chunks: 9.7 s against 5.0 s over 4096 rows) and the same at 1.
+    Multi-threaded, BLAS is handed `wc.T @ G.T` (M = H, N = m) rather than `G @ wc` (M = m): for a
+    chunk of a few hundred rows against K = V, OpenBLAS at 2 threads spent about twice the CPU time
+    on the latter (1024 x 32000 weight, 256-row chunks, over 4096 rows: 9.7 s against 5.0 s; 128
+    rows: 25 s against 4.8 s). At one thread the direct product is the faster (4.1 s against 4.8 s),
+    so `transposed` follows the BLAS thread count.
     """
+    if not transposed:
+        return np.matmul(G, wc, out=tbuf[: G.shape[0] * wc.shape[1]].reshape(G.shape[0], -1))
     m, H = G.shape[0], wc.shape[1]
     out = tbuf[: H * m].reshape(H, m)
     np.matmul(wc.T, G.T, out=out)
@@ -209,7 +226,8 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     hbuf = np.empty((rows_max, H), dtype=cd) if half else None
     wt = wc.T
     scratch = {}  # grad_weight's temporary, when BLAS cannot accumulate into it
-    ghT = np.empty(rows_max * H, dtype=cd) if want_grad else None  # grad_hidden rows, transposed
+    ghT = np.empty(rows_max * H, dtype=cd) if want_grad else None  # grad_hidden rows
+    transposed = (_blas_threads() or 2) > 1  # see _grad_hidden
     for start in range(0, kept.size, step):
         if contiguous:
             rows = slice(start, min(start + step, n))
@@ -234,7 +252,7 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
             res = _api.cross_entropy_with_grad(logits, tc, grad_output=g_rows, out=logits, **kw)
             G = logits  # now the gradient of the chunk's logits
             # grad_hidden rows: G @ W; grad_weight: += G.T @ h
-            gh[rows] = _grad_hidden(G, wc, ghT)
+            gh[rows] = _grad_hidden(G, wc, ghT, transposed)
             _accumulate_grad_weight(gw, G, hc, scratch)
             if gb is not None:
                 gb += G.sum(axis=0)

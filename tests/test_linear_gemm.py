@@ -1,6 +1,6 @@
 """The LM head's GEMM paths (numbaxent/linear.py): `grad_weight` accumulated by BLAS itself
 (`beta = 1` through NumPy's bundled OpenBLAS) or through the temporary of the fallback, and
-`grad_hidden` from the transposed product, over hidden states in C order, Fortran order and with
+`grad_hidden` from the direct or the transposed product (by the BLAS thread count), over hidden states in C order, Fortran order and with
 ignored rows (gathered chunks). Expected values: float64 NumPy products of the float64 naive
 cross-entropy's gradient (tests/naive.py), never numbaxent's own core."""
 from __future__ import annotations
@@ -16,11 +16,13 @@ from test_core_parity import assert_close
 N, H, V, CHUNK = 41, 24, 50, 8
 
 
+@pytest.mark.parametrize("blas_threads", [1, 2])  # grad_hidden: G @ W, or (W.T @ G.T).T
 @pytest.mark.parametrize("layout", ["C", "F", "ignored"])
 @pytest.mark.parametrize("path", ["blas", "temporary"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gemm_paths_match_the_float64_products(monkeypatch, dtype, path, layout):
+def test_gemm_paths_match_the_float64_products(monkeypatch, dtype, path, layout, blas_threads):
     calls = []
+    monkeypatch.setattr(linear, "_blas_threads", lambda: blas_threads)
     if path == "temporary":
         monkeypatch.setattr(linear, "_cblas_gemm", lambda dt: None)
         monkeypatch.setattr(linear, "VOCAB_BLOCK", 16)  # several blocks, a short last one
