@@ -167,17 +167,33 @@ def _run(p: Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
     columns = use_columns(p.x3.shape)
     assert columns or rows_out
     N, C, S = p.x3.shape
-    count = k.column_count(N, S, k.column_block_rows(C)) if columns else p.rows
+    # flags the kernels would otherwise infer (each inference is more code to compile)
+    in_place = grad3.ctypes.data == p.x3.ctypes.data and grad3.shape == p.x3.shape
+    keep_exp = (mode == k.FUSED and p.cap is None and not in_place
+                and p.x3.dtype in (np.float32, np.float64))
+    if columns:
+        nbmax = k.column_block_rows(C)
+        count = k.column_count(N, S, nbmax)
+        head = (k.column_view(p.x3), N, C, S, nbmax)
+        grad2 = k.column_view(grad3)
+    else:
+        count = p.rows
+        head = (p.x3.reshape(N, C),)
+        grad2 = grad3.reshape(grad3.shape[0], -1)
     if p.soft:
-        keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
-        keep, add = p.compute.type(keep), p.compute.type(add)
-        args = (p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, mx, lsx, loss, grad3)
+        # the smoothed target t~ = t * t_scale + t_shift
+        t_scale, t_shift = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
+        t_scale, t_shift = p.compute.type(t_scale), p.compute.type(t_shift)
+        t = k.column_view(p.target) if columns else p.target.reshape(N, C)
+        args = head + (t, p.w, t_scale, t_shift, p.z, p.cap, mode)
         kernel = k.prob_cols_kernel if columns else k.prob_kernel
+        tail = (mx, lsx, loss, grad2)
         top1[:] = False
     else:
-        args = (p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode, g, p.sw,
-                mx, lsx, loss, top1, grad3)
+        args = head + (p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode)
         kernel = k.index_cols_kernel if columns else k.index_kernel
+        tail = (mx, lsx, loss, top1, grad2)
+    args += ((in_place,) if columns else (keep_exp, in_place)) + (g, p.sw) + tail
     if columns:
         args += (rows_out,)
     run_tasks(kernel, count, p.x3.size, *args)

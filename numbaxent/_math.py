@@ -59,15 +59,6 @@ def _f64_as_i64(typingctx, x):
 
 
 @intrinsic
-def _half_bits_to_f32(typingctx, x):
-    # F16C's vcvtph2ps when available; exact (every half is a float32)
-    def codegen(ctx, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
 def _f32_to_half_bits(typingctx, x):
     # IEEE round-to-nearest-even, inf/nan preserved
     def codegen(ctx, builder, sig, args):
@@ -184,10 +175,11 @@ def float_function(f32, f64, doc: str):
 
     @overload(stub, jit_options=_FAST)
     def _by_type(x):
+        # the implementation itself, not `lambda x: f32(x)`: one function fewer to compile
         if x == types.float32:
-            return lambda x: f32(x)
+            return f32
         if x == types.float64:
-            return lambda x: f64(x)
+            return f64
         return None
 
     return stub
@@ -255,20 +247,65 @@ log.__name__ = "log"
 
 
 # -- storage <-> compute ------------------------------------------------------------------------------
-def load(v):
+# The casts below are `@intrinsic`s, not `@overload`s: an intrinsic emits its few LLVM instructions
+# straight into the caller, where an overload is a separate function that Numba types, lowers,
+# optimises and links on its own (about 0.02-0.1 s each on first use, measured with
+# benchmarks/compile_profile.py), for what is a no-op or one instruction.
+
+def _compute_type(t):
+    """The compute type for a storage or scalar Numba type: float64 for float64, float32 for
+    everything else (float32 and the 16-bit storage types)."""
+    return types.float64 if t == types.float64 else types.float32
+
+
+@intrinsic
+def load(typingctx, v):
     """Widen one stored element to its compute type (float16/bfloat16 storage -> float32)."""
-    raise NotImplementedError
-
-
-@overload(load, jit_options=_PLAIN)
-def _load_overload(v):
     if v in (types.float32, types.float64):
-        return lambda v: v
-    if v == types.uint16:  # float16 storage
-        return lambda v: _half_bits_to_f32(v)
+        return v(v), lambda ctx, builder, sig, args: args[0]
+    if v == types.uint16:  # float16 storage (F16C's vcvtph2ps when available; exact)
+        def half(ctx, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(v), half
     if v == types.int16:  # bfloat16 storage: the high half of a float32
-        return lambda v: _i32_as_f32(np.int32(v) << np.int32(16))
+        def bf16(ctx, builder, sig, args):
+            wide = builder.shl(builder.sext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+        return types.float32(v), bf16
     return None
+
+
+@intrinsic
+def like(typingctx, v, arr):
+    """`v` converted to `arr`'s compute type (keeps float32 arithmetic in float32)."""
+    to = _compute_type(arr.dtype)
+    v = types.unliteral(v)
+
+    def codegen(ctx, builder, sig, args):
+        return ctx.cast(builder, args[0], sig.args[0], to)
+    return to(v, arr), codegen
+
+
+@intrinsic
+def compute_zero(typingctx, arr):
+    """Zero of `arr`'s compute type (float32 for 16-bit storage, else the array's own dtype)."""
+    to = _compute_type(arr.dtype)
+    return to(arr), lambda ctx, builder, sig, args: ctx.get_constant(to, 0.0)
+
+
+@intrinsic
+def one_like(typingctx, v):
+    """1 in `v`'s float type (float32 for float32, else float64)."""
+    to = types.float32 if v == types.float32 else types.float64
+    return to(v), lambda ctx, builder, sig, args: ctx.get_constant(to, 1.0)
+
+
+@intrinsic
+def exact_storage(typingctx, arr):
+    """Whether `arr`'s storage dtype is its compute dtype (float32/float64), so an intermediate
+    stored in it loses nothing (a compile-time constant)."""
+    exact = arr.dtype in (types.float32, types.float64)
+    return types.boolean(arr), lambda ctx, builder, sig, args: ctx.get_constant(types.boolean, exact)
 
 
 def store(arr, j, v):
@@ -304,35 +341,6 @@ def _store_overload(arr, j, v):
     return None
 
 
-def compute_zero(arr):
-    """Zero of `arr`'s compute type (float32 for 16-bit storage, else the array's own dtype)."""
-    raise NotImplementedError
-
-
-def _compute_cast(t):
-    """The compute type for a storage or scalar Numba type, as a NumPy scalar type: float64 for
-    float64, float32 for everything else (float32 and the 16-bit storage types)."""
-    return np.float64 if t == types.float64 else np.float32
-
-
-@overload(compute_zero, jit_options=_PLAIN)
-def _compute_zero_overload(arr):
-    cast = _compute_cast(arr.dtype)
-    return lambda arr: cast(0.0)
-
-
-def exact_storage(arr):
-    """Whether `arr`'s storage dtype is its compute dtype (float32/float64), so an intermediate
-    stored in it loses nothing (a compile-time constant)."""
-    raise NotImplementedError
-
-
-@overload(exact_storage, jit_options=_PLAIN)
-def _exact_storage_overload(arr):
-    exact = arr.dtype in (types.float32, types.float64)
-    return lambda arr: exact
-
-
 def compute_scratch(arr, n):
     """An uninitialised length-`n` array of `arr`'s compute type."""
     raise NotImplementedError
@@ -340,42 +348,14 @@ def compute_scratch(arr, n):
 
 @overload(compute_scratch, jit_options=_PLAIN)
 def _compute_scratch_overload(arr, n):
-    cast = _compute_cast(arr.dtype)
+    cast = np.float64 if arr.dtype == types.float64 else np.float32
     return lambda arr, n: np.empty(n, cast)
 
 
-def like(v, arr):
-    """`v` converted to `arr`'s compute type (keeps float32 arithmetic in float32)."""
-    raise NotImplementedError
-
-
-@overload(like, jit_options=_PLAIN)
-def _like_overload(v, arr):
-    cast = _compute_cast(arr.dtype)
-    return lambda v, arr: cast(v)
-
-
 # -- soft-capping (Gemma 2): x -> s * tanh(x / s) ---------------------------------------------------------
-def capped(v, cap):
-    """`cap * tanh(v / cap)`, or `v` itself when `cap` is None (resolved at compile time)."""
-    raise NotImplementedError
-
-
-def cap_slope(vc, cap):
-    """`d capped / d v` given the capped value `vc`: `1 - (vc / cap)**2` (1 when `cap` is None)."""
-    raise NotImplementedError
-
-
-def one_like(v):
-    """1 in `v`'s float type."""
-    raise NotImplementedError
-
-
-@overload(one_like, jit_options=_PLAIN)
-def _one_like_overload(v):
-    cast = np.float32 if v == types.float32 else np.float64
-    return lambda v: cast(1.0)
-
+# `capped` and `cap_slope` are intrinsics for the same reason as the casts: without a cap (the usual case, `cap=None` resolved at
+# compile time) they are no code at all; with one they compile `_soft_cap`/`_soft_cap_slope` in
+# the logits' float type, the cap converted to it.
 
 @register_jitable(**_PLAIN)
 def _tanh(u):
@@ -385,26 +365,39 @@ def _tanh(u):
     return one - (one + one) / (exp(u + u) + one)
 
 
-@overload(capped, jit_options=_PLAIN)
-def _capped_overload(v, cap):
-    if isinstance(cap, (types.NoneType, types.Omitted)):
-        return lambda v, cap: v
-    cast = np.float32 if v == types.float32 else np.float64
-
-    def impl(v, cap):
-        c = cast(cap)
-        return c * _tanh(v / c)
-    return impl
+def _soft_cap(v, c):
+    return c * _tanh(v / c)
 
 
-@overload(cap_slope, jit_options=_PLAIN)
-def _cap_slope_overload(vc, cap):
-    if isinstance(cap, (types.NoneType, types.Omitted)):
-        return lambda vc, cap: one_like(vc)
+def _soft_cap_slope(vc, c):
+    q = vc / c
+    return one_like(vc) - q * q
 
-    cast = np.float32 if vc == types.float32 else np.float64
 
-    def impl(vc, cap):
-        q = vc / cast(cap)
-        return one_like(vc) - q * q
-    return impl
+def _no_cap(cap):
+    return isinstance(cap, (types.NoneType, types.Omitted))
+
+
+@intrinsic
+def capped(typingctx, v, cap):
+    """`cap * tanh(v / cap)`, or `v` itself when `cap` is None (resolved at compile time)."""
+    if _no_cap(cap):
+        return v(v, cap), lambda ctx, builder, sig, args: args[0]
+
+    def codegen(ctx, builder, sig, args):
+        c = ctx.cast(builder, args[1], sig.args[1], v)
+        return ctx.compile_internal(builder, _soft_cap, v(v, v), [args[0], c])
+    return v(v, types.unliteral(cap)), codegen
+
+
+@intrinsic
+def cap_slope(typingctx, vc, cap):
+    """`d capped / d v` given the capped value `vc`: `1 - (vc / cap)**2` (1 when `cap` is None)."""
+    if _no_cap(cap):
+        to = types.float32 if vc == types.float32 else types.float64
+        return to(vc, cap), lambda ctx, builder, sig, args: ctx.get_constant(to, 1.0)
+
+    def codegen(ctx, builder, sig, args):
+        c = ctx.cast(builder, args[1], sig.args[1], vc)
+        return ctx.compile_internal(builder, _soft_cap_slope, vc(vc, vc), [args[0], c])
+    return vc(vc, types.unliteral(cap)), codegen
