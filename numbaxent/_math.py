@@ -12,9 +12,12 @@ value back to the storage dtype (round to nearest even).
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core.typing import signature
 from numba.extending import intrinsic, overload, register_jitable
 
 from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading layer first)
@@ -58,15 +61,6 @@ def _f64_as_i64(typingctx, x):
     return types.int64(types.float64), codegen
 
 
-@intrinsic
-def _f32_to_half_bits(typingctx, x):
-    # IEEE round-to-nearest-even, inf/nan preserved
-    def codegen(ctx, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
 # -- exp ---------------------------------------------------------------------------------------------
 # exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2] (Cody-Waite split of ln2
 # so r is exact), exp(r) by a polynomial. 2^n is built from exponent bits in two halves so that
@@ -74,7 +68,7 @@ def _f32_to_half_bits(typingctx, x):
 # NaN stays NaN (comparisons are written so NaN passes through), +inf is never an input here
 # (kernels only take exp(x - max) <= 1) but is clamped to a finite overflow anyway.
 
-@register_jitable(**_PLAIN)
+@register_jitable(inline="always", **_PLAIN)  # IR-inlined: one function fewer per exp
 def _exp_reduced_f32(x):
     """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
     n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
@@ -90,7 +84,7 @@ def _exp_reduced_f32(x):
     return p * (r * r) + r + np.float32(1.0), np.int32(n)
 
 
-@register_jitable(**_PLAIN)
+@register_jitable(inline="always", **_PLAIN)  # IR-inlined: one function fewer per exp
 def _exp_reduced_f64(x):
     """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
     n = np.floor(x * 1.4426950408889634 + 0.5)
@@ -308,11 +302,6 @@ def exact_storage(typingctx, arr):
     return types.boolean(arr), lambda ctx, builder, sig, args: ctx.get_constant(types.boolean, exact)
 
 
-def store(arr, j, v):
-    """`arr[j] = v` rounding the compute value `v` to `arr`'s storage dtype."""
-    raise NotImplementedError
-
-
 @register_jitable(**_PLAIN)
 def _f32_to_bf16_bits(v):
     b = _f32_as_i32(np.float32(v))
@@ -323,22 +312,29 @@ def _f32_to_bf16_bits(v):
     return np.int16(b >> np.int32(16))
 
 
-@overload(store, jit_options=_PLAIN)
-def _store_overload(arr, j, v):
+@intrinsic
+def store(typingctx, arr, j, v):
+    """`arr[j] = v` rounding the compute value `v` to `arr`'s storage dtype (float16 by IEEE
+    round-to-nearest-even, bfloat16 by `_f32_to_bf16_bits`)."""
     dt = arr.dtype
     if dt in (types.float32, types.float64):
-        def impl(arr, j, v):
-            arr[j] = v
-        return impl
-    if dt == types.uint16:
-        def impl(arr, j, v):
-            arr[j] = _f32_to_half_bits(np.float32(v))
-        return impl
-    if dt == types.int16:
-        def impl(arr, j, v):
-            arr[j] = _f32_to_bf16_bits(v)
-        return impl
-    return None
+        vt = dt
+    elif dt in (types.uint16, types.int16):
+        vt = types.float32
+    else:
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        a, idx, val = args
+        if dt == types.uint16:
+            val = builder.bitcast(builder.fptrunc(val, ir.HalfType()), ir.IntType(16))
+        elif dt == types.int16:
+            val = ctx.compile_internal(builder, _f32_to_bf16_bits, types.int16(types.float32),
+                                       [val])
+        setitem = ctx.get_function(operator.setitem, signature(types.none, arr, types.intp, dt))
+        setitem(builder, (a, idx, val))
+        return ctx.get_dummy_value()
+    return types.none(arr, types.intp, vt), codegen
 
 
 def compute_scratch(arr, n):
