@@ -14,7 +14,7 @@ import numpy as np
 
 from ._prepare import (Prepared, as_array, canonical_view, check_ignore_index, check_label_smoothing,
                        check_reduction, check_softcap, check_z_loss, kernels, legacy_reduction,
-                       prepare)
+                       prepare, upstream_gradient)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "Stats"]
 
@@ -22,51 +22,60 @@ def _scalar(value: float, dtype: np.dtype):
     return np.asarray(value, dtype=np.float64).astype(dtype)[()]
 
 
+def zero_weight_mean(reduction: str, denom: float, n_valid: int) -> bool:
+    """Whether a class-index `'mean'` has a denominator `W = sum w[y]` over kept elements of
+    exactly 0 (zero weights, or negative weights that cancel) while some element is kept. PyTorch
+    then divides its two terms by zero separately, and its gradient is not the limit of the
+    regular formula: see `zero_weight_loss` and `zero_weight_grad`. Shared with the LM head."""
+    return reduction == "mean" and denom == 0.0 and n_valid > 0
+
+
 def _zero_weight_mean(p: Prepared) -> bool:
-    """A class-index `'mean'` whose denominator `W = sum w[y]` over kept elements is exactly 0
-    (zero weights, or negative weights that cancel) while some element is kept. PyTorch then divides
-    its two terms by zero separately, and its gradient is not the limit of the regular formula:
-    see `_zero_weight_loss` and `_zero_weight_grad`."""
-    return p.reduction == "mean" and not p.soft and p.denom == 0.0 and p.n_valid > 0
+    return not p.soft and zero_weight_mean(p.reduction, p.denom, p.n_valid)
 
 
 def _nll_total(p: Prepared) -> float:
-    """The weighted NLL sum alone (a forward pass without smoothing), for `_zero_weight_loss`.
+    """The weighted NLL sum alone (a forward pass without smoothing), for `zero_weight_loss`.
     Run it before a pass that overwrites the logits (`out=input`)."""
     loss, _, _, _, blocks = kernel_pass(replace(p, eps=0.0), kernels().FORWARD, np.ones(1),
                                        np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
     return loss_total(p, loss, blocks)
 
 
-def _zero_weight_loss(p: Prepared, total: float, s_nll=None) -> float:
-    """PyTorch's `(1-eps) * (S_nll / W) + (eps / C) * (S_smooth / W)` for `W == 0`: each quotient
-    is +-inf or NaN by its own sign, so the terms can give NaN (opposite signs) where one division
-    of their sum would give an infinity. `S_nll` comes from a second forward pass without
-    smoothing (`_nll_total`; this case is degenerate, not hot)."""
+def zero_weight_loss(total: float, eps: float, C: int, s_nll=None) -> float:
+    """PyTorch's `(1-eps) * (S_nll / W) + (eps / C) * (S_smooth / W)` for `W == 0`, from the sum
+    `total` of the per-element losses: each quotient is +-inf or NaN by its own sign, so the terms
+    can give NaN (opposite signs) where one division of their sum would give an infinity. `S_nll`
+    (needed only when `eps > 0`) is the sum of the same losses without smoothing, from a second
+    forward pass (this case is degenerate, not hot)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if p.eps == 0.0:
+        if eps == 0.0:
             return float(np.float64(total) / 0.0)
-        s_nll = _nll_total(p) if s_nll is None else s_nll
-        s_smooth = (total - (1.0 - p.eps) * s_nll) * p.C / p.eps
-        return float((1.0 - p.eps) * (np.float64(s_nll) / 0.0)
-                     + (p.eps / p.C) * (np.float64(s_smooth) / 0.0))
+        s_smooth = (total - (1.0 - eps) * s_nll) * C / eps
+        return float((1.0 - eps) * (np.float64(s_nll) / 0.0)
+                     + (eps / C) * (np.float64(s_smooth) / 0.0))
+
+
+def zero_weight_grad(grad: np.ndarray, target: np.ndarray, ignore_index: int, eps: float):
+    """PyTorch's gradient of a zero-denominator `'mean'` (see `zero_weight_mean`), in place, from
+    the gradient the kernels wrote with the undivided upstream gradient (`'sum'`'s): kept rows are
+    scaled by `1/W = inf` and then, as autograd's `g - p * sum(g)` gives, NaN at the target
+    (`inf - inf`) or, with smoothing, everywhere (the smoothing gradient `-w_c / W` has
+    infinities of both signs, or `0/0`). Ignored rows keep their zeros. `grad` is a view with the
+    classes last, `(..., C)`; `target` holds the class indices, of shape `(...)`."""
+    kept = np.nonzero(target != ignore_index)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if eps > 0.0:
+            grad[kept] = np.nan
+        else:
+            grad[kept] = grad[kept] * np.inf
+            grad[kept + (target[kept],)] = np.nan
 
 
 def _zero_weight_grad(p: Prepared, grad: np.ndarray):
-    """PyTorch's gradient of a zero-denominator `'mean'` (see `_zero_weight_mean`), in
-    place, from the gradient the kernels wrote with the undivided upstream gradient (`'sum'`'s):
-    kept rows are scaled by `1/W = inf` and then, as autograd's `g - p * sum(g)` gives,
-    NaN at the target (`inf - inf`) or, with smoothing, everywhere (the smoothing gradient
-    `-w_c / W` has infinities of both signs, or `0/0`). Ignored rows keep their zeros."""
+    """`zero_weight_grad` on the user-facing gradient array of the core's entry points."""
     gm = grad[None] if grad.ndim == 1 else np.moveaxis(grad, 1, -1)  # (..., C) view, class last
-    t = p.target.reshape(p.loss_shape or (1,))
-    kept = np.nonzero(t != p.ignore_index)
-    with np.errstate(invalid="ignore", over="ignore"):
-        if p.eps > 0.0:
-            gm[kept] = np.nan
-        else:
-            gm[kept] = gm[kept] * np.inf
-            gm[kept + (t[kept],)] = np.nan
+    zero_weight_grad(gm, p.target.reshape(p.loss_shape or (1,)), p.ignore_index, p.eps)
 
 
 def loss_total(p: Prepared, loss: np.ndarray, blocks: bool) -> float:
@@ -84,48 +93,28 @@ def loss_total(p: Prepared, loss: np.ndarray, blocks: bool) -> float:
 def reduce_losses(p: Prepared, loss: np.ndarray, blocks: bool = False, s_nll=None):
     """Apply the reduction to the float64 losses of a pass (per row, or per column block when
     `blocks`), in a fixed order (thread-count independent). `s_nll`: see
-    `_zero_weight_loss` (computed here when None, from the logits)."""
+    `zero_weight_loss` (computed here when None and needed, from the logits)."""
     if p.reduction == "none":
         return loss.astype(p.x.dtype).reshape(p.loss_shape)
     total = loss_total(p, loss, blocks)
     if p.reduction == "sum":
         return _scalar(total, p.x.dtype)
     if _zero_weight_mean(p):
-        return _scalar(_zero_weight_loss(p, total, s_nll), p.x.dtype)
+        if p.eps > 0.0 and s_nll is None:
+            s_nll = _nll_total(p)
+        return _scalar(zero_weight_loss(total, p.eps, p.C, s_nll), p.x.dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
         return _scalar(np.float64(total) / np.float64(p.denom), p.x.dtype)
 
 
 def _upstream(p: Prepared, grad_output) -> np.ndarray:
-    """Per-row multipliers `g` (float64; one element when the same for every row)."""
-    if p.reduction == "none":
-        if grad_output is None:
-            return np.ones(1)
-        go = as_array(grad_output, "grad_output")
-        if go.dtype.kind not in "iuf":
-            raise TypeError(f"grad_output must be a real array, got dtype {go.dtype}")
-        try:
-            go = np.broadcast_to(go, p.loss_shape)
-        except ValueError:
-            raise ValueError(
-                f"grad_output of shape {go.shape} does not match the loss's shape {p.loss_shape}"
-            ) from None
-        g = np.ascontiguousarray(go, dtype=np.float64).reshape(-1)
-        return g if g.shape[0] != 1 else g.copy()
-    if grad_output is None:
-        gout = 1.0
-    else:
-        go = as_array(grad_output, "grad_output")
-        if go.size != 1 or go.dtype.kind not in "iuf":
-            raise ValueError(
-                f"grad_output for reduction='{p.reduction}' must be a real scalar, got an array of "
-                f"shape {go.shape} and dtype {go.dtype}"
-            )
-        gout = float(go.reshape(()))
-    if p.reduction == "mean" and not _zero_weight_mean(p):  # that case: _zero_weight_grad
+    """Per-row multipliers `g` (float64; one element when the same for every row), divided by the
+    `'mean'` denominator (except when it is zero: `zero_weight_grad` then scales the gradient)."""
+    g = upstream_gradient(grad_output, p.reduction, p.loss_shape)
+    if p.reduction == "mean" and not _zero_weight_mean(p):
         with np.errstate(divide="ignore", invalid="ignore"):
-            gout = float(np.float64(gout) / np.float64(p.denom))
-    return np.array([gout])
+            g = g / np.float64(p.denom)
+    return g
 
 
 def _grad_target(p: Prepared, out):
