@@ -290,28 +290,28 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
     bias : ndarray, optional
         As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     ignore_index : int
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     reduction : {'mean', 'sum', 'none'}
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     label_smoothing : float
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     class_weight : array_like, optional
         Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     z_loss : float
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     softcap : float, optional
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     sample_weight : array_like, optional
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy] (of `target`'s shape).
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     normalizer : float, optional
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     chunk_size : int, optional
         Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     grad_output : float or array_like, optional
         Keyword-only. Upstream gradient: a scalar for `'mean'`/`'sum'`, an array of `target`'s
         shape for `'none'`. Defaults to 1.
     return_stats : bool
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
 
     Returns
     -------
