@@ -146,7 +146,7 @@ def _grad_target(p: Prepared, out):
     return out, g3, None
 
 
-def _run(p: Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
+def _run_kernel(p: Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
          loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray, rows_out: bool = True):
     """One kernel pass over the canonical views. `rows_out=False` (forward on the column path
     only): `loss` receives per-block sums and `mx, lsx, top1` nothing."""
@@ -261,7 +261,7 @@ def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: 
         k = kernels()
         N, C, S = p.x3.shape
         loss = loss[:k.column_count(N, S, k.column_block_rows(C))]
-    _run(p, mode, g, mx, lsx, loss, top1, grad3, rows_out=not blocks)
+    _run_kernel(p, mode, g, mx, lsx, loss, top1, grad3, rows_out=not blocks)
     return loss, mx, lsx, top1, blocks
 
 
@@ -343,7 +343,8 @@ def backward_pass(p: Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None
         return None, grad_t
     grad, g3, copy_back = _grad_target(p, out)
     if not _empty_or_classless(p):
-        _run(p, kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_), g3)
+        _run_kernel(p, kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_),
+                    g3)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         if _zero_weight_mean(p):

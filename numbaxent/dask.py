@@ -362,7 +362,8 @@ def evaluate_hidden(hidden, weight, target, bias=None, *, softcap=None, class_we
 
 
 # -- cross_entropy -------------------------------------------------------------------------------------
-def _block_sum(xb, tb, row0, weight, ignore_index, eps, threads):
+def _block_sum(xb, tb, _first_row, weight, ignore_index, eps, threads):
+    # `_first_row` (every `_per_block` function's third argument): a sum needs no global row
     from . import _api, _prepare
 
     with _numba_threads(threads):

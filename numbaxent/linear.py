@@ -77,9 +77,11 @@ def _compute(dtype) -> np.dtype:
     return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
 
 
-def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
-         z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output, want_grad,
-         return_stats):
+def _chunked_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
+                                  label_smoothing, class_weight, z_loss, softcap, sample_weight,
+                                  normalizer, chunk_size, grad_output, want_grad, return_stats):
+    """Both public functions: the checks, then the loss (and with `want_grad` the gradients) chunk
+    by chunk over the kept rows."""
     reduction = _prepare.check_reduction(reduction)
     h, w, t, b = _check(hidden, weight, target, bias, chunk_size)
     lead = t.shape
@@ -148,7 +150,8 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
                   reduction="none", label_smoothing=eps, z_loss=z, softcap=cap,
                   sample_weight=None if sw is None else sw[rows], return_stats=return_stats)
         if zero_weight and eps > 0.0:  # before the fused pass overwrites the logits
-            nll = _api.cross_entropy(logits, tc, **dict(kw, label_smoothing=0.0, return_stats=False))
+            nll = _api.cross_entropy(logits, tc, **{**kw, "label_smoothing": 0.0,
+                                                    "return_stats": False})
             s_nll += float(np.sum(nll, dtype=np.float64))
         if want_grad:
             res = _api.cross_entropy_with_grad(logits, tc, out=logits, **kw,
@@ -258,9 +261,10 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int
     stats : Stats
         Only with `return_stats=True` (`lse` is NaN on skipped, ignored rows).
     """
-    return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
-                class_weight, z_loss, softcap, sample_weight, normalizer, chunk_size, None, False,
-                return_stats)
+    return _chunked_linear_cross_entropy(
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
+        z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output=None, want_grad=False,
+        return_stats=return_stats)
 
 
 def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_index: int = -100,
@@ -326,6 +330,7 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
     stats : Stats
         Only with `return_stats=True`.
     """
-    return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
-                class_weight, z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output,
-                True, return_stats)
+    return _chunked_linear_cross_entropy(
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
+        z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output=grad_output,
+        want_grad=True, return_stats=return_stats)
