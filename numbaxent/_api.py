@@ -38,7 +38,7 @@ def _nll_total(p: Prepared) -> float:
     """The weighted NLL sum alone (a forward pass without smoothing), for `zero_weight_loss`.
     Run it before a pass that overwrites the logits (`out=input`)."""
     loss, _, _, _, blocks = kernel_pass(replace(p, eps=0.0), kernels().FORWARD, np.ones(1),
-                                       np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
+                                       np.empty((1, 1, 1), dtype=p.x3.dtype), keep_rows=False)
     return loss_total(p, loss, blocks)
 
 
@@ -158,9 +158,11 @@ def _run_kernel(p: Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.n
     N, C, S = p.x3.shape
     count = k.column_count(N, S, k.column_block_rows(C)) if columns else p.rows
     if p.soft:
-        keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
-        keep, add = p.compute.type(keep), p.compute.type(add)
-        args = (p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, mx, lsx, loss, grad3)
+        # smoothed probabilities t~ = smooth_scale * t + smooth_shift = (1 - eps) t + eps / C
+        smooth_scale, smooth_shift = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
+        smooth_scale, smooth_shift = p.compute.type(smooth_scale), p.compute.type(smooth_shift)
+        args = (p.x3, p.target, p.w, smooth_scale, smooth_shift, p.z, p.cap, mode, g, p.sw, mx, lsx,
+                loss, grad3)
         kernel = k.prob_cols_kernel if columns else k.prob_kernel
         top1[:] = False
     else:
@@ -216,15 +218,15 @@ _workspace = threading.local()
 WORKSPACE_MAX_BYTES = 64 << 20  # per thread; larger calls get fresh arrays, freed after the call
 
 
-def _row_buffers(rows: int, compute: np.dtype, keep: bool):
-    """(mx, lsx, loss, top1) arrays of `rows` elements. Unless `keep`, they are views of this
+def _row_buffers(rows: int, compute: np.dtype, keep_rows: bool):
+    """(mx, lsx, loss, top1) arrays of `rows` elements. Unless `keep_rows`, they are views of this
     thread's workspace, valid until its next call: fresh arrays of many short rows cost more in page
     faults (the kernel is their first toucher) than the kernel's whole pass. The workspace never
     exceeds `WORKSPACE_MAX_BYTES` (enough for ~3.9M float32 rows), so a process that once
     saw a huge batch does not keep its memory; past that, fresh arrays (whose page faults are then
     small next to the pass)."""
     need = rows * (2 * compute.itemsize + 8 + 1)
-    if keep or need > WORKSPACE_MAX_BYTES:
+    if keep_rows or need > WORKSPACE_MAX_BYTES:
         return (np.empty(rows, compute), np.empty(rows, compute), np.empty(rows, np.float64),
                 np.zeros(rows, np.bool_))
     buf = getattr(_workspace, "buf", None)
@@ -241,13 +243,14 @@ def _row_buffers(rows: int, compute: np.dtype, keep: bool):
     return mx, lsx, loss, top1
 
 
-def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
+def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray,
+                keep_rows: bool = True):
     """Run FORWARD or FUSED over all rows: `(loss, mx, lsx, top1, blocks)`: float64 losses, row
     max, log-sum of the shifted exponentials (the log-sum-exp is `max + logsum`), top1, and
     whether `loss` holds the column kernels' per-block sums instead of per-row losses (only for a
-    reduced loss without `keep`; give both to `reduce_losses`). `keep=False`: the arrays are a
-    per-thread workspace, for callers that only reduce them before the next call."""
-    mx, lsx, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep)
+    reduced loss without `keep_rows`; give both to `reduce_losses`). `keep_rows=False`: the
+    arrays are a per-thread workspace, for callers that only reduce them before the next call."""
+    mx, lsx, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep_rows)
     if _empty_or_classless(p):
         # C == 0: PyTorch gives -0. per soft-target row (an empty sum); class targets are all ignored
         mx[:] = -np.inf
@@ -255,7 +258,7 @@ def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: 
         top1[:] = False
         loss[:] = -0.0 if p.soft else 0.0
         return loss, mx, lsx, top1, False
-    blocks = not keep and p.reduction != "none" and use_columns(p.x3.shape)
+    blocks = not keep_rows and p.reduction != "none" and use_columns(p.x3.shape)
     if blocks:
         # only the total is wanted: the column kernels return per-block sums (no per-row output)
         k = kernels()
@@ -265,11 +268,11 @@ def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: 
     return loss, mx, lsx, top1, blocks
 
 
-def _pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
+def _pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep_rows: bool = True):
     """Run FORWARD or FUSED over all rows: `(loss, lse, top1, blocks)`; lse is None unless
-    `keep` (see `kernel_pass`)."""
-    loss, mx, lsx, top1, blocks = kernel_pass(p, mode, g, grad3, keep)
-    return loss, (mx + lsx if keep else None), top1, blocks
+    `keep_rows` (see `kernel_pass`)."""
+    loss, mx, lsx, top1, blocks = kernel_pass(p, mode, g, grad3, keep_rows)
+    return loss, (mx + lsx if keep_rows else None), top1, blocks
 
 
 def _from_canonical(tmp3: np.ndarray, p: Prepared) -> np.ndarray:
@@ -428,7 +431,8 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
     p = prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
     loss_rows, lse, top1, blocks = _pass(p, kernels().FORWARD, np.ones(1),
-                                         np.empty((1, 1, 1), dtype=p.x3.dtype), keep=return_stats)
+                                         np.empty((1, 1, 1), dtype=p.x3.dtype),
+                                         keep_rows=return_stats)
     loss = reduce_losses(p, loss_rows, blocks)
     return (loss, _stats(p, lse, top1)) if return_stats else loss
 
@@ -533,7 +537,7 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
         # target_grad reads the per-row statistics: keep them (the column kernels otherwise write
         # only block sums for a reduced loss)
         loss_rows, mx, lsx, top1, blocks = kernel_pass(p, k.FUSED, g, g3,
-                                                      keep=return_stats or target_grad)
+                                                      keep_rows=return_stats or target_grad)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         if _zero_weight_mean(p):

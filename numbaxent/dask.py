@@ -369,7 +369,8 @@ def _block_sum(xb, tb, _first_row, weight, ignore_index, eps, threads):
     with _numba_threads(threads):
         p = _prepare.prepare(xb, tb, weight, ignore_index, "sum", eps)
         loss, _, _, _, blocks = _api.kernel_pass(p, _prepare.kernels().FORWARD, np.ones(1),
-                                                 np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
+                                                 np.empty((1, 1, 1), dtype=p.x3.dtype),
+                                                 keep_rows=False)
         total = _api.loss_total(p, loss, blocks)
     # [sum, its error term, denominator, its error term]
     return np.array([total, 0.0, p.denom, 0.0])
