@@ -312,8 +312,9 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
     chunk_size : int, optional
         Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     grad_output : float or array_like, optional
-        Keyword-only. Upstream gradient: a scalar for `'mean'`/`'sum'`, an array of `target`'s
-        shape for `'none'`. Defaults to 1.
+        Keyword-only. Upstream gradient: a real scalar for `'mean'`/`'sum'`, an array
+        broadcastable to `target`'s shape for `'none'`, checked as by
+        [`cross_entropy_with_grad`][numbaxent.cross_entropy_with_grad]. Defaults to 1.
     return_stats : bool
         Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
 
