@@ -198,13 +198,12 @@ def _error(fn, *args, **kw):
 def test_bad_grad_output_is_refused_as_by_the_core(reduction, grad_output):
     torch = pytest.importorskip("torch", reason="PyTorch not installed")
     h, w, b, t, _ = _problem(np.float64, True, 13)
-    # PyTorch refuses an upstream gradient that is not of the loss's shape (or not real)
-    logits = torch.tensor(h @ w.T, requires_grad=True)
-    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(t), reduction=reduction)
-    with pytest.raises((RuntimeError, TypeError, ValueError)):
-        loss.backward(gradient=torch.tensor(np.asarray(grad_output).astype(np.float64)
-                                            if np.asarray(grad_output).dtype.kind in "iuf"
-                                            else np.zeros(3)))
+    ga = np.asarray(grad_output)
+    if ga.dtype.kind in "iuf":  # PyTorch refuses a real upstream gradient not of the loss's shape
+        logits = torch.tensor(h @ w.T, requires_grad=True)
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(t), reduction=reduction)
+        with pytest.raises(RuntimeError, match="shape"):
+            loss.backward(gradient=torch.tensor(ga.astype(np.float64)))
     # ours: the core's own exception and message (the message names the reduction or the shapes)
     core = _error(nx.cross_entropy_with_grad, h @ w.T + b, t, reduction=reduction,
                   grad_output=grad_output)
