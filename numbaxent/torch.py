@@ -41,8 +41,10 @@ def _as_numpy(t: torch.Tensor, name: str) -> np.ndarray:
     return t.numpy()
 
 
-def _as_tensor(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    if like.dtype == torch.bfloat16:
+def _as_tensor(a: np.ndarray, dtype_from: torch.Tensor) -> torch.Tensor:
+    """`a` as a tensor without a copy; a bfloat16 result (when `dtype_from` is bfloat16, `a` then
+    holds `ml_dtypes.bfloat16`) goes through its 16-bit pattern, which torch cannot import."""
+    if dtype_from.dtype == torch.bfloat16:
         bits = np.ascontiguousarray(a).view(np.int16).reshape(a.shape)  # (0-d stays 0-d)
         return torch.from_numpy(bits).view(torch.bfloat16)
     return torch.from_numpy(a)
