@@ -146,10 +146,10 @@ def _grad_target(p: Prepared, out):
     return out, g3, None
 
 
-def _run_kernel(p: Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
+def _run_kernel(p: Prepared, mode: int, g: np.ndarray, row_max: np.ndarray, row_logsum: np.ndarray,
          loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray, rows_out: bool = True):
     """One kernel pass over the canonical views. `rows_out=False` (forward on the column path
-    only): `loss` receives per-block sums and `mx, lsx, top1` nothing."""
+    only): `loss` receives per-block sums and `row_max, row_logsum, top1` nothing."""
     k = kernels()
     from ._parallel import run_tasks
 
@@ -176,12 +176,12 @@ def _run_kernel(p: Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.n
         t = k.column_view(p.target) if columns else p.target.reshape(N, C)
         args = head + (t, p.w, t_scale, t_shift, p.z, p.cap, mode)
         kernel = k.prob_cols_kernel if columns else k.prob_kernel
-        tail = (mx, lsx, loss, grad2)
+        tail = (row_max, row_logsum, loss, grad2)
         top1[:] = False
     else:
         args = head + (p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode)
         kernel = k.index_cols_kernel if columns else k.index_kernel
-        tail = (mx, lsx, loss, top1, grad2)
+        tail = (row_max, row_logsum, loss, top1, grad2)
     args += ((in_place,) if columns else (keep_exp, in_place)) + (g, p.sw) + tail
     if columns:
         args += (rows_out,)
@@ -209,8 +209,8 @@ class Stats(NamedTuple):
         Per-element log-sum-exp of the (soft-capped) logits, $\operatorname{lse}(x_i) =
         \log \sum_c e^{x_{i,c}}$: the loss's shape, in the compute dtype.
     top1 : ndarray of bool
-        Of the loss's shape: whether the target class is the argmax of the logits (ties go to the lowest class index;
-        False for ignored elements, rows with NaN, and probability targets).
+        Of the loss's shape: whether the target class is the argmax of the logits (ties go to the
+        lowest class index; False for ignored elements, rows with NaN, and probability targets).
     accuracy : float
         Mean of `top1` over the non-ignored elements (NaN if none, or for probability targets).
     """
@@ -233,8 +233,8 @@ WORKSPACE_MAX_BYTES = 64 << 20  # per thread; larger calls get fresh arrays, fre
 
 
 def _row_buffers(rows: int, compute: np.dtype, keep_rows: bool):
-    """(mx, lsx, loss, top1) arrays of `rows` elements. Unless `keep_rows`, they are views of this
-    thread's workspace, valid until its next call: fresh arrays of many short rows cost more in page
+    """(row_max, row_logsum, loss, top1) arrays of `rows` elements. Unless `keep_rows`, they are
+    views of this thread's workspace, valid until its next call: fresh arrays of many short rows cost more in page
     faults (the kernel is their first toucher) than the kernel's whole pass. The workspace never
     exceeds `WORKSPACE_MAX_BYTES` (enough for ~3.9M float32 rows), so a process that once
     saw a huge batch does not keep its memory; past that, fresh arrays (whose page faults are then
@@ -249,44 +249,44 @@ def _row_buffers(rows: int, compute: np.dtype, keep_rows: bool):
         buf = _workspace.buf = np.empty(min(max(need, grown), WORKSPACE_MAX_BYTES), np.uint8)
     loss = buf[:rows * 8].view(np.float64)
     o = rows * 8
-    mx = buf[o:o + rows * compute.itemsize].view(compute)
+    row_max = buf[o:o + rows * compute.itemsize].view(compute)
     o += rows * compute.itemsize
-    lsx = buf[o:o + rows * compute.itemsize].view(compute)
+    row_logsum = buf[o:o + rows * compute.itemsize].view(compute)
     o += rows * compute.itemsize
     top1 = buf[o:o + rows].view(np.bool_)
-    return mx, lsx, loss, top1
+    return row_max, row_logsum, loss, top1
 
 
 def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray,
                 keep_rows: bool = True):
-    """Run FORWARD or FUSED over all rows: `(loss, mx, lsx, top1, blocks)`: float64 losses, row
-    max, log-sum of the shifted exponentials (the log-sum-exp is `max + logsum`), top1, and
+    """Run FORWARD or FUSED over all rows: `(loss, row_max, row_logsum, top1, blocks)`: float64
+    losses, row max, log-sum of the shifted exponentials (the log-sum-exp is `max + logsum`), top1, and
     whether `loss` holds the column kernels' per-block sums instead of per-row losses (only for a
     reduced loss without `keep_rows`; give both to `reduce_losses`). `keep_rows=False`: the
     arrays are a per-thread workspace, for callers that only reduce them before the next call."""
-    mx, lsx, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep_rows)
+    row_max, row_logsum, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep_rows)
     if _empty_or_classless(p):
         # C == 0: PyTorch gives -0. per soft-target row (an empty sum); class targets are all ignored
-        mx[:] = -np.inf
-        lsx[:] = 0.0
+        row_max[:] = -np.inf
+        row_logsum[:] = 0.0
         top1[:] = False
         loss[:] = -0.0 if p.soft else 0.0
-        return loss, mx, lsx, top1, False
+        return loss, row_max, row_logsum, top1, False
     blocks = not keep_rows and p.reduction != "none" and use_columns(p.x3.shape)
     if blocks:
         # only the total is wanted: the column kernels return per-block sums (no per-row output)
         k = kernels()
         N, C, S = p.x3.shape
         loss = loss[:k.column_count(N, S, k.column_block_rows(C))]
-    _run_kernel(p, mode, g, mx, lsx, loss, top1, grad3, rows_out=not blocks)
-    return loss, mx, lsx, top1, blocks
+    _run_kernel(p, mode, g, row_max, row_logsum, loss, top1, grad3, rows_out=not blocks)
+    return loss, row_max, row_logsum, top1, blocks
 
 
 def _pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep_rows: bool = True):
     """Run FORWARD or FUSED over all rows: `(loss, lse, top1, blocks)`; lse is None unless
     `keep_rows` (see `kernel_pass`)."""
-    loss, mx, lsx, top1, blocks = kernel_pass(p, mode, g, grad3, keep_rows)
-    return loss, (mx + lsx if keep_rows else None), top1, blocks
+    loss, row_max, row_logsum, top1, blocks = kernel_pass(p, mode, g, grad3, keep_rows)
+    return loss, (row_max + row_logsum if keep_rows else None), top1, blocks
 
 
 def _from_canonical(tmp3: np.ndarray, p: Prepared) -> np.ndarray:
@@ -303,7 +303,8 @@ def _check_target_grad(p: Prepared, target_grad: bool):
         )
 
 
-def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray) -> np.ndarray:
+def _target_gradient(p: Prepared, g: np.ndarray, row_max: np.ndarray,
+                     row_logsum: np.ndarray) -> np.ndarray:
     r"""Gradient of `sum(grad_output * loss)` with respect to a probability target, from the row
     statistics of a pass (no second softmax):
 
@@ -312,8 +313,8 @@ def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray
         (z_{ic} - m_i - \ell_i),
     $$
 
-    with $z$ the (soft-capped) logits, $m_i$ the row maximum `mx` and
-    $\ell_i$ the log of the shifted exponential sum `lsx` (so $z - (m + \ell)$ is the
+    with $z$ the (soft-capped) logits, $m_i$ the row maximum `row_max` and
+    $\ell_i$ the log of the shifted exponential sum `row_logsum` (so $z - (m + \ell)$ is the
     log-softmax, NaN in the same rows as PyTorch's), $s_i$ the sample weight and $g_i$
     the upstream gradient (already divided by the `'mean'` denominator). The z-loss does not
     depend on the target. Vectorised NumPy in the compute dtype: the subtraction writes a new
@@ -332,7 +333,7 @@ def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray
     # per-class factor w_c, with the upstream factor folded in when it is one number ('mean'/'sum'
     # without sample weights): then only two passes over the N x C result (subtract, multiply)
     scale = p.w if coef.shape[0] != 1 else p.w * p.compute.type(coef[0])
-    lse = per_row((mx + lsx).astype(p.compute, copy=False))
+    lse = per_row((row_max + row_logsum).astype(p.compute, copy=False))
     with np.errstate(invalid="ignore", over="ignore"):
         if p.cap is None:
             gt = np.subtract(x, lse, dtype=p.compute)  # log_softmax(x) = x - lse, a new array
@@ -348,19 +349,20 @@ def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray
     return gt.astype(p.target_dtype, copy=False)
 
 
-def backward_pass(p: Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, out=None,
+def backward_pass(p: Prepared, row_max: np.ndarray, row_logsum: np.ndarray, grad_output=None, out=None,
               input_grad: bool = True, target_grad: bool = False):
     """(grad_input or None, grad_target or None) from a forward's row statistics: one BACKWARD
     pass over the logits for the input, one NumPy pass for a probability target."""
     _check_target_grad(p, target_grad)
     g = _upstream(p, grad_output)
     # the target gradient first: `out=input` overwrites the logits it reads
-    grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
+    grad_t = _target_gradient(p, g, row_max, row_logsum) if target_grad else None
     if not input_grad:
         return None, grad_t
     grad, g3, copy_back = _grad_target(p, out)
     if not _empty_or_classless(p):
-        _run_kernel(p, kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_),
+        _run_kernel(p, kernels().BACKWARD, g, row_max, row_logsum, np.empty(1),
+                    np.empty(1, dtype=np.bool_),
                     g3)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
@@ -543,22 +545,22 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     if target_grad and out is not None and np.may_share_memory(out, p.x):
         # the fused pass would overwrite the logits the target gradient reads: forward pass, then
         # the target gradient, then the backward pass into `out` (no N x C copy)
-        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, k.FORWARD, g,
+        loss_rows, row_max, row_logsum, top1, blocks = kernel_pass(p, k.FORWARD, g,
                                                       np.empty((1, 1, 1), p.x3.dtype))
-        grad, grad_t = backward_pass(p, mx, lsx, grad_output, out, target_grad=True)
+        grad, grad_t = backward_pass(p, row_max, row_logsum, grad_output, out, target_grad=True)
     else:
         grad, g3, copy_back = _grad_target(p, out)
         # target_grad reads the per-row statistics: keep them (the column kernels otherwise write
         # only block sums for a reduced loss)
-        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, k.FUSED, g, g3,
+        loss_rows, row_max, row_logsum, top1, blocks = kernel_pass(p, k.FUSED, g, g3,
                                                       keep_rows=return_stats or target_grad)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         if _zero_weight_mean(p):
             _zero_weight_grad(p, grad)
-        grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
+        grad_t = _target_gradient(p, g, row_max, row_logsum) if target_grad else None
     res = (reduce_losses(p, loss_rows, blocks, s_nll), grad) + ((grad_t,) if target_grad else ())
-    return res + (_stats(p, mx + lsx, top1),) if return_stats else res
+    return res + (_stats(p, row_max + row_logsum, top1),) if return_stats else res
 
 
 class CrossEntropyLoss:
@@ -599,10 +601,10 @@ class CrossEntropyLoss:
         and a reference to `input`)."""
         p = prepare(input, target, self.weight, self.ignore_index, self.reduction,
                      self.label_smoothing, self.z_loss, self.softcap, sample_weight, normalizer)
-        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, kernels().FORWARD, np.ones(1),
+        loss_rows, row_max, row_logsum, top1, blocks = kernel_pass(p, kernels().FORWARD, np.ones(1),
                                                       np.empty((1, 1, 1), dtype=p.x3.dtype))
-        self._saved = (p, mx, lsx)
-        self.stats = _stats(p, mx + lsx, top1)
+        self._saved = (p, row_max, row_logsum)
+        self.stats = _stats(p, row_max + row_logsum, top1)
         return reduce_losses(p, loss_rows, blocks)
 
     __call__ = forward
@@ -617,6 +619,6 @@ class CrossEntropyLoss:
         """
         if self._saved is None:
             raise ValueError("backward() called before forward()")
-        p, mx, lsx = self._saved
-        grad, grad_t = backward_pass(p, mx, lsx, grad_output, out, target_grad=target_grad)
+        p, row_max, row_logsum = self._saved
+        grad, grad_t = backward_pass(p, row_max, row_logsum, grad_output, out, target_grad=target_grad)
         return (grad, grad_t) if target_grad else grad

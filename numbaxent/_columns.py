@@ -110,7 +110,8 @@ def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, t_scale, t_shift, cap,
             for b in range(nb):
                 v = capped(load(xr[b]), cap)
                 p = exp_nonpos((v - m[b]) - ls[b])
-                store(gr, b, (p * coef[b] - wc * tcoef[b] * (tr[b] * t_scale + t_shift)) * cap_slope(v, cap))
+                store(gr, b, (p * coef[b] - wc * tcoef[b] * (tr[b] * t_scale + t_shift))
+                      * cap_slope(v, cap))
 
 
 @jit(inline=True)
@@ -183,8 +184,9 @@ def _block_source(X, x_block, S, n, nb, C):
 
 @jit()
 def _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C):
-    """Move a block's gradient from the scratch `grad_block` to the gradient `grad_view` (transposed back for
-    2-D input; copied for K-dim written in place); nothing when it was written to `grad_view` directly."""
+    """Move a block's gradient from the scratch `grad_block` to the gradient `grad_view`
+    (transposed back for 2-D input; copied for K-dim written in place); nothing when it was
+    written to `grad_view` directly."""
     if S == 1:
         _transpose_out(grad_block, n, nb, C, grad_view)
     elif scratch_grad:
@@ -249,11 +251,11 @@ def column_count(N, S, nbmax):
 
 
 @jit(inline=True)
-def _load_saved(mx, lsx, r0, nb, m, ls):
+def _load_saved(row_max, row_logsum, r0, nb, m, ls):
     """BACKWARD: the block's saved row max and log-sum into `m` and `ls`."""
     for b in range(nb):
-        m[b] = mx[r0 + b]
-        ls[b] = lsx[r0 + b]
+        m[b] = row_max[r0 + b]
+        ls[b] = row_logsum[r0 + b]
 
 
 @jit()
@@ -280,15 +282,15 @@ def _row_factor(g, sw, r, per_row_g, per_row_sw):
 
 @jit(python_callable=True)
 def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, eps, z, cap, mode,
-                      in_place, g, sw, mx, lsx, loss, top1, grad_view, rows_out):
+                      in_place, g, sw, row_max, row_logsum, loss, top1, grad_view, rows_out):
     """`index_kernel` over the column blocks `[lo, hi)` (of `column_count`) of `(N, C, S)`
     logits seen as the 2-D array `X`: `(N, C)` when `S == 1` (rows are transposed into scratch),
     `(N*C, S)` otherwise; `grad_view` is the gradient seen the same way ((1, 1) and unused in FORWARD
     mode). `nbmax = column_block_rows(C)`. Other arguments and results as in `index_kernel`.
 
     `rows_out=False` (forward for a 'sum'/'mean' caller) writes no per-row output: `loss` is
-    then `(column_count(...),)` and receives each block's float64 loss sum, `mx, lsx, top1` are
-    untouched. Per-row outputs of many short rows cost as much memory traffic as the logits; blocks
+    then `(column_count(...),)` and receives each block's float64 loss sum, `row_max,
+    row_logsum, top1` are untouched. Per-row outputs of many short rows cost as much memory traffic as the logits; blocks
     depend on `C` only, so the partial sums do not depend on the thread count."""
     R = N * S
     eps_c = eps / C
@@ -296,7 +298,8 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
     per_row_sw = sw.shape[0] == R
     scratch_grad = mode != FORWARD and (S == 1 or in_place)
     # every float scratch is one 2-D compute-type allocation (w is in the compute type; for
-    # float32/float64 logits x_block and grad_block are the same type): one np.empty to compile, not eleven
+    # float32/float64 logits x_block and grad_block are the same type): one np.empty to compile,
+    # not eleven
     x_block = np.empty((C, nbmax if S == 1 else 0), X.dtype)
     grad_block = np.empty((C, nbmax if scratch_grad else 0), X.dtype)
     exps = np.empty((C, nbmax), w.dtype)
@@ -314,7 +317,7 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
             cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, exps)
             cols_log(s, ls, nb)
         else:
-            _load_saved(mx, lsx, r0, nb, m, ls)
+            _load_saved(row_max, row_logsum, r0, nb, m, ls)
         cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
         if mode != BACKWARD:
             lb = loss[r0:r0 + nb] if rows_out else lrow[:nb]
@@ -334,8 +337,8 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
             else:
                 for b in range(nb):
                     r = r0 + b
-                    mx[r] = m[b]
-                    lsx[r] = ls[b]
+                    row_max[r] = m[b]
+                    row_logsum[r] = ls[b]
                     top1[r] = ok[b] & (xy[b] >= m[b])
                 for b in range(nb):  # ties for the maximum go to the lowest class
                     if top1[r0 + b] and yv[b] > 0:
@@ -363,8 +366,9 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
 
 
 @jit(python_callable=True)
-def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, mode, in_place, g, sw, mx,
-                     lsx, loss, grad_view, rows_out):
+def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, mode, in_place, g,
+                     sw, row_max,
+                     row_logsum, loss, grad_view, rows_out):
     """`prob_kernel` over the column blocks `[lo, hi)`, the probability targets `T` seen as `X`
     is (other arguments as in `index_cols_kernel`)."""
     R = N * S
@@ -390,15 +394,15 @@ def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, 
                 r = r0 + b
                 lb = prob_loss(m[b], ls[b], a[b], d[b], z) * (sw[r] if per_row_sw else sw[0])
                 if rows_out:
-                    mx[r] = m[b]
-                    lsx[r] = ls[b]
+                    row_max[r] = m[b]
+                    row_logsum[r] = ls[b]
                     loss[r] = lb
                 else:
                     total += lb
             if not rows_out:
                 loss[blk] = total
         else:
-            _load_saved(mx, lsx, r0, nb, m, ls)
+            _load_saved(row_max, row_logsum, r0, nb, m, ls)
             cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, False, exps)
         if mode == FORWARD:
             continue

@@ -320,7 +320,7 @@ def prob_row(row, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_pl
 # -- kernels: serial over a range of rows, dealt to threads by `_parallel` -----------------------------
 @jit(python_callable=True)
 def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, keep_exp, in_place, g,
-                 sw, mx, lsx, loss, top1, grad):
+                 sw, row_max, row_logsum, loss, top1, grad):
     """Cross-entropy with class-index targets over the rows `[lo, hi)` of `x` (N, C), one
     contiguous row per sample (1-D and 2-D input; K-dim input always takes `index_cols_kernel`, so
     the row code is compiled for contiguous rows only: a strided variant would double its compile
@@ -340,7 +340,7 @@ def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, ke
     in_place : `grad` is `x` itself (`out=input`)
     g : upstream gradient per row (N,) float64, or (1,) for the same value on every row
     sw : per-row sample weights (N,) float64, or (1,) for none
-    mx, lsx : (N,) row max `m` and `log sum exp(x - m)` (the log-sum-exp is their sum),
+    row_max, row_logsum : (N,) row max `m` and `log sum exp(x - m)` (the log-sum-exp is their sum),
         written (FORWARD, FUSED) or read (BACKWARD)
     loss : (N,) float64, receives `sw_r * l_r`; top1 : (N,) bool, argmax == target (FORWARD, FUSED)
     grad : (N, C) gradient, dtype of `x` (may be `x` itself); (1, C) and unused in FORWARD mode
@@ -356,17 +356,19 @@ def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, ke
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
         lr, mr, lsr, tr = index_row(x[r], grad[r if mode != FORWARD else 0], y, valid, w, wsum, eps,
-                                    eps_c, z, cap, mode, keep_exp, in_place, gr, mx[r], lsx[r],
+                                    eps_c, z, cap, mode, keep_exp, in_place, gr, row_max[r],
+                                    row_logsum[r],
                                     scratch)
         if mode != BACKWARD:
             loss[r] = lr * swr if valid else 0.0
-            mx[r] = mr
-            lsx[r] = lsr
+            row_max[r] = mr
+            row_logsum[r] = lsr
             top1[r] = tr
 
 
 @jit(python_callable=True)
-def prob_kernel(lo, hi, x, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, sw, mx, lsx, loss,
+def prob_kernel(lo, hi, x, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, sw, row_max,
+                row_logsum, loss,
                 grad):
     """Cross-entropy with probability targets `t` ((N, C), in the compute type) over the rows
     `[lo, hi)` of `x`.
@@ -382,8 +384,8 @@ def prob_kernel(lo, hi, x, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_pl
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
         lr, mr, lsr = prob_row(x[r], t[r], grad[r if mode != FORWARD else 0], w, t_scale, t_shift, z, cap,
-                               mode, keep_exp, in_place, gr, mx[r], lsx[r], scratch)
+                               mode, keep_exp, in_place, gr, row_max[r], row_logsum[r], scratch)
         if mode != BACKWARD:
             loss[r] = lr * swr
-            mx[r] = mr
-            lsx[r] = lsr
+            row_max[r] = mr
+            row_logsum[r] = lsr
