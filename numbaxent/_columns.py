@@ -148,19 +148,22 @@ def cols_targets(X, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy
 
 @jit(inline=True)
 def _transpose_in(X, n0, nb, C, dst):
-    # a loop-invariant stride (C) along b: the inner loop compiles to gathers
+    # flat indices with a loop-invariant stride: the inner loop compiles to gathers (2-D indexing
+    # `X[n0 + b, c]` measured 25% slower on the whole fused call of 10 classes)
+    flat = X[n0:n0 + nb].reshape(nb * C)
     for c in range(C):
         dr = dst[c]
         for b in range(nb):
-            dr[b] = X[n0 + b, c]
+            dr[b] = flat[b * C + c]
 
 
 @jit(inline=True)
 def _transpose_out(src, n0, nb, C, X):
+    flat = X[n0:n0 + nb].reshape(nb * C)
     for c in range(C):
         sr = src[c]
         for b in range(nb):
-            X[n0 + b, c] = sr[b]
+            flat[b * C + c] = sr[b]
 
 
 @jit(inline=True)
