@@ -407,11 +407,13 @@ def _open_pairs(specs, rows_range, hidden=False):
 
 def _evaluate_local(pairs, ev, rows, progress: _Progress, head: _Head | None = None):
     if head is None:  # one pipeline over every pair: the threads never wait between chunks or files
+        keep = ev.IN_FLIGHT - 1  # chunks still being read when the next one is asked for
+
         def chunks():
             for p in pairs:
                 r = rows or _default_rows(p.xs)
-                xit = row_chunks(p.xs, r, p.start, p.stop, keep=1)
-                tit = row_chunks(p.ts, r, p.start, p.stop, keep=1)
+                xit = row_chunks(p.xs, r, p.start, p.stop, keep=keep)
+                tit = row_chunks(p.ts, r, p.start, p.stop, keep=keep)
                 for (_, _, x), (_, _, t) in zip(xit, tit):
                     yield x, t
 

@@ -275,7 +275,7 @@ def row_chunks(src, rows: int, start: int = 0, stop: int | None = None, keep: in
     folios stay mapped by one page-table entry until they are done with. Resident memory,
     anonymous or file-backed, is therefore bounded by `keep + 1` chunks, not the file; a consumer
     that still reads `keep` chunks while it asks for the next one (`Evaluator.update_chunks`:
-    `keep=1`) never sees its pages unmapped under it."""
+    `keep=Evaluator.IN_FLIGHT - 1`) never sees their pages unmapped under it."""
     if isinstance(src, ZipStreamArray):
         yield from src.chunks(rows, start, stop)
         return
