@@ -599,8 +599,8 @@ class Evaluator:
         evaluated as `update` does, after the pieces before it.
 
         `callback(rows)`, if given, is called with each chunk's first-axis length once it is added.
-        Errors are those of `update`, raised for the first bad chunk after every chunk before it
-        was added (and nothing of it or later chunks).
+        Errors are those of `update` (or of the iterable), raised for the first bad chunk after
+        every chunk before it was added (and nothing of it or later chunks).
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -617,9 +617,18 @@ class Evaluator:
             if callback is not None:
                 callback(rows)
 
+        it = iter(chunks)
         try:
-            for logits, target in chunks:
-                x3, tgt, compute, t = self._check(logits, target)
+            while True:
+                try:
+                    logits, target = next(it)
+                    x3, tgt, compute, t = self._check(logits, target)
+                except StopIteration:
+                    break
+                except Exception:  # a bad chunk, or the iterable failing: add what came before
+                    while pending:
+                        fold_oldest()
+                    raise
                 N, _, S = x3.shape
                 rows = 1 if t.ndim == 0 else t.shape[0]
                 # pieces: one per thread, each worth handing to a thread (and a cut along the rows

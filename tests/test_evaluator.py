@@ -773,3 +773,20 @@ def test_update_chunks_stops_at_the_first_bad_chunk(monkeypatch):
         numba.set_num_threads(old)
     # the chunks before the bad one were added, nothing of it or after it
     assert_same(ev.result(), Evaluator(60).update(x[:200], t[:200]).result())
+    # a chunk of the wrong shape, and an iterable that fails, likewise
+    for third in ((x[200:300, :59], t[200:300]), RuntimeError("disk gone")):
+        def gen():
+            yield from chunks[:2]
+            if isinstance(third, Exception):
+                raise third
+            yield third
+            yield chunks[3]
+        old = numba.get_num_threads()
+        try:
+            numba.set_num_threads(2)
+            ev = Evaluator(60)
+            with pytest.raises((ValueError, RuntimeError), match="59 classes|disk gone"):
+                ev.update_chunks(gen())
+        finally:
+            numba.set_num_threads(old)
+        assert_same(ev.result(), Evaluator(60).update(x[:200], t[:200]).result())
