@@ -612,8 +612,9 @@ class Evaluator:
 
         def fold_oldest():
             rows, futures = pending.pop(0)
-            for f in futures:
-                self._fold(f.result())
+            parts = [f.result() for f in futures]  # every piece first: all of a chunk or nothing
+            for part in parts:
+                self._fold(part)
             if callback is not None:
                 callback(rows)
 

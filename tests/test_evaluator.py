@@ -761,13 +761,13 @@ def test_update_chunks_stops_at_the_first_bad_chunk(monkeypatch):
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_ELEMENTS", 64)
     x, t = data(n=400, C=60, dtype=np.float32, seed=3)
     bad = t.copy()
-    bad[237] = 60  # in the third chunk, in its second piece
+    bad[270] = 60  # in the third chunk, in its second piece (the first piece is not added)
     chunks = [(x[a:b], bad[a:b]) for a, b in ((0, 100), (100, 200), (200, 300), (300, 400))]
     old = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
         ev = Evaluator(60)
-        with pytest.raises(IndexError, match="target 60 at row 237 is out of range"):
+        with pytest.raises(IndexError, match="target 60 at row 270 is out of range"):
             ev.update_chunks(chunks)
     finally:
         numba.set_num_threads(old)
