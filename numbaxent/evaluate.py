@@ -581,7 +581,8 @@ class Evaluator:
     # chunks in flight when update_chunks asks for the next one: the threads then have the pieces
     # of the two chunks after the oldest to work on while the calling thread waits to fold it
     # (measured on 2 busy cores, medians of two runs: 2 gave 87% and 94% of the in-memory update's
-    # speed, 3 gave 96% and 100%; the two were indistinguishable in the eval benchmark)
+    # speed, 3 gave 96% and 100%; in `numbaxent eval` under that load, this pipeline and one
+    # `update` per chunk were within the noise of each other)
     IN_FLIGHT = 3
 
     def update_chunks(self, chunks, callback=None) -> "Evaluator":
