@@ -14,7 +14,7 @@ import numpy as np
 
 from ._prepare import (Prepared, as_array, canonical_view, check_ignore_index, check_label_smoothing,
                        check_reduction, check_softcap, check_z_loss, kernels, legacy_reduction,
-                       prepare)
+                       prepare, upstream_gradient)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "Stats"]
 
@@ -22,51 +22,60 @@ def _scalar(value: float, dtype: np.dtype):
     return np.asarray(value, dtype=np.float64).astype(dtype)[()]
 
 
+def zero_weight_mean(reduction: str, denom: float, n_valid: int) -> bool:
+    """Whether a class-index `'mean'` has a denominator `W = sum w[y]` over kept elements of
+    exactly 0 (zero weights, or negative weights that cancel) while some element is kept. PyTorch
+    then divides its two terms by zero separately, and its gradient is not the limit of the
+    regular formula: see `zero_weight_loss` and `zero_weight_grad`. Shared with the LM head."""
+    return reduction == "mean" and denom == 0.0 and n_valid > 0
+
+
 def _zero_weight_mean(p: Prepared) -> bool:
-    """A class-index `'mean'` whose denominator `W = sum w[y]` over kept elements is exactly 0
-    (zero weights, or negative weights that cancel) while some element is kept. PyTorch then divides
-    its two terms by zero separately, and its gradient is not the limit of the regular formula:
-    see `_zero_weight_loss` and `_zero_weight_grad`."""
-    return p.reduction == "mean" and not p.soft and p.denom == 0.0 and p.n_valid > 0
+    return not p.soft and zero_weight_mean(p.reduction, p.denom, p.n_valid)
 
 
 def _nll_total(p: Prepared) -> float:
-    """The weighted NLL sum alone (a forward pass without smoothing), for `_zero_weight_loss`.
+    """The weighted NLL sum alone (a forward pass without smoothing), for `zero_weight_loss`.
     Run it before a pass that overwrites the logits (`out=input`)."""
     loss, _, _, _, blocks = kernel_pass(replace(p, eps=0.0), kernels().FORWARD, np.ones(1),
-                                       np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
+                                       np.empty((1, 1, 1), dtype=p.x3.dtype), keep_rows=False)
     return loss_total(p, loss, blocks)
 
 
-def _zero_weight_loss(p: Prepared, total: float, s_nll=None) -> float:
-    """PyTorch's `(1-eps) * (S_nll / W) + (eps / C) * (S_smooth / W)` for `W == 0`: each quotient
-    is +-inf or NaN by its own sign, so the terms can give NaN (opposite signs) where one division
-    of their sum would give an infinity. `S_nll` comes from a second forward pass without
-    smoothing (`_nll_total`; this case is degenerate, not hot)."""
+def zero_weight_loss(total: float, eps: float, C: int, s_nll=None) -> float:
+    """PyTorch's `(1-eps) * (S_nll / W) + (eps / C) * (S_smooth / W)` for `W == 0`, from the sum
+    `total` of the per-element losses: each quotient is +-inf or NaN by its own sign, so the terms
+    can give NaN (opposite signs) where one division of their sum would give an infinity. `S_nll`
+    (needed only when `eps > 0`) is the sum of the same losses without smoothing, from a second
+    forward pass (this case is degenerate, not hot)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if p.eps == 0.0:
+        if eps == 0.0:
             return float(np.float64(total) / 0.0)
-        s_nll = _nll_total(p) if s_nll is None else s_nll
-        s_smooth = (total - (1.0 - p.eps) * s_nll) * p.C / p.eps
-        return float((1.0 - p.eps) * (np.float64(s_nll) / 0.0)
-                     + (p.eps / p.C) * (np.float64(s_smooth) / 0.0))
+        s_smooth = (total - (1.0 - eps) * s_nll) * C / eps
+        return float((1.0 - eps) * (np.float64(s_nll) / 0.0)
+                     + (eps / C) * (np.float64(s_smooth) / 0.0))
+
+
+def zero_weight_grad(grad: np.ndarray, target: np.ndarray, ignore_index: int, eps: float):
+    """PyTorch's gradient of a zero-denominator `'mean'` (see `zero_weight_mean`), in place, from
+    the gradient the kernels wrote with the undivided upstream gradient (`'sum'`'s): kept rows are
+    scaled by `1/W = inf` and then, as autograd's `g - p * sum(g)` gives, NaN at the target
+    (`inf - inf`) or, with smoothing, everywhere (the smoothing gradient `-w_c / W` has
+    infinities of both signs, or `0/0`). Ignored rows keep their zeros. `grad` is a view with the
+    classes last, `(..., C)`; `target` holds the class indices, of shape `(...)`."""
+    kept = np.nonzero(target != ignore_index)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if eps > 0.0:
+            grad[kept] = np.nan
+        else:
+            grad[kept] = grad[kept] * np.inf
+            grad[kept + (target[kept],)] = np.nan
 
 
 def _zero_weight_grad(p: Prepared, grad: np.ndarray):
-    """PyTorch's gradient of a zero-denominator `'mean'` (see `_zero_weight_mean`), in
-    place, from the gradient the kernels wrote with the undivided upstream gradient (`'sum'`'s):
-    kept rows are scaled by `1/W = inf` and then, as autograd's `g - p * sum(g)` gives,
-    NaN at the target (`inf - inf`) or, with smoothing, everywhere (the smoothing gradient
-    `-w_c / W` has infinities of both signs, or `0/0`). Ignored rows keep their zeros."""
+    """`zero_weight_grad` on the user-facing gradient array of the core's entry points."""
     gm = grad[None] if grad.ndim == 1 else np.moveaxis(grad, 1, -1)  # (..., C) view, class last
-    t = p.target.reshape(p.loss_shape or (1,))
-    kept = np.nonzero(t != p.ignore_index)
-    with np.errstate(invalid="ignore", over="ignore"):
-        if p.eps > 0.0:
-            gm[kept] = np.nan
-        else:
-            gm[kept] = gm[kept] * np.inf
-            gm[kept + (t[kept],)] = np.nan
+    zero_weight_grad(gm, p.target.reshape(p.loss_shape or (1,)), p.ignore_index, p.eps)
 
 
 def loss_total(p: Prepared, loss: np.ndarray, blocks: bool) -> float:
@@ -84,48 +93,28 @@ def loss_total(p: Prepared, loss: np.ndarray, blocks: bool) -> float:
 def reduce_losses(p: Prepared, loss: np.ndarray, blocks: bool = False, s_nll=None):
     """Apply the reduction to the float64 losses of a pass (per row, or per column block when
     `blocks`), in a fixed order (thread-count independent). `s_nll`: see
-    `_zero_weight_loss` (computed here when None, from the logits)."""
+    `zero_weight_loss` (computed here when None and needed, from the logits)."""
     if p.reduction == "none":
         return loss.astype(p.x.dtype).reshape(p.loss_shape)
     total = loss_total(p, loss, blocks)
     if p.reduction == "sum":
         return _scalar(total, p.x.dtype)
     if _zero_weight_mean(p):
-        return _scalar(_zero_weight_loss(p, total, s_nll), p.x.dtype)
+        if p.eps > 0.0 and s_nll is None:
+            s_nll = _nll_total(p)
+        return _scalar(zero_weight_loss(total, p.eps, p.C, s_nll), p.x.dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
         return _scalar(np.float64(total) / np.float64(p.denom), p.x.dtype)
 
 
 def _upstream(p: Prepared, grad_output) -> np.ndarray:
-    """Per-row multipliers `g` (float64; one element when the same for every row)."""
-    if p.reduction == "none":
-        if grad_output is None:
-            return np.ones(1)
-        go = as_array(grad_output, "grad_output")
-        if go.dtype.kind not in "iuf":
-            raise TypeError(f"grad_output must be a real array, got dtype {go.dtype}")
-        try:
-            go = np.broadcast_to(go, p.loss_shape)
-        except ValueError:
-            raise ValueError(
-                f"grad_output of shape {go.shape} does not match the loss's shape {p.loss_shape}"
-            ) from None
-        g = np.ascontiguousarray(go, dtype=np.float64).reshape(-1)
-        return g if g.shape[0] != 1 else g.copy()
-    if grad_output is None:
-        gout = 1.0
-    else:
-        go = as_array(grad_output, "grad_output")
-        if go.size != 1 or go.dtype.kind not in "iuf":
-            raise ValueError(
-                f"grad_output for reduction='{p.reduction}' must be a real scalar, got an array of "
-                f"shape {go.shape} and dtype {go.dtype}"
-            )
-        gout = float(go.reshape(()))
-    if p.reduction == "mean" and not _zero_weight_mean(p):  # that case: _zero_weight_grad
+    """Per-row multipliers `g` (float64; one element when the same for every row), divided by the
+    `'mean'` denominator (except when it is zero: `zero_weight_grad` then scales the gradient)."""
+    g = upstream_gradient(grad_output, p.reduction, p.loss_shape)
+    if p.reduction == "mean" and not _zero_weight_mean(p):
         with np.errstate(divide="ignore", invalid="ignore"):
-            gout = float(np.float64(gout) / np.float64(p.denom))
-    return np.array([gout])
+            g = g / np.float64(p.denom)
+    return g
 
 
 def _grad_target(p: Prepared, out):
@@ -157,27 +146,43 @@ def _grad_target(p: Prepared, out):
     return out, g3, None
 
 
-def _run(p: Prepared, mode: int, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray,
+def _run_kernel(p: Prepared, mode: int, g: np.ndarray, row_max: np.ndarray, row_logsum: np.ndarray,
          loss: np.ndarray, top1: np.ndarray, grad3: np.ndarray, rows_out: bool = True):
     """One kernel pass over the canonical views. `rows_out=False` (forward on the column path
-    only): `loss` receives per-block sums and `mx, lsx, top1` nothing."""
+    only): `loss` receives per-block sums and `row_max, row_logsum, top1` nothing."""
     k = kernels()
     from ._parallel import run_tasks
 
     columns = use_columns(p.x3.shape)
     assert columns or rows_out
     N, C, S = p.x3.shape
-    count = k.column_count(N, S, k.column_block_rows(C)) if columns else p.rows
+    # flags the kernels would otherwise infer (each inference is more code to compile)
+    in_place = grad3.ctypes.data == p.x3.ctypes.data and grad3.shape == p.x3.shape
+    keep_exp = (mode == k.FUSED and p.cap is None and not in_place
+                and p.x3.dtype in (np.float32, np.float64))
+    if columns:
+        nbmax = k.column_block_rows(C)
+        count = k.column_count(N, S, nbmax)
+        head = (k.column_view(p.x3), N, C, S, nbmax)
+        grad2 = k.column_view(grad3)
+    else:
+        count = p.rows
+        head = (p.x3.reshape(N, C),)
+        grad2 = grad3.reshape(grad3.shape[0], -1)
     if p.soft:
-        keep, add = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
-        keep, add = p.compute.type(keep), p.compute.type(add)
-        args = (p.x3, p.target, p.w, keep, add, p.z, p.cap, mode, g, p.sw, mx, lsx, loss, grad3)
+        # the smoothed target t~ = t * t_scale + t_shift
+        t_scale, t_shift = (1.0 - p.eps, p.eps / p.C) if p.eps > 0 else (1.0, 0.0)
+        t_scale, t_shift = p.compute.type(t_scale), p.compute.type(t_shift)
+        t = k.column_view(p.target) if columns else p.target.reshape(N, C)
+        args = head + (t, p.w, t_scale, t_shift, p.z, p.cap, mode)
         kernel = k.prob_cols_kernel if columns else k.prob_kernel
+        tail = (row_max, row_logsum, loss, grad2)
         top1[:] = False
     else:
-        args = (p.x3, p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode, g, p.sw,
-                mx, lsx, loss, top1, grad3)
+        args = head + (p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode)
         kernel = k.index_cols_kernel if columns else k.index_kernel
+        tail = (row_max, row_logsum, loss, top1, grad2)
+    args += ((in_place,) if columns else (keep_exp, in_place)) + (g, p.sw) + tail
     if columns:
         args += (rows_out,)
     run_tasks(kernel, count, p.x3.size, *args)
@@ -204,8 +209,8 @@ class Stats(NamedTuple):
         Per-element log-sum-exp of the (soft-capped) logits, $\operatorname{lse}(x_i) =
         \log \sum_c e^{x_{i,c}}$: the loss's shape, in the compute dtype.
     top1 : ndarray of bool
-        Of the loss's shape: whether the target class is the argmax of the logits (ties go to the lowest class index;
-        False for ignored elements, rows with NaN, and probability targets).
+        Of the loss's shape: whether the target class is the argmax of the logits (ties go to the
+        lowest class index; False for ignored elements, rows with NaN, and probability targets).
     accuracy : float
         Mean of `top1` over the non-ignored elements (NaN if none, or for probability targets).
     """
@@ -227,15 +232,15 @@ _workspace = threading.local()
 WORKSPACE_MAX_BYTES = 64 << 20  # per thread; larger calls get fresh arrays, freed after the call
 
 
-def _row_buffers(rows: int, compute: np.dtype, keep: bool):
-    """(mx, lsx, loss, top1) arrays of `rows` elements. Unless `keep`, they are views of this
-    thread's workspace, valid until its next call: fresh arrays of many short rows cost more in page
+def _row_buffers(rows: int, compute: np.dtype, keep_rows: bool):
+    """(row_max, row_logsum, loss, top1) arrays of `rows` elements. Unless `keep_rows`, they are
+    views of this thread's workspace, valid until its next call: fresh arrays of many short rows cost more in page
     faults (the kernel is their first toucher) than the kernel's whole pass. The workspace never
     exceeds `WORKSPACE_MAX_BYTES` (enough for ~3.9M float32 rows), so a process that once
     saw a huge batch does not keep its memory; past that, fresh arrays (whose page faults are then
     small next to the pass)."""
     need = rows * (2 * compute.itemsize + 8 + 1)
-    if keep or need > WORKSPACE_MAX_BYTES:
+    if keep_rows or need > WORKSPACE_MAX_BYTES:
         return (np.empty(rows, compute), np.empty(rows, compute), np.empty(rows, np.float64),
                 np.zeros(rows, np.bool_))
     buf = getattr(_workspace, "buf", None)
@@ -244,43 +249,44 @@ def _row_buffers(rows: int, compute: np.dtype, keep: bool):
         buf = _workspace.buf = np.empty(min(max(need, grown), WORKSPACE_MAX_BYTES), np.uint8)
     loss = buf[:rows * 8].view(np.float64)
     o = rows * 8
-    mx = buf[o:o + rows * compute.itemsize].view(compute)
+    row_max = buf[o:o + rows * compute.itemsize].view(compute)
     o += rows * compute.itemsize
-    lsx = buf[o:o + rows * compute.itemsize].view(compute)
+    row_logsum = buf[o:o + rows * compute.itemsize].view(compute)
     o += rows * compute.itemsize
     top1 = buf[o:o + rows].view(np.bool_)
-    return mx, lsx, loss, top1
+    return row_max, row_logsum, loss, top1
 
 
-def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
-    """Run FORWARD or FUSED over all rows: `(loss, mx, lsx, top1, blocks)`: float64 losses, row
-    max, log-sum of the shifted exponentials (the log-sum-exp is `max + logsum`), top1, and
+def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray,
+                keep_rows: bool = True):
+    """Run FORWARD or FUSED over all rows: `(loss, row_max, row_logsum, top1, blocks)`: float64
+    losses, row max, log-sum of the shifted exponentials (the log-sum-exp is `max + logsum`), top1, and
     whether `loss` holds the column kernels' per-block sums instead of per-row losses (only for a
-    reduced loss without `keep`; give both to `reduce_losses`). `keep=False`: the arrays are a
-    per-thread workspace, for callers that only reduce them before the next call."""
-    mx, lsx, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep)
+    reduced loss without `keep_rows`; give both to `reduce_losses`). `keep_rows=False`: the
+    arrays are a per-thread workspace, for callers that only reduce them before the next call."""
+    row_max, row_logsum, loss, top1 = _row_buffers(p.rows, np.dtype(p.compute), keep_rows)
     if _empty_or_classless(p):
         # C == 0: PyTorch gives -0. per soft-target row (an empty sum); class targets are all ignored
-        mx[:] = -np.inf
-        lsx[:] = 0.0
+        row_max[:] = -np.inf
+        row_logsum[:] = 0.0
         top1[:] = False
         loss[:] = -0.0 if p.soft else 0.0
-        return loss, mx, lsx, top1, False
-    blocks = not keep and p.reduction != "none" and use_columns(p.x3.shape)
+        return loss, row_max, row_logsum, top1, False
+    blocks = not keep_rows and p.reduction != "none" and use_columns(p.x3.shape)
     if blocks:
         # only the total is wanted: the column kernels return per-block sums (no per-row output)
         k = kernels()
         N, C, S = p.x3.shape
         loss = loss[:k.column_count(N, S, k.column_block_rows(C))]
-    _run(p, mode, g, mx, lsx, loss, top1, grad3, rows_out=not blocks)
-    return loss, mx, lsx, top1, blocks
+    _run_kernel(p, mode, g, row_max, row_logsum, loss, top1, grad3, rows_out=not blocks)
+    return loss, row_max, row_logsum, top1, blocks
 
 
-def _pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep: bool = True):
+def _pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray, keep_rows: bool = True):
     """Run FORWARD or FUSED over all rows: `(loss, lse, top1, blocks)`; lse is None unless
-    `keep` (see `kernel_pass`)."""
-    loss, mx, lsx, top1, blocks = kernel_pass(p, mode, g, grad3, keep)
-    return loss, (mx + lsx if keep else None), top1, blocks
+    `keep_rows` (see `kernel_pass`)."""
+    loss, row_max, row_logsum, top1, blocks = kernel_pass(p, mode, g, grad3, keep_rows)
+    return loss, (row_max + row_logsum if keep_rows else None), top1, blocks
 
 
 def _from_canonical(tmp3: np.ndarray, p: Prepared) -> np.ndarray:
@@ -297,7 +303,8 @@ def _check_target_grad(p: Prepared, target_grad: bool):
         )
 
 
-def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray) -> np.ndarray:
+def _target_gradient(p: Prepared, g: np.ndarray, row_max: np.ndarray,
+                     row_logsum: np.ndarray) -> np.ndarray:
     r"""Gradient of `sum(grad_output * loss)` with respect to a probability target, from the row
     statistics of a pass (no second softmax):
 
@@ -306,8 +313,8 @@ def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray
         (z_{ic} - m_i - \ell_i),
     $$
 
-    with $z$ the (soft-capped) logits, $m_i$ the row maximum `mx` and
-    $\ell_i$ the log of the shifted exponential sum `lsx` (so $z - (m + \ell)$ is the
+    with $z$ the (soft-capped) logits, $m_i$ the row maximum `row_max` and
+    $\ell_i$ the log of the shifted exponential sum `row_logsum` (so $z - (m + \ell)$ is the
     log-softmax, NaN in the same rows as PyTorch's), $s_i$ the sample weight and $g_i$
     the upstream gradient (already divided by the `'mean'` denominator). The z-loss does not
     depend on the target. Vectorised NumPy in the compute dtype: the subtraction writes a new
@@ -326,7 +333,7 @@ def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray
     # per-class factor w_c, with the upstream factor folded in when it is one number ('mean'/'sum'
     # without sample weights): then only two passes over the N x C result (subtract, multiply)
     scale = p.w if coef.shape[0] != 1 else p.w * p.compute.type(coef[0])
-    lse = per_row((mx + lsx).astype(p.compute, copy=False))
+    lse = per_row((row_max + row_logsum).astype(p.compute, copy=False))
     with np.errstate(invalid="ignore", over="ignore"):
         if p.cap is None:
             gt = np.subtract(x, lse, dtype=p.compute)  # log_softmax(x) = x - lse, a new array
@@ -342,19 +349,21 @@ def _target_gradient(p: Prepared, g: np.ndarray, mx: np.ndarray, lsx: np.ndarray
     return gt.astype(p.target_dtype, copy=False)
 
 
-def backward_pass(p: Prepared, mx: np.ndarray, lsx: np.ndarray, grad_output=None, out=None,
+def backward_pass(p: Prepared, row_max: np.ndarray, row_logsum: np.ndarray, grad_output=None, out=None,
               input_grad: bool = True, target_grad: bool = False):
     """(grad_input or None, grad_target or None) from a forward's row statistics: one BACKWARD
     pass over the logits for the input, one NumPy pass for a probability target."""
     _check_target_grad(p, target_grad)
     g = _upstream(p, grad_output)
     # the target gradient first: `out=input` overwrites the logits it reads
-    grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
+    grad_t = _target_gradient(p, g, row_max, row_logsum) if target_grad else None
     if not input_grad:
         return None, grad_t
     grad, g3, copy_back = _grad_target(p, out)
     if not _empty_or_classless(p):
-        _run(p, kernels().BACKWARD, g, mx, lsx, np.empty(1), np.empty(1, dtype=np.bool_), g3)
+        _run_kernel(p, kernels().BACKWARD, g, row_max, row_logsum, np.empty(1),
+                    np.empty(1, dtype=np.bool_),
+                    g3)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         if _zero_weight_mean(p):
@@ -438,7 +447,8 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
     p = prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  sample_weight, normalizer)
     loss_rows, lse, top1, blocks = _pass(p, kernels().FORWARD, np.ones(1),
-                                         np.empty((1, 1, 1), dtype=p.x3.dtype), keep=return_stats)
+                                         np.empty((1, 1, 1), dtype=p.x3.dtype),
+                                         keep_rows=return_stats)
     loss = reduce_losses(p, loss_rows, blocks)
     return (loss, _stats(p, lse, top1)) if return_stats else loss
 
@@ -535,22 +545,22 @@ def cross_entropy_with_grad(input, target, weight=None, ignore_index: int = -100
     if target_grad and out is not None and np.may_share_memory(out, p.x):
         # the fused pass would overwrite the logits the target gradient reads: forward pass, then
         # the target gradient, then the backward pass into `out` (no N x C copy)
-        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, k.FORWARD, g,
+        loss_rows, row_max, row_logsum, top1, blocks = kernel_pass(p, k.FORWARD, g,
                                                       np.empty((1, 1, 1), p.x3.dtype))
-        grad, grad_t = backward_pass(p, mx, lsx, grad_output, out, target_grad=True)
+        grad, grad_t = backward_pass(p, row_max, row_logsum, grad_output, out, target_grad=True)
     else:
         grad, g3, copy_back = _grad_target(p, out)
         # target_grad reads the per-row statistics: keep them (the column kernels otherwise write
         # only block sums for a reduced loss)
-        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, k.FUSED, g, g3,
-                                                      keep=return_stats or target_grad)
+        loss_rows, row_max, row_logsum, top1, blocks = kernel_pass(p, k.FUSED, g, g3,
+                                                      keep_rows=return_stats or target_grad)
         if copy_back is not None:
             np.copyto(grad, _from_canonical(copy_back, p))
         if _zero_weight_mean(p):
             _zero_weight_grad(p, grad)
-        grad_t = _target_gradient(p, g, mx, lsx) if target_grad else None
+        grad_t = _target_gradient(p, g, row_max, row_logsum) if target_grad else None
     res = (reduce_losses(p, loss_rows, blocks, s_nll), grad) + ((grad_t,) if target_grad else ())
-    return res + (_stats(p, mx + lsx, top1),) if return_stats else res
+    return res + (_stats(p, row_max + row_logsum, top1),) if return_stats else res
 
 
 class CrossEntropyLoss:
@@ -591,10 +601,10 @@ class CrossEntropyLoss:
         and a reference to `input`)."""
         p = prepare(input, target, self.weight, self.ignore_index, self.reduction,
                      self.label_smoothing, self.z_loss, self.softcap, sample_weight, normalizer)
-        loss_rows, mx, lsx, top1, blocks = kernel_pass(p, kernels().FORWARD, np.ones(1),
+        loss_rows, row_max, row_logsum, top1, blocks = kernel_pass(p, kernels().FORWARD, np.ones(1),
                                                       np.empty((1, 1, 1), dtype=p.x3.dtype))
-        self._saved = (p, mx, lsx)
-        self.stats = _stats(p, mx + lsx, top1)
+        self._saved = (p, row_max, row_logsum)
+        self.stats = _stats(p, row_max + row_logsum, top1)
         return reduce_losses(p, loss_rows, blocks)
 
     __call__ = forward
@@ -609,6 +619,6 @@ class CrossEntropyLoss:
         """
         if self._saved is None:
             raise ValueError("backward() called before forward()")
-        p, mx, lsx = self._saved
-        grad, grad_t = backward_pass(p, mx, lsx, grad_output, out, target_grad=target_grad)
+        p, row_max, row_logsum = self._saved
+        grad, grad_t = backward_pass(p, row_max, row_logsum, grad_output, out, target_grad=target_grad)
         return (grad, grad_t) if target_grad else grad

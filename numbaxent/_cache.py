@@ -110,7 +110,7 @@ def cache_dir() -> str | None:
 class _Locator(caching._CacheLocator):
     """numba's hook for the cache path and the source stamp of a numbaxent function."""
 
-    def __init__(self, py_func, py_file):
+    def __init__(self, py_func):
         self._lineno = py_func.__code__.co_firstlineno
         self._path = cache_dir() or search_dirs()[-1]  # a path is needed even when never written
 
@@ -128,7 +128,7 @@ class _Locator(caching._CacheLocator):
 
     @classmethod
     def from_function(cls, py_func, py_file):
-        return cls(py_func, py_file)
+        return cls(py_func)  # numba's source path is not needed: the stamp covers every kernel file
 
 
 class _Impl(caching.CompileResultCacheImpl):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from numba.extending import register_jitable
+
 from ._jit import jit
-from ._math import cap_slope, capped, compute_scratch, compute_zero, exp_nonpos, like, load, log, store
+from ._math import cap_slope, capped, compute_zero, exp_nonpos, like, load, log, store
 from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob_grad_scale, prob_loss,
-                    row_is_top1, same_memory)
+                    row_is_top1)
 
 # -- column blocks: many short or strided rows at once -------------------------------------------------
 # A K-dim row is strided by S, and a row of a few classes is too short to fill a vector register: the
@@ -21,14 +23,16 @@ from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob
 COLUMN_BLOCK_ELEMENTS = 4096  # C * nb: a block and its gradient scratch fit in L1
 
 
-@jit(python_callable=True)
+# `register_jitable`: plain Python when the API layer calls it (nothing to compile), compiled only
+# when a kernel calls it.
+@register_jitable
 def column_block_rows(C):
     """Rows per block: `COLUMN_BLOCK_ELEMENTS / C` rounded down to a multiple of 16, in [16, 1024]."""
     nb = COLUMN_BLOCK_ELEMENTS // max(C, 1)
     return max(16, min(1024, nb - nb % 16))
 
 
-@jit()
+@jit(inline=True)
 def cols_max(X, i0, s0, nb, C, m, cap):
     """`m_b = max_c x_cb` (NaN skipped, as in `row_max_lanes`), then soft-capped."""
     for b in range(nb):
@@ -43,12 +47,12 @@ def cols_max(X, i0, s0, nb, C, m, cap):
 
 
 @jit()
-def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp, E):
+def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_exp, exps):
     """Per row `b` of the block: `s = sum_c exp(x_c - m)`, `a = sum_c w_c t~_c` and
-    `d = sum_c w_c t~_c (x_c - m)`, with `t~ = t*keep + add` for probability targets `T` and
+    `d = sum_c w_c t~_c (x_c - m)`, with `t~ = t*t_scale + t_shift` for probability targets `T` and
     `t~ = 1` for class-index targets (`T` None; `a` is then left alone). Without `need_exp`
-    (probability targets only), only `a`. Each `exp(x_cb - m_b)` is kept in the compute-type scratch `E[c, b]` for
-    `cols_grad_from_exp` (a store to L1, cheaper than a second exp)."""
+    (probability targets only), only `a`. Each `exp(x_cb - m_b)` is kept in the compute-type
+    scratch `exps[c, b]` for `cols_grad_from_exp` (a store to L1, cheaper than a second exp)."""
     for b in range(nb):
         s[b] = 0
         d[b] = 0
@@ -57,7 +61,7 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp, E):
     for c in range(C):
         xr = X[i0 + c, s0:s0 + nb]
         wc = w[c]
-        er = E[c]
+        er = exps[c]
         if T is None:
             for b in range(nb):
                 v = capped(load(xr[b]), cap) - m[b]
@@ -70,7 +74,7 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp, E):
             if need_exp:
                 for b in range(nb):
                     v = capped(load(xr[b]), cap) - m[b]
-                    wt = wc * (tr[b] * keep + add)
+                    wt = wc * (tr[b] * t_scale + t_shift)
                     e = exp_nonpos(v)
                     s[b] += e
                     a[b] += wt
@@ -78,17 +82,17 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, need_exp, E):
                     er[b] = e
             else:
                 for b in range(nb):
-                    a[b] += wc * (tr[b] * keep + add)
+                    a[b] += wc * (tr[b] * t_scale + t_shift)
 
 
-@jit()
+@jit(inline=True)
 def cols_log(s, ls, nb):
     for b in range(nb):
         ls[b] = log(s[b])
 
 
 @jit()
-def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, keep, add, cap, G, gi0, gs0):
+def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, t_scale, t_shift, cap, G, gi0, gs0):
     """`G[gi0 + c, gs0 + b] = (exp((x_cb - m_b) - ls_b) coef_b - w_c tcoef_b t~_cb) dx_cb` (`t~ = 1`
     for class-index targets, `T` None). `G` must not be `X` (the kernels pass a scratch block
     then): LLVM's runtime alias check would send an aliased loop to its scalar version."""
@@ -106,16 +110,17 @@ def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, keep, add, cap, G, gi0
             for b in range(nb):
                 v = capped(load(xr[b]), cap)
                 p = exp_nonpos((v - m[b]) - ls[b])
-                store(gr, b, (p * coef[b] - wc * tcoef[b] * (tr[b] * keep + add)) * cap_slope(v, cap))
+                store(gr, b, (p * coef[b] - wc * tcoef[b] * (tr[b] * t_scale + t_shift))
+                      * cap_slope(v, cap))
 
 
-@jit()
-def cols_grad_from_exp(E, T, i0, s0, nb, C, scale, tcoef, w, keep, add, G, gi0, gs0):
+@jit(inline=True)
+def cols_grad_from_exp(exps, T, i0, s0, nb, C, scale, tcoef, w, t_scale, t_shift, G, gi0, gs0):
     """`cols_grad` from the exponentials kept by `cols_sums` (fused call, no soft-cap):
-    `G[gi0 + c, gs0 + b] = E[c, b] scale_b - w_c tcoef_b t~_cb` with `scale_b = coef_b / s_b`
-    (`E/s` is within 2 ulp of `exp((x - m) - ls)`)."""
+    `G[gi0 + c, gs0 + b] = exps[c, b] scale_b - w_c tcoef_b t~_cb` with `scale_b = coef_b / s_b`
+    (`exps/s` is within 2 ulp of `exp((x - m) - ls)`)."""
     for c in range(C):
-        er = E[c]
+        er = exps[c]
         gr = G[gi0 + c, gs0:gs0 + nb]
         wc = w[c]
         if T is None:
@@ -124,10 +129,10 @@ def cols_grad_from_exp(E, T, i0, s0, nb, C, scale, tcoef, w, keep, add, G, gi0, 
         else:
             tr = T[i0 + c, s0:s0 + nb]
             for b in range(nb):
-                store(gr, b, er[b] * scale[b] - wc * tcoef[b] * (tr[b] * keep + add))
+                store(gr, b, er[b] * scale[b] - wc * tcoef[b] * (tr[b] * t_scale + t_shift))
 
 
-@jit()
+@jit(inline=True)
 def cols_targets(X, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy):
     """Gather each row's target: `ok` (not ignored), `yv` (the class, 0 when ignored), `xy` its
     (capped) logit and `wy` its weight (0 when ignored). The one scalar loop of a block."""
@@ -141,9 +146,10 @@ def cols_targets(X, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy
         wy[b] = w[yc] if valid else compute_zero(w)
 
 
-@jit()
+@jit(inline=True)
 def _transpose_in(X, n0, nb, C, dst):
-    # flat indices with a loop-invariant stride: the inner loop compiles to gathers
+    # flat indices with a loop-invariant stride: the inner loop compiles to gathers (2-D indexing
+    # `X[n0 + b, c]` measured 25% slower on the whole fused call of 10 classes)
     flat = X[n0:n0 + nb].reshape(nb * C)
     for c in range(C):
         dr = dst[c]
@@ -151,7 +157,7 @@ def _transpose_in(X, n0, nb, C, dst):
             dr[b] = flat[b * C + c]
 
 
-@jit()
+@jit(inline=True)
 def _transpose_out(src, n0, nb, C, X):
     flat = X[n0:n0 + nb].reshape(nb * C)
     for c in range(C):
@@ -160,7 +166,7 @@ def _transpose_out(src, n0, nb, C, X):
             flat[b * C + c] = sr[b]
 
 
-@jit()
+@jit(inline=True)
 def _copy_out(src, i0, s0, nb, C, X):
     for c in range(C):
         xr = X[i0 + c, s0:s0 + nb]
@@ -170,23 +176,24 @@ def _copy_out(src, i0, s0, nb, C, X):
 
 
 @jit()
-def _block_source(X, XT, S, n, nb, C):
+def _block_source(X, x_block, S, n, nb, C):
     """The array a block's class rows are read from: `X` itself (K-dim), or for 2-D input the
-    block's rows `n .. n+nb` transposed into the scratch `XT`."""
+    block's rows `n .. n+nb` transposed into the scratch `x_block`."""
     if S == 1:
-        _transpose_in(X, n, nb, C, XT)
-        return XT
+        _transpose_in(X, n, nb, C, x_block)
+        return x_block
     return X
 
 
 @jit()
-def _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C):
-    """Move a block's gradient from the scratch `GT` to the gradient `GX` (transposed back for
-    2-D input; copied for K-dim written in place); nothing when it was written to `GX` directly."""
+def _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C):
+    """Move a block's gradient from the scratch `grad_block` to the gradient `grad_view`
+    (transposed back for 2-D input; copied for K-dim written in place); nothing when it was
+    written to `grad_view` directly."""
     if S == 1:
-        _transpose_out(GT, n, nb, C, GX)
+        _transpose_out(grad_block, n, nb, C, grad_view)
     elif scratch_grad:
-        _copy_out(GT, i0, s0, nb, C, GX)
+        _copy_out(grad_block, i0, s0, nb, C, grad_view)
 
 
 @jit()
@@ -198,21 +205,26 @@ def column_views(a, S):
     return a.reshape((a.shape[0] * a.shape[1], a.shape[2]))
 
 
-@jit()
+def column_view(a):
+    """`column_views` from Python (a view, nothing compiled): the kernels take it as an argument."""
+    N, C, S = a.shape
+    return a.reshape((N, C * S) if S == 1 else (N * C, S))
+
+
+@jit(inline=True)
 def column_block(blk, N, C, S, nbmax):
     """Block `blk` as `(n, i0, s0, nb, r0)`: sample `n`, first class row `i0` and position
     `s0` in the (N*C, S) view (`i0 = s0 = 0` for a transposed scratch), rows and first flat row."""
-    if S == 1:
+    if S == 1:  # (conditionals, not min(): one builtin fewer to compile)
         n0 = blk * nbmax
-        nb = min(nbmax, N - n0)
-        return n0, 0, 0, nb, n0
+        return n0, 0, 0, nbmax if N - n0 > nbmax else N - n0, n0
     per_n = (S + nbmax - 1) // nbmax
     n = blk // per_n
     s0 = (blk - n * per_n) * nbmax
-    return n, n * C, s0, min(nbmax, S - s0), n * S + s0
+    return n, n * C, s0, nbmax if S - s0 > nbmax else S - s0, n * S + s0
 
 
-@jit()
+@jit(inline=True)
 def sum_in_order(a):
     """`a[0] + a[1] + ...` from 0.0, left to right: the column kernels' per-block loss sums, and
     `block_sums`, must round the same way."""
@@ -234,85 +246,81 @@ def block_sums(loss, N, S, nbmax):
     return out
 
 
-@jit(python_callable=True)
+@register_jitable
 def column_count(N, S, nbmax):
     if S == 1:
         return (N + nbmax - 1) // nbmax
     return N * ((S + nbmax - 1) // nbmax)
 
 
-@jit()
-def _load_saved(mx, lsx, r0, nb, m, ls):
+@jit(inline=True)
+def _load_saved(row_max, row_logsum, r0, nb, m, ls):
     """BACKWARD: the block's saved row max and log-sum into `m` and `ls`."""
     for b in range(nb):
-        m[b] = mx[r0 + b]
-        ls[b] = lsx[r0 + b]
+        m[b] = row_max[r0 + b]
+        ls[b] = row_logsum[r0 + b]
 
 
 @jit()
-def cols_block_grad(src, T, E, i0, s0, nb, C, m, ls, s, coef, tcoef, w, keep, add, cap, mode, G,
+def cols_block_grad(src, T, exps, i0, s0, nb, C, m, ls, s, coef, tcoef, w, t_scale, t_shift, cap, mode, G,
                     gi0, gs0):
     """Write a block's gradient (without the class-index true-class term) into `G`: from the
-    exponentials kept in `E` by the sum pass when the call is FUSED without soft-cap (`s` then
-    becomes the per-row scale `coef / s`), else by `cols_grad`. Returns whether `E` was
+    exponentials kept in `exps` by the sum pass when the call is FUSED without soft-cap (`s` then
+    becomes the per-row scale `coef / s`), else by `cols_grad`. Returns whether `exps` was
     used."""
     if mode == FUSED and cap is None:
         for b in range(nb):
             s[b] = coef[b] / s[b]
-        cols_grad_from_exp(E, T, i0, s0, nb, C, s, tcoef, w, keep, add, G, gi0, gs0)
+        cols_grad_from_exp(exps, T, i0, s0, nb, C, s, tcoef, w, t_scale, t_shift, G, gi0, gs0)
         return True
-    cols_grad(src, T, i0, s0, nb, C, m, ls, coef, tcoef, w, keep, add, cap, G, gi0, gs0)
+    cols_grad(src, T, i0, s0, nb, C, m, ls, coef, tcoef, w, t_scale, t_shift, cap, G, gi0, gs0)
     return False
 
 
-@jit()
+@jit(inline=True)
 def _row_factor(g, sw, r, per_row_g, per_row_sw):
     """`g_r * sw_r`: upstream gradient times sample weight (each (R,) or a single shared value)."""
     return (g[r] if per_row_g else g[0]) * (sw[r] if per_row_sw else sw[0])
 
 
 @jit(python_callable=True)
-def index_cols_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx, lsx,
-                      loss, top1, grad, rows_out):
-    """`index_kernel` over the column blocks `[lo, hi)` (of `column_count`; other
-    arguments and results the same).
+def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, eps, z, cap, mode,
+                      in_place, g, sw, row_max, row_logsum, loss, top1, grad_view, rows_out):
+    """`index_kernel` over the column blocks `[lo, hi)` (of `column_count`) of `(N, C, S)`
+    logits seen as the 2-D array `X`: `(N, C)` when `S == 1` (rows are transposed into scratch),
+    `(N*C, S)` otherwise; `grad_view` is the gradient seen the same way ((1, 1) and unused in FORWARD
+    mode). `nbmax = column_block_rows(C)`. Other arguments and results as in `index_kernel`.
 
     `rows_out=False` (forward for a 'sum'/'mean' caller) writes no per-row output: `loss` is
-    then `(column_count(...),)` and receives each block's float64 loss sum, `mx, lsx, top1` are
-    untouched. Per-row outputs of many short rows cost as much memory traffic as the logits; blocks
+    then `(column_count(...),)` and receives each block's float64 loss sum, `row_max,
+    row_logsum, top1` are untouched. Per-row outputs of many short rows cost as much memory traffic as the logits; blocks
     depend on `C` only, so the partial sums do not depend on the thread count."""
-    N, C, S = x.shape
     R = N * S
-    X = column_views(x, S)
-    GX = column_views(grad, grad.shape[2])
-    nbmax = column_block_rows(C)
     eps_c = eps / C
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    scratch_grad = mode != FORWARD and (S == 1 or same_memory(x, grad))
-    XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
-    GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
-    E = compute_scratch(x, C * nbmax).reshape((C, nbmax))
-    m = compute_scratch(x, nbmax)
-    s = compute_scratch(x, nbmax)
-    d = compute_scratch(x, nbmax)
-    ls = compute_scratch(x, nbmax)
-    xy = compute_scratch(x, nbmax)
-    wy = compute_scratch(x, nbmax)
-    coef = compute_scratch(x, nbmax)
-    tcoef = compute_scratch(x, nbmax)
+    scratch_grad = mode != FORWARD and (S == 1 or in_place)
+    # every float scratch is one 2-D compute-type allocation (w is in the compute type; for
+    # float32/float64 logits x_block and grad_block are the same type): one np.empty to compile,
+    # not eleven
+    x_block = np.empty((C, nbmax if S == 1 else 0), X.dtype)
+    grad_block = np.empty((C, nbmax if scratch_grad else 0), X.dtype)
+    exps = np.empty((C, nbmax), w.dtype)
+    rows = np.empty((8, nbmax), w.dtype)
+    m, s, d, ls, xy, wy, coef, tcoef = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5],
+                                        rows[6], rows[7])
     yv = np.empty(nbmax, np.int64)
     ok = np.empty(nbmax, np.bool_)
     lrow = np.empty(nbmax if not rows_out else 0, np.float64)
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-        src = _block_source(X, XT, S, n, nb, C)
+        src = _block_source(X, x_block, S, n, nb, C)
         if mode != BACKWARD:
             cols_max(src, i0, s0, nb, C, m, cap)
-            cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, E)
+            cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, exps)
             cols_log(s, ls, nb)
         else:
-            _load_saved(mx, lsx, r0, nb, m, ls)
+            _load_saved(row_max, row_logsum, r0, nb, m, ls)
         cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
         if mode != BACKWARD:
             lb = loss[r0:r0 + nb] if rows_out else lrow[:nb]
@@ -332,8 +340,8 @@ def index_cols_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mod
             else:
                 for b in range(nb):
                     r = r0 + b
-                    mx[r] = m[b]
-                    lsx[r] = ls[b]
+                    row_max[r] = m[b]
+                    row_logsum[r] = ls[b]
                     top1[r] = ok[b] & (xy[b] >= m[b])
                 for b in range(nb):  # ties for the maximum go to the lowest class
                     if top1[r0 + b] and yv[b] > 0:
@@ -343,77 +351,69 @@ def index_cols_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mod
             continue
         for b in range(nb):
             gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw) if ok[b] else 0.0
-            coef[b] = like(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), x)
-            tcoef[b] = like(gv * eps_c, x)
-        dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
-        from_exp = cols_block_grad(src, None, E, i0, s0, nb, C, m, ls, s, coef, tcoef, w, 1, 0,
+            coef[b] = like(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), X)
+            tcoef[b] = like(gv * eps_c, X)
+        dst, gi0, gs0 = (grad_block, 0, 0) if scratch_grad else (grad_view, i0, s0)
+        from_exp = cols_block_grad(src, None, exps, i0, s0, nb, C, m, ls, s, coef, tcoef, w, 1, 0,
                                    cap, mode, dst, gi0, gs0)
         for b in range(nb):  # the true-class term, as in index_row
             if ok[b]:
                 term = like(_row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
-                            * np.float64(wy[b]), x)
+                            * np.float64(wy[b]), X)
                 if from_exp:
-                    gy = E[yv[b], b] * s[b] - wy[b] * tcoef[b] - term
+                    gy = exps[yv[b], b] * s[b] - wy[b] * tcoef[b] - term
                 else:
                     gy = exp_nonpos((xy[b] - m[b]) - ls[b]) * coef[b] - wy[b] * tcoef[b] - term
                 store(dst[gi0 + yv[b]], gs0 + b, gy * cap_slope(xy[b], cap))
-        _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
+        _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C)
 
 
 @jit(python_callable=True)
-def prob_cols_kernel(lo, hi, x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad, rows_out):
-    """`prob_kernel` over the column blocks `[lo, hi)` (`rows_out` as in
-    `index_cols_kernel`)."""
-    N, C, S = x.shape
+def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, mode, in_place, g,
+                     sw, row_max,
+                     row_logsum, loss, grad_view, rows_out):
+    """`prob_kernel` over the column blocks `[lo, hi)`, the probability targets `T` seen as `X`
+    is (other arguments as in `index_cols_kernel`)."""
     R = N * S
-    X = column_views(x, S)
-    TX = column_views(t, S)
-    GX = column_views(grad, grad.shape[2])
-    nbmax = column_block_rows(C)
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    scratch_grad = mode != FORWARD and (S == 1 or same_memory(x, grad))
-    XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
-    TT = np.empty((C, nbmax if S == 1 else 0), t.dtype)
-    GT = np.empty((C, nbmax if scratch_grad else 0), x.dtype)
-    E = compute_scratch(x, C * nbmax).reshape((C, nbmax))
-    m = compute_scratch(x, nbmax)
-    s = compute_scratch(x, nbmax)
-    a = compute_scratch(x, nbmax)
-    d = compute_scratch(x, nbmax)
-    ls = compute_scratch(x, nbmax)
-    coef = compute_scratch(x, nbmax)
-    gcoef = compute_scratch(x, nbmax)
+    scratch_grad = mode != FORWARD and (S == 1 or in_place)
+    x_block = np.empty((C, nbmax if S == 1 else 0), X.dtype)
+    t_block = np.empty((C, nbmax if S == 1 else 0), T.dtype)
+    grad_block = np.empty((C, nbmax if scratch_grad else 0), X.dtype)
+    exps = np.empty((C, nbmax), w.dtype)
+    rows = np.empty((7, nbmax), w.dtype)
+    m, s, a, d, ls, coef, gcoef = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6]
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-        src = _block_source(X, XT, S, n, nb, C)
-        tsrc = _block_source(TX, TT, S, n, nb, C)
+        src = _block_source(X, x_block, S, n, nb, C)
+        tsrc = _block_source(T, t_block, S, n, nb, C)
         if mode != BACKWARD:
             cols_max(src, i0, s0, nb, C, m, cap)
-            cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, True, E)
+            cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, True, exps)
             cols_log(s, ls, nb)
             total = 0.0
             for b in range(nb):
                 r = r0 + b
                 lb = prob_loss(m[b], ls[b], a[b], d[b], z) * (sw[r] if per_row_sw else sw[0])
                 if rows_out:
-                    mx[r] = m[b]
-                    lsx[r] = ls[b]
+                    row_max[r] = m[b]
+                    row_logsum[r] = ls[b]
                     loss[r] = lb
                 else:
                     total += lb
             if not rows_out:
                 loss[blk] = total
         else:
-            _load_saved(mx, lsx, r0, nb, m, ls)
-            cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, keep, add, cap, False, E)
+            _load_saved(row_max, row_logsum, r0, nb, m, ls)
+            cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, False, exps)
         if mode == FORWARD:
             continue
         for b in range(nb):
             gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw)
-            coef[b] = like(gv * prob_grad_scale(m[b], ls[b], a[b], z), x)
-            gcoef[b] = like(gv, x)
-        dst, gi0, gs0 = (GT, 0, 0) if scratch_grad else (GX, i0, s0)
-        cols_block_grad(src, tsrc, E, i0, s0, nb, C, m, ls, s, coef, gcoef, w, keep, add, cap,
+            coef[b] = like(gv * prob_grad_scale(m[b], ls[b], a[b], z), X)
+            gcoef[b] = like(gv, X)
+        dst, gi0, gs0 = (grad_block, 0, 0) if scratch_grad else (grad_view, i0, s0)
+        cols_block_grad(src, tsrc, exps, i0, s0, nb, C, m, ls, s, coef, gcoef, w, t_scale, t_shift, cap,
                         mode, dst, gi0, gs0)
-        _block_write_grad(GT, GX, S, scratch_grad, n, i0, s0, nb, C)
+        _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C)

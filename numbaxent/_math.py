@@ -12,9 +12,12 @@ value back to the storage dtype (round to nearest even).
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core.typing import signature
 from numba.extending import intrinsic, overload, register_jitable
 
 from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading layer first)
@@ -58,24 +61,6 @@ def _f64_as_i64(typingctx, x):
     return types.int64(types.float64), codegen
 
 
-@intrinsic
-def _half_bits_to_f32(typingctx, x):
-    # F16C's vcvtph2ps when available; exact (every half is a float32)
-    def codegen(ctx, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
-def _f32_to_half_bits(typingctx, x):
-    # IEEE round-to-nearest-even, inf/nan preserved
-    def codegen(ctx, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
 # -- exp ---------------------------------------------------------------------------------------------
 # exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2] (Cody-Waite split of ln2
 # so r is exact), exp(r) by a polynomial. 2^n is built from exponent bits in two halves so that
@@ -83,7 +68,7 @@ def _f32_to_half_bits(typingctx, x):
 # NaN stays NaN (comparisons are written so NaN passes through), +inf is never an input here
 # (kernels only take exp(x - max) <= 1) but is clamped to a finite overflow anyway.
 
-@register_jitable(**_PLAIN)
+@register_jitable(inline="always", **_PLAIN)  # IR-inlined: one function fewer per exp
 def _exp_reduced_f32(x):
     """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
     n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
@@ -99,7 +84,7 @@ def _exp_reduced_f32(x):
     return p * (r * r) + r + np.float32(1.0), np.int32(n)
 
 
-@register_jitable(**_PLAIN)
+@register_jitable(inline="always", **_PLAIN)  # IR-inlined: one function fewer per exp
 def _exp_reduced_f64(x):
     """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
     n = np.floor(x * 1.4426950408889634 + 0.5)
@@ -121,55 +106,54 @@ def _exp_reduced_f64(x):
     return p * (r * r) + r + 1.0, np.int64(n)
 
 
-@register_jitable(**_PLAIN)
-def _exp_f32(x):
-    if x < np.float32(-104.0):
-        x = np.float32(-104.0)
-    if x > np.float32(88.7):
-        x = np.float32(88.7)
-    p, ni = _exp_reduced_f32(x)
-    n1 = ni >> np.int32(1)
-    n2 = ni - n1
-    s1 = _i32_as_f32((n1 + np.int32(127)) << np.int32(23))
-    s2 = _i32_as_f32((n2 + np.int32(127)) << np.int32(23))
-    return p * s1 * s2
+class _Format:
+    """The constants of one float format that the exp builders below need: its float and integer
+    Numba-visible types, the bit cast from integer to float, the exponent bias and field position,
+    the clamps, and the power of two `2^-shift` by which `exp_nonpos` rounds into the subnormal
+    range."""
+
+    def __init__(self, ftype, itype, as_float, bias, mbits, lo, hi, shift):
+        self.ftype, self.itype, self.as_float = ftype, itype, as_float
+        self.bias, self.mbits, self.lo, self.hi, self.shift = bias, mbits, lo, hi, shift
 
 
-@register_jitable(**_PLAIN)
-def _exp_f64(x):
-    if x < -746.0:
-        x = -746.0
-    if x > 709.7:
-        x = 709.7
-    p, ni = _exp_reduced_f64(x)
-    n1 = ni >> np.int64(1)
-    n2 = ni - n1
-    s1 = _i64_as_f64((n1 + np.int64(1023)) << np.int64(52))
-    s2 = _i64_as_f64((n2 + np.int64(1023)) << np.int64(52))
-    return p * s1 * s2
+def _exp_builders(fmt: _Format, reduced):
+    """`(exp, exp_nonpos)` for one float format (generated, not written out per dtype).
+
+    `exp` scales by 2^n in two halves, so results down to the subnormal range (and 0 below
+    it) come out right. `exp_nonpos` is for `x <= 0` only (every exp in the kernels: `x - max`,
+    and `x - max - log-sum`): 2^n is applied as the normal number `2^(n + shift)` built from
+    exponent bits in one step, times the constant `2^-shift`, whose multiply does the single
+    rounding into the subnormal range -- four fewer vector instructions per element than the
+    two-half scaling, same results."""
+    ftype, itype, as_float = fmt.ftype, fmt.itype, fmt.as_float
+    lo, hi, bias, mbits = ftype(fmt.lo), ftype(fmt.hi), itype(fmt.bias), itype(fmt.mbits)
+    shifted_bias, unshift = itype(fmt.bias + fmt.shift), ftype(2.0 ** -fmt.shift)
+    one = itype(1)
+
+    def exp_full(x):
+        if x < lo:
+            x = lo
+        if x > hi:
+            x = hi
+        p, ni = reduced(x)
+        n1 = ni >> one
+        n2 = ni - n1
+        return p * as_float((n1 + bias) << mbits) * as_float((n2 + bias) << mbits)
+
+    def exp_nonpos(x):
+        if x < lo:
+            x = lo
+        p, ni = reduced(x)
+        return (p * as_float((ni + shifted_bias) << mbits)) * unshift
+
+    return register_jitable(**_PLAIN)(exp_full), register_jitable(**_PLAIN)(exp_nonpos)
 
 
-# exp of x <= 0 (every exp in the kernels: x - max, and x - max - log-sum): the same polynomial, but
-# 2^n (n in [-150, 0] for float32) is applied as 2^(n + 64) -- a normal number built from exponent
-# bits in one step -- times the constant 2^-64, whose multiply does the single rounding into the
-# subnormal range. Four fewer vector instructions per element than the two-half scaling, same result.
-
-@register_jitable(**_PLAIN)
-def _exp_nonpos_f32(x):
-    if x < np.float32(-104.0):
-        x = np.float32(-104.0)
-    p, ni = _exp_reduced_f32(x)
-    s = _i32_as_f32((ni + np.int32(127 + 64)) << np.int32(23))
-    return (p * s) * np.float32(5.421010862427522e-20)  # 2^-64
-
-
-@register_jitable(**_PLAIN)
-def _exp_nonpos_f64(x):
-    if x < -746.0:
-        x = -746.0
-    p, ni = _exp_reduced_f64(x)
-    s = _i64_as_f64((ni + np.int64(1023 + 512)) << np.int64(52))
-    return (p * s) * 7.458340731200207e-155  # 2^-512
+_F32 = _Format(np.float32, np.int32, _i32_as_f32, 127, 23, -104.0, 88.7, 64)
+_F64 = _Format(np.float64, np.int64, _i64_as_f64, 1023, 52, -746.0, 709.7, 512)
+_exp_f32, _exp_nonpos_f32 = _exp_builders(_F32, _exp_reduced_f32)
+_exp_f64, _exp_nonpos_f64 = _exp_builders(_F64, _exp_reduced_f64)
 
 
 def float_function(f32, f64, doc: str):
@@ -184,10 +168,11 @@ def float_function(f32, f64, doc: str):
 
     @overload(stub, jit_options=_FAST)
     def _by_type(x):
+        # the implementation itself, not `lambda x: f32(x)`: one function fewer to compile
         if x == types.float32:
-            return lambda x: f32(x)
+            return f32
         if x == types.float64:
-            return lambda x: f64(x)
+            return f64
         return None
 
     return stub
@@ -255,25 +240,65 @@ log.__name__ = "log"
 
 
 # -- storage <-> compute ------------------------------------------------------------------------------
-def load(v):
+# The casts below are `@intrinsic`s, not `@overload`s: an intrinsic emits its few LLVM instructions
+# straight into the caller, where an overload is a separate function that Numba types, lowers,
+# optimises and links on its own (about 0.02-0.1 s each on first use, measured with
+# benchmarks/compile_profile.py), for what is a no-op or one instruction.
+
+def _compute_type(t):
+    """The compute type for a storage or scalar Numba type: float64 for float64, float32 for
+    everything else (float32 and the 16-bit storage types)."""
+    return types.float64 if t == types.float64 else types.float32
+
+
+@intrinsic
+def load(typingctx, v):
     """Widen one stored element to its compute type (float16/bfloat16 storage -> float32)."""
-    raise NotImplementedError
-
-
-@overload(load, jit_options=_PLAIN)
-def _load_overload(v):
     if v in (types.float32, types.float64):
-        return lambda v: v
-    if v == types.uint16:  # float16 storage
-        return lambda v: _half_bits_to_f32(v)
+        return v(v), lambda ctx, builder, sig, args: args[0]
+    if v == types.uint16:  # float16 storage (F16C's vcvtph2ps when available; exact)
+        def half(ctx, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(v), half
     if v == types.int16:  # bfloat16 storage: the high half of a float32
-        return lambda v: _i32_as_f32(np.int32(v) << np.int32(16))
+        def bf16(ctx, builder, sig, args):
+            wide = builder.shl(builder.sext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+        return types.float32(v), bf16
     return None
 
 
-def store(arr, j, v):
-    """`arr[j] = v` rounding the compute value `v` to `arr`'s storage dtype."""
-    raise NotImplementedError
+@intrinsic
+def like(typingctx, v, arr):
+    """`v` converted to `arr`'s compute type (keeps float32 arithmetic in float32)."""
+    to = _compute_type(arr.dtype)
+    v = types.unliteral(v)
+
+    def codegen(ctx, builder, sig, args):
+        return ctx.cast(builder, args[0], sig.args[0], to)
+    return to(v, arr), codegen
+
+
+@intrinsic
+def compute_zero(typingctx, arr):
+    """Zero of `arr`'s compute type (float32 for 16-bit storage, else the array's own dtype)."""
+    to = _compute_type(arr.dtype)
+    return to(arr), lambda ctx, builder, sig, args: ctx.get_constant(to, 0.0)
+
+
+@intrinsic
+def one_like(typingctx, v):
+    """1 in `v`'s float type (float32 for float32, else float64)."""
+    to = types.float32 if v == types.float32 else types.float64
+    return to(v), lambda ctx, builder, sig, args: ctx.get_constant(to, 1.0)
+
+
+@intrinsic
+def exact_storage(typingctx, arr):
+    """Whether `arr`'s storage dtype is its compute dtype (float32/float64), so an intermediate
+    stored in it loses nothing (a compile-time constant)."""
+    exact = arr.dtype in (types.float32, types.float64)
+    return types.boolean(arr), lambda ctx, builder, sig, args: ctx.get_constant(types.boolean, exact)
 
 
 @register_jitable(**_PLAIN)
@@ -286,51 +311,29 @@ def _f32_to_bf16_bits(v):
     return np.int16(b >> np.int32(16))
 
 
-@overload(store, jit_options=_PLAIN)
-def _store_overload(arr, j, v):
+@intrinsic
+def store(typingctx, arr, j, v):
+    """`arr[j] = v` rounding the compute value `v` to `arr`'s storage dtype (float16 by IEEE
+    round-to-nearest-even, bfloat16 by `_f32_to_bf16_bits`)."""
     dt = arr.dtype
     if dt in (types.float32, types.float64):
-        def impl(arr, j, v):
-            arr[j] = v
-        return impl
-    if dt == types.uint16:
-        def impl(arr, j, v):
-            arr[j] = _f32_to_half_bits(np.float32(v))
-        return impl
-    if dt == types.int16:
-        def impl(arr, j, v):
-            arr[j] = _f32_to_bf16_bits(v)
-        return impl
-    return None
+        vt = dt
+    elif dt in (types.uint16, types.int16):
+        vt = types.float32
+    else:
+        return None
 
-
-def compute_zero(arr):
-    """Zero of `arr`'s compute type (float32 for 16-bit storage, else the array's own dtype)."""
-    raise NotImplementedError
-
-
-def _compute_cast(t):
-    """The compute type for a storage or scalar Numba type, as a NumPy scalar type: float64 for
-    float64, float32 for everything else (float32 and the 16-bit storage types)."""
-    return np.float64 if t == types.float64 else np.float32
-
-
-@overload(compute_zero, jit_options=_PLAIN)
-def _compute_zero_overload(arr):
-    cast = _compute_cast(arr.dtype)
-    return lambda arr: cast(0.0)
-
-
-def exact_storage(arr):
-    """Whether `arr`'s storage dtype is its compute dtype (float32/float64), so an intermediate
-    stored in it loses nothing (a compile-time constant)."""
-    raise NotImplementedError
-
-
-@overload(exact_storage, jit_options=_PLAIN)
-def _exact_storage_overload(arr):
-    exact = arr.dtype in (types.float32, types.float64)
-    return lambda arr: exact
+    def codegen(ctx, builder, sig, args):
+        a, idx, val = args
+        if dt == types.uint16:
+            val = builder.bitcast(builder.fptrunc(val, ir.HalfType()), ir.IntType(16))
+        elif dt == types.int16:
+            val = ctx.compile_internal(builder, _f32_to_bf16_bits, types.int16(types.float32),
+                                       [val])
+        setitem = ctx.get_function(operator.setitem, signature(types.none, arr, types.intp, dt))
+        setitem(builder, (a, idx, val))
+        return ctx.get_dummy_value()
+    return types.none(arr, types.intp, vt), codegen
 
 
 def compute_scratch(arr, n):
@@ -340,42 +343,14 @@ def compute_scratch(arr, n):
 
 @overload(compute_scratch, jit_options=_PLAIN)
 def _compute_scratch_overload(arr, n):
-    cast = _compute_cast(arr.dtype)
+    cast = np.float64 if arr.dtype == types.float64 else np.float32
     return lambda arr, n: np.empty(n, cast)
 
 
-def like(v, arr):
-    """`v` converted to `arr`'s compute type (keeps float32 arithmetic in float32)."""
-    raise NotImplementedError
-
-
-@overload(like, jit_options=_PLAIN)
-def _like_overload(v, arr):
-    cast = _compute_cast(arr.dtype)
-    return lambda v, arr: cast(v)
-
-
 # -- soft-capping (Gemma 2): x -> s * tanh(x / s) ---------------------------------------------------------
-def capped(v, cap):
-    """`cap * tanh(v / cap)`, or `v` itself when `cap` is None (resolved at compile time)."""
-    raise NotImplementedError
-
-
-def cap_slope(vc, cap):
-    """`d capped / d v` given the capped value `vc`: `1 - (vc / cap)**2` (1 when `cap` is None)."""
-    raise NotImplementedError
-
-
-def one_like(v):
-    """1 in `v`'s float type."""
-    raise NotImplementedError
-
-
-@overload(one_like, jit_options=_PLAIN)
-def _one_like_overload(v):
-    cast = np.float32 if v == types.float32 else np.float64
-    return lambda v: cast(1.0)
-
+# `capped` and `cap_slope` are intrinsics for the same reason as the casts: without a cap (the usual case, `cap=None` resolved at
+# compile time) they are no code at all; with one they compile `_soft_cap`/`_soft_cap_slope` in
+# the logits' float type, the cap converted to it.
 
 @register_jitable(**_PLAIN)
 def _tanh(u):
@@ -385,26 +360,39 @@ def _tanh(u):
     return one - (one + one) / (exp(u + u) + one)
 
 
-@overload(capped, jit_options=_PLAIN)
-def _capped_overload(v, cap):
-    if isinstance(cap, (types.NoneType, types.Omitted)):
-        return lambda v, cap: v
-    cast = np.float32 if v == types.float32 else np.float64
-
-    def impl(v, cap):
-        c = cast(cap)
-        return c * _tanh(v / c)
-    return impl
+def _soft_cap(v, c):
+    return c * _tanh(v / c)
 
 
-@overload(cap_slope, jit_options=_PLAIN)
-def _cap_slope_overload(vc, cap):
-    if isinstance(cap, (types.NoneType, types.Omitted)):
-        return lambda vc, cap: one_like(vc)
+def _soft_cap_slope(vc, c):
+    q = vc / c
+    return one_like(vc) - q * q
 
-    cast = np.float32 if vc == types.float32 else np.float64
 
-    def impl(vc, cap):
-        q = vc / cast(cap)
-        return one_like(vc) - q * q
-    return impl
+def _no_cap(cap):
+    return isinstance(cap, (types.NoneType, types.Omitted))
+
+
+@intrinsic
+def capped(typingctx, v, cap):
+    """`cap * tanh(v / cap)`, or `v` itself when `cap` is None (resolved at compile time)."""
+    if _no_cap(cap):
+        return v(v, cap), lambda ctx, builder, sig, args: args[0]
+
+    def codegen(ctx, builder, sig, args):
+        c = ctx.cast(builder, args[1], sig.args[1], v)
+        return ctx.compile_internal(builder, _soft_cap, v(v, v), [args[0], c])
+    return v(v, types.unliteral(cap)), codegen
+
+
+@intrinsic
+def cap_slope(typingctx, vc, cap):
+    """`d capped / d v` given the capped value `vc`: `1 - (vc / cap)**2` (1 when `cap` is None)."""
+    if _no_cap(cap):
+        to = types.float32 if vc == types.float32 else types.float64
+        return to(vc, cap), lambda ctx, builder, sig, args: ctx.get_constant(to, 1.0)
+
+    def codegen(ctx, builder, sig, args):
+        c = ctx.cast(builder, args[1], sig.args[1], vc)
+        return ctx.compile_internal(builder, _soft_cap_slope, vc(vc, vc), [args[0], c])
+    return vc(vc, types.unliteral(cap)), codegen

@@ -8,7 +8,7 @@ seen as `(1, C, N)`; byte-swapped input is first copied to the machine's order; 
 bfloat16 are viewed as 2-byte integers that the kernels widen), the flat int64 class targets or the
 probabilities in `x3`'s layout, the class weights in the compute dtype, and the `'mean'`
 denominator. The smaller checks (`check_reduction`, `check_label_smoothing`, `as_array`,
-`class_weights`, ...) are for entry points with their own shapes (the LM head, the evaluator, Dask,
+`class_weights`, `upstream_gradient`, ...) are for entry points with their own shapes (the LM head, the evaluator, Dask,
 the torch drop-in), so that an argument means and fails the same everywhere.
 
 Nothing here computes a loss; everything is O(rows) or cheaper. The kernels are imported on first
@@ -218,6 +218,37 @@ def sample_weights(sample_weight, loss_shape: tuple, transposed: bool = False) -
     swa = swa.T if transposed else swa
     sw = np.ascontiguousarray(swa, dtype=np.float64).reshape(-1)
     return sw.copy() if sw.shape[0] == 1 else sw
+
+
+def upstream_gradient(grad_output, reduction: str, loss_shape: tuple) -> np.ndarray:
+    """The upstream gradient `g` of `sum(g * loss)`, checked, as float64 per-row multipliers:
+    `(rows,)` in the loss's row-major order, or `(1,)` when one number serves every row (a
+    reduced loss, or None: 1). For `'none'` it must broadcast to `loss_shape`; for `'mean'` and
+    `'sum'` it must be one real number. Not yet divided by the `'mean'` denominator (the caller
+    knows whether that denominator is zero)."""
+    if reduction == "none":
+        if grad_output is None:
+            return np.ones(1)
+        go = as_array(grad_output, "grad_output")
+        if go.dtype.kind not in "iuf":
+            raise TypeError(f"grad_output must be a real array, got dtype {go.dtype}")
+        try:
+            go = np.broadcast_to(go, loss_shape)
+        except ValueError:
+            raise ValueError(
+                f"grad_output of shape {go.shape} does not match the loss's shape {loss_shape}"
+            ) from None
+        g = np.ascontiguousarray(go, dtype=np.float64).reshape(-1)
+        return g if g.shape[0] != 1 else g.copy()
+    if grad_output is None:
+        return np.ones(1)
+    go = as_array(grad_output, "grad_output")
+    if go.size != 1 or go.dtype.kind not in "iuf":
+        raise ValueError(
+            f"grad_output for reduction='{reduction}' must be a real scalar, got an array of "
+            f"shape {go.shape} and dtype {go.dtype}"
+        )
+    return np.array([float(go.reshape(()))])
 
 
 def index_targets(t: np.ndarray, w: np.ndarray, sw: np.ndarray, ignore_index: int, C: int):

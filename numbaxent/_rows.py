@@ -21,7 +21,7 @@ MAX_LANES = 256  # running maxima of row_max_lanes (1-2 KB, in L1)
 # -- row primitives ----------------------------------------------------------------------------------
 # `cap` is None (plain logits) or the soft-cap value; every primitive reads `capped(load(row[j]), cap)`.
 
-@jit()
+@jit(inline=True)
 def row_max_lanes(row, cap, lanes):
     """`max_c x_c` in the compute type (NaN entries are skipped here; they reach the result through
     `row_sumexp`, where `x - m` is NaN). Soft-capping is monotone, so the cap is applied once, to
@@ -55,7 +55,7 @@ def row_max_lanes(row, cap, lanes):
     return capped(m, cap)
 
 
-@jit()
+@jit(inline=True)
 def row_sumexp(row, m, cap, stash, keep_exp):
     """`sum_c exp(x_c - m)`; with `keep_exp` each `exp(x_c - m)` is also written to `stash`
     (the gradient row, never `row` itself). See `row_grad_from_exp`. A flag rather than
@@ -74,7 +74,7 @@ def row_sumexp(row, m, cap, stash, keep_exp):
     return s
 
 
-@jit()
+@jit(inline=True)
 def row_sumexp_wdot(row, m, w, cap, stash, keep_exp):
     """`(sum_c exp(x_c - m), sum_c w_c (x_c - m))`: the second sum gives the label-smoothing term
     `sum_c w_c (lse - x_c)` without cancellation (every `x_c - m <= 0`). `stash` and
@@ -96,7 +96,7 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp):
     return s, d
 
 
-@jit()
+@jit(inline=True)
 def row_grad_from_exp(grow, scale, w, wcoef):
     """`grow_j = e_j * scale - w_j * wcoef` where `grow` holds `e_j = exp(x_j - m)` from the
     sum pass and `scale = coef / s`: the fused call's gradient without a second exp per element
@@ -106,9 +106,9 @@ def row_grad_from_exp(grow, scale, w, wcoef):
         grow[j] = grow[j] * scale - w[j] * wcoef
 
 
-@jit()
-def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp, stash, keep_exp):
-    """For probability targets `t~ = t*keep + add`: `(sum exp(x - m), sum w t~, sum w t~ (x - m))`
+@jit(inline=True)
+def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_exp):
+    """For probability targets `t~ = t*t_scale + t_shift`: `(sum exp(x - m), sum w t~, sum w t~ (x - m))`
     (only the middle sum when `need_exp` is false). `stash`, `keep_exp` as in
     `row_sumexp`."""
     s = compute_zero(row)
@@ -117,7 +117,7 @@ def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp, stash, keep_exp):
     if need_exp and keep_exp:  # two loops, as in row_sumexp
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
-            wt = w[j] * (trow[j] * keep + add)
+            wt = w[j] * (trow[j] * t_scale + t_shift)
             e = exp_nonpos(v)
             s += e
             a += wt
@@ -126,24 +126,24 @@ def row_soft_sums(row, trow, m, w, keep, add, cap, need_exp, stash, keep_exp):
     elif need_exp:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
-            wt = w[j] * (trow[j] * keep + add)
+            wt = w[j] * (trow[j] * t_scale + t_shift)
             s += exp_nonpos(v)
             a += wt
             d += wt * v
     else:
         for j in range(row.shape[0]):
-            a += w[j] * (trow[j] * keep + add)
+            a += w[j] * (trow[j] * t_scale + t_shift)
     return s, a, d
 
 
-@jit()
-def row_grad_soft_from_exp(grow, trow, scale, w, g, keep, add):
+@jit(inline=True)
+def row_grad_soft_from_exp(grow, trow, scale, w, g, t_scale, t_shift):
     """`row_grad_from_exp` for probability targets: `grow_j = e_j scale - g w_j t~_j`."""
     for j in range(grow.shape[0]):
-        grow[j] = grow[j] * scale - g * w[j] * (trow[j] * keep + add)
+        grow[j] = grow[j] * scale - g * w[j] * (trow[j] * t_scale + t_shift)
 
 
-@jit()
+@jit(inline=True)
 def row_is_top1(row, y, xy, m, cap):
     """Whether class `y` (logit `xy`) is the row's argmax, ties going to the lowest index."""
     if not xy >= m:
@@ -155,82 +155,56 @@ def row_is_top1(row, y, xy, m, cap):
 
 
 GRAD_BLOCK = 512  # elements per block of the in-place gradient writers (a 2-4 KB scratch, in L1)
+SCRATCH = max(MAX_LANES, GRAD_BLOCK)  # the row kernels' one compute-type scratch: lanes, then blocks
 
 
-@jit()
-def same_memory(a, b):
-    return a.ctypes.data == b.ctypes.data
-
-
-@jit()
-def _copy_block(buf, grow, j0, n):
-    for k in range(n):
-        store(grow, j0 + k, buf[k])
-
-
-@jit()
-def row_grad_index(row, grow, m, ls, coef, w, wcoef, cap):
+@jit(inline=True)
+def row_grad_index(row, grow, m, ls, coef, w, wcoef, cap, in_place, buf):
     """`grow_j = (p_j * coef - w_j * wcoef) * dx_j` with `p_j = exp((x_j - m) - ls)`.
 
     `(x - m) - ls` is PyTorch's order: rounding `lse = m + ls` first would cost a confident
     row's target probability its last digits (`ls` below `ulp(m)`). When `grow` is `row`
-    itself (`out=input`), blocks go through a small scratch array: LLVM's runtime alias check
-    sends a loop that reads and writes the same array to its scalar version (3x to 5x slower,
-    measured)."""
+    itself (`in_place`, i.e. `out=input`), blocks go through the scratch `buf` (`GRAD_BLOCK`
+    long): LLVM's runtime alias check sends a loop that reads and writes the same array to its
+    scalar version (3x to 5x slower, measured)."""
     n = row.shape[0]
-    if not same_memory(row, grow):
+    if not in_place:
         for j in range(n):
             v = capped(load(row[j]), cap)
             store(grow, j, (exp_nonpos((v - m) - ls) * coef - w[j] * wcoef) * cap_slope(v, cap))
         return
-    buf = compute_scratch(row, min(n, GRAD_BLOCK))
     for j0 in range(0, n, GRAD_BLOCK):
-        nb = min(n - j0, GRAD_BLOCK)
-        src = row[j0:j0 + nb]
-        wb = w[j0:j0 + nb]
+        nb = n - j0 if n - j0 < GRAD_BLOCK else GRAD_BLOCK
         for k in range(nb):
-            v = capped(load(src[k]), cap)
-            buf[k] = (exp_nonpos((v - m) - ls) * coef - wb[k] * wcoef) * cap_slope(v, cap)
-        _copy_block(buf, grow, j0, nb)
+            v = capped(load(row[j0 + k]), cap)
+            buf[k] = (exp_nonpos((v - m) - ls) * coef - w[j0 + k] * wcoef) * cap_slope(v, cap)
+        for k in range(nb):
+            store(grow, j0 + k, buf[k])
 
 
-@jit()
-def row_grad_soft(row, trow, grow, m, ls, coef, w, g, keep, add, cap):
+@jit(inline=True)
+def row_grad_soft(row, trow, grow, m, ls, coef, w, g, t_scale, t_shift, cap, in_place, buf):
     """`grow_j = (exp((x_j - m) - ls) * coef - g w_j t~_j) * dx_j`, in place as in
     `row_grad_index`."""
     n = row.shape[0]
-    if not same_memory(row, grow):
+    if not in_place:
         for j in range(n):
             v = capped(load(row[j]), cap)
-            store(grow, j, (exp_nonpos((v - m) - ls) * coef - g * w[j] * (trow[j] * keep + add))
+            store(grow, j, (exp_nonpos((v - m) - ls) * coef - g * w[j] * (trow[j] * t_scale + t_shift))
                   * cap_slope(v, cap))
         return
-    buf = compute_scratch(row, min(n, GRAD_BLOCK))
     for j0 in range(0, n, GRAD_BLOCK):
-        nb = min(n - j0, GRAD_BLOCK)
-        src = row[j0:j0 + nb]
-        wb = w[j0:j0 + nb]
-        tb = trow[j0:j0 + nb]
+        nb = n - j0 if n - j0 < GRAD_BLOCK else GRAD_BLOCK
         for k in range(nb):
-            v = capped(load(src[k]), cap)
-            buf[k] = (exp_nonpos((v - m) - ls) * coef - g * wb[k] * (tb[k] * keep + add)) \
-                * cap_slope(v, cap)
-        _copy_block(buf, grow, j0, nb)
-
-
-@jit()
-def keeps_exp(row, grow, cap, mode):
-    """Whether the fused call keeps `exp(x - m)` in the gradient row between its sum and gradient
-    passes instead of computing it twice: for a float32/float64 gradient that is not the logits
-    (`out=input` takes the two-exp path: a loop writing the array it reads would be run scalar by
-    LLVM's overlap check), without soft-cap (whose slope needs `x`)."""
-    if mode != FUSED or cap is not None or not exact_storage(row):
-        return False
-    return not same_memory(row, grow)
+            v = capped(load(row[j0 + k]), cap)
+            buf[k] = (exp_nonpos((v - m) - ls) * coef
+                      - g * w[j0 + k] * (trow[j0 + k] * t_scale + t_shift)) * cap_slope(v, cap)
+        for k in range(nb):
+            store(grow, j0 + k, buf[k])
 
 
 # -- per-row formulas shared by the row and column kernels -------------------------------------------
-@jit()
+@jit(inline=True)
 def index_loss(m, ls, xy, d, wy, wsum, eps, eps_c, z):
     """Loss of a valid row in float64: `(1-eps) w_y (lse - x_y) + (eps/C) (W lse - sum_c w_c x_c)
     + z lse^2` with `lse = m + ls`, `W = sum_c w_c` and `d = sum_c w_c (x_c - m)`."""
@@ -238,11 +212,12 @@ def index_loss(m, ls, xy, d, wy, wsum, eps, eps_c, z):
     if eps_c > 0:
         loss += eps_c * (np.float64(wsum) * np.float64(ls) - np.float64(d))
     if z != 0:
-        loss += z * (np.float64(m) + np.float64(ls)) ** 2
+        lse = np.float64(m) + np.float64(ls)
+        loss += z * (lse * lse)  # not `** 2`: Numba compiles a general integer power for it
     return loss
 
 
-@jit()
+@jit(inline=True)
 def index_grad_scale(m, ls, wy, wsum, eps, eps_c, z):
     """`a` of the module docstring: `(1-eps) w_y + (eps/C) W + 2 z lse`."""
     a = (1.0 - eps) * wy + eps_c * np.float64(wsum)
@@ -251,17 +226,18 @@ def index_grad_scale(m, ls, wy, wsum, eps, eps_c, z):
     return a
 
 
-@jit()
+@jit(inline=True)
 def prob_loss(m, ls, a, d, z):
     """Loss of a probability-target row: `lse sum_c w_c t~_c - sum_c w_c t~_c x_c + z lse^2` written
     as `ls a - d + z lse^2` with `a = sum w t~` and `d = sum w t~ (x - m)`."""
     loss = np.float64(ls) * np.float64(a) - np.float64(d)
     if z != 0:
-        loss += z * (np.float64(m) + np.float64(ls)) ** 2
+        lse = np.float64(m) + np.float64(ls)
+        loss += z * (lse * lse)  # not `** 2`: Numba compiles a general integer power for it
     return loss
 
 
-@jit()
+@jit(inline=True)
 def prob_grad_scale(m, ls, a, z):
     """`a + 2 z lse` for probability targets."""
     c = np.float64(a)
@@ -272,18 +248,19 @@ def prob_grad_scale(m, ls, a, z):
 
 # -- one row, every mode -----------------------------------------------------------------------------
 @jit()
-def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls, lanes):
+def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, in_place, g, m, ls,
+              scratch):
     """One row with a class-index target: returns `(loss, m, ls, top1)`, the loss in float64
     (before the sample weight, which is folded into `g` and applied by the caller to the loss),
     `m` the row's max and `ls = log sum exp(x - m)` (so `lse = m + ls`), and writes the
-    gradient row in FUSED/BACKWARD mode. `m` and `ls` are inputs in BACKWARD mode only."""
+    gradient row in FUSED/BACKWARD mode. `m` and `ls` are inputs in BACKWARD mode only.
+    `keep_exp` and `in_place` as in `index_kernel`; `scratch`: `SCRATCH` compute-type elements."""
     loss = 0.0
     top1 = False
-    keep_exp = keeps_exp(row, grow, cap, mode)
     xy = compute_zero(row)
     s = one_like(xy)
     if mode != BACKWARD:
-        m = row_max_lanes(row, cap, lanes)
+        m = row_max_lanes(row, cap, scratch)
         if valid:  # before the sum pass, which may overwrite the row (out=input)
             xy = capped(load(row[y]), cap)
             top1 = row_is_top1(row, y, xy, m, cap)
@@ -308,7 +285,7 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls, 
         if keep_exp:
             row_grad_from_exp(grow, coef / s, w, wcoef)
         else:
-            row_grad_index(row, grow, m, ls, coef, w, wcoef, cap)
+            row_grad_index(row, grow, m, ls, coef, w, wcoef, cap, in_place, scratch)
         if valid:  # the true-class term, in the compute type before the single rounding to storage
             if keep_exp:
                 gy = load(grow[y]) - like(gv * (1.0 - eps) * wy, row)
@@ -320,94 +297,95 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, g, m, ls, 
 
 
 @jit()
-def prob_row(row, trow, grow, w, keep, add, z, cap, mode, g, m, ls, lanes):
-    """One row with a probability target `t~ = t*keep + add`: returns `(loss, m, ls)`."""
+def prob_row(row, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, m, ls, scratch):
+    """One row with a probability target `t~ = t*t_scale + t_shift`: returns `(loss, m, ls)`."""
     loss = 0.0
-    keep_exp = keeps_exp(row, grow, cap, mode)
     if mode != BACKWARD:
-        m = row_max_lanes(row, cap, lanes)
-        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, True, grow, keep_exp)
+        m = row_max_lanes(row, cap, scratch)
+        s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, True, grow, keep_exp)
         ls = math.log(s)
         loss = prob_loss(m, ls, a, d, z)
     else:
-        s, a, d = row_soft_sums(row, trow, m, w, keep, add, cap, False, grow, False)
+        s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, False, grow, False)
     if mode != FORWARD:
         coef = like(g * prob_grad_scale(m, ls, a, z), row)
         if keep_exp:  # as in index_row
-            row_grad_soft_from_exp(grow, trow, coef / s, w, like(g, row), keep, add)
+            row_grad_soft_from_exp(grow, trow, coef / s, w, like(g, row), t_scale, t_shift)
         else:
-            row_grad_soft(row, trow, grow, m, ls, coef, w, like(g, row), keep, add, cap)
+            row_grad_soft(row, trow, grow, m, ls, coef, w, like(g, row), t_scale, t_shift, cap, in_place,
+                          scratch)
     return loss, m, ls
 
 
-# -- parallel kernels --------------------------------------------------------------------------------
+# -- kernels: serial over a range of rows, dealt to threads by `_parallel` -----------------------------
 @jit(python_callable=True)
-def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, g, sw, mx, lsx, loss,
-                 top1, grad):
-    """Cross-entropy with class-index targets over all rows of `x` (N, C, 1), one contiguous row
-    per sample (1-D and 2-D input; K-dim input always takes `index_cols_kernel`, so the row code
-    is compiled for contiguous rows only: a strided variant would double its compile time).
+def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, keep_exp, in_place, g,
+                 sw, row_max, row_logsum, loss, top1, grad):
+    """Cross-entropy with class-index targets over the rows `[lo, hi)` of `x` (N, C), one
+    contiguous row per sample (1-D and 2-D input; K-dim input always takes `index_cols_kernel`, so
+    the row code is compiled for contiguous rows only: a strided variant would double its compile
+    time).
 
     Parameters
     ----------
     lo, hi : the rows `[lo, hi)` this call works on (`_parallel.run_tasks` deals them to threads)
-    x : (N, C, 1) logits, C-contiguous (float32/float64, or 16-bit storage of float16/bfloat16)
+    x : (N, C) logits, C-contiguous (float32/float64, or 16-bit storage of float16/bfloat16)
     target : (N,) int64 class indices, already validated (in range or equal to `ignore_index`)
     w : (C,) class weights in the compute type (ones when the user gave none); `wsum = sum(w)`
     eps : label smoothing; `z` : z-loss coefficient; `cap` : soft-cap value or None
     mode : FORWARD, FUSED or BACKWARD
+    keep_exp : (FUSED only) t_scale each `exp(x - m)` in the gradient row between the sum and the
+        gradient passes instead of computing it twice; only for a float32/float64 gradient that is
+        not the logits, without soft-cap (whose slope needs `x`). The API layer decides.
+    in_place : `grad` is `x` itself (`out=input`)
     g : upstream gradient per row (N,) float64, or (1,) for the same value on every row
     sw : per-row sample weights (N,) float64, or (1,) for none
-    mx, lsx : (N,) row max `m` and `log sum exp(x - m)` (the log-sum-exp is their sum),
+    row_max, row_logsum : (N,) row max `m` and `log sum exp(x - m)` (the log-sum-exp is their sum),
         written (FORWARD, FUSED) or read (BACKWARD)
     loss : (N,) float64, receives `sw_r * l_r`; top1 : (N,) bool, argmax == target (FORWARD, FUSED)
-    grad : gradient, same shape and dtype as `x` (may be `x` itself); unused in FORWARD mode
+    grad : (N, C) gradient, dtype of `x` (may be `x` itself); (1, C) and unused in FORWARD mode
     """
-    N, C, S = x.shape
-    R = N * S
-    x2 = x.reshape((N, C * S))
-    g2 = grad.reshape((grad.shape[0], grad.shape[1] * grad.shape[2]))
+    R, C = x.shape
     eps_c = eps / C
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    lanes = compute_scratch(x, MAX_LANES)
+    scratch = np.empty(SCRATCH, w.dtype)  # w is in the compute type
     for r in range(lo, hi):
         y = target[r]
         valid = y != ignore_index
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
-        gn = r if mode != FORWARD else 0
-        lr, mr, lsr, tr = index_row(x2[r], g2[gn], y, valid, w, wsum, eps, eps_c, z, cap, mode, gr,
-                                    mx[r], lsx[r], lanes)
+        lr, mr, lsr, tr = index_row(x[r], grad[r if mode != FORWARD else 0], y, valid, w, wsum, eps,
+                                    eps_c, z, cap, mode, keep_exp, in_place, gr, row_max[r],
+                                    row_logsum[r],
+                                    scratch)
         if mode != BACKWARD:
             loss[r] = lr * swr if valid else 0.0
-            mx[r] = mr
-            lsx[r] = lsr
+            row_max[r] = mr
+            row_logsum[r] = lsr
             top1[r] = tr
 
 
 @jit(python_callable=True)
-def prob_kernel(lo, hi, x, t, w, keep, add, z, cap, mode, g, sw, mx, lsx, loss, grad):
-    """Cross-entropy with probability targets `t` (same layout as `x`, in the compute type).
+def prob_kernel(lo, hi, x, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, sw, row_max,
+                row_logsum, loss,
+                grad):
+    """Cross-entropy with probability targets `t` ((N, C), in the compute type) over the rows
+    `[lo, hi)` of `x`.
 
-    `t~ = t*keep + add` (`keep = 1 - eps`, `add = eps/C`; 1 and 0 without smoothing). Other
-    arguments as in `index_kernel`.
+    `t~ = t*t_scale + t_shift` (`t_scale = 1 - eps`, `t_shift = eps/C`; 1 and 0 without
+    smoothing). Other arguments as in `index_kernel`.
     """
-    N, C, S = x.shape
-    R = N * S
-    x2 = x.reshape((N, C * S))
-    t2 = t.reshape((N, C * S))
-    g2 = grad.reshape((grad.shape[0], grad.shape[1] * grad.shape[2]))
+    R = x.shape[0]
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    lanes = compute_scratch(x, MAX_LANES)
+    scratch = np.empty(SCRATCH, w.dtype)
     for r in range(lo, hi):
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
-        gn = r if mode != FORWARD else 0
-        lr, mr, lsr = prob_row(x2[r], t2[r], g2[gn], w, keep, add, z, cap, mode, gr, mx[r], lsx[r],
-                               lanes)
+        lr, mr, lsr = prob_row(x[r], t[r], grad[r if mode != FORWARD else 0], w, t_scale, t_shift, z, cap,
+                               mode, keep_exp, in_place, gr, row_max[r], row_logsum[r], scratch)
         if mode != BACKWARD:
             loss[r] = lr * swr
-            mx[r] = mr
-            lsx[r] = lsr
+            row_max[r] = mr
+            row_logsum[r] = lsr

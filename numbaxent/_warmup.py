@@ -87,6 +87,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="write the compiled kernels to DIR (default: the first writable "
                              "directory, see 'numbaxent cache')")
+    parser.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                        help="processes compiling at once, each a share of the variants (default: "
+                             "the CPUs this process may run on)")
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # "i/N": a worker's share
     args = parser.parse_args(argv)
     from . import _cache
 
@@ -104,12 +108,53 @@ def main(argv=None) -> int:
         print("numbaxent warmup: no writable cache directory (see 'numbaxent cache'); nothing "
               "would be kept", file=sys.stderr)
         return 1
-    print(f"numbaxent warmup: caching compiled kernels in {target}", file=sys.stderr)
     t_all = time.perf_counter()
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
-    for label, run in variants(dtypes, args.only):
-        t0 = time.perf_counter()
-        run()
-        print(f"  {label}  {time.perf_counter() - t0:6.2f} s", file=sys.stderr)
+    if args.part is not None:  # a worker of a parallel warmup: every `count`-th variant
+        index, count = (int(v) for v in args.part.split("/"))
+        for i, (label, run) in enumerate(variants(dtypes, args.only)):
+            if i % count == index:
+                _compile(label, run)
+        return 0
+    print(f"numbaxent warmup: caching compiled kernels in {target}", file=sys.stderr)
+    jobs = args.jobs if args.jobs is not None else default_jobs()
+    if jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if jobs == 1:
+        for label, run in variants(dtypes, args.only):
+            _compile(label, run)
+    else:
+        status = _run_workers(jobs, args.dtypes, args.only)
+        if status:
+            print(f"numbaxent warmup: a worker failed (exit status {status})", file=sys.stderr)
+            return 1
     print(f"done in {time.perf_counter() - t_all:.1f} s", file=sys.stderr)
     return 0
+
+
+def default_jobs() -> int:
+    """The CPUs this process may run on: Numba compiles each kernel on one thread, so a warmup
+    uses every core only with that many processes."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _compile(label, run):
+    t0 = time.perf_counter()
+    run()
+    print(f"  {label}  {time.perf_counter() - t0:6.2f} s", file=sys.stderr, flush=True)
+
+
+def _run_workers(jobs: int, dtypes: str, only: str) -> int:
+    """Compile the variants in `jobs` processes at once, each a share of them (every `jobs`-th
+    variant, so each gets a mix of dtypes and paths). Several processes writing one cache is safe
+    (see `_cache`); kernels that several variants share may be compiled by more than one worker.
+    Returns the first non-zero exit status, or 0."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "numbaxent", "warmup", "--dtypes", dtypes, "--only", only]
+    workers = [subprocess.Popen(cmd + ["--part", f"{i}/{jobs}"]) for i in range(jobs)]
+    codes = [w.wait() for w in workers]
+    return next((c for c in codes if c), 0)

@@ -362,13 +362,15 @@ def evaluate_hidden(hidden, weight, target, bias=None, *, softcap=None, class_we
 
 
 # -- cross_entropy -------------------------------------------------------------------------------------
-def _block_sum(xb, tb, row0, weight, ignore_index, eps, threads):
+def _block_sum(xb, tb, _first_row, weight, ignore_index, eps, threads):
+    # `_first_row` (every `_per_block` function's third argument): a sum needs no global row
     from . import _api, _prepare
 
     with _numba_threads(threads):
         p = _prepare.prepare(xb, tb, weight, ignore_index, "sum", eps)
         loss, _, _, _, blocks = _api.kernel_pass(p, _prepare.kernels().FORWARD, np.ones(1),
-                                                 np.empty((1, 1, 1), dtype=p.x3.dtype), keep=False)
+                                                 np.empty((1, 1, 1), dtype=p.x3.dtype),
+                                                 keep_rows=False)
         total = _api.loss_total(p, loss, blocks)
     # [sum, its error term, denominator, its error term]
     return np.array([total, 0.0, p.denom, 0.0])

@@ -406,16 +406,24 @@ def _open_pairs(specs, rows_range, hidden=False):
 
 
 def _evaluate_local(pairs, ev, rows, progress: _Progress, head: _Head | None = None):
+    if head is None:  # one pipeline over every pair: the threads never wait between chunks or files
+        keep = ev.IN_FLIGHT - 1  # chunks still being read when the next one is asked for
+
+        def chunks():
+            for p in pairs:
+                r = rows or _default_rows(p.xs)
+                xit = row_chunks(p.xs, r, p.start, p.stop, keep=keep)
+                tit = row_chunks(p.ts, r, p.start, p.stop, keep=keep)
+                for (_, _, x), (_, _, t) in zip(xit, tit):
+                    yield x, t
+
+        return ev.update_chunks(chunks(), callback=progress.update)
     for p in pairs:
         r = rows or _default_rows(p.xs, head)
-        xit = row_chunks(p.xs, r, p.start, p.stop)
-        tit = row_chunks(p.ts, r, p.start, p.stop)
-        for (a, b, x), (_, _, t) in zip(xit, tit):
-            if head is None:
-                ev.update(x, t)
-            else:
-                ev.update_hidden(x, head.weight_for(x.dtype), t, head.bias, head.softcap,
-                                 head.chunk_size)
+        for (a, b, x), (_, _, t) in zip(row_chunks(p.xs, r, p.start, p.stop),
+                                        row_chunks(p.ts, r, p.start, p.stop)):
+            ev.update_hidden(x, head.weight_for(x.dtype), t, head.bias, head.softcap,
+                             head.chunk_size)
             progress.update(b - a)
     return ev
 

@@ -266,13 +266,16 @@ def shape_dtype(src):
     return src.shape, src.dtype
 
 
-def row_chunks(src, rows: int, start: int = 0, stop: int | None = None):
+def row_chunks(src, rows: int, start: int = 0, stop: int | None = None, keep: int = 0):
     """Yield `(a, b, rows a:b)` front to back over rows `start:stop` (default: all).
 
-    A raw file is memory-mapped once; after each chunk the pages already processed are unmapped
-    from this process (`MADV_DONTNEED`: they stay in the page cache), in whole 2 MiB steps so that
-    huge page-cache folios stay mapped by one page-table entry until they are done with. Resident
-    memory, anonymous or file-backed, is therefore bounded by the chunk, not the file."""
+    A raw file is memory-mapped once; the pages of a chunk are unmapped from this process
+    (`MADV_DONTNEED`: they stay in the page cache) when the chunk `keep + 1` places after it is
+    asked for (`keep=0`: when the next one is), in whole 2 MiB steps so that huge page-cache
+    folios stay mapped by one page-table entry until they are done with. Resident memory,
+    anonymous or file-backed, is therefore bounded by `keep + 1` chunks, not the file; a consumer
+    that still reads `keep` chunks while it asks for the next one (`Evaluator.update_chunks`:
+    `keep=Evaluator.IN_FLIGHT - 1`) never sees their pages unmapped under it."""
     if isinstance(src, ZipStreamArray):
         yield from src.chunks(rows, start, stop)
         return
@@ -288,10 +291,14 @@ def row_chunks(src, rows: int, start: int = 0, stop: int | None = None):
     base = src.offset % mmap.ALLOCATIONGRANULARITY  # where the data starts in the mapping
     step = 2 << 20
     dropped = (base + start * src.row_bytes) // step * step  # nothing before start is touched
+    ends = []  # the ends of the chunks yielded and not yet unmapped
     for a in range(start, n, rows):
         b = min(n, a + rows)
         yield a, b, whole[a:b]
-        done = (base + b * src.row_bytes) // step * step
+        ends.append(b)
+        if len(ends) <= keep:
+            continue
+        done = (base + ends.pop(0) * src.row_bytes) // step * step
         if done > dropped:
             madvise(mm, "MADV_DONTNEED", dropped, done - dropped)
             dropped = done

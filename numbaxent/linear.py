@@ -152,7 +152,9 @@ def _grad_hidden(G, wc, tbuf, transposed: bool):
     return out.T
 
 
-def _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight, grad_output):
+def _check(hidden, weight, target, bias, chunk_size):
+    """`(hidden, weight, target, bias)` as arrays (hidden and weight in the machine's byte order,
+    bias in the compute dtype), or a TypeError/ValueError; the loss options are `_prepare`'s."""
     h = _prepare.native_byte_order(_prepare.as_array(hidden, "hidden"))
     w = _prepare.native_byte_order(_prepare.as_array(weight, "weight"))
     if not (h.dtype.name == "bfloat16" or h.dtype in (np.float16, np.float32, np.float64)):
@@ -182,12 +184,13 @@ def _compute(dtype) -> np.dtype:
     return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
 
 
-def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
-         z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output, want_grad,
-         return_stats):
+def _chunked_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
+                                  label_smoothing, class_weight, z_loss, softcap, sample_weight,
+                                  normalizer, chunk_size, grad_output, want_grad, return_stats):
+    """Both public functions: the checks, then the loss (and with `want_grad` the gradients) chunk
+    by chunk over the kept rows."""
     reduction = _prepare.check_reduction(reduction)
-    h, w, t, b = _check(hidden, weight, target, bias, reduction, chunk_size, sample_weight,
-                        grad_output)
+    h, w, t, b = _check(hidden, weight, target, bias, chunk_size)
     lead = t.shape
     H, V = h.shape[-1], w.shape[0]
     h2 = h.reshape(-1, H)
@@ -203,19 +206,20 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     norm = _prepare.check_normalizer(normalizer, reduction)
     cw = _prepare.class_weights(class_weight, V, cd)
     sw_all = _prepare.sample_weights(sample_weight, lead)
-    tgt, denom, _ = _prepare.index_targets(t, cw, sw_all, ignore_index, V)
+    tgt, denom, n_valid = _prepare.index_targets(t, cw, sw_all, ignore_index, V)
     denom = denom if norm is None else norm
+    # PyTorch's rule for a weighted 'mean' whose total weight is exactly 0, as in the core
+    zero_weight = _api.zero_weight_mean(reduction, denom, n_valid)
     sw = sw_all if sample_weight is not None else None
     kept = np.flatnonzero(tgt != ignore_index)
     contiguous = kept.size == n  # no ignored rows: chunks are plain slices
 
-    if reduction == "none":
-        go = np.ones(n) if grad_output is None else np.ascontiguousarray(
-            np.broadcast_to(np.asarray(grad_output, dtype=np.float64), lead)).reshape(-1)
-    else:
-        gout = 1.0 if grad_output is None else float(np.asarray(grad_output).reshape(()))
+    # the core's upstream-gradient check; (n,) per-row multipliers, or (1,) for every row
+    go = _prepare.upstream_gradient(grad_output, reduction, lead)
+    if reduction == "mean" and not zero_weight:  # that case: zero_weight_grad on each chunk
         with np.errstate(divide="ignore", invalid="ignore"):
-            scale = gout / np.float64(denom) if reduction == "mean" else gout
+            go = go / np.float64(denom)
+    s_nll = 0.0  # with smoothing, a zero-weight 'mean' needs the loss without it apart
 
     rows_loss = np.zeros(n)
     lse = np.full(n, np.nan, dtype=cd) if return_stats else None
@@ -253,10 +257,16 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         kw = dict(weight=cw if class_weight is not None else None, ignore_index=ignore_index,
                   reduction="none", label_smoothing=eps, z_loss=z, softcap=cap,
                   sample_weight=None if sw is None else sw[rows], return_stats=return_stats)
-        g_rows = go[rows] if reduction == "none" else scale
+        if zero_weight and eps > 0.0:  # before the fused pass overwrites the logits
+            nll = _api.cross_entropy(logits, tc, **{**kw, "label_smoothing": 0.0,
+                                                    "return_stats": False})
+            s_nll += float(np.sum(nll, dtype=np.float64))
         if want_grad:
-            res = _api.cross_entropy_with_grad(logits, tc, grad_output=g_rows, out=logits, **kw)
+            res = _api.cross_entropy_with_grad(logits, tc, out=logits, **kw,
+                                               grad_output=go if go.shape[0] == 1 else go[rows])
             G = logits  # now the gradient of the chunk's logits
+            if zero_weight:
+                _api.zero_weight_grad(G, tc, ignore_index, eps)
             # grad_hidden rows: G @ W; grad_weight: += G.T @ h
             gh[rows] = _grad_hidden(G, wc, ghT, transposed)
             _accumulate_grad_weight(gw, G, hc, scratch)
@@ -276,15 +286,19 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         loss = rows_loss.astype(h.dtype).reshape(lead)
     else:
         total = float(np.sum(rows_loss))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            value = total / np.float64(denom) if reduction == "mean" else total
+        if reduction == "sum":
+            value = total
+        elif zero_weight:
+            value = _api.zero_weight_loss(total, eps, V, s_nll)
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                value = total / np.float64(denom)
         loss = np.asarray(value, dtype=np.float64).astype(h.dtype)[()]
     out = [loss]
     if want_grad:
         out += [gh.reshape(h.shape), gw.astype(h.dtype, copy=False),
                 None if gb is None else gb.astype(h.dtype, copy=False)]
     if return_stats:
-        n_valid = kept.size
         acc = float(np.count_nonzero(top1)) / n_valid if n_valid else float("nan")
         out.append(_api.Stats(lse.reshape(lead), top1.reshape(lead), acc))
     return out[0] if len(out) == 1 else tuple(out)
@@ -346,9 +360,10 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int
     stats : Stats
         Only with `return_stats=True` (`lse` is NaN on skipped, ignored rows).
     """
-    return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
-                class_weight, z_loss, softcap, sample_weight, normalizer, chunk_size, None, False,
-                return_stats)
+    return _chunked_linear_cross_entropy(
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
+        z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output=None, want_grad=False,
+        return_stats=return_stats)
 
 
 def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_index: int = -100,
@@ -378,28 +393,29 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
     bias : ndarray, optional
         As in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     ignore_index : int
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     reduction : {'mean', 'sum', 'none'}
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     label_smoothing : float
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     class_weight : array_like, optional
         Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     z_loss : float
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     softcap : float, optional
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     sample_weight : array_like, optional
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy] (of `target`'s shape).
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     normalizer : float, optional
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     chunk_size : int, optional
         Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
     grad_output : float or array_like, optional
-        Keyword-only. Upstream gradient: a scalar for `'mean'`/`'sum'`, an array of `target`'s
-        shape for `'none'`. Defaults to 1.
+        Keyword-only. Upstream gradient: a real scalar for `'mean'`/`'sum'`, an array
+        broadcastable to `target`'s shape for `'none'`, checked as by
+        [`cross_entropy_with_grad`][numbaxent.cross_entropy_with_grad]. Defaults to 1.
     return_stats : bool
-        Keyword-only; as in [`cross_entropy`][numbaxent.cross_entropy].
+        Keyword-only; as in [`linear_cross_entropy`][numbaxent.linear_cross_entropy].
 
     Returns
     -------
@@ -414,6 +430,7 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
     stats : Stats
         Only with `return_stats=True`.
     """
-    return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
-                class_weight, z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output,
-                True, return_stats)
+    return _chunked_linear_cross_entropy(
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, class_weight,
+        z_loss, softcap, sample_weight, normalizer, chunk_size, grad_output=grad_output,
+        want_grad=True, return_stats=return_stats)

@@ -41,8 +41,10 @@ def _as_numpy(t: torch.Tensor, name: str) -> np.ndarray:
     return t.numpy()
 
 
-def _as_tensor(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    if like.dtype == torch.bfloat16:
+def _as_tensor(a: np.ndarray, dtype_from: torch.Tensor) -> torch.Tensor:
+    """`a` as a tensor without a copy; a bfloat16 result (when `dtype_from` is bfloat16, `a` then
+    holds `ml_dtypes.bfloat16`) goes through its 16-bit pattern, which torch cannot import."""
+    if dtype_from.dtype == torch.bfloat16:
         bits = np.ascontiguousarray(a).view(np.int16).reshape(a.shape)  # (0-d stays 0-d)
         return torch.from_numpy(bits).view(torch.bfloat16)
     return torch.from_numpy(a)
@@ -64,17 +66,19 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 softcap):
         options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
         p = _prepared(input, target, weight, options)
-        loss_rows, mx, lsx, _, blocks = _api.kernel_pass(p, _prepare.kernels().FORWARD, np.ones(1),
-                                                   np.empty((1, 1, 1), dtype=p.x3.dtype))
+        loss_rows, row_max, row_logsum, _, blocks = _api.kernel_pass(
+            p, _prepare.kernels().FORWARD, np.ones(1), np.empty((1, 1, 1), dtype=p.x3.dtype))
         # Everything backward reads goes through save_for_backward: autograd frees it after the
         # backward (unless retain_graph) and checks that nothing was modified in place meanwhile.
-        ctx.save_for_backward(input, target, weight, torch.from_numpy(mx), torch.from_numpy(lsx))
+        ctx.save_for_backward(input, target, weight, torch.from_numpy(row_max),
+                              torch.from_numpy(row_logsum))
         ctx.options = options
         return _as_tensor(np.asarray(_api.reduce_losses(p, loss_rows, blocks)), input)
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, target, weight, mx, lsx = ctx.saved_tensors  # PyTorch's in-place version check
+        # (saved_tensors runs PyTorch's in-place version check)
+        input, target, weight, row_max, row_logsum = ctx.saved_tensors
         need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if torch.is_grad_enabled():
             # create_graph=True: the gradient must itself be differentiable, so it is written with
@@ -86,8 +90,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
             go = _as_numpy(grad_output if grad_output.dtype in (torch.float32, torch.float64)
                            else grad_output.float(), "grad_output")
             p = _prepared(input, target, weight, ctx.options)  # O(rows): views, target checks
-            gx, gt = _api.backward_pass(p, mx.numpy(), lsx.numpy(), go if go.ndim else go.item(),
-                                    input_grad=need_x, target_grad=need_t)
+            gx, gt = _api.backward_pass(p, row_max.numpy(), row_logsum.numpy(),
+                                        go if go.ndim else go.item(),
+                                        input_grad=need_x, target_grad=need_t)
             gx = None if gx is None else _as_tensor(gx, input)
             gt = None if gt is None else _as_tensor(gt, target)
         return gx, gt, None, None, None, None, None, None

@@ -48,3 +48,30 @@ def stable_seed(*params) -> int:
     """A seed from the parameters' text: the same in every process (``hash()`` of a tuple holding
     strings changes with each interpreter's hash randomisation)."""
     return zlib.crc32(repr(params).encode())
+
+
+WARMUP_MIN_TESTS = 300  # a run this large reaches most kernel variants: compile them first, in parallel
+
+
+def pytest_collection_finish(session):
+    """Before a large run, compile every kernel variant into the kernel cache with `numbaxent
+    warmup`, one process per CPU: the tests then load kernels instead of compiling them one after
+    another on one core (a cold run's time is mostly compilation). With a warm cache this takes a
+    few seconds. `NUMBAXENT_TEST_WARMUP=0` turns it off."""
+    import subprocess
+    import sys
+
+    if len(session.items) < WARMUP_MIN_TESTS or os.environ.get("NUMBAXENT_TEST_WARMUP") == "0":
+        return
+    if session.config.option.collectonly:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("numbaxent warmup (kernel cache; NUMBAXENT_TEST_WARMUP=0 skips it):")
+    r = subprocess.run([sys.executable, "-m", "numbaxent", "warmup"], capture_output=True,
+                       text=True)
+    if reporter is not None:
+        lines = r.stderr.strip().splitlines()
+        reporter.write_line(lines[-1] if lines else f"exit status {r.returncode}")
+    if r.returncode != 0:  # the tests would compile on first use instead; say why
+        print(r.stderr, file=sys.stderr)

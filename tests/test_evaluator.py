@@ -711,3 +711,82 @@ def test_merge_errors_name_every_differing_setting():
         a.merge(Evaluator(4, topk=(1, 2), label_smoothing=0.1, weight=[1, 2, 3, 5]))
     with pytest.raises(ValueError, match=r"\(num_classes: 4 vs 5; weight: set vs None\)"):
         a.merge(Evaluator(5, topk=(1, 2), label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("shape", [(600, 50), (900, 8), (30, 3, 5, 7)])
+def test_update_chunks_pipeline_equals_one_update_per_chunk(shape, monkeypatch):
+    # update_chunks cuts each chunk into one piece per thread, computed as the threads free up and
+    # folded in row order: the row path, the column path, K-dim; pieces forced on these small arrays
+    import numba
+
+    from numbaxent import _parallel
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_ELEMENTS", 64)
+    rng = np.random.default_rng(9)
+    C = shape[1]
+    x = (3 * rng.standard_normal(shape)).astype(np.float32)
+    t = rng.integers(0, C, (shape[0],) + shape[2:])
+    t.reshape(-1)[::5] = -100
+    cuts = [0, 1, 2, 40, 41, 150, shape[0] // 2, shape[0]]  # a 1-row chunk is evaluated in place
+    cuts = sorted({min(c, shape[0]) for c in cuts})
+    chunks = [(x[a:b], t[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        seen = []
+        piped = Evaluator(C, label_smoothing=0.1, topk=(1, 3), confusion=True).update_chunks(
+            iter(chunks), callback=seen.append).result()
+    finally:
+        numba.set_num_threads(old)
+    assert seen == [b - a for a, b in zip(cuts[:-1], cuts[1:])]
+    one_by_one = Evaluator(C, label_smoothing=0.1, topk=(1, 3), confusion=True)
+    for xc, tc in chunks:
+        one_by_one.update(xc, tc)
+    assert_same(piped, one_by_one.result())
+    np.testing.assert_array_equal(piped.confusion, one_by_one.result().confusion)
+    flat_x = np.moveaxis(x, 1, -1).reshape(-1, C)
+    assert_matches(piped, reference(flat_x, t.reshape(-1), C, eps=0.1, topk=(1, 3)), rtol=2e-5,
+                   exact_bins=False)
+
+
+def test_update_chunks_stops_at_the_first_bad_chunk(monkeypatch):
+    import numba
+
+    from numbaxent import _parallel
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_ELEMENTS", 64)
+    x, t = data(n=400, C=60, dtype=np.float32, seed=3)
+    bad = t.copy()
+    bad[270] = 60  # in the third chunk, in its second piece (the first piece is not added)
+    chunks = [(x[a:b], bad[a:b]) for a, b in ((0, 100), (100, 200), (200, 300), (300, 400))]
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        ev = Evaluator(60)
+        with pytest.raises(IndexError, match="target 60 at row 270 is out of range"):
+            ev.update_chunks(chunks)
+    finally:
+        numba.set_num_threads(old)
+    # the chunks before the bad one were added, nothing of it or after it
+    assert_same(ev.result(), Evaluator(60).update(x[:200], t[:200]).result())
+    # a chunk of the wrong shape, and an iterable that fails, likewise
+    for third in ((x[200:300, :59], t[200:300]), RuntimeError("disk gone")):
+        def gen():
+            yield from chunks[:2]
+            if isinstance(third, Exception):
+                raise third
+            yield third
+            yield chunks[3]
+        old = numba.get_num_threads()
+        try:
+            numba.set_num_threads(2)
+            ev = Evaluator(60)
+            with pytest.raises((ValueError, RuntimeError), match="59 classes|disk gone"):
+                ev.update_chunks(gen())
+        finally:
+            numba.set_num_threads(old)
+        assert_same(ev.result(), Evaluator(60).update(x[:200], t[:200]).result())

@@ -300,11 +300,25 @@ def test_concurrent_cold_compiles_in_several_processes(package_copy):
     assert after["ok"] and after["hits"] >= 1 and after["misses"] == 0
 
 
-def test_warmup_command_compiles_and_reports():
-    r = subprocess.run([sys.executable, "-m", "numbaxent", "warmup", "--dtypes", "float64"],
-                       capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_warmup_command_compiles_and_reports(jobs):
+    from numbaxent import _warmup
+
+    r = subprocess.run([sys.executable, "-m", "numbaxent", "warmup", "--dtypes", "float64",
+                        "--jobs", str(jobs)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "float64" in r.stderr and "done in" in r.stderr
+    assert "done in" in r.stderr
+    # every variant compiled exactly once, whether by one process or shared between two
+    labels = [label for label, _ in _warmup.variants(("float64",))]
+    assert len(labels) >= 5
+    for label in labels:
+        assert r.stderr.count(f"  {label}  ") == 1, (label, r.stderr)
+
+
+def test_warmup_rejects_zero_jobs():
+    r = subprocess.run([sys.executable, "-m", "numbaxent", "warmup", "--jobs", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--jobs" in r.stderr
 
 
 def test_bfloat16_and_float16_are_computed_in_float32_and_rounded_once():

@@ -37,7 +37,7 @@ def _id(sample):
     return f"{tuple(sample.input.shape)}-{kind}-{kw}"
 
 
-def _run(fn, sample, target_grad=None):
+def _loss_and_grads(fn, sample, target_grad=None):
     x = sample.input.detach().clone().requires_grad_()
     target = sample.args[0]
     target_grad = target.requires_grad if target_grad is None else target_grad
@@ -56,8 +56,8 @@ def test_first_order_matches_torch(dtype):
     assert samples, "the OpInfo produced no samples"
     n_target_grads = 0
     for op, sample in samples:
-        loss, grads = _run(nt.cross_entropy, sample)
-        ref_loss, ref_grads = _run(F.cross_entropy, sample)
+        loss, grads = _loss_and_grads(nt.cross_entropy, sample)
+        ref_loss, ref_grads = _loss_and_grads(F.cross_entropy, sample)
         msg = _id(sample)
         assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape, msg
         torch.testing.assert_close(loss, ref_loss, **TOL[dtype], msg=lambda m: f"{msg}: {m}")
@@ -78,10 +78,10 @@ ONE_ROUNDING = {torch.float16: dict(rtol=2**-10, atol=1e-5),
 @pytest.mark.parametrize("dtype", [dt for dt in DTYPES if dt in ONE_ROUNDING], ids=str)
 def test_half_types_are_rounded_once(dtype):
     for op, sample in _samples(dtype):
-        loss, grads = _run(nt.cross_entropy, sample)
+        loss, grads = _loss_and_grads(nt.cross_entropy, sample)
         wide = sample.transform(lambda a: a.double() if isinstance(a, torch.Tensor)
                                 and a.is_floating_point() else a)
-        ref_loss, ref_grads = _run(F.cross_entropy, wide, sample.args[0].requires_grad)
+        ref_loss, ref_grads = _loss_and_grads(F.cross_entropy, wide, sample.args[0].requires_grad)
         msg = _id(sample)
         assert len(grads) == len(ref_grads), msg
         for a, b in zip((loss,) + grads, (ref_loss,) + ref_grads):
