@@ -306,9 +306,10 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
     x_block = np.empty((C, nbmax if S == 1 else 0), X.dtype)
     grad_block = np.empty((C, nbmax if scratch_grad else 0), X.dtype)
     exps = np.empty((C, nbmax), w.dtype)
-    rows = np.empty((8, nbmax), w.dtype)
-    m, s, d, ls, xy, wy, coef, tcoef = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5],
-                                        rows[6], rows[7])
+    m, s, d, ls = (np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype),
+                   np.empty(nbmax, w.dtype))
+    xy, wy, coef, tcoef = (np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype),
+                           np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype))
     yv = np.empty(nbmax, np.int64)
     ok = np.empty(nbmax, np.bool_)
     lrow = np.empty(nbmax if not rows_out else 0, np.float64)
