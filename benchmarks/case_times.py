@@ -1,0 +1,47 @@
+"""Forward and forward+backward (`out=`) times of bench cases for whichever numbaxent is imported:
+the A/B comparison of two commits, run alternately from two checkouts on the same machine.
+
+    PYTHONPATH=OLD_CHECKOUT python benchmarks/case_times.py old S3,S4 --repeat 9
+    PYTHONPATH=NEW_CHECKOUT python benchmarks/case_times.py new S3,S4 --repeat 9
+
+Prints the median and the minimum of each, in milliseconds, after one warm-up call (which may
+compile). Alternate the two a few times: a shared machine's noise is larger than most differences.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tag", help="a label for the output lines (e.g. old/new)")
+    ap.add_argument("cases", help="comma-separated bench cases, e.g. S3,S4")
+    ap.add_argument("--repeat", type=int, default=9)
+    args = ap.parse_args(argv)
+    import numbaxent as nx
+    from numbaxent import bench_cases
+
+    for name in args.cases.split(","):
+        x, t, kw = bench_cases.make_case(name)
+        out = np.empty_like(x)
+        fwd = lambda: nx.cross_entropy(x, t, **kw)  # noqa: E731
+        fused = lambda: nx.cross_entropy_with_grad(x, t, out=out, **kw)  # noqa: E731
+        fwd(), fused()
+        tf, tb = [], []
+        for _ in range(args.repeat):  # interleaved, so both see the same machine
+            s = time.perf_counter()
+            fwd()
+            tf.append(time.perf_counter() - s)
+            s = time.perf_counter()
+            fused()
+            tb.append(time.perf_counter() - s)
+        print(f"{args.tag} {name} fwd median {np.median(tf) * 1e3:.1f} min {min(tf) * 1e3:.1f}  "
+              f"fwd+bwd median {np.median(tb) * 1e3:.1f} min {min(tb) * 1e3:.1f} ms", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
