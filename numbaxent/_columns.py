@@ -8,7 +8,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ._jit import jit
-from ._math import cap_slope, capped, compute_zero, exp_nonpos, like, load, log, store
+from ._math import as_compute, cap_slope, capped, compute_zero, exp_nonpos, load, log, store
 from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob_grad_scale, prob_loss,
                     row_is_top1)
 
@@ -36,7 +36,7 @@ def column_block_rows(C):
 def cols_max(X, i0, s0, nb, C, m, cap):
     """`m_b = max_c x_cb` (NaN skipped, as in `row_max_lanes`), then soft-capped."""
     for b in range(nb):
-        m[b] = -like(np.inf, m)
+        m[b] = -as_compute(np.inf, m)
     for c in range(C):
         xr = X[i0 + c, s0:s0 + nb]
         for b in range(nb):
@@ -352,14 +352,14 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
             continue
         for b in range(nb):
             gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw) if ok[b] else 0.0
-            coef[b] = like(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), X)
-            tcoef[b] = like(gv * eps_c, X)
+            coef[b] = as_compute(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), X)
+            tcoef[b] = as_compute(gv * eps_c, X)
         dst, gi0, gs0 = (grad_block, 0, 0) if scratch_grad else (grad_view, i0, s0)
         from_exp = cols_block_grad(src, None, exps, i0, s0, nb, C, m, ls, s, coef, tcoef, w, 1, 0,
                                    cap, mode, dst, gi0, gs0)
         for b in range(nb):  # the true-class term, as in index_row
             if ok[b]:
-                term = like(_row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
+                term = as_compute(_row_factor(g, sw, r0 + b, per_row_g, per_row_sw) * (1.0 - eps)
                             * np.float64(wy[b]), X)
                 if from_exp:
                     gy = exps[yv[b], b] * s[b] - wy[b] * tcoef[b] - term
@@ -412,8 +412,8 @@ def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, 
             continue
         for b in range(nb):
             gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw)
-            coef[b] = like(gv * prob_grad_scale(m[b], ls[b], a[b], z), X)
-            gcoef[b] = like(gv, X)
+            coef[b] = as_compute(gv * prob_grad_scale(m[b], ls[b], a[b], z), X)
+            gcoef[b] = as_compute(gv, X)
         dst, gi0, gs0 = (grad_block, 0, 0) if scratch_grad else (grad_view, i0, s0)
         cols_block_grad(src, tsrc, exps, i0, s0, nb, C, m, ls, s, coef, gcoef, w, t_scale, t_shift, cap,
                         mode, dst, gi0, gs0)

@@ -25,7 +25,8 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _FAST = dict(HELPER_OPTIONS, fastmath=set(FASTMATH))
 _PLAIN = dict(HELPER_OPTIONS)
 
-__all__ = ["exp", "exp_nonpos", "log", "exact_storage", "load", "store", "compute_zero", "compute_scratch", "like", "capped", "cap_slope"]
+__all__ = ["exp", "exp_nonpos", "log", "exact_storage", "load", "store", "compute_zero",
+           "compute_scratch", "as_compute", "one_like", "capped", "cap_slope"]
 
 
 # -- bit casts ---------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def load(typingctx, v):
 
 
 @intrinsic
-def like(typingctx, v, arr):
+def as_compute(typingctx, v, arr):
     """`v` converted to `arr`'s compute type (keeps float32 arithmetic in float32)."""
     to = _compute_type(arr.dtype)
     v = types.unliteral(v)

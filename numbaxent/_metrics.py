@@ -48,7 +48,7 @@ from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
 from ._rows import MAX_LANES, row_is_top1, row_max_lanes
-from ._math import capped, compute_scratch, compute_zero, exp_nonpos, like, load
+from ._math import as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -72,7 +72,7 @@ def row_eval_sums(row, m, w, cap, smooth):
     s = compute_zero(row)
     h = compute_zero(row)
     d = compute_zero(row)
-    floor = like(H_FLOOR, row)
+    floor = as_compute(H_FLOOR, row)
     if smooth:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -252,7 +252,7 @@ def tally_layout(C, B, kmax, pairs):
 def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, smooth, s, h, d):
     """Per row `b` of a block: `row_eval_sums` across the block (`d` only when
     `smooth`; the loop is written twice, as there, so that neither pays for the other)."""
-    floor = like(H_FLOOR, s)
+    floor = as_compute(H_FLOOR, s)
     for b in range(nb):
         s[b] = 0
         h[b] = 0
@@ -284,7 +284,7 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
     (for a non-NaN `x_y`)."""
     one, zero = np.int32(1), np.int32(0)
     for b in range(nb):
-        m[b] = -like(np.inf, m)
+        m[b] = -as_compute(np.inf, m)
         first[b] = C
         gt[b] = 0
     for c in range(C):

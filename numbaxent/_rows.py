@@ -9,8 +9,7 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._math import (cap_slope, capped, compute_scratch, compute_zero, exact_storage, exp_nonpos, like,
-                    load, one_like, store)
+from ._math import as_compute, cap_slope, capped, compute_zero, exp_nonpos, load, one_like, store
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -28,7 +27,7 @@ def row_max_lanes(row, cap, lanes):
     the raw maximum, instead of to every element. `lanes`: a (MAX_LANES,) compute-type scratch."""
     n = row.shape[0]
     if n <= MAX_LANES:
-        m = -like(np.inf, row)
+        m = -as_compute(np.inf, row)
         for j in range(n):
             v = load(row[j])
             m = v if v > m else m
@@ -38,7 +37,7 @@ def row_max_lanes(row, cap, lanes):
     # updated element-wise block by block (a loop LLVM does vectorise), then merged, is ~5x faster.
     # NaN never enters a lane.
     for k in range(MAX_LANES):  # a loop, not `lanes[:] = ...`: slice assignment is slow to compile
-        lanes[k] = -like(np.inf, row)
+        lanes[k] = -as_compute(np.inf, row)
     for j0 in range(0, n, MAX_LANES):
         blk = row[j0:j0 + MAX_LANES]
         for k in range(blk.shape[0]):
@@ -49,7 +48,7 @@ def row_max_lanes(row, cap, lanes):
         for k in range(h):
             lanes[k] = lanes[k + h] if lanes[k + h] > lanes[k] else lanes[k]
         h //= 2
-    m = -like(np.inf, row)
+    m = -as_compute(np.inf, row)
     for k in range(8):
         m = lanes[k] if lanes[k] > m else m
     return capped(m, cap)
@@ -280,18 +279,18 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
         else:
             gv = 0.0
             wy = 0.0
-        coef = like(gv * index_grad_scale(m, ls, wy, wsum, eps, eps_c, z), row)
-        wcoef = like(gv * eps_c, row)
+        coef = as_compute(gv * index_grad_scale(m, ls, wy, wsum, eps, eps_c, z), row)
+        wcoef = as_compute(gv * eps_c, row)
         if keep_exp:
             row_grad_from_exp(grow, coef / s, w, wcoef)
         else:
             row_grad_index(row, grow, m, ls, coef, w, wcoef, cap, in_place, scratch)
         if valid:  # the true-class term, in the compute type before the single rounding to storage
             if keep_exp:
-                gy = load(grow[y]) - like(gv * (1.0 - eps) * wy, row)
+                gy = load(grow[y]) - as_compute(gv * (1.0 - eps) * wy, row)
             else:
                 gy = exp_nonpos((xy - m) - ls) * coef - w[y] * wcoef \
-                    - like(gv * (1.0 - eps) * wy, row)
+                    - as_compute(gv * (1.0 - eps) * wy, row)
             store(grow, y, gy * cap_slope(xy, cap))
     return loss, m, ls, top1
 
@@ -308,11 +307,11 @@ def prob_row(row, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_pl
     else:
         s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, False, grow, False)
     if mode != FORWARD:
-        coef = like(g * prob_grad_scale(m, ls, a, z), row)
+        coef = as_compute(g * prob_grad_scale(m, ls, a, z), row)
         if keep_exp:  # as in index_row
-            row_grad_soft_from_exp(grow, trow, coef / s, w, like(g, row), t_scale, t_shift)
+            row_grad_soft_from_exp(grow, trow, coef / s, w, as_compute(g, row), t_scale, t_shift)
         else:
-            row_grad_soft(row, trow, grow, m, ls, coef, w, like(g, row), t_scale, t_shift, cap, in_place,
+            row_grad_soft(row, trow, grow, m, ls, coef, w, as_compute(g, row), t_scale, t_shift, cap, in_place,
                           scratch)
     return loss, m, ls
 

@@ -235,7 +235,7 @@ def memory_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _ratio(r, a, b):
+def _time_ratio(r, a, b):
     return r[a][0] / r[b][0] if a in r and b in r else float("nan")
 
 
@@ -249,7 +249,7 @@ def table(rows) -> str:
             return f"{r[k][0] * 1e3:.1f}" if k in r else "—"
 
         def ra(a, b):
-            v = _ratio(r, a, b)
+            v = _time_ratio(r, a, b)
             return f"{v:.2f}" if v == v else "—"
 
         lines.append(f"| {r['case']} {r['desc']} | {r['threads']} | {ms('nx_fwd')} | "
@@ -306,7 +306,7 @@ def plot(rows, path):
     fig, ax = plt.subplots(figsize=(9, 3.8))
     width = 0.25
     for i, (label, key) in enumerate(series):
-        vals = [_ratio(r, key, "floor_fb") for r in rows]
+        vals = [_time_ratio(r, key, "floor_fb") for r in rows]
         ax.bar(np.arange(len(rows)) + (i - 1) * width, vals, width, label=label)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")

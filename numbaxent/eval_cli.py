@@ -586,7 +586,7 @@ def _abs_spec(label: str) -> str:
     return os.path.abspath(path) + ("" if member is None else f":{member}")
 
 
-def _run(args, parser) -> int:
+def _evaluate_files(args, parser) -> int:
     """`eval`, and `eval-hidden` (`args.hidden`): the same pass, with the logits of each
     chunk formed from hidden states by `Evaluator.update_hidden`."""
     hidden = getattr(args, "hidden", False)
@@ -878,12 +878,12 @@ def _main(parser, run, name: str, argv) -> int:
 
 def main(argv=None) -> int:
     """`numbaxent eval`."""
-    return _main(_parser(), _run, "numbaxent eval", argv)
+    return _main(_parser(), _evaluate_files, "numbaxent eval", argv)
 
 
 def hidden_main(argv=None) -> int:
     """`numbaxent eval-hidden`."""
-    return _main(_parser(hidden=True), _run, "numbaxent eval-hidden", argv)
+    return _main(_parser(hidden=True), _evaluate_files, "numbaxent eval-hidden", argv)
 
 
 def merge_main(argv=None) -> int:

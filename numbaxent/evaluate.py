@@ -66,7 +66,8 @@ def _two_sum_into(hi: np.ndarray, lo: np.ndarray, b_hi, b_lo) -> None:
     lo += err + b_lo
 
 
-def _ratio(num, den):
+def _quiet_divide(num, den):
+    """`num / den` in float64 without NumPy's warnings: NaN for 0/0 (a mean over nothing)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.float64(num) / np.float64(den)
 
@@ -922,7 +923,7 @@ class Evaluator:
         si, sf = self._int_slices(), self._float_slices()
         n_seen, n_ignored, n_valid, n_nonfinite = (int(i) for i in self._ints[:4])
         loss_sum, wtotal, nll_sum, ent_sum = (float(f) for f in v[:4])
-        nll = float(_ratio(nll_sum, n_valid))
+        nll = float(_quiet_divide(nll_sum, n_valid))
         count = self._ints[si["cls_count"]].copy()
         correct = self._ints[si["cls_correct"]].copy()
         predicted = self._ints[si["cls_pred"]].copy()
@@ -956,15 +957,15 @@ class Evaluator:
                 iou = inter / union
             mean_iou = float(np.mean(iou[union > 0])) if (union > 0).any() else float("nan")
         return EvalResult(
-            loss=float(_ratio(loss_sum, wtotal)),
+            loss=float(_quiet_divide(loss_sum, wtotal)),
             loss_sum=loss_sum,
             weight_sum=wtotal,
             nll=nll,
             perplexity=float(np.exp(nll)) if not math.isnan(nll) else float("nan"),
-            accuracy={k: float(_ratio(c, n_valid)) for k, c in zip(self.topk,
+            accuracy={k: float(_quiet_divide(c, n_valid)) for k, c in zip(self.topk,
                                                                   self._ints[si["topk"]])},
-            entropy=float(_ratio(ent_sum, n_valid)),
-            confidence=float(_ratio(bconf.sum(), n_binned)),
+            entropy=float(_quiet_divide(ent_sum, n_valid)),
+            confidence=float(_quiet_divide(bconf.sum(), n_binned)),
             ece=ece,
             mce=mce,
             calibration=calibration,
