@@ -202,7 +202,15 @@ def class_weights(weight, C: int, compute) -> np.ndarray:
             f"weight tensor should be defined either for all {C} classes or no classes but got "
             f"weight tensor of shape: {list(wa.shape)}"
         )
-    return np.ascontiguousarray(wa, dtype=compute)
+    return writable(np.ascontiguousarray(wa, dtype=compute))
+
+
+def writable(a: np.ndarray) -> np.ndarray:
+    """`a`, or a copy when it is read-only: Numba types a read-only array apart from a writable
+    one, so a read-only class weight or upstream gradient (a user's frozen array, or a
+    `broadcast_to` view) would compile one more variant of every kernel. For the small per-class and
+    per-row float64 arrays only (never the logits)."""
+    return a if a.flags.writeable else a.copy()
 
 
 def sample_weights(sample_weight, loss_shape: tuple, transposed: bool = False) -> np.ndarray:
@@ -217,7 +225,7 @@ def sample_weights(sample_weight, loss_shape: tuple, transposed: bool = False) -
                          f"{loss_shape}, got {swa.shape}")
     swa = swa.T if transposed else swa
     sw = np.ascontiguousarray(swa, dtype=np.float64).reshape(-1)
-    return sw.copy() if sw.shape[0] == 1 else sw
+    return sw.copy() if sw.shape[0] == 1 else writable(sw)
 
 
 def upstream_gradient(grad_output, reduction: str, loss_shape: tuple) -> np.ndarray:
@@ -239,7 +247,7 @@ def upstream_gradient(grad_output, reduction: str, loss_shape: tuple) -> np.ndar
                 f"grad_output of shape {go.shape} does not match the loss's shape {loss_shape}"
             ) from None
         g = np.ascontiguousarray(go, dtype=np.float64).reshape(-1)
-        return g if g.shape[0] != 1 else g.copy()
+        return writable(g) if g.shape[0] != 1 else g.copy()
     if grad_output is None:
         return np.ones(1)
     go = as_array(grad_output, "grad_output")

@@ -305,3 +305,28 @@ def test_lm_head_ignored_rows_never_reach_the_gradients():
     lt.backward()
     assert_close(loss, lt.detach().numpy(), np.float64)
     assert np.isnan(wt.grad.numpy()).all()
+
+
+def test_read_only_small_arrays_reuse_the_writable_kernels():
+    """A read-only grad_output, class weight or sample weight (a frozen array, a broadcast view)
+    gives the same result as a writable one and reaches the kernels as a writable array: Numba
+    would otherwise compile another variant of the kernel for it."""
+    from numbaxent import _kernels
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((16, 60)).astype(np.float32)
+    t = rng.integers(0, 60, 16)
+    go, w, sw = rng.random(16), rng.uniform(0.5, 2, 60).astype(np.float32), rng.random(16)
+    frozen = [a.copy() for a in (go, w, sw)]
+    for a in frozen:
+        a.flags.writeable = False
+    ref = nx.cross_entropy_with_grad(x, t, weight=w, reduction="none", grad_output=go,
+                                     sample_weight=sw)
+    got = nx.cross_entropy_with_grad(x, t, weight=frozen[1], reduction="none",
+                                     grad_output=frozen[0], sample_weight=frozen[2])
+    np.testing.assert_array_equal(ref[0], got[0])
+    np.testing.assert_array_equal(ref[1], got[1])
+    from numba import types
+
+    for sig in _kernels.index_kernel.signatures:
+        assert not any(isinstance(a, types.Array) and not a.mutable for a in sig), sig
