@@ -25,7 +25,7 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _FAST = dict(HELPER_OPTIONS, fastmath=set(FASTMATH))
 _PLAIN = dict(HELPER_OPTIONS)
 
-__all__ = ["exp", "exp_nonpos", "log", "exact_storage", "load", "store", "compute_zero",
+__all__ = ["exp", "exp_nonpos", "log", "load", "store", "compute_zero",
            "compute_scratch", "as_compute", "one_like", "capped", "cap_slope"]
 
 
@@ -292,14 +292,6 @@ def one_like(typingctx, v):
     """1 in `v`'s float type (float32 for float32, else float64)."""
     to = types.float32 if v == types.float32 else types.float64
     return to(v), lambda ctx, builder, sig, args: ctx.get_constant(to, 1.0)
-
-
-@intrinsic
-def exact_storage(typingctx, arr):
-    """Whether `arr`'s storage dtype is its compute dtype (float32/float64), so an intermediate
-    stored in it loses nothing (a compile-time constant)."""
-    exact = arr.dtype in (types.float32, types.float64)
-    return types.boolean(arr), lambda ctx, builder, sig, args: ctx.get_constant(types.boolean, exact)
 
 
 @register_jitable(**_PLAIN)
