@@ -34,7 +34,7 @@ def column_block_rows(C):
 
 @jit(inline=True)
 def cols_max(X, i0, s0, nb, C, m, cap):
-    """`m_b = max_c x_cb` (NaN skipped, as in `row_max_lanes`), then soft-capped."""
+    """`m_b = max_c x_cb` (NaN skipped, as in `row_max`), then soft-capped."""
     for b in range(nb):
         m[b] = -as_compute(np.inf, m)
     for c in range(C):

@@ -25,7 +25,7 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _FAST = dict(HELPER_OPTIONS, fastmath=set(FASTMATH))
 _PLAIN = dict(HELPER_OPTIONS)
 
-__all__ = ["exp", "exp_nonpos", "log", "load", "store", "compute_zero",
+__all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "load", "store", "compute_zero",
            "compute_scratch", "as_compute", "one_like", "capped", "cap_slope"]
 
 
@@ -294,14 +294,18 @@ def one_like(typingctx, v):
     return to(v), lambda ctx, builder, sig, args: ctx.get_constant(to, 1.0)
 
 
-@register_jitable(**_PLAIN)
-def _f32_to_bf16_bits(v):
-    b = _f32_as_i32(np.float32(v))
-    if (b & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000):  # NaN: keep it a (quiet) NaN
-        return np.int16((b >> np.int32(16)) | np.int32(0x40))
-    # round to nearest even on the 16 dropped bits
-    b = b + np.int32(0x7FFF) + ((b >> np.int32(16)) & np.int32(1))
-    return np.int16(b >> np.int32(16))
+def _f32_to_bf16_bits(builder, v):
+    """LLVM instructions rounding a float32 to bfloat16 bits (i16): round to nearest even on the 16
+    dropped bits, NaN kept a quiet NaN. Emitted in 32-bit integers and branch-free: written as Numba
+    code, the integer arithmetic was widened to 64 bits and the NaN test was a branch, and the
+    gradient loops that store bfloat16 (exp included) ran at a quarter of the float16 speed."""
+    i32 = ir.IntType(32)
+    b = builder.bitcast(v, i32)
+    high = builder.lshr(b, i32(16))
+    rounded = builder.lshr(builder.add(builder.add(b, i32(0x7FFF)), builder.and_(high, i32(1))), i32(16))
+    quiet_nan = builder.or_(high, i32(0x40))
+    is_nan = builder.icmp_unsigned(">", builder.and_(b, i32(0x7FFFFFFF)), i32(0x7F800000))
+    return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
 
 
 @intrinsic
@@ -321,8 +325,7 @@ def store(typingctx, arr, j, v):
         if dt == types.uint16:
             val = builder.bitcast(builder.fptrunc(val, ir.HalfType()), ir.IntType(16))
         elif dt == types.int16:
-            val = ctx.compile_internal(builder, _f32_to_bf16_bits, types.int16(types.float32),
-                                       [val])
+            val = _f32_to_bf16_bits(builder, val)
         setitem = ctx.get_function(operator.setitem, signature(types.none, arr, types.intp, dt))
         setitem(builder, (a, idx, val))
         return ctx.get_dummy_value()
@@ -338,6 +341,26 @@ def compute_scratch(arr, n):
 def _compute_scratch_overload(arr, n):
     cast = np.float64 if arr.dtype == types.float64 else np.float32
     return lambda arr, n: np.empty(n, cast)
+
+
+# -- maximum -----------------------------------------------------------------------------------------
+@intrinsic
+def max_skipnan(typingctx, a, b):
+    """`max(a, b)` of two floats of the same type, a NaN operand skipped (the other is returned).
+
+    LLVM's `maxnum`: the loop vectoriser turns `m = max_skipnan(m, x[j])` into a packed-max reduction
+    with several accumulators, where the compare-and-select spelling `m = v if v > m else m` is not
+    vectorised without the 'nnan' flag (which numbaxent does not set: NaN must propagate) and runs at
+    one element per compare-select latency. Measured on one cached float32 row, 2-core AMD EPYC
+    (Zen 3): 0.10 ns per element, against 0.7 ns for a block of 256 running maxima."""
+    if a != b or a not in (types.float32, types.float64):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        fty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [fty], ir.FunctionType(fty, [fty, fty]))
+        return builder.call(fn, args)
+    return a(a, b), codegen
 
 
 # -- soft-capping (Gemma 2): x -> s * tanh(x / s) ---------------------------------------------------------

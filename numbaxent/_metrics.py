@@ -7,7 +7,7 @@ indices over the `N*S` rows, `w` are the class weights in the compute type.
 For each non-ignored row the logits are read from memory once; the passes below run over the row
 while it is in cache (as the core forward does), rows split across threads (`_parallel.run_tasks`):
 
-1. `numbaxent._kernels.row_max_lanes` (the core's primitive): `m = max_c x_c`;
+1. `numbaxent._kernels.row_max` (the core's primitive): `m = max_c x_c`;
 2. `row_eval_sums`, one fused loop: `s = sum_c e_c` with `e_c = exp(x_c - m)`,
    `h = sum_c e_c (x_c - m)` (entropy) and `d = sum_c w_c (x_c - m)` (label smoothing, only
    when `eps > 0`);
@@ -47,7 +47,7 @@ import numpy as np
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
-from ._rows import MAX_LANES, row_is_top1, row_max_lanes
+from ._rows import row_is_top1, row_max
 from ._math import as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
@@ -147,10 +147,10 @@ def row_nan_target_rank(row, y, cap):
 
 
 @jit()
-def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax, lanes):
+def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
     """All metrics of one non-ignored row: `(loss, nll, entropy, confidence, rank, pred)`, the
-    floats in float64, `rank` capped at `kmax`; `lanes` is the row maximum's scratch."""
-    m = row_max_lanes(row, cap, lanes)
+    floats in float64, `rank` capped at `kmax`."""
+    m = row_max(row, cap)
     s, h, d = row_eval_sums(row, m, w, cap, eps_c > 0)
     xy = capped(load(row[y]), cap)
     ls = math.log(s)
@@ -196,13 +196,12 @@ def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss,
     N, C, S = x.shape
     x2 = x.reshape((N, C * S))
     eps_c = eps / C
-    lanes = compute_scratch(x, MAX_LANES)
     for r in range(lo, hi):
         y = target[r]
         if y == ignore_index:
             _ignored(r, loss, nll, ent, conf, rank, pred)
             continue
-        lr, nr, er, cr, kr, pr = eval_row(x2[r], y, w, wsum, eps, eps_c, cap, kmax, lanes)
+        lr, nr, er, cr, kr, pr = eval_row(x2[r], y, w, wsum, eps, eps_c, cap, kmax)
         loss[r] = lr
         nll[r] = nr
         ent[r] = er

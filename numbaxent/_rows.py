@@ -9,48 +9,22 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._math import as_compute, cap_slope, capped, compute_zero, exp_nonpos, load, one_like, store
+from ._math import as_compute, cap_slope, capped, compute_zero, exp_nonpos, load, max_skipnan, one_like, store
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
-
-
-MAX_LANES = 256  # running maxima of row_max_lanes (1-2 KB, in L1)
 
 
 # -- row primitives ----------------------------------------------------------------------------------
 # `cap` is None (plain logits) or the soft-cap value; every primitive reads `capped(load(row[j]), cap)`.
 
 @jit(inline=True)
-def row_max_lanes(row, cap, lanes):
+def row_max(row, cap):
     """`max_c x_c` in the compute type (NaN entries are skipped here; they reach the result through
     `row_sumexp`, where `x - m` is NaN). Soft-capping is monotone, so the cap is applied once, to
-    the raw maximum, instead of to every element. `lanes`: a (MAX_LANES,) compute-type scratch."""
-    n = row.shape[0]
-    if n <= MAX_LANES:
-        m = -as_compute(np.inf, row)
-        for j in range(n):
-            v = load(row[j])
-            m = v if v > m else m
-        return capped(m, cap)
-    # LLVM will not vectorise `m = v if v > m else m` as a reduction (without 'nnan' it may not
-    # reorder it): one element per compare-select latency. An array of MAX_LANES running maxima,
-    # updated element-wise block by block (a loop LLVM does vectorise), then merged, is ~5x faster.
-    # NaN never enters a lane.
-    for k in range(MAX_LANES):  # a loop, not `lanes[:] = ...`: slice assignment is slow to compile
-        lanes[k] = -as_compute(np.inf, row)
-    for j0 in range(0, n, MAX_LANES):
-        blk = row[j0:j0 + MAX_LANES]
-        for k in range(blk.shape[0]):
-            v = load(blk[k])
-            lanes[k] = v if v > lanes[k] else lanes[k]
-    h = MAX_LANES // 2
-    while h >= 8:  # fold in halves (vectorised), not one lane after the other (a latency chain)
-        for k in range(h):
-            lanes[k] = lanes[k + h] if lanes[k + h] > lanes[k] else lanes[k]
-        h //= 2
+    the raw maximum, instead of to every element. `max_skipnan` makes the loop a packed reduction."""
     m = -as_compute(np.inf, row)
-    for k in range(8):
-        m = lanes[k] if lanes[k] > m else m
+    for j in range(row.shape[0]):
+        m = max_skipnan(m, load(row[j]))
     return capped(m, cap)
 
 
@@ -154,7 +128,7 @@ def row_is_top1(row, y, xy, m, cap):
 
 
 GRAD_BLOCK = 512  # elements per block of the in-place gradient writers (a 2-4 KB scratch, in L1)
-SCRATCH = max(MAX_LANES, GRAD_BLOCK)  # the row kernels' one compute-type scratch: lanes, then blocks
+SCRATCH = GRAD_BLOCK  # the row kernels' one compute-type scratch (in-place gradient blocks)
 
 
 @jit(inline=True)
@@ -259,7 +233,7 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
     xy = compute_zero(row)
     s = one_like(xy)
     if mode != BACKWARD:
-        m = row_max_lanes(row, cap, scratch)
+        m = row_max(row, cap)
         if valid:  # before the sum pass, which may overwrite the row (out=input)
             xy = capped(load(row[y]), cap)
             top1 = row_is_top1(row, y, xy, m, cap)
@@ -300,7 +274,7 @@ def prob_row(row, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_pl
     """One row with a probability target `t~ = t*t_scale + t_shift`: returns `(loss, m, ls)`."""
     loss = 0.0
     if mode != BACKWARD:
-        m = row_max_lanes(row, cap, scratch)
+        m = row_max(row, cap)
         s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, True, grow, keep_exp)
         ls = math.log(s)
         loss = prob_loss(m, ls, a, d, z)

@@ -130,11 +130,12 @@ def test_dispatch_thresholds():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_long_rows_with_nan_and_inf_in_row_kernels(dtype):
-    # rows longer than row_max's lanes (MAX_LANES), with NaN and infinities in the lanes and the tail
-    C = k.MAX_LANES * 2 + 37
+    # long rows (more than one vector register's worth, and an odd tail for the vectorised max), with
+    # NaN and infinities in the middle and the tail
+    C = 549
     x, t, _ = _case((6, C), dtype, False, seed=3, ignore=False)
     x[0, 5] = np.nan
-    x[1, C - 3] = np.nan  # in the last, partial block of lanes
+    x[1, C - 3] = np.nan  # in the tail
     x[2, :] = -np.inf
     x[3, 300] = np.inf
     x[4, C - 1] = 1000.0  # the maximum in the last element: a wrong max would overflow exp
