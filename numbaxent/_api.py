@@ -158,8 +158,9 @@ def _run_kernel(p: Prepared, mode: int, g: np.ndarray, row_max: np.ndarray, row_
     N, C, S = p.x3.shape
     # flags the kernels would otherwise infer (each inference is more code to compile)
     in_place = grad3.ctypes.data == p.x3.ctypes.data and grad3.shape == p.x3.shape
-    keep_exp = (mode == k.FUSED and p.cap is None and not in_place
-                and p.x3.dtype in (np.float32, np.float64))
+    # 16-bit gradients keep the exponentials in a scratch row, not in the gradient: in place too
+    keep_exp = (mode == k.FUSED and p.cap is None
+                and (not in_place or p.x3.dtype not in (np.float32, np.float64)))
     if columns:
         nbmax = k.column_block_rows(C)
         count = k.column_count(N, S, nbmax)

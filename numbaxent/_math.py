@@ -17,6 +17,7 @@ import operator
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core.imputils import impl_ret_borrowed
 from numba.core.typing import signature
 from numba.extending import intrinsic, overload, register_jitable
 
@@ -25,7 +26,8 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _FAST = dict(HELPER_OPTIONS, fastmath=set(FASTMATH))
 _PLAIN = dict(HELPER_OPTIONS)
 
-__all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "load", "store", "compute_zero",
+__all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "load", "store", "compute_zero", "exp_stash",
+           "stash_in_grad",
            "compute_scratch", "as_compute", "one_like", "capped", "cap_slope"]
 
 
@@ -330,6 +332,27 @@ def store(typingctx, arr, j, v):
         setitem(builder, (a, idx, val))
         return ctx.get_dummy_value()
     return types.none(arr, types.intp, vt), codegen
+
+
+@intrinsic
+def stash_in_grad(typingctx, grad):
+    """Whether a gradient array of this storage type can hold the compute-type exponentials that the
+    fused row kernels keep between their sum and gradient passes (float32/float64: True; the 16-bit
+    storage of float16/bfloat16: False). A constant of the compiled code."""
+    keep = grad.dtype in (types.float32, types.float64)
+    return types.boolean(grad), lambda ctx, builder, sig, args: ctx.get_constant(types.boolean, keep)
+
+
+@intrinsic
+def exp_stash(typingctx, grow, scratch):
+    """Where the fused row kernels keep `exp(x - m)`: the gradient row `grow` itself when
+    `stash_in_grad` (rescaled there in place), else the compute-type `scratch` (at least a row
+    long; rounding each exponential to 16 bits would cost the gradient its precision)."""
+    k = 0 if grow.dtype in (types.float32, types.float64) else 1
+
+    def codegen(ctx, builder, sig, args):  # a new reference to an existing array (NRT counts it)
+        return impl_ret_borrowed(ctx, builder, sig.return_type, args[k])
+    return (grow, scratch)[k](grow, scratch), codegen
 
 
 def compute_scratch(arr, n):

@@ -9,7 +9,8 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._math import as_compute, cap_slope, capped, compute_zero, exp_nonpos, load, max_skipnan, one_like, store
+from ._math import (as_compute, cap_slope, capped, compute_zero, exp_nonpos, exp_stash, load, max_skipnan,
+                    one_like, stash_in_grad, store)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -70,13 +71,17 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp):
 
 
 @jit(inline=True)
-def row_grad_from_exp(grow, scale, w, wcoef):
-    """`grow_j = e_j * scale - w_j * wcoef` where `grow` holds `e_j = exp(x_j - m)` from the
-    sum pass and `scale = coef / s`: the fused call's gradient without a second exp per element
-    (`p_j = e_j / s` is within 2 ulp of `exp((x_j - m) - ls)`). Only for float32/float64
-    gradients, without soft-capping (whose slope needs `x_j`)."""
-    for j in range(grow.shape[0]):
-        grow[j] = grow[j] * scale - w[j] * wcoef
+def row_grad_from_exp(grow, stash, scale, w, wcoef):
+    """`grow_j = e_j * scale - w_j * wcoef` where `stash` holds `e_j = exp(x_j - m)` from the
+    sum pass (`exp_stash`: `grow` itself for float32/float64 gradients) and `scale = coef / s`: the
+    fused call's gradient without a second exp per element (`p_j = e_j / s` is within 2 ulp of
+    `exp((x_j - m) - ls)`). Not with soft-capping (whose slope needs `x_j`)."""
+    if stash_in_grad(grow):
+        for j in range(grow.shape[0]):  # indexed through `grow` alone: no runtime alias check
+            grow[j] = grow[j] * scale - w[j] * wcoef
+    else:
+        for j in range(grow.shape[0]):
+            store(grow, j, stash[j] * scale - w[j] * wcoef)
 
 
 @jit(inline=True)
@@ -110,10 +115,14 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_
 
 
 @jit(inline=True)
-def row_grad_soft_from_exp(grow, trow, scale, w, g, t_scale, t_shift):
+def row_grad_soft_from_exp(grow, stash, trow, scale, w, g, t_scale, t_shift):
     """`row_grad_from_exp` for probability targets: `grow_j = e_j scale - g w_j t~_j`."""
-    for j in range(grow.shape[0]):
-        grow[j] = grow[j] * scale - g * w[j] * (trow[j] * t_scale + t_shift)
+    if stash_in_grad(grow):
+        for j in range(grow.shape[0]):
+            grow[j] = grow[j] * scale - g * w[j] * (trow[j] * t_scale + t_shift)
+    else:
+        for j in range(grow.shape[0]):
+            store(grow, j, stash[j] * scale - g * w[j] * (trow[j] * t_scale + t_shift))
 
 
 @jit(inline=True)
@@ -129,6 +138,14 @@ def row_is_top1(row, y, xy, m, cap):
 
 GRAD_BLOCK = 512  # elements per block of the in-place gradient writers (a 2-4 KB scratch, in L1)
 SCRATCH = GRAD_BLOCK  # the row kernels' one compute-type scratch (in-place gradient blocks)
+
+
+@jit(inline=True)
+def row_scratch(C, keep_exp, grad, like):
+    """The row kernels' compute-type scratch (`like`'s dtype): `SCRATCH` elements, or a whole row's
+    (at least) when the fused call keeps its exponentials outside a 16-bit gradient (`exp_stash`)."""
+    n = C if keep_exp and not stash_in_grad(grad) and C > SCRATCH else SCRATCH
+    return np.empty(n, like.dtype)
 
 
 @jit(inline=True)
@@ -227,9 +244,11 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
     (before the sample weight, which is folded into `g` and applied by the caller to the loss),
     `m` the row's max and `ls = log sum exp(x - m)` (so `lse = m + ls`), and writes the
     gradient row in FUSED/BACKWARD mode. `m` and `ls` are inputs in BACKWARD mode only.
-    `keep_exp` and `in_place` as in `index_kernel`; `scratch`: `SCRATCH` compute-type elements."""
+    `keep_exp` and `in_place` as in `index_kernel`; `scratch`: compute-type elements, `SCRATCH`
+    or, with `keep_exp` and a 16-bit gradient, the row's length (`row_scratch`)."""
     loss = 0.0
     top1 = False
+    stash = exp_stash(grow, scratch)
     xy = compute_zero(row)
     s = one_like(xy)
     if mode != BACKWARD:
@@ -238,9 +257,9 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
             xy = capped(load(row[y]), cap)
             top1 = row_is_top1(row, y, xy, m, cap)
         if eps_c > 0 and valid:
-            s, d = row_sumexp_wdot(row, m, w, cap, grow, keep_exp)
+            s, d = row_sumexp_wdot(row, m, w, cap, stash, keep_exp)
         else:
-            s = row_sumexp(row, m, cap, grow, keep_exp)
+            s = row_sumexp(row, m, cap, stash, keep_exp)
             d = compute_zero(row)
         ls = math.log(s)
         if valid:
@@ -256,12 +275,13 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
         coef = as_compute(gv * index_grad_scale(m, ls, wy, wsum, eps, eps_c, z), row)
         wcoef = as_compute(gv * eps_c, row)
         if keep_exp:
-            row_grad_from_exp(grow, coef / s, w, wcoef)
+            row_grad_from_exp(grow, stash, coef / s, w, wcoef)
         else:
             row_grad_index(row, grow, m, ls, coef, w, wcoef, cap, in_place, scratch)
         if valid:  # the true-class term, in the compute type before the single rounding to storage
             if keep_exp:
-                gy = load(grow[y]) - as_compute(gv * (1.0 - eps) * wy, row)
+                gy = (load(grow[y]) if stash_in_grad(grow) else stash[y] * (coef / s) - w[y] * wcoef) \
+                    - as_compute(gv * (1.0 - eps) * wy, row)
             else:
                 gy = exp_nonpos((xy - m) - ls) * coef - w[y] * wcoef \
                     - as_compute(gv * (1.0 - eps) * wy, row)
@@ -271,19 +291,21 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
 
 @jit()
 def prob_row(row, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, m, ls, scratch):
-    """One row with a probability target `t~ = t*t_scale + t_shift`: returns `(loss, m, ls)`."""
+    """One row with a probability target `t~ = t*t_scale + t_shift`: returns `(loss, m, ls)`.
+    `scratch` as in `index_row`."""
     loss = 0.0
+    stash = exp_stash(grow, scratch)
     if mode != BACKWARD:
         m = row_max(row, cap)
-        s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, True, grow, keep_exp)
+        s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, True, stash, keep_exp)
         ls = math.log(s)
         loss = prob_loss(m, ls, a, d, z)
     else:
-        s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, False, grow, False)
+        s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, False, stash, False)
     if mode != FORWARD:
         coef = as_compute(g * prob_grad_scale(m, ls, a, z), row)
         if keep_exp:  # as in index_row
-            row_grad_soft_from_exp(grow, trow, coef / s, w, as_compute(g, row), t_scale, t_shift)
+            row_grad_soft_from_exp(grow, stash, trow, coef / s, w, as_compute(g, row), t_scale, t_shift)
         else:
             row_grad_soft(row, trow, grow, m, ls, coef, w, as_compute(g, row), t_scale, t_shift, cap, in_place,
                           scratch)
@@ -307,9 +329,10 @@ def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, ke
     w : (C,) class weights in the compute type (ones when the user gave none); `wsum = sum(w)`
     eps : label smoothing; `z` : z-loss coefficient; `cap` : soft-cap value or None
     mode : FORWARD, FUSED or BACKWARD
-    keep_exp : (FUSED only) t_scale each `exp(x - m)` in the gradient row between the sum and the
-        gradient passes instead of computing it twice; only for a float32/float64 gradient that is
-        not the logits, without soft-cap (whose slope needs `x`). The API layer decides.
+    keep_exp : (FUSED only) keep each `exp(x - m)` between the sum and the gradient passes instead
+        of computing it twice (`exp_stash`): in the gradient row for a float32/float64 gradient that
+        is not the logits, in a row-long compute-type scratch for a float16/bfloat16 gradient (in
+        place too); never with soft-cap (whose slope needs `x`). The API layer decides.
     in_place : `grad` is `x` itself (`out=input`)
     g : upstream gradient per row (N,) float64, or (1,) for the same value on every row
     sw : per-row sample weights (N,) float64, or (1,) for none
@@ -322,7 +345,7 @@ def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, ke
     eps_c = eps / C
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    scratch = np.empty(SCRATCH, w.dtype)  # w is in the compute type
+    scratch = row_scratch(C, keep_exp, grad, w)  # w is in the compute type
     for r in range(lo, hi):
         y = target[r]
         valid = y != ignore_index
@@ -349,10 +372,10 @@ def prob_kernel(lo, hi, x, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_pl
     `t~ = t*t_scale + t_shift` (`t_scale = 1 - eps`, `t_shift = eps/C`; 1 and 0 without
     smoothing). Other arguments as in `index_kernel`.
     """
-    R = x.shape[0]
+    R, C = x.shape
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
-    scratch = np.empty(SCRATCH, w.dtype)
+    scratch = row_scratch(C, keep_exp, grad, w)
     for r in range(lo, hi):
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
