@@ -8,7 +8,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ._jit import jit
-from ._math import as_compute, cap_slope, capped, compute_zero, exp_nonpos, load, log, store
+from ._math import as_compute, cap_slope, capped, compute_zero, exp_nonpos, load, log, max_skipnan, store
 from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob_grad_scale, prob_loss,
                     row_is_top1)
 
@@ -34,14 +34,16 @@ def column_block_rows(C):
 
 @jit(inline=True)
 def cols_max(X, i0, s0, nb, C, m, cap):
-    """`m_b = max_c x_cb` (NaN skipped, as in `row_max`), then soft-capped."""
+    """`m_b = max_c x_cb` (NaN skipped, as in `row_max`), then soft-capped. By `max_skipnan`, not
+    `m[b] = v if v > m[b] else m[b]`: LLVM turns a select between a new value and the one loaded
+    from the same address into a masked store, microcoded on AMD (0.8 ns per element, against
+    0.14, on a cached block)."""
     for b in range(nb):
         m[b] = -as_compute(np.inf, m)
     for c in range(C):
         xr = X[i0 + c, s0:s0 + nb]
         for b in range(nb):
-            v = load(xr[b])
-            m[b] = v if v > m[b] else m[b]
+            m[b] = max_skipnan(m[b], load(xr[b]))
     for b in range(nb):
         m[b] = capped(m[b], cap)
 
@@ -325,17 +327,10 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
         cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
         if mode != BACKWARD:
             lb = loss[r0:r0 + nb] if rows_out else lrow[:nb]
-            for b in range(nb):
-                lb[b] = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z)
-            if per_row_sw:
-                for b in range(nb):
-                    lb[b] *= sw[r0 + b]
-            elif sw[0] != 1:
-                for b in range(nb):
-                    lb[b] *= sw[0]
-            for b in range(nb):
-                if not ok[b]:
-                    lb[b] = 0.0
+            for b in range(nb):  # one store per row, no conditional one (a masked store, see cols_max)
+                lr = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z) \
+                    * (sw[r0 + b] if per_row_sw else sw[0])
+                lb[b] = lr if ok[b] else 0.0
             if not rows_out:
                 loss[blk] = sum_in_order(lb)
             else:

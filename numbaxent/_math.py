@@ -23,8 +23,11 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading layer first)
 
-_FAST = dict(HELPER_OPTIONS, fastmath=set(FASTMATH))
-_PLAIN = dict(HELPER_OPTIONS)
+# NumPy's error model, as the kernels have: a helper compiled with Python's checks every division for
+# zero, and that branch out of the loop kept every loop calling `log` (a division) from vectorising
+# (the column kernels' per-row logs ran one at a time, 7 ns each).
+_PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
+_FAST = dict(_PLAIN, fastmath=set(FASTMATH))
 
 __all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "load", "store", "compute_zero", "exp_stash",
            "stash_in_grad",
@@ -64,6 +67,28 @@ def _f64_as_i64(typingctx, x):
     return types.int64(types.float64), codegen
 
 
+@intrinsic
+def _exponent_fraction(typingctx, x):
+    """`(e, f)` with `x = 2^e f`, `f` in [1, 2) and `e` a float of `x`'s type, for a positive
+    normal `x`. The exponent field is taken out in 32-bit integers and converted by a packed
+    int32 -> float instruction: Numba's own integer arithmetic is 64-bit, and AVX2 has no packed
+    int64 -> float conversion (a loop that needs one is not vectorised)."""
+    if x not in (types.float32, types.float64):
+        return None
+    wide = x == types.float64
+    bits, mbits, bias = (64, 52, 1023) if wide else (32, 23, 127)
+
+    def codegen(ctx, builder, sig, args):
+        ity, i32 = ir.IntType(bits), ir.IntType(32)
+        b = builder.bitcast(args[0], ity)
+        high = builder.trunc(builder.lshr(b, ity(32)), i32) if wide else b
+        field = builder.and_(builder.lshr(high, i32(mbits - (32 if wide else 0))), i32(2 * bias + 1))
+        e = builder.sitofp(builder.sub(field, i32(bias)), args[0].type)
+        frac = builder.or_(builder.and_(b, ity((1 << mbits) - 1)), ity(bias << mbits))
+        return ctx.make_tuple(builder, sig.return_type, [e, builder.bitcast(frac, args[0].type)])
+    return types.UniTuple(x, 2)(x), codegen
+
+
 # -- exp ---------------------------------------------------------------------------------------------
 # exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2] (Cody-Waite split of ln2
 # so r is exact), exp(r) by a polynomial. 2^n is built from exponent bits in two halves so that
@@ -87,6 +112,9 @@ def _exp_reduced_f32(x):
     return p * (r * r) + r + np.float32(1.0), np.int32(n)
 
 
+_ROUND_F64 = 6755399441055744.0  # 1.5 * 2^52: an integer |n| < 2^51 added to it is exact, in the low bits
+
+
 @register_jitable(inline="always", **_PLAIN)  # IR-inlined: one function fewer per exp
 def _exp_reduced_f64(x):
     """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
@@ -106,7 +134,9 @@ def _exp_reduced_f64(x):
     p = p * r + 0.041666666666666664
     p = p * r + 0.16666666666666666
     p = p * r + 0.5
-    return p * (r * r) + r + 1.0, np.int64(n)
+    # n as an int64 by the bits of n + 1.5*2^52 (n sits in the low mantissa bits): AVX2 has no
+    # packed float64 -> int64 conversion, and `np.int64(n)` made every float64 exp loop scalar
+    return p * (r * r) + r + 1.0, _f64_as_i64(n + _ROUND_F64) - _f64_as_i64(_ROUND_F64)
 
 
 class _Format:
@@ -199,12 +229,10 @@ exp.__name__ = "exp"
 
 @register_jitable(**_PLAIN)
 def _log_f32(x):
-    b = _f32_as_i32(x)
-    e = ((b >> np.int32(23)) & np.int32(0xFF)) - np.int32(127)
-    f = _i32_as_f32((b & np.int32(0x7FFFFF)) | np.int32(0x3F800000))
+    ef, f = _exponent_fraction(x)
     big = f > np.float32(1.41421356)
     f = np.float32(0.5) * f if big else f
-    e = e + np.int32(1) if big else e
+    ef = ef + np.float32(1.0) if big else ef
     u = (f - np.float32(1.0)) / (f + np.float32(1.0))
     u2 = u * u
     p = np.float32(2.0 / 9.0)
@@ -212,26 +240,22 @@ def _log_f32(x):
     p = p * u2 + np.float32(2.0 / 5.0)
     p = p * u2 + np.float32(2.0 / 3.0)
     p = p * u2 + np.float32(2.0)
-    ef = np.float32(e)
     r = ef * np.float32(0.693359375) + (u * p + ef * np.float32(-2.12194440e-4))
     return r if x < np.float32(np.inf) else x  # +inf and NaN (the comparison is false for NaN)
 
 
 @register_jitable(**_PLAIN)
 def _log_f64(x):
-    b = _f64_as_i64(x)
-    e = ((b >> np.int64(52)) & np.int64(0x7FF)) - np.int64(1023)
-    f = _i64_as_f64((b & np.int64(0xFFFFFFFFFFFFF)) | np.int64(0x3FF0000000000000))
+    ef, f = _exponent_fraction(x)
     big = f > 1.4142135623730951
     f = 0.5 * f if big else f
-    e = e + np.int64(1) if big else e
+    ef = ef + 1.0 if big else ef
     u = (f - 1.0) / (f + 1.0)
     u2 = u * u
     p = 2.0 / 25.0
     for k in (23.0, 21.0, 19.0, 17.0, 15.0, 13.0, 11.0, 9.0, 7.0, 5.0, 3.0):
         p = p * u2 + 2.0 / k
     p = p * u2 + 2.0
-    ef = np.float64(e)
     # ln2 split so that e * hi is exact; the low part joins the (small) series term
     r = ef * 0.6931471803691238 + (u * p + ef * 1.9082149292705877e-10)
     return r if x < np.inf else x
