@@ -30,7 +30,7 @@ _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 _FAST = dict(_PLAIN, fastmath=set(FASTMATH))
 
 __all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "load", "store", "compute_zero", "exp_stash",
-           "stash_in_grad",
+           "stash_in_grad", "min_int",
            "compute_scratch", "as_compute", "one_like", "capped", "cap_slope"]
 
 
@@ -406,6 +406,20 @@ def max_skipnan(typingctx, a, b):
     def codegen(ctx, builder, sig, args):
         fty = args[0].type
         fn = builder.module.declare_intrinsic("llvm.maxnum", [fty], ir.FunctionType(fty, [fty, fty]))
+        return builder.call(fn, args)
+    return a(a, b), codegen
+
+
+@intrinsic
+def min_int(typingctx, a, b):
+    """`min(a, b)` of two integers of the same type, as LLVM's `smin` (a packed min in vectorised
+    loops; no builtin `min` to compile, no select that LLVM could turn into a masked store)."""
+    if a != b or not isinstance(a, types.Integer) or not a.signed:
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        ity = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.smin", [ity], ir.FunctionType(ity, [ity, ity]))
         return builder.call(fn, args)
     return a(a, b), codegen
 

@@ -48,7 +48,7 @@ from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
 from ._rows import row_is_top1, row_max
-from ._math import as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load
+from ._math import as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load, max_skipnan, min_int
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -276,32 +276,36 @@ def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, smooth, s, h, d):
 
 @jit()
 def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
-    """One compare-only pass over a block: `m` (the row maximum, NaN skipped, of the capped
-    logits), `first` (the lowest `c` with `x_c > ` every earlier entry, i.e. the first index of
-    the maximum; `C` when no entry exceeds `-inf`) and, when `count`,
+    """Two compare-only passes over a block: `m` (the row maximum, NaN skipped, of the capped
+    logits), `first` (the first index of the maximum, i.e. the lowest `c` with `x_c > ` every
+    earlier entry; `C` when no entry exceeds `-inf`) and, when `count`,
     `gt = #{c : x_c > x_y} + #{c < y : x_c == x_y}`, the target's rank in a stable `argsort(-x)`
     (for a non-NaN `x_y`)."""
-    one, zero = np.int32(1), np.int32(0)
+    one, zero, none = np.int32(1), np.int32(0), np.int32(C)
+    low = -as_compute(np.inf, m)
     for b in range(nb):
-        m[b] = -as_compute(np.inf, m)
-        first[b] = C
+        m[b] = low
+        first[b] = none
         gt[b] = 0
     for c in range(C):
         xr = X[i0 + c, s0:s0 + nb]
-        c32 = np.int32(c)
         if count:
             for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
                 v = capped(load(xr[b]), cap)
-                up = v > m[b]
-                first[b] = c32 if up else first[b]
-                m[b] = v if up else m[b]
+                m[b] = max_skipnan(m[b], v)
                 gt[b] += one if (v > xy[b]) | ((v == xy[b]) & (c < yv[b])) else zero
         else:
             for b in range(nb):
-                v = capped(load(xr[b]), cap)
-                up = v > m[b]
-                first[b] = c32 if up else first[b]
-                m[b] = v if up else m[b]
+                m[b] = max_skipnan(m[b], capped(load(xr[b]), cap))
+    # `first` as the least `c` with `x_c == m > -inf`, by a min in a second pass over the (cached)
+    # block: tracked as `first[b] = c if v > m[b] else first[b]`, LLVM made it a masked store,
+    # microcoded on AMD (see _columns.cols_max)
+    for c in range(C):
+        xr = X[i0 + c, s0:s0 + nb]
+        c32 = np.int32(c)
+        for b in range(nb):
+            v = capped(load(xr[b]), cap)
+            first[b] = min_int(first[b], c32 if (v == m[b]) & (v > low) else none)
 
 
 @jit()
