@@ -194,46 +194,44 @@ def row_grad_soft(row, trow, grow, m, ls, coef, w, g, t_scale, t_shift, cap, in_
 
 
 # -- per-row formulas shared by the row and column kernels -------------------------------------------
+# Optional terms are added through a select, not an `if`: both sides are computed and one is kept, so
+# the column kernels' loops over a block's rows vectorise (with the `if`s LLVM left them scalar: 6.6
+# ns per row of 10 classes). The select also keeps a term that is off from leaking a NaN (`0 * inf`).
 @jit(inline=True)
 def index_loss(m, ls, xy, d, wy, wsum, eps, eps_c, z):
     """Loss of a valid row in float64: `(1-eps) w_y (lse - x_y) + (eps/C) (W lse - sum_c w_c x_c)
     + z lse^2` with `lse = m + ls`, `W = sum_c w_c` and `d = sum_c w_c (x_c - m)`."""
     loss = (1.0 - eps) * np.float64(wy) * ((np.float64(m) - np.float64(xy)) + np.float64(ls))
-    if eps_c > 0:
-        loss += eps_c * (np.float64(wsum) * np.float64(ls) - np.float64(d))
-    if z != 0:
-        lse = np.float64(m) + np.float64(ls)
-        loss += z * (lse * lse)  # not `** 2`: Numba compiles a general integer power for it
-    return loss
+    smooth = eps_c * (np.float64(wsum) * np.float64(ls) - np.float64(d))
+    lse = np.float64(m) + np.float64(ls)
+    zterm = z * (lse * lse)  # not `** 2`: Numba compiles a general integer power for it
+    loss = loss + smooth if eps_c > 0 else loss  # (not `loss + 0.0`, which would turn -0.0 into +0.0)
+    return loss + zterm if z != 0 else loss
 
 
 @jit(inline=True)
 def index_grad_scale(m, ls, wy, wsum, eps, eps_c, z):
     """`a` of the module docstring: `(1-eps) w_y + (eps/C) W + 2 z lse`."""
     a = (1.0 - eps) * wy + eps_c * np.float64(wsum)
-    if z != 0:
-        a += 2.0 * z * (np.float64(m) + np.float64(ls))
-    return a
+    zterm = 2.0 * z * (np.float64(m) + np.float64(ls))
+    return a + zterm if z != 0 else a
 
 
 @jit(inline=True)
 def prob_loss(m, ls, a, d, z):
     """Loss of a probability-target row: `lse sum_c w_c t~_c - sum_c w_c t~_c x_c + z lse^2` written
     as `ls a - d + z lse^2` with `a = sum w t~` and `d = sum w t~ (x - m)`."""
+    lse = np.float64(m) + np.float64(ls)
+    zterm = z * (lse * lse)
     loss = np.float64(ls) * np.float64(a) - np.float64(d)
-    if z != 0:
-        lse = np.float64(m) + np.float64(ls)
-        loss += z * (lse * lse)  # not `** 2`: Numba compiles a general integer power for it
-    return loss
+    return loss + zterm if z != 0 else loss
 
 
 @jit(inline=True)
 def prob_grad_scale(m, ls, a, z):
     """`a + 2 z lse` for probability targets."""
-    c = np.float64(a)
-    if z != 0:
-        c += 2.0 * z * (np.float64(m) + np.float64(ls))
-    return c
+    zterm = 2.0 * z * (np.float64(m) + np.float64(ls))
+    return np.float64(a) + zterm if z != 0 else np.float64(a)
 
 
 # -- one row, every mode -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numba
 import numpy as np
 import pytest
 
-from numbaxent._math import exp, exp_nonpos, log
+from numbaxent._math import as_compute, exp, exp_nonpos, log, max_skipnan, min_int, store
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
@@ -64,3 +64,68 @@ def test_log(dtype):
     res = np.empty_like(special)
     _apply(special, 2, res)
     np.testing.assert_array_equal(res, [0.0, np.inf, np.nan])
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
+def _reduce_max(a):
+    m = as_compute(-np.inf, a)
+    for i in range(a.shape[0]):
+        m = max_skipnan(m, a[i])
+    return m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_skipnan_skips_nan_as_the_row_maximum_needs(dtype):
+    rng = np.random.default_rng(2)
+    for n in (1, 7, 8, 33, 1000, 1003):  # vector bodies and scalar tails
+        a = rng.standard_normal(n).astype(dtype)
+        if n > 1:
+            a[rng.choice(n - 1, size=min(3, n - 1), replace=False) + 1] = np.nan  # a[0] stays a number
+        assert _reduce_max(a) == np.nanmax(a)
+    a = np.array([1.0, -np.inf, np.inf, np.nan], dtype=dtype)
+    assert _reduce_max(a) == np.inf
+
+
+@numba.njit(error_model="numpy")
+def _pairwise_min(a, b, out):
+    for i in range(a.shape[0]):
+        out[i] = min_int(a[i], b[i])
+
+
+def test_min_int():
+    rng = np.random.default_rng(3)
+    a = rng.integers(-2**31, 2**31 - 1, 1000, dtype=np.int64).astype(np.int32)
+    b = rng.integers(-2**31, 2**31 - 1, 1000, dtype=np.int64).astype(np.int32)
+    out = np.empty_like(a)
+    _pairwise_min(a, b, out)
+    np.testing.assert_array_equal(out, np.minimum(a, b))
+
+
+@numba.njit(error_model="numpy")
+def _store_all(v, out):
+    for i in range(v.shape[0]):
+        store(out, i, v[i])
+
+
+def test_half_precision_stores_round_as_numpy_and_ml_dtypes():
+    # every float32 pattern class: normals, subnormals, ties in the dropped bits, overflow, inf, NaN
+    rng = np.random.default_rng(4)
+    bits = rng.integers(0, 2**32, 200000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0, 2**16, 2000, dtype=np.uint64).astype(np.uint32) << 16) | 0x8000
+    v = np.concatenate([bits.view(np.float32), ties.view(np.float32),
+                        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, 65504.0, 65520.0,
+                                  6e-8, 1e-45], np.float32)])
+    with np.errstate(over="ignore"):
+        expected_f16 = v.astype(np.float16)
+    got = np.empty(v.shape, np.uint16)
+    _store_all(v, got)
+    ok = ~np.isnan(v)
+    np.testing.assert_array_equal(got[ok], expected_f16.view(np.uint16)[ok])
+    assert np.isnan(got.view(np.float16)[~ok]).all()
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with np.errstate(invalid="ignore"):  # (ml_dtypes warns on the NaN inputs)
+        expected_bf16 = v.astype(ml_dtypes.bfloat16)
+    got = np.empty(v.shape, np.int16)
+    _store_all(v, got)
+    np.testing.assert_array_equal(got[ok], expected_bf16.view(np.int16)[ok])
+    assert np.isnan(got.view(ml_dtypes.bfloat16).astype(np.float32)[~ok]).all()
