@@ -107,7 +107,7 @@ def rows_profile(repeat):
 def _column_steps(x, target, w, last):
     """The forward steps of `index_cols_kernel` on 2-D float32 input, up to step `last`."""
     N, C = x.shape
-    nbmax = _columns.column_block_rows(C)
+    nbmax = _columns.column_block_rows(C, 1)
     x_block = np.empty((C, nbmax), x.dtype)
     exps = np.empty((C, nbmax), w.dtype)
     m, s, d, ls = (np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype),

@@ -86,7 +86,7 @@ def loss_total(p: Prepared, loss: np.ndarray, blocks: bool) -> float:
     if not blocks and p.rows and p.C and use_columns(p.x3.shape):
         k = kernels()
         N, C, S = p.x3.shape
-        loss = k.block_sums(loss, N, S, k.column_block_rows(C))
+        loss = k.block_sums(loss, N, S, k.column_block_rows(C, S))
     return float(np.sum(loss))
 
 
@@ -162,7 +162,7 @@ def _run_kernel(p: Prepared, mode: int, g: np.ndarray, row_max: np.ndarray, row_
     keep_exp = (mode == k.FUSED and p.cap is None
                 and (not in_place or p.x3.dtype not in (np.float32, np.float64)))
     if columns:
-        nbmax = k.column_block_rows(C)
+        nbmax = k.column_block_rows(C, S)
         count = k.column_count(N, S, nbmax)
         head = (k.column_view(p.x3), N, C, S, nbmax)
         grad2 = k.column_view(grad3)
@@ -278,7 +278,7 @@ def kernel_pass(p: Prepared, mode: int, g: np.ndarray, grad3: np.ndarray,
         # only the total is wanted: the column kernels return per-block sums (no per-row output)
         k = kernels()
         N, C, S = p.x3.shape
-        loss = loss[:k.column_count(N, S, k.column_block_rows(C))]
+        loss = loss[:k.column_count(N, S, k.column_block_rows(C, S))]
     _run_kernel(p, mode, g, row_max, row_logsum, loss, top1, grad3, rows_out=not blocks)
     return loss, row_max, row_logsum, top1, blocks
 

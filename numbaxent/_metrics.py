@@ -410,7 +410,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     N, C, S = x.shape
     B = fp.shape[1] - F_CLS - C
     X = column_views(x, S)
-    nbmax = column_block_rows(C)
+    nbmax = column_block_rows(C, S)
     nblocks = column_count(N, S, nbmax)
     ngroups = fp.shape[0]
     eps_c = eps / C

@@ -743,7 +743,7 @@ class Evaluator:
 
         N, C, S = x3.shape
         B = self.calibration_bins
-        nbmax = _kernels.column_block_rows(C)
+        nbmax = _kernels.column_block_rows(C, S)
         nblocks = _kernels.column_count(N, S, nbmax)
         n_float = self._hi.shape[0]
         # a group's float sums cost far less than its rows' work, and all of them together take

@@ -11,7 +11,7 @@ from naive import naive_cross_entropy
 from numbaxent import _kernels as k
 from test_core_parity import assert_close
 
-NB3 = k.column_block_rows(3)  # rows per block for C=3
+NB3 = k.column_block_rows(3, 1)  # rows per 2-D block for C=3
 
 
 def _case(shape, dtype, soft, seed=0, ignore=True):
