@@ -19,14 +19,13 @@ Every figure is the fastest of `--repeat` runs (default 9) after a warm-up.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numba
 import numpy as np
 
 from numbaxent import _columns, _math, _rows
 from numbaxent._jit import FASTMATH
-from numbaxent.bench_cases import cpu_line
+from numbaxent.bench_cases import cpu_line, timings
 
 FM = set(FASTMATH)
 
@@ -34,13 +33,7 @@ FM = set(FASTMATH)
 def _fastest_seconds(f, repeat):
     """The fastest of `repeat` runs after a warm-up: the least disturbed by a shared machine, which
     is what differences of cumulative times need."""
-    f()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return float(np.min(ts))
+    return float(np.min(timings(f, repeat)))
 
 
 @numba.njit(fastmath=FM, error_model="numpy", nogil=True)
