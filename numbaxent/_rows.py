@@ -137,14 +137,12 @@ def row_is_top1(row, y, xy, m, cap):
 
 
 GRAD_BLOCK = 512  # elements per block of the in-place gradient writers (a 2-4 KB scratch, in L1)
-SCRATCH = GRAD_BLOCK  # the row kernels' one compute-type scratch (in-place gradient blocks)
-
-
 @jit(inline=True)
 def row_scratch(C, keep_exp, grad, like):
-    """The row kernels' compute-type scratch (`like`'s dtype): `SCRATCH` elements, or a whole row's
-    (at least) when the fused call keeps its exponentials outside a 16-bit gradient (`exp_stash`)."""
-    n = C if keep_exp and not stash_in_grad(grad) and C > SCRATCH else SCRATCH
+    """The row kernels' compute-type scratch (`like`'s dtype): `GRAD_BLOCK` elements (the in-place
+    gradient writers' blocks), or a whole row's when the fused call keeps its exponentials outside a
+    16-bit gradient (`exp_stash`)."""
+    n = C if keep_exp and not stash_in_grad(grad) and C > GRAD_BLOCK else GRAD_BLOCK
     return np.empty(n, like.dtype)
 
 
@@ -242,7 +240,7 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
     (before the sample weight, which is folded into `g` and applied by the caller to the loss),
     `m` the row's max and `ls = log sum exp(x - m)` (so `lse = m + ls`), and writes the
     gradient row in FUSED/BACKWARD mode. `m` and `ls` are inputs in BACKWARD mode only.
-    `keep_exp` and `in_place` as in `index_kernel`; `scratch`: compute-type elements, `SCRATCH`
+    `keep_exp` and `in_place` as in `index_kernel`; `scratch`: compute-type elements, `GRAD_BLOCK`
     or, with `keep_exp` and a 16-bit gradient, the row's length (`row_scratch`)."""
     loss = 0.0
     top1 = False
