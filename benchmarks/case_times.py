@@ -10,7 +10,6 @@ compile). Alternate the two a few times: a shared machine's noise is larger than
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -23,6 +22,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import numbaxent as nx
     from numbaxent import bench_cases
+    from numbaxent.bench_cases import timings
 
     for name in args.cases.split(","):
         x, t, kw = bench_cases.make_case(name)
@@ -32,12 +32,8 @@ def main(argv=None) -> int:
         fwd(), fused()
         tf, tb = [], []
         for _ in range(args.repeat):  # interleaved, so both see the same machine
-            s = time.perf_counter()
-            fwd()
-            tf.append(time.perf_counter() - s)
-            s = time.perf_counter()
-            fused()
-            tb.append(time.perf_counter() - s)
+            tf += timings(fwd, 1, warmup=False)
+            tb += timings(fused, 1, warmup=False)
         print(f"{args.tag} {name} fwd median {np.median(tf) * 1e3:.1f} min {min(tf) * 1e3:.1f}  "
               f"fwd+bwd median {np.median(tb) * 1e3:.1f} min {min(tb) * 1e3:.1f} ms", flush=True)
     return 0

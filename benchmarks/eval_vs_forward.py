@@ -11,25 +11,14 @@ wall time on a shared machine), and the ratio of the fastest runs (least disturb
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
 
 import numbaxent as nx
+from numbaxent.bench_cases import cpu_line
 
 CASES = {"few": (1048576, 10), "kdim": (8, 21, 256, 256), "long": (4096, 32000)}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f if ":" in line and line.strip())
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model " \
-               f"{info.get('model', '?')})"
-    except OSError:
-        return platform.processor() or "?"
 
 
 def timed(fn):
@@ -50,7 +39,7 @@ def main(argv=None) -> int:
     if args.threads:
         numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    print(f"cpu: {cpu_model()}; threads: {numba.get_num_threads()}; repeat: {args.repeat}"
+    print(f"{cpu_line()}; threads: {numba.get_num_threads()}; repeat: {args.repeat}"
           + ("; confusion=True" if args.confusion else ""))
     for name in args.cases.split(","):
         shape = CASES[name]

@@ -113,10 +113,12 @@ def numpy_cross_entropy_with_grad(x, t, weight=None, label_smoothing=0.0):
     return loss, grad
 
 
-def timings(fn, repeat: int) -> list:
+def timings(fn, repeat: int, warmup: bool = True) -> list:
     """Seconds of `repeat` calls of `fn` after one warm-up call (the one timer of every
-    numbaxent benchmark script)."""
-    fn()
+    numbaxent benchmark script). `warmup=False` for a caller that alternates several functions
+    one timed call at a time and has warmed them up itself."""
+    if warmup:
+        fn()
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()
