@@ -405,26 +405,24 @@ def _open_pairs(specs, rows_range, hidden=False):
     return pairs, C, total, (start, stop)
 
 
-def _evaluate_local(pairs, ev, rows, progress: _Progress, head: _Head | None = None):
-    if head is None:  # one pipeline over every pair: the threads never wait between chunks or files
-        keep = ev.IN_FLIGHT - 1  # chunks still being read when the next one is asked for
-
-        def chunks():
-            for p in pairs:
-                r = rows or _default_rows(p.xs)
-                xit = row_chunks(p.xs, r, p.start, p.stop, keep=keep)
-                tit = row_chunks(p.ts, r, p.start, p.stop, keep=keep)
-                for (_, _, x), (_, _, t) in zip(xit, tit):
-                    yield x, t
-
-        return ev.update_chunks(chunks(), callback=progress.update)
+def _pair_chunks(pairs, rows, head: _Head | None = None, keep: int = 0):
+    """`(a, b, x, t)`: rows `a:b` of every pair's logits (or hidden states) and targets, pair after
+    pair, `rows` at a time (default `_default_rows`); `keep` as in `row_chunks`."""
     for p in pairs:
         r = rows or _default_rows(p.xs, head)
-        for (a, b, x), (_, _, t) in zip(row_chunks(p.xs, r, p.start, p.stop),
-                                        row_chunks(p.ts, r, p.start, p.stop)):
-            ev.update_hidden(x, head.weight_for(x.dtype), t, head.bias, head.softcap,
-                             head.chunk_size)
-            progress.update(b - a)
+        for (a, b, x), (_, _, t) in zip(row_chunks(p.xs, r, p.start, p.stop, keep=keep),
+                                        row_chunks(p.ts, r, p.start, p.stop, keep=keep)):
+            yield a, b, x, t
+
+
+def _evaluate_local(pairs, ev, rows, progress: _Progress, head: _Head | None = None):
+    if head is None:  # one pipeline over every pair: the threads never wait between chunks or files
+        # (the chunks still being read when the next one is asked for keep their pages mapped)
+        chunks = ((x, t) for _, _, x, t in _pair_chunks(pairs, rows, keep=ev.IN_FLIGHT - 1))
+        return ev.update_chunks(chunks, callback=progress.update)
+    for a, b, x, t in _pair_chunks(pairs, rows, head):
+        ev.update_hidden(x, head.weight_for(x.dtype), t, head.bias, head.softcap, head.chunk_size)
+        progress.update(b - a)
     return ev
 
 

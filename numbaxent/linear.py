@@ -49,25 +49,32 @@ def chunk_rows(vocab: int, itemsize: int, n_rows: int) -> int:
     return max(1, min(rows, n_rows))
 
 
+def _numpy_blas_symbol(name: str):
+    """The function `name` of the BLAS bundled with NumPy's PyPI wheels (OpenBLAS, `scipy_`-prefixed
+    ILP64 symbols), found through NumPy's extension module, whose symbol scope includes that
+    library; None on other NumPy builds."""
+    try:
+        from numpy._core import _multiarray_umath
+
+        return getattr(ctypes.CDLL(_multiarray_umath.__file__), name)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def _cblas_gemm(dtype: np.dtype):
     """NumPy's own BLAS `cblas_?gemm` for float32/float64 through ctypes, or None.
 
     NumPy's PyPI wheels bundle OpenBLAS with ILP64 symbols (`scipy_cblas_sgemm64_`,
-    `scipy_cblas_dgemm64_`: 64-bit integer arguments, so the names fix the calling convention);
-    looked up through NumPy's extension module, whose symbol scope includes that library. Used
-    only for what `np.matmul` cannot do, accumulating (`beta = 1`) into `grad_weight`; elsewhere
-    (other NumPy builds) None, and the caller accumulates through a temporary.
+    `scipy_cblas_dgemm64_`: 64-bit integer arguments, so the names fix the calling convention;
+    `_numpy_blas_symbol`). Used only for what `np.matmul` cannot do, accumulating (`beta = 1`)
+    into `grad_weight`; elsewhere (other NumPy builds) None, and the caller accumulates through a
+    temporary.
     """
     name = {"float32": "scipy_cblas_sgemm64_", "float64": "scipy_cblas_dgemm64_"}.get(
         np.dtype(dtype).name)
-    if name is None:
-        return None
-    try:
-        from numpy._core import _multiarray_umath
-
-        fn = getattr(ctypes.CDLL(_multiarray_umath.__file__), name)
-    except (ImportError, OSError, AttributeError):
+    fn = None if name is None else _numpy_blas_symbol(name)
+    if fn is None:
         return None
     real = ctypes.c_float if np.dtype(dtype) == np.float32 else ctypes.c_double
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -83,11 +90,8 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values
 def _blas_threads():
     """The thread count of NumPy's bundled OpenBLAS (`scipy_openblas_get_num_threads64_`), or
     None when that library is not reachable."""
-    try:
-        from numpy._core import _multiarray_umath
-
-        fn = ctypes.CDLL(_multiarray_umath.__file__).scipy_openblas_get_num_threads64_
-    except (ImportError, OSError, AttributeError):
+    fn = _numpy_blas_symbol("scipy_openblas_get_num_threads64_")
+    if fn is None:
         return None
     fn.argtypes, fn.restype = [], ctypes.c_int
     return int(fn())
