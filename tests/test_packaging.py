@@ -39,6 +39,15 @@ def test_readme_links_are_absolute_and_point_at_the_repository():
         assert anchor in headings, anchor
 
 
+def test_readme_test_command_is_what_ci_runs():
+    readme = [line for line in _read("README.md").splitlines()
+              if line.startswith("python3 -m venv") and "[test" in line]
+    assert len(readme) == 1, "the README has one command that sets up and runs the tests"
+    pytest_call = readme[0].rsplit("&& ", 1)[1]
+    ci = [line for line in _read(".ci/run").splitlines() if "pytest" in line]
+    assert ci == [pytest_call]
+
+
 def test_project_urls_use_the_same_repository():
     urls = re.findall(r'^\w+ = "(https://[^"]+)"', _read("pyproject.toml"), re.M)
     assert urls and all(u.startswith(REPOSITORY) for u in urls)
