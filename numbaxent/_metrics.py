@@ -7,7 +7,8 @@ indices over the `N*S` rows, `w` are the class weights in the compute type.
 For each non-ignored row the logits are read from memory once; the passes below run over the row
 while it is in cache (as the core forward does), rows split across threads (`_parallel.run_tasks`):
 
-1. `numbaxent._kernels.row_max` (the core's primitive): `m = max_c x_c`;
+1. `row_max_first_block`: `m = max_c x_c` (as the core's `row_max`), and the first block of the
+   row that holds it;
 2. `row_eval_sums`, one fused loop: `s = sum_c e_c` with `e_c = exp(x_c - m)`,
    `h = sum_c e_c (x_c - m)` (entropy) and `d = sum_c w_c (x_c - m)` (label smoothing, only
    when `eps > 0`);
@@ -47,7 +48,7 @@ import numpy as np
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
-from ._rows import row_is_top1, row_max
+from ._rows import row_is_top1
 from ._math import as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load, max_skipnan, min_int
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
@@ -61,31 +62,36 @@ H_FLOOR = -1.0e4
 # -- row primitives ----------------------------------------------------------------------------------
 @jit()
 def row_eval_sums(row, m, w, cap, smooth):
-    """`(s, h, d)` in one loop: `s = sum e_c`, `h = sum e_c (x_c - m)` (`0 log 0 = 0`: the
-    factor `x_c - m` is clamped to `H_FLOOR`, far below where `e_c` underflows to 0, so a `-inf`
-    logit adds `0 * H_FLOOR = 0`, not NaN; a clamp and a fused multiply-add per element, where
-    a select on `e_c > 0` made this loop ~10% slower, measured) and, when `smooth`,
-    `d = sum w_c (x_c - m)` (0 otherwise). The counts of `row_count_greater` and
-    `row_first_equal` are separate loops on purpose: an integer reduction in this loop halves
-    its vector width (measured: +40% time), as a separate compare-only loop over the cached row it
-    costs ~4% (less with the early exits of both)."""
+    """`(s, h, d)` in one loop: `s = sum e_c`, `h = sum e_c (x_c - m)` and, when `smooth`,
+    `d = sum w_c (x_c - m)` (0 otherwise). `h` is one fused multiply-add per element; a `-inf`
+    logit (`e_c = 0`, `x_c - m = -inf`) makes it `0 * -inf = NaN` there, and only then (`h` NaN
+    while `s` is not) is `h` summed again with `x_c - m` clamped to `H_FLOOR`, far below where
+    `e_c` underflows to 0, so that such a logit adds 0 (`0 log 0 = 0`). The clamp in the main loop
+    cost 4-5% of a long row's evaluation (measured). The counts of `row_count_greater` and
+    `row_first_equal` are separate loops on purpose: an integer reduction in this loop halves its
+    vector width (measured: +40% time)."""
     s = compute_zero(row)
     h = compute_zero(row)
     d = compute_zero(row)
-    floor = as_compute(H_FLOOR, row)
     if smooth:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             e = exp_nonpos(v)  # v <= 0 (or NaN): m is the maximum
             s += e
-            h += e * (v if v > floor else floor)
+            h += e * v
             d += w[j] * v
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
-            e = exp_nonpos(v)  # v <= 0 (or NaN): m is the maximum
+            e = exp_nonpos(v)
             s += e
-            h += e * (v if v > floor else floor)
+            h += e * v
+    if h != h and s == s:  # a -inf logit (rare): the clamped sum
+        floor = as_compute(H_FLOOR, row)
+        h = compute_zero(row)
+        for j in range(row.shape[0]):
+            v = capped(load(row[j]), cap) - m
+            h += exp_nonpos(v) * (v if v > floor else floor)
     return s, h, d
 
 
@@ -119,11 +125,34 @@ def row_ties_before(row, y, xy, cap):
 
 
 @jit()
-def row_first_equal(row, m, cap):
-    """The lowest `c` with `x_c == m` (`C` if none: an all-NaN row): a vectorised
-    index-minimum over steps of `BLOCK` elements, stopping in the first step that holds one."""
+def row_max_first_block(row, cap):
+    """`(m, j0)`: `row_max` computed one `BLOCK` at a time, and the start `j0` of the first block
+    that holds the maximum (0 for an all-NaN row), so that `row_first_equal` scans from there
+    instead of from the row's start (on average half the row). One scalar compare per block; the
+    maximum of each block stays a packed reduction. With a soft-cap, distinct logits can saturate
+    to the same capped value, so the first index of the capped maximum may lie in an earlier block:
+    `j0` is then 0."""
     C = row.shape[0]
-    for j0 in range(0, C, BLOCK):
+    m = -as_compute(np.inf, row)
+    j0 = 0
+    for b0 in range(0, C, BLOCK):
+        blk = row[b0:min(b0 + BLOCK, C)]
+        bm = -as_compute(np.inf, row)
+        for j in range(blk.shape[0]):
+            bm = max_skipnan(bm, load(blk[j]))
+        if bm > m:  # strictly: a later block that only ties keeps the earlier one
+            m = bm
+            j0 = b0
+    return capped(m, cap), (j0 if cap is None else 0)
+
+
+@jit()
+def row_first_equal(row, m, cap, start):
+    """The lowest `c >= start` with `x_c == m` (`C` if none: an all-NaN row; `start` from
+    `row_max_first_block`): a vectorised index-minimum over steps of `BLOCK` elements, stopping in
+    the first step that holds one."""
+    C = row.shape[0]
+    for j0 in range(start, C, BLOCK):
         blk = row[j0:min(j0 + BLOCK, C)]
         none = np.int32(blk.shape[0])
         f = none
@@ -150,7 +179,7 @@ def row_nan_target_rank(row, y, cap):
 def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
     """All metrics of one non-ignored row: `(loss, nll, entropy, confidence, rank, pred)`, the
     floats in float64, `rank` capped at `kmax`."""
-    m = row_max(row, cap)
+    m, first_block = row_max_first_block(row, cap)
     s, h, d = row_eval_sums(row, m, w, cap, eps_c > 0)
     xy = capped(load(row[y]), cap)
     ls = math.log(s)
@@ -175,7 +204,7 @@ def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
     if rank == 0:
         pred = y
     else:
-        pred = row_first_equal(row, m, cap)
+        pred = row_first_equal(row, m, cap, first_block)
         if pred == row.shape[0]:
             pred = 0  # all-NaN row: a stable argsort of -x starts with index 0
     return loss, nll, ent, conf, rank, pred

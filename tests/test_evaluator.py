@@ -207,6 +207,38 @@ def test_topk_ties_follow_a_stable_argsort_of_minus_logits(each_kernel_path):
     assert_matches(res, ref, rtol=1e-12)
 
 
+@pytest.mark.parametrize("cap", [None, 4.0])
+def test_predicted_class_and_entropy_on_rows_longer_than_a_scan_block(cap):
+    # the row kernel finds the maximum block by block and scans for its first index from the
+    # first block holding it; the entropy sum takes a second, clamped loop when a -inf logit made
+    # it NaN. Rows of 1300 classes span three 512-element blocks.
+    rng = np.random.default_rng(11)
+    C = 1300
+    x = rng.standard_normal((9, C))
+    x[0, [700, 1200]] = 40.0         # tie across blocks: the first wins
+    x[1, [100, 1100]] = 40.0
+    x[2, 1299] = 40.0                # the maximum in the last, short block
+    x[3, 20], x[3, 1290] = 150.0, 200.0  # both saturate to the cap (4 tanh(37.5) == 4.0)
+    x[4, [3, 900]] = -np.inf         # -inf logits: 0 log 0 = 0 in the entropy
+    x[5, :] = -np.inf
+    x[5, [600, 601]] = 1.0
+    x[6, 800] = np.nan               # NaN skipped by the maximum, the softmax NaN
+    x[7, :] = np.nan                 # all NaN: predicted 0
+    x[8, 513] = np.inf
+    t = np.array([1200, 100, 5, 1290, 7, 601, 800, 2, 513])
+    res = Evaluator(C, topk=(1, 3), confusion=True)._update(x, t, cap).result()
+    z = x if cap is None else cap * np.tanh(x / cap)
+    np.testing.assert_array_equal(
+        res.per_class["predicted"],
+        np.bincount(np.argsort(-z, axis=1, kind="stable")[:, 0], minlength=C))
+    ref = reference(z, t, C, topk=(1, 3))
+    assert_matches(res, ref, rtol=1e-12)
+    # the rows with -inf logits alone: a finite entropy (NaN rows above make the total NaN)
+    sub = Evaluator(C, topk=(1, 3))._update(x[4:6], t[4:6], cap).result()
+    assert np.isfinite(sub.entropy)
+    assert_matches(sub, reference(z[4:6], t[4:6], C, topk=(1, 3)), rtol=1e-12)
+
+
 def test_top1_alone_and_the_predicted_class_follow_the_same_rule(each_kernel_path):
     # with topk=(1,) no rank beyond 1 is counted: top-1 and the prediction come from the first
     # maximum, except for a NaN target logit (ranked after the non-NaN entries) and rows whose
