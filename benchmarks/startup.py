@@ -5,9 +5,9 @@ own floor (the first call of a trivial cached ``parallel=True`` function in a ne
 
 A first round, not counted, fills both caches (numbaxent's where it is configured, the floor's in a
 temporary folder); then the two alternate, one new process each, and the medians are printed with
-their difference. Python writes no bytecode cache when ``PYTHONDONTWRITEBYTECODE`` is set, and then
-compiles numbaxent's modules on every import (about 45 ms here), which an installed package does not:
-the script says so when it is set.
+their difference. Python writes no bytecode cache when ``PYTHONDONTWRITEBYTECODE`` is set, so a
+fresh clone then compiles numbaxent's modules on every import (about 45 ms here), which an installed
+package (byte-compiled by pip) does not: the script says so when it is set.
 
 Each child also times Python's full (generation 2) garbage collections. Importing NumPy, Numba and
 the SciPy that Numba loads leaves some 10^5 objects waiting for the next full collection, which
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=9)
     args = ap.parse_args(argv)
     if os.environ.get("PYTHONDONTWRITEBYTECODE"):
-        print("note: PYTHONDONTWRITEBYTECODE is set, so numbaxent's modules are compiled from source "
-              "in every process", flush=True)
+        print("note: PYTHONDONTWRITEBYTECODE is set: numbaxent's modules are compiled from source in "
+              "every process unless their bytecode was cached before", flush=True)
     times = {"numbaxent": [], "numba": []}
     no_gc = {"numbaxent": [], "numba": []}
     with tempfile.TemporaryDirectory() as d:
