@@ -376,6 +376,58 @@ def exp_stash(typingctx, grow, scratch):
     return (grow, scratch)[k](grow, scratch), codegen
 
 
+def _c_view(ctx, builder, outty, src, data, dims):
+    """An array of type `outty` over `data` with the C-contiguous strides of the shape `dims`
+    (intp values), sharing `src`'s memory owner: a view, returned as a new reference."""
+    from numba.np.arrayobj import make_array, populate_array
+
+    strides, step = [], src.itemsize
+    for d in reversed(dims):
+        strides.insert(0, step)
+        step = builder.mul(step, d)
+    out = make_array(outty)(ctx, builder)
+    populate_array(out, data=data, shape=dims, strides=strides, itemsize=src.itemsize,
+                   meminfo=src.meminfo, parent=src.parent)
+    return impl_ret_borrowed(ctx, builder, outty, out._getvalue())
+
+
+@intrinsic
+def rows_flat(typingctx, X, n0, nb):
+    """Rows `n0 .. n0+nb` of a C-contiguous 2-D array as one flat 1-D view of `nb * C` elements
+    (no copy; the column kernels' transposes index it with a loop-invariant stride). What
+    `X[n0:n0 + nb].reshape(nb * C)` gives, without compiling Numba's general `reshape` (about 1 s
+    of a first call, measured)."""
+    if not (isinstance(X, types.Array) and X.ndim == 2 and X.layout == "C"):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        from numba.np.arrayobj import make_array
+
+        src = make_array(sig.args[0])(ctx, builder, args[0])
+        C = builder.extract_value(src.shape, 1)
+        first = ctx.cast(builder, args[1], sig.args[1], types.intp)
+        count = ctx.cast(builder, args[2], sig.args[2], types.intp)
+        return _c_view(ctx, builder, sig.return_type, src,
+                       builder.gep(src.data, [builder.mul(first, C)]), [builder.mul(count, C)])
+    return X.copy(ndim=1)(X, n0, nb), codegen
+
+
+@intrinsic
+def as_2d(typingctx, a, rows, cols):
+    """A C-contiguous array of any dimension seen as `(rows, cols)` (`rows * cols` must be its
+    size; not checked): `a.reshape((rows, cols))` without compiling Numba's general `reshape`."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        from numba.np.arrayobj import make_array
+
+        src = make_array(sig.args[0])(ctx, builder, args[0])
+        dims = [ctx.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:])]
+        return _c_view(ctx, builder, sig.return_type, src, src.data, dims)
+    return a.copy(ndim=2)(a, rows, cols), codegen
+
+
 def compute_scratch(arr, n):
     """An uninitialised length-`n` array of `arr`'s compute type."""
     raise NotImplementedError

@@ -49,7 +49,8 @@ from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
 from ._rows import row_is_top1
-from ._math import as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load, max_skipnan, min_int
+from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load, max_skipnan,
+                    min_int)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -223,7 +224,7 @@ def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss,
     ignored) and `pred[r]` (argmax, lowest index among ties). Targets must already be validated.
     """
     N, C, S = x.shape
-    x2 = x.reshape((N, C * S))
+    x2 = as_2d(x, N, C * S)
     eps_c = eps / C
     for r in range(lo, hi):
         y = target[r]

@@ -5,7 +5,7 @@ import numba
 import numpy as np
 import pytest
 
-from numbaxent._math import as_compute, exp, exp_nonpos, log, max_skipnan, min_int, store
+from numbaxent._math import as_2d, as_compute, exp, exp_nonpos, log, max_skipnan, min_int, rows_flat, store
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
@@ -129,3 +129,31 @@ def test_half_precision_stores_round_as_numpy_and_ml_dtypes():
     _store_all(v, got)
     np.testing.assert_array_equal(got[ok], expected_bf16.view(np.int16)[ok])
     assert np.isnan(got.view(ml_dtypes.bfloat16).astype(np.float32)[~ok]).all()
+
+
+@numba.njit
+def _views(x2, x3, n0, nb, rows, cols):
+    flat = rows_flat(x2, n0, nb)
+    flat[0] = 99  # a view: the write reaches x2
+    return flat, as_2d(x3, rows, cols)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_rows_flat_and_as_2d_are_views_as_numpy_reshape_gives(dtype):
+    x2 = np.arange(7 * 5).astype(dtype).reshape(7, 5)
+    x3 = np.arange(4 * 3 * 6).astype(dtype).reshape(4, 3, 6)
+    want_flat = x2[2:5].reshape(15).copy()
+    want_flat[0] = 99
+    flat, two = _views(x2, x3, 2, 3, 12, 6)
+    np.testing.assert_array_equal(flat, want_flat)
+    assert flat.flags.c_contiguous and flat.shape == (15,)
+    assert x2[2, 0] == want_flat[0] and np.shares_memory(flat, x2)
+    np.testing.assert_array_equal(two, x3.reshape(12, 6))
+    assert two.strides == x3.reshape(12, 6).strides and np.shares_memory(two, x3)
+    _, two = _views(x2, x3, 0, 7, 4, 18)
+    np.testing.assert_array_equal(two, x3.reshape(4, 18))
+    # a read-only input stays read-only
+    x3.flags.writeable = False
+    _, two = _views(x2, x3, 0, 1, 72, 1)
+    assert not two.flags.writeable
+    np.testing.assert_array_equal(two[:, 0], x3.reshape(-1))
