@@ -31,7 +31,7 @@ _FAST = dict(_PLAIN, fastmath=set(FASTMATH))
 
 __all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "min_int", "load", "store", "compute_zero",
            "exp_stash", "stash_in_grad", "compute_scratch", "as_compute", "one_like", "capped",
-           "cap_slope"]
+           "cap_slope", "rows_flat", "as_2d"]
 
 
 # -- bit casts ---------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import numpy as np
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
-from ._rows import row_is_top1
+from ._rows import row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load, max_skipnan,
                     min_int)
 
@@ -141,10 +141,7 @@ def row_max_first_block(row, cap):
     m = -as_compute(np.inf, row)
     j0 = 0
     for b0 in range(0, C, BLOCK):
-        blk = row[b0:min(b0 + BLOCK, C)]
-        bm = -as_compute(np.inf, row)
-        for j in range(blk.shape[0]):
-            bm = max_skipnan(bm, load(blk[j]))
+        bm = row_max(row[b0:min(b0 + BLOCK, C)], None)  # the raw maximum; capped once, below
         if bm > m:  # strictly: a later block that only ties keeps the earlier one
             m = bm
             j0 = b0

@@ -69,9 +69,9 @@ def pytest_collection_finish(session):
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line("numbaxent warmup (kernel cache; NUMBAXENT_TEST_WARMUP=0 skips it):")
-            reporter.write_line(_run_warmup())
-        else:
-            _run_warmup()
+        line = _run_warmup()
+        if reporter is not None:
+            reporter.write_line(line)
         return
     import fcntl
 
