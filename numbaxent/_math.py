@@ -24,238 +24,193 @@ from numba.extending import intrinsic, overload, register_jitable
 from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading layer first)
 
 # NumPy's error model, as the kernels have: a helper compiled with Python's checks every division for
-# zero, and that branch out of the loop kept every loop calling `log` (a division) from vectorising
-# (the column kernels' per-row logs ran one at a time, 7 ns each).
+# zero, and that branch out of a loop keeps the loop from vectorising.
 _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
-_FAST = dict(_PLAIN, fastmath=set(FASTMATH))
 
 __all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "min_int", "load", "store", "compute_zero",
            "exp_stash", "stash_in_grad", "compute_scratch", "as_compute", "one_like", "capped",
-           "cap_slope", "rows_flat", "as_2d"]
+           "cap_slope", "rows_flat", "as_2d", "max_int", "order_key", "from_order_key"]
 
 
-# -- bit casts ---------------------------------------------------------------------------------------
-@intrinsic
-def _i32_as_f32(typingctx, x):
-    def codegen(ctx, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@intrinsic
-def _i64_as_f64(typingctx, x):
-    def codegen(ctx, builder, sig, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-@intrinsic
-def _f64_as_i64(typingctx, x):
-    def codegen(ctx, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _exponent_fraction(typingctx, x):
-    """`(e, f)` with `x = 2^e f`, `f` in [1, 2) and `e` a float of `x`'s type, for a positive
-    normal `x`. The exponent field is taken out in 32-bit integers and converted by a packed
-    int32 -> float instruction: Numba's own integer arithmetic is 64-bit, and AVX2 has no packed
-    int64 -> float conversion (a loop that needs one is not vectorised)."""
-    if not _is_compute_type(x):
-        return None
-    wide = x == types.float64
-    bits, mbits, bias = (64, 52, 1023) if wide else (32, 23, 127)
-
-    def codegen(ctx, builder, sig, args):
-        ity, i32 = ir.IntType(bits), ir.IntType(32)
-        b = builder.bitcast(args[0], ity)
-        high = builder.trunc(builder.lshr(b, ity(32)), i32) if wide else b
-        field = builder.and_(builder.lshr(high, i32(mbits - (32 if wide else 0))), i32(2 * bias + 1))
-        e = builder.sitofp(builder.sub(field, i32(bias)), args[0].type)
-        frac = builder.or_(builder.and_(b, ity((1 << mbits) - 1)), ity(bias << mbits))
-        return ctx.make_tuple(builder, sig.return_type, [e, builder.bitcast(frac, args[0].type)])
-    return types.UniTuple(x, 2)(x), codegen
-
-
-# -- exp ---------------------------------------------------------------------------------------------
+# -- exp and log, emitted as LLVM IR --------------------------------------------------------------------
+# exp and log are `@intrinsic`s: their few dozen instructions are written straight into the calling
+# loop, where a Numba-compiled helper was a function of its own that Numba typed, lowered and
+# LLVM optimised and linked per dtype before inlining it anyway (0.4-0.6 s of every kernel's first
+# call). Every float operation carries the kernels' fast-math flags (`_jit.FASTMATH`, so that
+# `a * b + c` becomes one FMA), and the operations are in the order written below.
+#
 # exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2] (Cody-Waite split of ln2
-# so r is exact), exp(r) by a polynomial. 2^n is built from exponent bits in two halves so that
-# results down to the subnormal range (and 0 below it) come out right. Inputs below LO give 0,
-# NaN stays NaN (comparisons are written so NaN passes through), +inf is never an input here
-# (kernels only take exp(x - max) <= 1) but is clamped to a finite overflow anyway.
-
-@register_jitable(inline="always", **_PLAIN)  # IR-inlined: one function fewer per exp
-def _exp_reduced_f32(x):
-    """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
-    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375)
-    r = r - n * np.float32(-2.12194440e-4)
-    # minimax coefficients for exp(r) - 1 - r on |r| <= ln2/2 (max rel. error ~1 ulp)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    return p * (r * r) + r + np.float32(1.0), np.int32(n)
-
-
-_ROUND_F64 = 6755399441055744.0  # 1.5 * 2^52: an integer |n| < 2^51 added to it is exact, in the low bits
-
-
-@register_jitable(inline="always", **_PLAIN)  # IR-inlined: one function fewer per exp
-def _exp_reduced_f64(x):
-    """`(p, n)` with `exp(x) = p * 2^n`, `x` already clamped."""
-    n = np.floor(x * 1.4426950408889634 + 0.5)
-    r = x - n * 0.6931471803691238  # ln2 high part (exactly representable products for |n| < 2^11)
-    r = r - n * 1.9082149292705877e-10  # ln2 low part
-    # Taylor series to degree 13: truncation error < 1e-17 relative on |r| <= ln2/2
-    p = 1.6059043836821613e-10
-    p = p * r + 2.08767569878681e-09
-    p = p * r + 2.505210838544172e-08
-    p = p * r + 2.755731922398589e-07
-    p = p * r + 2.7557319223985893e-06
-    p = p * r + 2.48015873015873e-05
-    p = p * r + 0.0001984126984126984
-    p = p * r + 0.001388888888888889
-    p = p * r + 0.008333333333333333
-    p = p * r + 0.041666666666666664
-    p = p * r + 0.16666666666666666
-    p = p * r + 0.5
-    # n as an int64 by the bits of n + 1.5*2^52 (n sits in the low mantissa bits): AVX2 has no
-    # packed float64 -> int64 conversion, and `np.int64(n)` made every float64 exp loop scalar
-    return p * (r * r) + r + 1.0, _f64_as_i64(n + _ROUND_F64) - _f64_as_i64(_ROUND_F64)
-
+# so that r is exact), exp(r) = 1 + r + r^2 q(r) with q a polynomial. 2^n is built from exponent bits.
+# Inputs below LO give 0, NaN stays NaN (the clamps are compares that are false for NaN), +inf is
+# clamped to a finite overflow (`exp`) or never an input (`exp_nonpos`).
+#
+# log(x) = e ln2 + log(f), x = 2^e f with f in [sqrt(1/2), sqrt(2)) read off the bits; log(f) =
+# 2 atanh(u) with u = (f - 1)/(f + 1), |u| <= 0.172, by its odd series (u^2 <= 0.0295 makes the
+# truncation error ~1e-9 relative after 5 terms for float32, ~1e-18 after 12 for float64). Built for
+# the row sums of exponentials (x >= 1 or NaN), it is exact to ~1 ulp for every positive normal x;
+# +inf and NaN pass through.
 
 class _Format:
-    """The constants of one float format that the exp builders below need: its float and integer
-    Numba-visible types, the bit cast from integer to float, the exponent bias and field position,
-    the clamps, and the power of two `2^-shift` by which `exp_nonpos` rounds into the subnormal
-    range."""
+    """One float format's constants for the exp and log code: LLVM types, exponent layout, the
+    clamps, the power of two `2^-shift` by which `exp_nonpos` rounds into the subnormal range, and
+    the polynomial coefficients (highest degree first)."""
 
-    def __init__(self, ftype, itype, as_float, bias, mbits, lo, hi, shift):
-        self.ftype, self.itype, self.as_float = ftype, itype, as_float
-        self.bias, self.mbits, self.lo, self.hi, self.shift = bias, mbits, lo, hi, shift
-
-
-def _exp_builders(fmt: _Format, reduced):
-    """`(exp, exp_nonpos)` for one float format (generated, not written out per dtype).
-
-    `exp` scales by 2^n in two halves, so results down to the subnormal range (and 0 below
-    it) come out right. `exp_nonpos` is for `x <= 0` only (every exp in the kernels: `x - max`,
-    and `x - max - log-sum`): 2^n is applied as the normal number `2^(n + shift)` built from
-    exponent bits in one step, times the constant `2^-shift`, whose multiply does the single
-    rounding into the subnormal range -- four fewer vector instructions per element than the
-    two-half scaling, same results."""
-    ftype, itype, as_float = fmt.ftype, fmt.itype, fmt.as_float
-    lo, hi, bias, mbits = ftype(fmt.lo), ftype(fmt.hi), itype(fmt.bias), itype(fmt.mbits)
-    shifted_bias, unshift = itype(fmt.bias + fmt.shift), ftype(2.0 ** -fmt.shift)
-    one = itype(1)
-
-    def exp_full(x):
-        if x < lo:
-            x = lo
-        if x > hi:
-            x = hi
-        p, ni = reduced(x)
-        n1 = ni >> one
-        n2 = ni - n1
-        return p * as_float((n1 + bias) << mbits) * as_float((n2 + bias) << mbits)
-
-    def exp_nonpos(x):
-        if x < lo:
-            x = lo
-        p, ni = reduced(x)
-        return (p * as_float((ni + shifted_bias) << mbits)) * unshift
-
-    return register_jitable(**_PLAIN)(exp_full), register_jitable(**_PLAIN)(exp_nonpos)
+    def __init__(self, bits, mbits, bias, lo, hi, shift, ln2_hi, ln2_lo, q, log_series):
+        self.bits, self.mbits, self.bias, self.lo, self.hi, self.shift = bits, mbits, bias, lo, hi, shift
+        self.ln2_hi, self.ln2_lo, self.q, self.log_series = ln2_hi, ln2_lo, q, log_series
+        self.ftype = ir.DoubleType() if bits == 64 else ir.FloatType()
+        self.itype = ir.IntType(bits)
 
 
-_F32 = _Format(np.float32, np.int32, _i32_as_f32, 127, 23, -104.0, 88.7, 64)
-_F64 = _Format(np.float64, np.int64, _i64_as_f64, 1023, 52, -746.0, 709.7, 512)
-_exp_f32, _exp_nonpos_f32 = _exp_builders(_F32, _exp_reduced_f32)
-_exp_f64, _exp_nonpos_f64 = _exp_builders(_F64, _exp_reduced_f64)
+# float32: q is a minimax fit of (exp(r) - 1 - r) / r^2 on |r| <= ln2/2 (max rel. error ~1 ulp); ln2's
+# high part has 9 significant bits, so n * ln2_hi is exact for |n| < 2^15
+_F32 = _Format(32, 23, 127, -104.0, 88.7, 64, 0.693359375, -2.12194440e-4,
+               (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+                5.0000001201e-1),
+               tuple(2.0 / k for k in (9.0, 7.0, 5.0, 3.0, 1.0)))
+# float64: q is the Taylor series to degree 11 (exp to degree 13): truncation error < 1e-17 relative
+# on |r| <= ln2/2; ln2_hi * n is exact for |n| < 2^11
+_F64 = _Format(64, 52, 1023, -746.0, 709.7, 512, 0.6931471803691238, 1.9082149292705877e-10,
+               (1.6059043836821613e-10, 2.08767569878681e-09, 2.505210838544172e-08, 2.755731922398589e-07,
+                2.7557319223985893e-06, 2.48015873015873e-05, 0.0001984126984126984, 0.001388888888888889,
+                0.008333333333333333, 0.041666666666666664, 0.16666666666666666, 0.5),
+               tuple(2.0 / k for k in (25.0, 23.0, 21.0, 19.0, 17.0, 15.0, 13.0, 11.0, 9.0, 7.0, 5.0,
+                                       3.0, 1.0)))
+_ROUND_F64 = 6755399441055744.0  # 1.5 * 2^52: an integer |n| < 2^51 added to it is exact, in the low bits
+_FLAGS = tuple(sorted(FASTMATH))  # the kernels' fast-math flags, on every float operation below
 
 
-def float_function(f32, f64, doc: str):
-    """A function callable from Numba code only, on float32 or float64 scalars: `f32` or `f64`
-    (register_jitable implementations) chosen by the argument's type at compile time. The one
-    overload factory for the math functions below."""
+class _Emit:
+    """Float arithmetic on one LLVM builder in one format, with the fast-math flags."""
 
-    def stub(x):
-        raise NotImplementedError(f"numbaxent._math.{stub.__name__} is only callable from Numba code")
+    def __init__(self, builder, fmt: _Format):
+        self.b, self.f = builder, fmt
 
-    stub.__doc__ = doc
+    def const(self, v):
+        return ir.Constant(self.f.ftype, float(v))
 
-    @overload(stub, jit_options=_FAST)
-    def _by_type(x):
-        # the implementation itself, not `lambda x: f32(x)`: one function fewer to compile
-        if x == types.float32:
-            return f32
-        if x == types.float64:
-            return f64
-        return None
+    def int(self, v):
+        return ir.Constant(self.f.itype, int(v))
 
-    return stub
+    def mul(self, a, b):
+        return self.b.fmul(a, b, flags=_FLAGS)
+
+    def add(self, a, b):
+        return self.b.fadd(a, b, flags=_FLAGS)
+
+    def sub(self, a, b):
+        return self.b.fsub(a, b, flags=_FLAGS)
+
+    def horner(self, coeffs, t):
+        p = self.const(coeffs[0])
+        for c in coeffs[1:]:
+            p = self.add(self.mul(p, t), self.const(c))
+        return p
+
+    def floor(self, a):
+        fn = self.b.module.declare_intrinsic("llvm.floor", [self.f.ftype])
+        return self.b.call(fn, [a])
+
+    def lt(self, a, b):
+        return self.b.fcmp_ordered("<", a, b, flags=_FLAGS)
+
+    def as_float(self, i):
+        return self.b.bitcast(i, self.f.ftype)
+
+    def as_int(self, x):
+        return self.b.bitcast(x, self.f.itype)
 
 
-exp_nonpos = float_function(
-    _exp_nonpos_f32, _exp_nonpos_f64,
+def _exp_reduced(e: _Emit, x):
+    """`(p, n)` with `exp(x) = p * 2^n` (`n` an integer of the format's width), `x` clamped."""
+    f = e.f
+    n = e.floor(e.add(e.mul(x, e.const(1.4426950408889634)), e.const(0.5)))
+    r = e.sub(x, e.mul(n, e.const(f.ln2_hi)))
+    r = e.sub(r, e.mul(n, e.const(f.ln2_lo)))
+    p = e.horner(f.q, r)
+    p = e.add(e.add(e.mul(p, e.mul(r, r)), r), e.const(1.0))
+    if f.bits == 32:
+        ni = e.b.fptosi(n, f.itype)
+    else:
+        # n as an int64 from the bits of n + 1.5*2^52 (n sits in the low mantissa bits): AVX2 has no
+        # packed float64 -> int64 conversion, and `fptosi` made every float64 exp loop scalar
+        rnd = e.const(_ROUND_F64)
+        ni = e.b.sub(e.as_int(e.add(n, rnd)), e.as_int(rnd))
+    return p, ni
+
+
+def _pow2(e: _Emit, ni, bias):
+    """The float `2^(ni + bias - format bias)` built from exponent bits."""
+    return e.as_float(e.b.shl(e.b.add(ni, e.int(bias)), e.int(e.f.mbits)))
+
+
+def _clamp_low(e: _Emit, x):
+    lo = e.const(e.f.lo)
+    return e.b.select(e.lt(x, lo), lo, x)
+
+
+def _emit_exp(e: _Emit, x):
+    """exp for every input: 2^n applied in two halves, so results down to the subnormal range (and
+    0 below it) come out right."""
+    hi = e.const(e.f.hi)
+    x = _clamp_low(e, x)
+    x = e.b.select(e.lt(hi, x), hi, x)
+    p, ni = _exp_reduced(e, x)
+    n1 = e.b.ashr(ni, e.int(1))
+    n2 = e.b.sub(ni, n1)
+    return e.mul(e.mul(p, _pow2(e, n1, e.f.bias)), _pow2(e, n2, e.f.bias))
+
+
+def _emit_exp_nonpos(e: _Emit, x):
+    """exp for `x <= 0` (or NaN) only: 2^n applied as the normal number `2^(n + shift)` in one
+    step, times the constant `2^-shift`, whose multiply does the single rounding into the subnormal
+    range -- four fewer vector instructions per element than the two-half scaling, same results."""
+    p, ni = _exp_reduced(e, _clamp_low(e, x))
+    return e.mul(e.mul(p, _pow2(e, ni, e.f.bias + e.f.shift)), e.const(2.0 ** -e.f.shift))
+
+
+def _emit_log(e: _Emit, x):
+    f, b = e.f, e.b
+    i32 = ir.IntType(32)
+    bits = e.as_int(x)
+    # the exponent field in 32-bit integers, converted by a packed int32 -> float instruction
+    # (AVX2 has no packed int64 -> float conversion: a loop that needs one is not vectorised)
+    high = b.trunc(b.lshr(bits, e.int(32)), i32) if f.bits == 64 else bits
+    field = b.and_(b.lshr(high, i32(f.mbits - (32 if f.bits == 64 else 0))), i32(2 * f.bias + 1))
+    ef = b.sitofp(b.sub(field, i32(f.bias)), f.ftype)
+    frac = e.as_float(b.or_(b.and_(bits, e.int((1 << f.mbits) - 1)), e.int(f.bias << f.mbits)))
+    big = e.lt(e.const(2.0 ** 0.5), frac)
+    frac = b.select(big, e.mul(e.const(0.5), frac), frac)
+    ef = b.select(big, e.add(ef, e.const(1.0)), ef)
+    u = b.fdiv(e.sub(frac, e.const(1.0)), e.add(frac, e.const(1.0)), flags=_FLAGS)
+    p = e.horner(f.log_series, e.mul(u, u))
+    r = e.add(e.mul(ef, e.const(f.ln2_hi)), e.add(e.mul(u, p), e.mul(ef, e.const(f.ln2_lo))))
+    return b.select(e.lt(x, e.const(float("inf"))), r, x)  # +inf and NaN (the compare is false)
+
+
+def _float_intrinsic(emit, name: str, doc: str):
+    """An intrinsic computing `emit` on a float32 or float64 scalar (callable from Numba code only)."""
+
+    def typer(typingctx, x):
+        if x not in (types.float32, types.float64):
+            return None
+        fmt = _F64 if x == types.float64 else _F32
+
+        def codegen(ctx, builder, sig, args):
+            return emit(_Emit(builder, fmt), args[0])
+        return x(x), codegen
+
+    typer.__name__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+exp_nonpos = _float_intrinsic(
+    _emit_exp_nonpos, "exp_nonpos",
     "`exp` for `x <= 0` (or NaN) only: cheaper, the same results. Callable from Numba code.")
-exp_nonpos.__name__ = "exp_nonpos"
-exp = float_function(_exp_f32, _exp_f64,
-                     "Vectorisable `exp` for float32 and float64 scalars inside Numba code.")
-exp.__name__ = "exp"
-
-
-# -- log ---------------------------------------------------------------------------------------------
-# log(x) = e ln2 + log(f), x = 2^e f with f in [sqrt(1/2), sqrt(2)) read off the bits; log(f) = 2 atanh(u)
-# with u = (f - 1)/(f + 1), |u| <= 0.172, by its odd series (u^2 <= 0.0295 makes the truncation error
-# ~1e-9 relative after 5 terms for float32, ~1e-18 after 12 for float64). Built for the row sums of
-# exponentials (x >= 1 or NaN), it is exact to ~1 ulp for every positive normal x; +inf and NaN pass
-# through. Like exp, it is plain arithmetic, so loops over many rows' sums vectorise.
-
-@register_jitable(**_PLAIN)
-def _log_f32(x):
-    ef, f = _exponent_fraction(x)
-    big = f > np.float32(1.41421356)
-    f = np.float32(0.5) * f if big else f
-    ef = ef + np.float32(1.0) if big else ef
-    u = (f - np.float32(1.0)) / (f + np.float32(1.0))
-    u2 = u * u
-    p = np.float32(2.0 / 9.0)
-    p = p * u2 + np.float32(2.0 / 7.0)
-    p = p * u2 + np.float32(2.0 / 5.0)
-    p = p * u2 + np.float32(2.0 / 3.0)
-    p = p * u2 + np.float32(2.0)
-    r = ef * np.float32(0.693359375) + (u * p + ef * np.float32(-2.12194440e-4))
-    return r if x < np.float32(np.inf) else x  # +inf and NaN (the comparison is false for NaN)
-
-
-@register_jitable(**_PLAIN)
-def _log_f64(x):
-    ef, f = _exponent_fraction(x)
-    big = f > 1.4142135623730951
-    f = 0.5 * f if big else f
-    ef = ef + 1.0 if big else ef
-    u = (f - 1.0) / (f + 1.0)
-    u2 = u * u
-    p = 2.0 / 25.0
-    for k in (23.0, 21.0, 19.0, 17.0, 15.0, 13.0, 11.0, 9.0, 7.0, 5.0, 3.0):
-        p = p * u2 + 2.0 / k
-    p = p * u2 + 2.0
-    # ln2 split so that e * hi is exact; the low part joins the (small) series term
-    r = ef * 0.6931471803691238 + (u * p + ef * 1.9082149292705877e-10)
-    return r if x < np.inf else x
-
-
-log = float_function(_log_f32, _log_f64,
-                     "Vectorisable `log` for positive float32 and float64 scalars inside Numba code.")
-log.__name__ = "log"
+exp = _float_intrinsic(_emit_exp, "exp", "Vectorisable `exp` for float32 and float64 scalars inside Numba code.")
+log = _float_intrinsic(_emit_log, "log",
+                       "Vectorisable `log` for positive float32 and float64 scalars inside Numba code.")
 
 
 # -- storage <-> compute ------------------------------------------------------------------------------
@@ -460,6 +415,54 @@ def max_skipnan(typingctx, a, b):
     if a != b or not _is_compute_type(a):
         return None
     return a(a, b), _binary_llvm("llvm.maxnum")
+
+
+@intrinsic
+def max_int(typingctx, a, b):
+    """`max(a, b)` of two signed integers of the same type, as LLVM's `smax` (see `min_int`)."""
+    if a != b or not isinstance(a, types.Integer) or not a.signed:
+        return None
+    return a(a, b), _binary_llvm("llvm.smax")
+
+
+# Order keys: `order_key(x)` is a signed integer of `x`'s width whose order is the float order:
+# `bits ^ ((bits >> (w-1)) & (2^(w-1) - 1))` keeps a positive float's bits and reverses a negative
+# one's magnitude bits. Why: a loop that already sums (the exp-sum of one row) can also take the
+# maximum of the *next* row -- reading it from memory while the exps are computed -- only as an
+# integer maximum: LLVM 22 does not vectorise a loop that has both a float sum and a `maxnum`
+# reduction. A positive NaN's key is above +inf's (the caller must then take the float maximum
+# instead), a negative NaN's below -inf's (never above a start of -inf's key: skipped, as
+# `max_skipnan` skips it). The map is its own inverse.
+
+def _flip_magnitude(builder, b, bits):
+    it = ir.IntType(bits)
+    return builder.xor(b, builder.and_(builder.ashr(b, it(bits - 1)), it((1 << (bits - 1)) - 1)))
+
+
+@intrinsic
+def order_key(typingctx, x):
+    """The order key of a float32 (int32) or float64 (int64) `x`: `a < b` iff
+    `order_key(a) < order_key(b)` for non-NaN floats (`-0.0` below `+0.0`)."""
+    if not _is_compute_type(x):
+        return None
+    bits = x.bitwidth
+
+    def codegen(ctx, builder, sig, args):
+        return _flip_magnitude(builder, builder.bitcast(args[0], ir.IntType(bits)), bits)
+    return (types.int64 if bits == 64 else types.int32)(x), codegen
+
+
+@intrinsic
+def from_order_key(typingctx, k):
+    """The float whose `order_key` is `k` (int32 -> float32, int64 -> float64)."""
+    if k not in (types.int32, types.int64):
+        return None
+    bits = k.bitwidth
+
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(_flip_magnitude(builder, args[0], bits),
+                               ir.DoubleType() if bits == 64 else ir.FloatType())
+    return (types.float64 if bits == 64 else types.float32)(k), codegen
 
 
 @intrinsic

@@ -5,7 +5,8 @@ import numba
 import numpy as np
 import pytest
 
-from numbaxent._math import as_2d, as_compute, exp, exp_nonpos, log, max_skipnan, min_int, rows_flat, store
+from numbaxent._math import (as_2d, as_compute, exp, exp_nonpos, from_order_key, log, max_int, max_skipnan,
+                             min_int, order_key, rows_flat, store)
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
@@ -157,3 +158,69 @@ def test_rows_flat_and_as_2d_are_views_as_numpy_reshape_gives(dtype):
     _, two = _views(x2, x3, 0, 1, 72, 1)
     assert not two.flags.writeable
     np.testing.assert_array_equal(two[:, 0], x3.reshape(-1))
+
+
+@numba.njit(error_model="numpy")
+def _keys(a, keys, back):
+    for i in range(a.shape[0]):
+        keys[i] = order_key(a[i])
+        back[i] = from_order_key(keys[i])
+
+
+@numba.njit(error_model="numpy")
+def _key_max(a, start):
+    k = start
+    for i in range(a.shape[0]):
+        k = max_int(k, order_key(a[i]))
+    return k
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_order_keys_sort_as_the_floats_and_come_back_bit_for_bit(dtype):
+    """`order_key` must order every non-NaN float as `<` does (-0.0 just below +0.0), put a
+    positive NaN above +inf and a negative NaN below -inf, and `from_order_key` undo it exactly:
+    the row kernels take the next row's maximum through them."""
+    info = np.finfo(dtype)
+    special = [-np.inf, -info.max, -1.5, -info.tiny, -info.smallest_subnormal, -0.0, 0.0,
+               info.smallest_subnormal, info.tiny, 1.0, info.max, np.inf]
+    rng = np.random.default_rng(3)
+    finite = np.sort(np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
+                                     special]).astype(dtype), kind="stable")
+    ity = np.int32 if dtype == np.float32 else np.int64
+    keys, back = np.empty(finite.shape, ity), np.empty_like(finite)
+    _keys(finite, keys, back)
+    assert back.tobytes() == finite.tobytes()
+    assert np.all(np.diff(keys) >= 0)  # the order of the sorted floats (ties only for equal values)
+    equal = finite[1:] == finite[:-1]
+    assert np.all((np.diff(keys) == 0) == (equal & (np.signbit(finite[1:]) == np.signbit(finite[:-1]))))
+    pos_nan = np.array([np.nan], dtype)
+    neg_nan = -pos_nan
+    assert np.signbit(neg_nan[0]) and not np.signbit(pos_nan[0])
+    kp, bp = np.empty(1, ity), np.empty(1, dtype)
+    _keys(pos_nan, kp, bp)
+    assert kp[0] > keys[-1] and bp.tobytes() == pos_nan.tobytes()
+    _keys(neg_nan, kp, bp)
+    assert kp[0] < keys[0] and bp.tobytes() == neg_nan.tobytes()
+    # the maximum of keys is the key of the maximum; negative NaNs never win from -inf's key
+    start = keys[0]  # -inf's
+    row = rng.permutation(finite[1:-1])
+    assert _key_max(row, start) == keys[np.searchsorted(finite, row.max(), side="right") - 1]
+    assert _key_max(np.concatenate([neg_nan, neg_nan]), start) == start
+
+
+
+@numba.njit(error_model="numpy")
+def _pairwise_max(a, b, out):
+    for i in range(a.shape[0]):
+        out[i] = max_int(a[i], b[i])
+
+
+@pytest.mark.parametrize("ity", [np.int32, np.int64])
+def test_max_int(ity):
+    rng = np.random.default_rng(4)
+    info = np.iinfo(ity)
+    a = rng.integers(info.min, info.max, 1000, dtype=ity)
+    b = rng.integers(info.min, info.max, 1000, dtype=ity)
+    out = np.empty_like(a)
+    _pairwise_max(a, b, out)
+    np.testing.assert_array_equal(out, np.maximum(a, b))
