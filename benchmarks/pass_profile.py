@@ -50,9 +50,9 @@ def _row_passes(x, step, reps, scratch, m):
             if step == 0:
                 acc += _rows.row_max(row, None)
             elif step == 1:
-                acc += _rows.row_sumexp(row, m, None, scratch, False)
+                acc += _rows.row_sumexp(row, m, None, scratch, False, row)[0]
             elif step == 2:
-                acc += _rows.row_sumexp(row, m, None, scratch, True)
+                acc += _rows.row_sumexp(row, m, None, scratch, True, row)[0]
             else:
                 _rows.row_grad_from_exp(scratch, scratch, _math.one_like(acc), w, zero)
     return acc

@@ -211,7 +211,8 @@ class Stats(NamedTuple):
         \log \sum_c e^{x_{i,c}}$: the loss's shape, in the compute dtype.
     top1 : ndarray of bool
         Of the loss's shape: whether the target class is the argmax of the logits (ties go to the
-        lowest class index; False for ignored elements, rows with NaN, and probability targets).
+        lowest class index; False for ignored elements, for rows whose log-sum-exp is NaN (a NaN or
+        +inf logit), and for probability targets).
     accuracy : float
         Mean of `top1` over the non-ignored elements (NaN if none, or for probability targets).
     """

@@ -346,7 +346,7 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
                     r = r0 + b
                     row_max[r] = m[b]
                     row_logsum[r] = ls[b]
-                    top1[r] = ok[b] & (xy[b] >= m[b])
+                    top1[r] = ok[b] & (xy[b] >= m[b]) & (ls[b] == ls[b])  # (lse NaN: not top-1)
                 for b in range(nb):  # ties for the maximum go to the lowest class
                     if top1[r0 + b] and yv[b] > 0:
                         top1[r0 + b] = row_is_top1(src[i0:i0 + yv[b] + 1, s0 + b], yv[b],

@@ -9,8 +9,8 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._math import (as_compute, cap_slope, capped, compute_zero, exp_nonpos, exp_stash, load, max_skipnan,
-                    one_like, stash_in_grad, store)
+from ._math import (as_compute, cap_slope, capped, compute_zero, exp_nonpos, exp_stash, from_order_key, load,
+                    max_int, max_skipnan, one_like, order_key, stash_in_grad, store)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -30,31 +30,54 @@ def row_max(row, cap):
 
 
 @jit(inline=True)
-def row_sumexp(row, m, cap, stash, keep_exp):
-    """`sum_c exp(x_c - m)`; with `keep_exp` each `exp(x_c - m)` is also written to `stash`
-    (the gradient row, never `row` itself). See `row_grad_from_exp`. A flag rather than
-    `stash=None`: one compiled function instead of two. The loop is written twice on purpose:
-    LLVM's default pipeline does not unswitch a loop on a flag that guards a store, and a masked
-    store would slow the hot loop."""
+def key_start(row):
+    """The start of an order-key maximum (`_math.order_key`): -inf's key, in `row`'s compute type."""
+    return order_key(-as_compute(np.inf, row))
+
+
+@jit(inline=True)
+def next_row_max(k, nxt, cap):
+    """`row_max(nxt, cap)` from `k`, the order-key maximum of `nxt` that a sum pass over the row
+    before it took (see `row_sumexp`). A negative NaN is skipped as `row_max` skips it; a positive
+    NaN's key is above every other, so the maximum is then NaN instead of the largest other
+    logit, which changes nothing: such a row's exp-sum, and so its lse, loss and gradient, are NaN
+    either way (and it is not top-1)."""
+    return capped(from_order_key(k), cap)
+
+
+@jit(inline=True)
+def row_sumexp(row, m, cap, stash, keep_exp, nxt):
+    """`(sum_c exp(x_c - m), k)` with `k` the order-key maximum of the row `nxt` (as long as
+    `row`; `next_row_max` turns it into `nxt`'s maximum). Why the next row's maximum here: the sum
+    is compute-bound and the maximum pass memory-bound, and in one loop the next row's reads
+    overlap this row's exps (a kernel passes the row after `row`, or `row` itself for its last).
+    With `keep_exp` each `exp(x_c - m)` is also written to `stash` (the gradient row, never `row`
+    itself). See `row_grad_from_exp`. A flag rather than `stash=None`: one compiled function
+    instead of two. The loop is written twice on purpose: LLVM's default pipeline does not unswitch
+    a loop on a flag that guards a store, and a masked store would slow the hot loop."""
     s = compute_zero(row)
+    k = key_start(row)
     if keep_exp:
         for j in range(row.shape[0]):
             e = exp_nonpos(capped(load(row[j]), cap) - m)
             s += e
             stash[j] = e
+            k = max_int(k, order_key(load(nxt[j])))
     else:
         for j in range(row.shape[0]):
             s += exp_nonpos(capped(load(row[j]), cap) - m)
-    return s
+            k = max_int(k, order_key(load(nxt[j])))
+    return s, k
 
 
 @jit(inline=True)
-def row_sumexp_wdot(row, m, w, cap, stash, keep_exp):
-    """`(sum_c exp(x_c - m), sum_c w_c (x_c - m))`: the second sum gives the label-smoothing term
-    `sum_c w_c (lse - x_c)` without cancellation (every `x_c - m <= 0`). `stash` and
-    `keep_exp` as in `row_sumexp`."""
+def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
+    """`(sum_c exp(x_c - m), sum_c w_c (x_c - m), k)`: the second sum gives the label-smoothing
+    term `sum_c w_c (lse - x_c)` without cancellation (every `x_c - m <= 0`). `stash`,
+    `keep_exp`, `nxt` and `k` as in `row_sumexp`."""
     s = compute_zero(row)
     d = compute_zero(row)
+    k = key_start(row)
     if keep_exp:  # two loops, as in row_sumexp
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -62,12 +85,14 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp):
             s += e
             d += w[j] * v
             stash[j] = e
+            k = max_int(k, order_key(load(nxt[j])))
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             s += exp_nonpos(v)
             d += w[j] * v
-    return s, d
+            k = max_int(k, order_key(load(nxt[j])))
+    return s, d, k
 
 
 @jit(inline=True)
@@ -85,13 +110,14 @@ def row_grad_from_exp(grow, stash, scale, w, wcoef):
 
 
 @jit(inline=True)
-def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_exp):
-    """For probability targets `t~ = t*t_scale + t_shift`: `(sum exp(x - m), sum w t~, sum w t~ (x - m))`
-    (only the middle sum when `need_exp` is false). `stash`, `keep_exp` as in
-    `row_sumexp`."""
+def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_exp, nxt):
+    """For probability targets `t~ = t*t_scale + t_shift`: `(sum exp(x - m), sum w t~, sum w t~ (x - m),
+    k)` (only the second sum, and no `k`, when `need_exp` is false). `stash`, `keep_exp`, `nxt`
+    and `k` as in `row_sumexp`."""
     s = compute_zero(row)
     a = compute_zero(row)
     d = compute_zero(row)
+    k = key_start(row)
     if need_exp and keep_exp:  # two loops, as in row_sumexp
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -101,6 +127,7 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_
             a += wt
             d += wt * v
             stash[j] = e
+            k = max_int(k, order_key(load(nxt[j])))
     elif need_exp:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -108,10 +135,11 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_
             s += exp_nonpos(v)
             a += wt
             d += wt * v
+            k = max_int(k, order_key(load(nxt[j])))
     else:
         for j in range(row.shape[0]):
             a += w[j] * (trow[j] * t_scale + t_shift)
-    return s, a, d
+    return s, a, d, k
 
 
 @jit(inline=True)
@@ -234,12 +262,14 @@ def prob_grad_scale(m, ls, a, z):
 
 # -- one row, every mode -----------------------------------------------------------------------------
 @jit()
-def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, in_place, g, m, ls,
+def index_row(row, nxt, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, in_place, g, m, ls,
               scratch):
-    """One row with a class-index target: returns `(loss, m, ls, top1)`, the loss in float64
+    """One row with a class-index target: returns `(loss, ls, top1, m_next)`, the loss in float64
     (before the sample weight, which is folded into `g` and applied by the caller to the loss),
-    `m` the row's max and `ls = log sum exp(x - m)` (so `lse = m + ls`), and writes the
-    gradient row in FUSED/BACKWARD mode. `m` and `ls` are inputs in BACKWARD mode only.
+    `ls = log sum exp(x - m)` (so `lse = m + ls`) and `m_next` the maximum of the row `nxt`
+    (`row_sumexp`; FORWARD/FUSED), and writes the gradient row in FUSED/BACKWARD mode. `m` is the
+    row's maximum (its `m_next` from the row before, or `row_max`), `ls` an input in BACKWARD
+    mode only.
     `keep_exp` and `in_place` as in `index_kernel`; `scratch`: compute-type elements, `GRAD_BLOCK`
     or, with `keep_exp` and a 16-bit gradient, the row's length (`row_scratch`)."""
     loss = 0.0
@@ -247,17 +277,19 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
     stash = exp_stash(grow, scratch)
     xy = compute_zero(row)
     s = one_like(xy)
+    m_next = m
     if mode != BACKWARD:
-        m = row_max(row, cap)
         if valid:  # before the sum pass, which may overwrite the row (out=input)
             xy = capped(load(row[y]), cap)
             top1 = row_is_top1(row, y, xy, m, cap)
         if eps_c > 0 and valid:
-            s, d = row_sumexp_wdot(row, m, w, cap, stash, keep_exp)
+            s, d, k = row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt)
         else:
-            s = row_sumexp(row, m, cap, stash, keep_exp)
+            s, k = row_sumexp(row, m, cap, stash, keep_exp, nxt)
             d = compute_zero(row)
+        m_next = next_row_max(k, nxt, cap)
         ls = math.log(s)
+        top1 = top1 and ls == ls  # not for a row whose lse is NaN (a NaN or +inf logit)
         if valid:
             loss = index_loss(m, ls, xy, d, w[y], wsum, eps, eps_c, z)
     if mode != FORWARD:
@@ -282,22 +314,24 @@ def index_row(row, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, 
                 gy = exp_nonpos((xy - m) - ls) * coef - w[y] * wcoef \
                     - as_compute(gv * (1.0 - eps) * wy, row)
             store(grow, y, gy * cap_slope(xy, cap))
-    return loss, m, ls, top1
+    return loss, ls, top1, m_next
 
 
 @jit()
-def prob_row(row, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, m, ls, scratch):
-    """One row with a probability target `t~ = t*t_scale + t_shift`: returns `(loss, m, ls)`.
-    `scratch` as in `index_row`."""
+def prob_row(row, nxt, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, m, ls,
+             scratch):
+    """One row with a probability target `t~ = t*t_scale + t_shift`: returns `(loss, ls, m_next)`.
+    `nxt`, `m` and `scratch` as in `index_row`."""
     loss = 0.0
     stash = exp_stash(grow, scratch)
+    m_next = m
     if mode != BACKWARD:
-        m = row_max(row, cap)
-        s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, True, stash, keep_exp)
+        s, a, d, k = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, True, stash, keep_exp, nxt)
+        m_next = next_row_max(k, nxt, cap)
         ls = math.log(s)
         loss = prob_loss(m, ls, a, d, z)
     else:
-        s, a, d = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, False, stash, False)
+        s, a, d, _ = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, False, stash, False, nxt)
     if mode != FORWARD:
         coef = as_compute(g * prob_grad_scale(m, ls, a, z), row)
         if keep_exp:  # as in index_row
@@ -305,10 +339,19 @@ def prob_row(row, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_pl
         else:
             row_grad_soft(row, trow, grow, m, ls, coef, w, as_compute(g, row), t_scale, t_shift, cap, in_place,
                           scratch)
-    return loss, m, ls
+    return loss, ls, m_next
 
 
 # -- kernels: serial over a range of rows, dealt to threads by `_parallel` -----------------------------
+@jit(inline=True)
+def first_row_max(x, lo, hi, cap, mode):
+    """The maximum of row `lo`, the only one a kernel's range takes on its own: every later row's
+    comes from the sum pass over the row before it (`row_sumexp`). Unused in BACKWARD mode."""
+    if mode == BACKWARD or lo >= hi:
+        return -as_compute(np.inf, x)
+    return row_max(x[lo], cap)
+
+
 @jit(python_callable=True)
 def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, keep_exp, in_place, g,
                  sw, row_max, row_logsum, loss, top1, grad):
@@ -342,15 +385,16 @@ def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, ke
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch = row_scratch(C, keep_exp, grad, w)  # w is in the compute type
+    m = first_row_max(x, lo, hi, cap, mode)
     for r in range(lo, hi):
         y = target[r]
         valid = y != ignore_index
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
-        lr, mr, lsr, tr = index_row(x[r], grad[r if mode != FORWARD else 0], y, valid, w, wsum, eps,
-                                    eps_c, z, cap, mode, keep_exp, in_place, gr, row_max[r],
-                                    row_logsum[r],
-                                    scratch)
+        mr = row_max[r] if mode == BACKWARD else m
+        lr, lsr, tr, m = index_row(x[r], x[r + 1 if r + 1 < hi else r], grad[r if mode != FORWARD else 0],
+                                   y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, in_place, gr,
+                                   mr, row_logsum[r], scratch)
         if mode != BACKWARD:
             loss[r] = lr * swr if valid else 0.0
             row_max[r] = mr
@@ -372,11 +416,14 @@ def prob_kernel(lo, hi, x, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_pl
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch = row_scratch(C, keep_exp, grad, w)
+    m = first_row_max(x, lo, hi, cap, mode)
     for r in range(lo, hi):
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
-        lr, mr, lsr = prob_row(x[r], t[r], grad[r if mode != FORWARD else 0], w, t_scale, t_shift, z, cap,
-                               mode, keep_exp, in_place, gr, row_max[r], row_logsum[r], scratch)
+        mr = row_max[r] if mode == BACKWARD else m
+        lr, lsr, m = prob_row(x[r], x[r + 1 if r + 1 < hi else r], t[r], grad[r if mode != FORWARD else 0], w,
+                              t_scale, t_shift, z, cap, mode, keep_exp, in_place, gr, mr, row_logsum[r],
+                              scratch)
         if mode != BACKWARD:
             loss[r] = lr * swr
             row_max[r] = mr

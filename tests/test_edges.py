@@ -261,6 +261,69 @@ def test_results_do_not_depend_on_the_thread_count(forced_threads, case):
     assert_close(grad, ref_grad, np.float32)
 
 
+# -- each row's maximum, taken in the sum pass over the row before it ---------------------------------
+@pytest.mark.parametrize("cap", [None, 3.0])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_row_maxima_taken_a_row_ahead(forced_threads, dtype, soft, cap):
+    """The row kernels find a row's maximum while they sum the exps of the row before it (an
+    integer maximum of `_math.order_key`s). Special values sit in the first and last rows of the
+    thread ranges (12 rows: 4 per range at 3 threads, 6 at 2) and in between: NaN of either sign,
+    rows of -inf, of negative NaNs only, of signed zeros, of negative logits only, +inf. Every result equals the float64 reference's (NaN patterns
+    included) and does not depend on the split."""
+    use, calls = forced_threads
+    rng = stable_rng("ahead", dtype, soft, cap)
+    C = 40
+    x = rng.standard_normal((12, C))
+    neg_nan = np.copysign(np.nan, -1.0)
+    x[0, 5] = np.nan
+    x[1, :] = -np.inf
+    x[2, 7] = neg_nan
+    x[3, :] = -0.0
+    x[3, 4] = 0.0
+    x[4, 9] = np.inf
+    x[5, :] = neg_nan
+    x[6, 3], x[6, 4] = np.nan, -np.inf
+    x[7, 1] = 1e3
+    x[8] = -np.abs(x[8]) - 1.0  # every logit negative
+    x[11, 0] = np.nan
+    x = x.astype(dtype)
+    assert np.signbit(x[5, 0]) and np.isnan(x[5, 0])
+    t = rng.random((12, C)).astype(dtype) if soft else rng.integers(0, C, 12)
+    kw = dict(softcap=cap, label_smoothing=0.1)
+    results = {}
+    with kernel_path("rows"):
+        for n in (1, 2, 3):
+            use(n)
+            r = [nx.cross_entropy(x, t, reduction="none", **kw)]
+            r.extend(nx.cross_entropy_with_grad(x, t, reduction="sum", **kw))
+            crit = nx.CrossEntropyLoss(reduction="none", **kw)
+            r.append(crit(x, t))
+            r.append(crit.backward(np.ones(12)))
+            results[n] = r
+            assert len({(lo, hi) for _, lo, hi in calls}) == n
+    for n in (2, 3):
+        for a, b in zip(results[n], results[1]):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    xd = np.asarray(x, np.float64)
+    ref_none, ref_grad = naive_cross_entropy(xd, t, reduction="none", **kw)
+    ref_sum, ref_grad_sum = naive_cross_entropy(xd, t, reduction="sum", **kw)
+    loss_none, loss_sum, grad_sum, loss_crit, grad_crit = results[2]
+    assert_close(loss_none, ref_none, dtype)
+    assert_close(loss_crit, ref_none, dtype)
+    assert_close(grad_crit, ref_grad, dtype)
+    assert_close(loss_sum, ref_sum, dtype)
+    assert_close(grad_sum, ref_grad_sum, dtype)
+    if not soft and cap is None:  # top-1 (ties to the lowest class), never where the lse is NaN
+        with kernel_path("rows"):
+            _, st = nx.cross_entropy(x, t, reduction="none", return_stats=True)
+        with np.errstate(invalid="ignore"):
+            m = xd.max(1, keepdims=True)
+            lse = m[:, 0] + np.log(np.exp(xd - m).sum(1))
+        np.testing.assert_array_equal(st.top1, (np.argmax(xd, 1) == t) & ~np.isnan(lse))
+        assert_close(st.lse, lse, dtype)
+
+
 # -- the workspace ---------------------------------------------------------------------------------------
 def test_workspace_is_bounded(monkeypatch):
     from numbaxent import _api
