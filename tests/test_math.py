@@ -224,3 +224,20 @@ def test_max_int(ity):
     out = np.empty_like(a)
     _pairwise_max(a, b, out)
     np.testing.assert_array_equal(out, np.maximum(a, b))
+
+
+def test_float64_exp_coefficients_are_what_the_fit_script_gives(capsys):
+    """`_math._F64.q` must be the output of `benchmarks/exp_fit.py` (the coefficients' source)."""
+    pytest.importorskip("mpmath")
+    import importlib.util
+    import pathlib
+
+    from numbaxent import _math
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "exp_fit.py"
+    spec = importlib.util.spec_from_file_location("exp_fit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--degree", str(len(_math._F64.q) - 1)]) == 0
+    printed = capsys.readouterr().out.splitlines()[0]
+    assert eval(printed) == _math._F64.q  # a tuple of float reprs
