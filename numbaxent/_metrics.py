@@ -7,11 +7,11 @@ indices over the `N*S` rows, `w` are the class weights in the compute type.
 For each non-ignored row the logits are read from memory once; the passes below run over the row
 while it is in cache (as the core forward does), rows split across threads (`_parallel.run_tasks`):
 
-1. `row_max_first_block`: `m = max_c x_c` (as the core's `row_max`), and the first block of the
-   row that holds it;
+1. `m = max_c x_c`, taken as the core's row kernels take it: in the sum pass over the row before
+   (`row_max` for a range's first row and after an ignored row);
 2. `row_eval_sums`, one fused loop: `s = sum_c e_c` with `e_c = exp(x_c - m)`,
    `h = sum_c e_c (x_c - m)` (entropy) and `d = sum_c w_c (x_c - m)` (label smoothing, only
-   when `eps > 0`);
+   when `eps > 0`), and the next row's maximum;
 3. compare-only loops, when needed: `numbaxent._kernels.row_is_top1` (the core's), the
    count of logits above the target's (top-k, only when `kmax > 1` and the target is not top-1)
    and the first index attaining `m` (the predicted class, only when it is not the target).
@@ -48,9 +48,9 @@ import numpy as np
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
-from ._rows import row_is_top1, row_max
-from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load, max_skipnan,
-                    min_int)
+from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
+from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load, max_int,
+                    max_skipnan, min_int, order_key)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -66,18 +66,20 @@ H_FLOOR = -1.0e4
 # alternated pairs); the long-row `update` time measured the same (1.15-1.16 x the forward against
 # 1.16-1.19).
 @jit(inline=True)
-def row_eval_sums(row, m, w, cap, smooth):
-    """`(s, h, d)` in one loop: `s = sum e_c`, `h = sum e_c (x_c - m)` and, when `smooth`,
-    `d = sum w_c (x_c - m)` (0 otherwise). `h` is one fused multiply-add per element; a `-inf`
+def row_eval_sums(row, m, w, cap, smooth, nxt):
+    """`(s, h, d, k)` in one loop: `s = sum e_c`, `h = sum e_c (x_c - m)`, when `smooth`
+    `d = sum w_c (x_c - m)` (0 otherwise), and `k` the order-key maximum of the row `nxt` (as in
+    the core's `row_sumexp`: its read overlaps this row's exps). `h` is one fused multiply-add per element; a `-inf`
     logit (`e_c = 0`, `x_c - m = -inf`) makes it `0 * -inf = NaN` there, and only then (`h` NaN
     while `s` is not) is `h` summed again with `x_c - m` clamped to `H_FLOOR`, far below where
     `e_c` underflows to 0, so that such a logit adds 0 (`0 log 0 = 0`). The clamp in the main loop
     cost 4-5% of a long row's evaluation (measured). The counts of `row_count_greater` and
     `row_first_equal` are separate loops on purpose: an integer reduction in this loop halves its
-    vector width (measured: +40% time)."""
+    vector width (measured: +40% time; the 32-bit keys of a float32 row keep its width)."""
     s = compute_zero(row)
     h = compute_zero(row)
     d = compute_zero(row)
+    k = key_start(row)
     if smooth:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -85,19 +87,21 @@ def row_eval_sums(row, m, w, cap, smooth):
             s += e
             h += e * v
             d += w[j] * v
+            k = max_int(k, order_key(load(nxt[j])))
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             e = exp_nonpos(v)
             s += e
             h += e * v
+            k = max_int(k, order_key(load(nxt[j])))
     if h != h and s == s:  # a -inf logit (rare): the clamped sum
         floor = as_compute(H_FLOOR, row)
         h = compute_zero(row)
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             h += exp_nonpos(v) * (v if v > floor else floor)
-    return s, h, d
+    return s, h, d, k
 
 
 BLOCK = 512  # elements per step of the compare-only scans below (vectorised inside a step)
@@ -130,29 +134,9 @@ def row_ties_before(row, y, xy, cap):
 
 
 @jit(inline=True)
-def row_max_first_block(row, cap):
-    """`(m, j0)`: `row_max` computed one `BLOCK` at a time, and the start `j0` of the first block
-    that holds the maximum (0 for an all-NaN row), so that `row_first_equal` scans from there
-    instead of from the row's start (on average half the row). One scalar compare per block; the
-    maximum of each block stays a packed reduction. With a soft-cap, distinct logits can saturate
-    to the same capped value, so the first index of the capped maximum may lie in an earlier block:
-    `j0` is then 0."""
-    C = row.shape[0]
-    m = -as_compute(np.inf, row)
-    j0 = 0
-    for b0 in range(0, C, BLOCK):
-        bm = row_max(row[b0:min(b0 + BLOCK, C)], None)  # the raw maximum; capped once, below
-        if bm > m:  # strictly: a later block that only ties keeps the earlier one
-            m = bm
-            j0 = b0
-    return capped(m, cap), (j0 if cap is None else 0)
-
-
-@jit(inline=True)
 def row_first_equal(row, m, cap, start):
-    """The lowest `c >= start` with `x_c == m` (`C` if none: an all-NaN row; `start` from
-    `row_max_first_block`): a vectorised index-minimum over steps of `BLOCK` elements, stopping in
-    the first step that holds one."""
+    """The lowest `c >= start` with `x_c == m` (`C` if none: an all-NaN row): a vectorised
+    index-minimum over steps of `BLOCK` elements, stopping in the first step that holds one."""
     C = row.shape[0]
     for j0 in range(start, C, BLOCK):
         blk = row[j0:min(j0 + BLOCK, C)]
@@ -178,11 +162,11 @@ def row_nan_target_rank(row, y, cap):
 
 
 @jit()
-def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
-    """All metrics of one non-ignored row: `(loss, nll, entropy, confidence, rank, pred)`, the
-    floats in float64, `rank` capped at `kmax`."""
-    m, first_block = row_max_first_block(row, cap)
-    s, h, d = row_eval_sums(row, m, w, cap, eps_c > 0)
+def eval_row(row, nxt, y, m, w, wsum, eps, eps_c, cap, kmax):
+    """All metrics of one non-ignored row whose maximum is `m`: `(loss, nll, entropy, confidence,
+    rank, pred, m_next)`, the floats in float64, `rank` capped at `kmax`, `m_next` the maximum of
+    the row `nxt` (`row_eval_sums`)."""
+    s, h, d, k = row_eval_sums(row, m, w, cap, eps_c > 0, nxt)
     xy = capped(load(row[y]), cap)
     ls = math.log(s)
     nll = (np.float64(m) - np.float64(xy)) + np.float64(ls)
@@ -206,10 +190,10 @@ def eval_row(row, y, w, wsum, eps, eps_c, cap, kmax):
     if rank == 0:
         pred = y
     else:
-        pred = row_first_equal(row, m, cap, first_block)
+        pred = row_first_equal(row, m, cap, 0)
         if pred == row.shape[0]:
             pred = 0  # all-NaN row: a stable argsort of -x starts with index 0
-    return loss, nll, ent, conf, rank, pred
+    return loss, nll, ent, conf, rank, pred, next_row_max_skipnan(k, nxt, cap)
 
 
 # -- kernels -----------------------------------------------------------------------------------------
@@ -227,12 +211,21 @@ def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss,
     N, C, S = x.shape
     x2 = as_2d(x, N, C * S)
     eps_c = eps / C
+    m = -as_compute(np.inf, x)
+    known = False  # whether m is row r's maximum, taken in the pass over row r - 1
     for r in range(lo, hi):
         y = target[r]
         if y == ignore_index:
             _ignored(r, loss, nll, ent, conf, rank, pred)
+            known = False
             continue
-        lr, nr, er, cr, kr, pr = eval_row(x2[r], y, w, wsum, eps, eps_c, cap, kmax)
+        if not known:
+            m = row_max(x2[r], cap)
+        # an ignored row is never read: its maximum is not taken ahead either
+        ahead = r + 1 < hi and target[r + 1] != ignore_index
+        lr, nr, er, cr, kr, pr, m = eval_row(x2[r], x2[r + 1 if ahead else r], y, m, w, wsum, eps,
+                                             eps_c, cap, kmax)
+        known = ahead
         loss[r] = lr
         nll[r] = nr
         ent[r] = er

@@ -46,6 +46,16 @@ def next_row_max(k, nxt, cap):
 
 
 @jit(inline=True)
+def next_row_max_skipnan(k, nxt, cap):
+    """`next_row_max`, a positive NaN skipped as `row_max` skips it (the row is read again then):
+    for the evaluator, whose rank and predicted class of a row with NaN logits need the largest
+    other logit."""
+    if k > order_key(as_compute(np.inf, nxt)):
+        return row_max(nxt, cap)
+    return capped(from_order_key(k), cap)
+
+
+@jit(inline=True)
 def row_sumexp(row, m, cap, stash, keep_exp, nxt):
     """`(sum_c exp(x_c - m), k)` with `k` the order-key maximum of the row `nxt` (as long as
     `row`; `next_row_max` turns it into `nxt`'s maximum). Why the next row's maximum here: the sum
