@@ -114,7 +114,7 @@ def row_count_greater(row, xy, cap, limit):
     C = row.shape[0]
     n = 0
     for j0 in range(0, C, BLOCK):
-        blk = row[j0:min(j0 + BLOCK, C)]  # a view: the inner loop indexes from 0 and vectorises
+        blk = row[j0:min_int(j0 + BLOCK, C)]  # a view: the inner loop indexes from 0 and vectorises
         k = np.int32(0)
         for j in range(blk.shape[0]):
             k += np.int32(1) if capped(load(blk[j]), cap) > xy else np.int32(0)
@@ -139,11 +139,11 @@ def row_first_equal(row, m, cap, start):
     index-minimum over steps of `BLOCK` elements, stopping in the first step that holds one."""
     C = row.shape[0]
     for j0 in range(start, C, BLOCK):
-        blk = row[j0:min(j0 + BLOCK, C)]
+        blk = row[j0:min_int(j0 + BLOCK, C)]
         none = np.int32(blk.shape[0])
         f = none
         for j in range(blk.shape[0]):
-            f = min(f, np.int32(j) if capped(load(blk[j]), cap) == m else none)
+            f = min_int(f, np.int32(j) if capped(load(blk[j]), cap) == m else none)
         if f < none:
             return j0 + f
     return C
@@ -186,7 +186,7 @@ def eval_row(row, nxt, y, m, w, wsum, eps, eps_c, cap, kmax):
     else:
         gt = 0 if xy >= m else row_count_greater(row, xy, cap, kmax)
         rank = gt + row_ties_before(row, y, xy, cap) if gt < kmax else gt
-    rank = min(rank, kmax)
+    rank = min_int(np.int64(rank), np.int64(kmax))
     if rank == 0:
         pred = y
     else:
@@ -385,11 +385,11 @@ def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, 
         se += (lsb - np.float64(h[b]) * p) if v else 0.0
         # top-1 alone (kmax 1): the target is the first maximum; a NaN target's rank is in gt
         k = gt[b] if (kmax > 1) | (xy[b] != xy[b]) else np.int32(first[b] != yv[b])
-        k = min(k, np.int32(kmax))
+        k = min_int(k, np.int32(kmax))
         f = first[b] if first[b] < C else np.int32(0)  # all-NaN row: index 0
         pred[b] = np.int32(yv[b]) if k == 0 else f
         pb = p * B if p == p else 0.0
-        j = min(max(np.int32(math.ceil(pb)) - np.int32(1), np.int32(0)), np.int32(B - 1))
+        j = min_int(max_int(np.int32(math.ceil(pb) - 1), np.int32(0)), np.int32(B - 1))
         j = j if p == p else np.int32(B)
         jbin[b] = j
         cell[b] = k * np.int32(B + 1) + j
@@ -461,7 +461,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
         for g in range(ngroups * t // ntasks, ngroups * (t + 1) // ntasks):
             fpg = fp[g]
             fpg[:] = 0.0
-            for blk in range(g * group_blocks, min((g + 1) * group_blocks, nblocks)):
+            for blk in range(g * group_blocks, min_int((g + 1) * group_blocks, nblocks)):
                 n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
                 src = _block_source(X, XT, S, n, nb, C)
                 cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
@@ -506,7 +506,7 @@ def tallies_into_state(tally, pairs, fp, ks, kmax, B, ints, cm, chunk):
                     ints[o_bcor + j] += n
         hits[r + 1] = below
     for i in range(K):
-        ints[5 + i] += hits[min(ks[i], kmax + 1)]
+        ints[5 + i] += hits[min_int(ks[i], kmax + 1)]
     if pairs.shape[1] > 0:
         for t in range(T):
             for y in range(C):
@@ -561,7 +561,7 @@ def metrics_reduce(target, rank, pred, loss, conf, ks, cls_count, cls_correct, c
         if p != p:
             n_unbinned += 1
             continue
-        b = int(math.ceil(p * B)) - 1
+        b = math.ceil(p * B) - 1  # (an int already: no int() to compile)
         if b < 0:
             b = 0
         elif b >= B:
