@@ -69,13 +69,14 @@ H_FLOOR = -1.0e4
 def row_eval_sums(row, m, w, cap, smooth, nxt):
     """`(s, h, d, k)` in one loop: `s = sum e_c`, `h = sum e_c (x_c - m)`, when `smooth`
     `d = sum w_c (x_c - m)` (0 otherwise), and `k` the order-key maximum of the row `nxt` (as in
-    the core's `row_sumexp`: its read overlaps this row's exps). `h` is one fused multiply-add per element; a `-inf`
-    logit (`e_c = 0`, `x_c - m = -inf`) makes it `0 * -inf = NaN` there, and only then (`h` NaN
-    while `s` is not) is `h` summed again with `x_c - m` clamped to `H_FLOOR`, far below where
-    `e_c` underflows to 0, so that such a logit adds 0 (`0 log 0 = 0`). The clamp in the main loop
-    cost 4-5% of a long row's evaluation (measured). The counts of `row_count_greater` and
-    `row_first_equal` are separate loops on purpose: an integer reduction in this loop halves its
-    vector width (measured: +40% time; the 32-bit keys of a float32 row keep its width)."""
+    the core's `row_sumexp`: its read overlaps this row's exps). `h` is one fused multiply-add per
+    element; a `-inf` logit (`e_c = 0`, `x_c - m = -inf`) makes it `0 * -inf = NaN` there, and
+    only then (`h` NaN while `s` is not) is `h` summed again with `x_c - m` clamped to `H_FLOOR`,
+    far below where `e_c` underflows to 0, so that such a logit adds 0 (`0 log 0 = 0`). The clamp
+    in the main loop cost 4-5% of a long row's evaluation (measured). The counts of
+    `row_count_greater` and `row_first_equal` are separate loops on purpose: an integer reduction
+    in this loop halves its vector width (measured: +40% time; the 32-bit keys of a float32 row
+    keep its width)."""
     s = compute_zero(row)
     h = compute_zero(row)
     d = compute_zero(row)
@@ -134,11 +135,11 @@ def row_ties_before(row, y, xy, cap):
 
 
 @jit(inline=True)
-def row_first_equal(row, m, cap, start):
-    """The lowest `c >= start` with `x_c == m` (`C` if none: an all-NaN row): a vectorised
-    index-minimum over steps of `BLOCK` elements, stopping in the first step that holds one."""
+def row_first_equal(row, m, cap):
+    """The lowest `c` with `x_c == m` (`C` if none: an all-NaN row): a vectorised index-minimum
+    over steps of `BLOCK` elements, stopping in the first step that holds one."""
     C = row.shape[0]
-    for j0 in range(start, C, BLOCK):
+    for j0 in range(0, C, BLOCK):
         blk = row[j0:min_int(j0 + BLOCK, C)]
         none = np.int32(blk.shape[0])
         f = none
@@ -190,7 +191,7 @@ def eval_row(row, nxt, y, m, w, wsum, eps, eps_c, cap, kmax):
     if rank == 0:
         pred = y
     else:
-        pred = row_first_equal(row, m, cap, 0)
+        pred = row_first_equal(row, m, cap)
         if pred == row.shape[0]:
             pred = 0  # all-NaN row: a stable argsort of -x starts with index 0
     return loss, nll, ent, conf, rank, pred, next_row_max_skipnan(k, nxt, cap)

@@ -36,9 +36,9 @@ def key_start(row):
 
 
 @jit(inline=True)
-def next_row_max(k, nxt, cap):
-    """`row_max(nxt, cap)` from `k`, the order-key maximum of `nxt` that a sum pass over the row
-    before it took (see `row_sumexp`). A negative NaN is skipped as `row_max` skips it; a positive
+def next_row_max(k, cap):
+    """`row_max(nxt, cap)` from `k`, the order-key maximum of the row `nxt` that a sum pass over the
+    row before it took (see `row_sumexp`). A negative NaN is skipped as `row_max` skips it; a positive
     NaN's key is above every other, so the maximum is then NaN instead of the largest other
     logit, which changes nothing: such a row's exp-sum, and so its lse, loss and gradient, are NaN
     either way (and it is not top-1)."""
@@ -52,7 +52,7 @@ def next_row_max_skipnan(k, nxt, cap):
     other logit."""
     if k > order_key(as_compute(np.inf, nxt)):
         return row_max(nxt, cap)
-    return capped(from_order_key(k), cap)
+    return next_row_max(k, cap)
 
 
 @jit(inline=True)
@@ -297,7 +297,7 @@ def index_row(row, nxt, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_
         else:
             s, k = row_sumexp(row, m, cap, stash, keep_exp, nxt)
             d = compute_zero(row)
-        m_next = next_row_max(k, nxt, cap)
+        m_next = next_row_max(k, cap)
         ls = math.log(s)
         top1 = top1 and ls == ls  # not for a row whose lse is NaN (a NaN or +inf logit)
         if valid:
@@ -337,7 +337,7 @@ def prob_row(row, nxt, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, 
     m_next = m
     if mode != BACKWARD:
         s, a, d, k = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, True, stash, keep_exp, nxt)
-        m_next = next_row_max(k, nxt, cap)
+        m_next = next_row_max(k, cap)
         ls = math.log(s)
         loss = prob_loss(m, ls, a, d, z)
     else:

@@ -209,9 +209,9 @@ def test_topk_ties_follow_a_stable_argsort_of_minus_logits(each_kernel_path):
 
 @pytest.mark.parametrize("cap", [None, 4.0])
 def test_predicted_class_and_entropy_on_rows_longer_than_a_scan_block(cap):
-    # the row kernel finds the maximum block by block and scans for its first index from the
-    # first block holding it; the entropy sum takes a second, clamped loop when a -inf logit made
-    # it NaN. Rows of 1300 classes span three 512-element blocks.
+    # the row kernel scans for the maximum's first index one 512-element block at a time (rows of
+    # 1300 classes span three blocks), takes each row's maximum in the pass over the row before it,
+    # and sums the entropy a second time, clamped, when a -inf logit made it NaN.
     rng = np.random.default_rng(11)
     C = 1300
     x = rng.standard_normal((9, C))
