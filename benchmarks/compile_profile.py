@@ -131,11 +131,12 @@ def main(argv=None) -> int:
 
     from numbaxent import _cache
 
-    d = _cache.cache_dir()
-    if d and os.path.isdir(d) and any(f.endswith(".nbi") for f in os.listdir(d)) \
-            and not args.allow_warm:
-        print(f"the kernel cache {d} is not empty: clear it (numbaxent cache --clear) for a cold "
-              f"profile, or pass --allow-warm", file=sys.stderr)
+    # every directory kernels are loaded from, not only the one they are written to: a warm-up may
+    # have filled the package's own __pycache__ (as .ci/run does) while the writes go elsewhere
+    warm = [d for d in _cache.search_dirs() if any(f.endswith(".nbi") for f in _cache.entries(d))]
+    if warm and not args.allow_warm:
+        print(f"kernel cache entries in {', '.join(warm)}: clear them (numbaxent cache --clear) for "
+              f"a cold profile, or pass --allow-warm", file=sys.stderr)
         return 1
     prof = Profile()
     install(prof)
