@@ -1,0 +1,74 @@
+"""Where the streaming command's time goes beyond the in-memory evaluator (issue 12's streaming target).
+
+    python benchmarks/stream_split.py [--repeat 7] [--dir /tmp/nx_eval]
+
+Uses the float32 file that ``eval_throughput.py stream --gb 1`` writes (7812 x 32000 in ``--dir``;
+run that first) and times, alternated over ``--repeat`` rounds in one process (medians and minima):
+
+- ``whole``: ``Evaluator.update`` on the file loaded into memory;
+- ``chunks in memory``: ``Evaluator.update_chunks`` over 32 MiB row chunks of that in-memory array
+  (the streaming command's pipeline of pieces and folds, without the file);
+- ``chunks mapped``: the same over ``numbaxent.io.row_chunks`` of the memory-mapped file, as
+  ``numbaxent eval`` reads it;
+
+and the minor page faults of one pass over the mapped file. The first two differ by the pipeline's
+own cost, the last two by what mapping the file's pages costs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--dir", default="/tmp/nx_eval")
+    args = ap.parse_args(argv)
+    from numbaxent import io as nio
+    from numbaxent.evaluate import Evaluator
+
+    xp, tp = (os.path.join(args.dir, f) for f in ("x_7812x32000.npy", "t_7812.npy"))
+    if not (os.path.exists(xp) and os.path.exists(tp)):
+        ap.error(f"{xp} or {tp} missing: run `python benchmarks/eval_throughput.py stream --gb 1` first")
+    x, t = np.load(xp), np.load(tp)
+    C = x.shape[1]
+    rows = (32 << 20) // (4 * C)
+    src = nio.open_array(xp)
+
+    def whole():
+        Evaluator(C).update(x, t)
+
+    def chunks_in_memory():
+        Evaluator(C).update_chunks((x[a:a + rows], t[a:a + rows]) for a in range(0, x.shape[0], rows))
+
+    def chunks_mapped():
+        Evaluator(C).update_chunks((c, t[a:b]) for a, b, c in
+                                   nio.row_chunks(src, rows, keep=Evaluator.IN_FLIGHT - 1))
+
+    runs = {f: [] for f in (whole, chunks_in_memory, chunks_mapped)}
+    faults = []
+    for f in runs:
+        f()  # compile or load the kernels, map once
+    for _ in range(args.repeat):
+        for f, times in runs.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+            if f is chunks_mapped:
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(f"{x.nbytes / 1e9:.3f} GB float32, chunks of {rows} rows (32 MiB)")
+    for f, times in runs.items():
+        print(f"  {f.__name__.replace('_', ' '):18s} median {np.median(times) * 1e3:6.1f} ms   "
+              f"min {min(times) * 1e3:6.1f} ms")
+    print(f"  minor page faults per mapped pass: median {int(np.median(faults))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
