@@ -8,7 +8,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ._jit import jit
-from ._math import (as_2d, as_compute, cap_slope, capped, compute_zero, exp_nonpos, load, log, max_skipnan,
+from ._math import (as_2d, as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, load, log, max_skipnan,
                     rows_flat, store)
 from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob_grad_scale, prob_loss,
                     row_is_top1)
@@ -249,7 +249,7 @@ def block_sums(loss, N, S, nbmax):
     """Per-block sums of per-row float64 losses, each block summed as the column kernels sum it
     when they write no per-row output: so a reduced loss has the same bits whether a caller asked
     for per-row losses or not."""
-    out = np.empty(column_count(N, S, nbmax), np.float64)
+    out = empty(column_count(N, S, nbmax), np.float64)
     for blk in range(out.shape[0]):
         _, _, _, nb, r0 = column_block(blk, N, 0, S, nbmax)  # C only offsets i0, unused here
         out[blk] = sum_in_order(loss[r0:r0 + nb])
@@ -310,19 +310,17 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch_grad = mode != FORWARD and (S == 1 or in_place)
-    # every float scratch is one 2-D compute-type allocation (w is in the compute type; for
-    # float32/float64 logits x_block and grad_block are the same type): one np.empty to compile,
-    # not eleven
-    x_block = np.empty((C, nbmax if S == 1 else 0), X.dtype)
-    grad_block = np.empty((C, nbmax if scratch_grad else 0), X.dtype)
-    exps = np.empty((C, nbmax), w.dtype)
-    m, s, d, ls = (np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype),
-                   np.empty(nbmax, w.dtype))
-    xy, wy, coef, tcoef = (np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype),
-                           np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype))
-    yv = np.empty(nbmax, np.int64)
-    ok = np.empty(nbmax, np.bool_)
-    lrow = np.empty(nbmax if not rows_out else 0, np.float64)
+    # scratch by `_math.empty`: nothing of NumPy's np.empty to compile per shape and dtype
+    x_block = empty((C, nbmax if S == 1 else 0), X.dtype)
+    grad_block = empty((C, nbmax if scratch_grad else 0), X.dtype)
+    exps = empty((C, nbmax), w.dtype)
+    m, s, d, ls = (empty(nbmax, w.dtype), empty(nbmax, w.dtype), empty(nbmax, w.dtype),
+                   empty(nbmax, w.dtype))
+    xy, wy, coef, tcoef = (empty(nbmax, w.dtype), empty(nbmax, w.dtype),
+                           empty(nbmax, w.dtype), empty(nbmax, w.dtype))
+    yv = empty(nbmax, np.int64)
+    ok = empty(nbmax, np.bool_)
+    lrow = empty(nbmax if not rows_out else 0, np.float64)
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
         src = _block_source(X, x_block, S, n, nb, C)
@@ -382,11 +380,11 @@ def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, 
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch_grad = mode != FORWARD and (S == 1 or in_place)
-    x_block = np.empty((C, nbmax if S == 1 else 0), X.dtype)
-    t_block = np.empty((C, nbmax if S == 1 else 0), T.dtype)
-    grad_block = np.empty((C, nbmax if scratch_grad else 0), X.dtype)
-    exps = np.empty((C, nbmax), w.dtype)
-    rows = np.empty((7, nbmax), w.dtype)
+    x_block = empty((C, nbmax if S == 1 else 0), X.dtype)
+    t_block = empty((C, nbmax if S == 1 else 0), T.dtype)
+    grad_block = empty((C, nbmax if scratch_grad else 0), X.dtype)
+    exps = empty((C, nbmax), w.dtype)
+    rows = empty((7, nbmax), w.dtype)
     m, s, a, d, ls, coef, gcoef = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6]
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)

@@ -49,7 +49,7 @@ from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
-from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, exp_nonpos, load, max_int,
+from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, empty, exp_nonpos, load, max_int,
                     max_skipnan, min_int, order_key)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
@@ -439,23 +439,23 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     nblocks = column_count(N, S, nbmax)
     ngroups = fp.shape[0]
     eps_c = eps / C
-    XT = np.empty((C, nbmax if S == 1 else 0), x.dtype)
-    m = compute_scratch(x, nbmax)
-    s = compute_scratch(x, nbmax)
-    h = compute_scratch(x, nbmax)
-    d = compute_scratch(x, nbmax)
-    ls = compute_scratch(x, nbmax)
-    xy = compute_scratch(x, nbmax)
-    wy = compute_scratch(x, nbmax)
-    yv = np.empty(nbmax, np.int64)
-    ok = np.empty(nbmax, np.bool_)
-    first = np.empty(nbmax, np.int32)  # int32 lanes: as wide as the float32 compares that feed them
-    gt = np.empty(nbmax, np.int32)
-    loss = np.empty(nbmax)
-    conf = np.empty(nbmax)
-    pred = np.empty(nbmax, np.int32)
-    cell = np.empty(nbmax, np.int32)
-    jbin = np.empty(nbmax, np.int32)
+    XT = empty((C, nbmax if S == 1 else 0), x.dtype)
+    m = compute_scratch(nbmax, x)
+    s = compute_scratch(nbmax, x)
+    h = compute_scratch(nbmax, x)
+    d = compute_scratch(nbmax, x)
+    ls = compute_scratch(nbmax, x)
+    xy = compute_scratch(nbmax, x)
+    wy = compute_scratch(nbmax, x)
+    yv = empty(nbmax, np.int64)
+    ok = empty(nbmax, np.bool_)
+    first = empty(nbmax, np.int32)  # int32 lanes: as wide as the float32 compares that feed them
+    gt = empty(nbmax, np.int32)
+    loss = empty(nbmax, np.float64)
+    conf = empty(nbmax, np.float64)
+    pred = empty(nbmax, np.int32)
+    cell = empty(nbmax, np.int32)
+    jbin = empty(nbmax, np.int32)
     for t in range(lo, hi):
         tally[t, :] = 0
         pairs[t, :, :] = 0
@@ -489,12 +489,16 @@ def tallies_into_state(tally, pairs, fp, ks, kmax, B, ints, cm, chunk):
     o_cor, o_pred, o_bin = o_cnt + C, o_cnt + 2 * C, o_cnt + 3 * C
     o_bcor = o_bin + B
     classes, _ = tally_layout(C, B, kmax, pairs.shape[1] > 0)
-    total = np.zeros(tally.shape[1], np.int64)
+    total = empty(tally.shape[1], np.int64)  # (`_math.empty` and loops: no np.zeros to compile)
+    for i in range(tally.shape[1]):
+        total[i] = 0
     for t in range(T):
         for i in range(tally.shape[1]):
             total[i] += tally[t, i]
     below = 0  # rows of rank < r, for r = 1, 2, ...
-    hits = np.zeros(kmax + 2, np.int64)
+    hits = empty(kmax + 2, np.int64)
+    for i in range(kmax + 2):
+        hits[i] = 0
     for r in range(kmax + 1):
         for j in range(B + 1):
             n = total[r * (B + 1) + j]

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._math import (as_compute, cap_slope, capped, compute_zero, exp_nonpos, exp_stash, from_order_key, load,
+from ._math import (as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, exp_stash, from_order_key, load,
                     max_int, max_skipnan, one_like, order_key, stash_in_grad, store)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
@@ -181,7 +181,7 @@ def row_scratch(C, keep_exp, grad, like):
     gradient writers' blocks), or a whole row's when the fused call keeps its exponentials outside a
     16-bit gradient (`exp_stash`)."""
     n = C if keep_exp and not stash_in_grad(grad) and C > GRAD_BLOCK else GRAD_BLOCK
-    return np.empty(n, like.dtype)
+    return empty(n, like.dtype)
 
 
 @jit(inline=True)

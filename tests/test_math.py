@@ -5,8 +5,8 @@ import numba
 import numpy as np
 import pytest
 
-from numbaxent._math import (as_2d, as_compute, exp, exp_nonpos, from_order_key, log, max_int, max_skipnan,
-                             min_int, order_key, rows_flat, store)
+from numbaxent._math import (as_2d, as_compute, compute_scratch, empty, exp, exp_nonpos, from_order_key, log,
+                             max_int, max_skipnan, min_int, order_key, rows_flat, store)
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
@@ -158,6 +158,42 @@ def test_rows_flat_and_as_2d_are_views_as_numpy_reshape_gives(dtype):
     _, two = _views(x2, x3, 0, 1, 72, 1)
     assert not two.flags.writeable
     np.testing.assert_array_equal(two[:, 0], x3.reshape(-1))
+
+
+@numba.njit(error_model="numpy")
+def _allocations(x, n, m):
+    a = empty(n, np.int64)
+    b = empty((m, n), x.dtype)
+    c = empty((0, n), np.bool_)
+    d = compute_scratch((n, m), x)
+    e = compute_scratch(np.int32(n), x)
+    for i in range(n):  # every element is writable memory of the array's own
+        a[i] = i
+        e[i] = i
+        for j in range(m):
+            b[j, i] = x[0]
+            d[i, j] = x[0]
+    return a, b, c, d, e
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_empty_and_compute_scratch_allocate_as_np_empty(dtype):
+    """`_math.empty` (`np.empty` for the kernels' scratch) and `compute_scratch`: new C-contiguous
+    arrays of the shape and dtype asked for (the compute type of the logits' storage for
+    `compute_scratch`: float64 for float64, float32 for 16-bit storage), each its own memory."""
+    x = np.ones(3, dtype)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    for n, m in ((5, 3), (1, 1), (0, 4)):
+        a, b, c, d, e = _allocations(x, n, m)
+        for arr, shape, dt in ((a, (n,), np.int64), (b, (m, n), dtype), (c, (0, n), np.bool_),
+                               (d, (n, m), compute), (e, (n,), compute)):
+            assert arr.shape == shape and arr.dtype == dt and arr.flags.c_contiguous
+            assert arr.flags.owndata or arr.base is not None  # a NumPy array over its own buffer
+        np.testing.assert_array_equal(a, np.arange(n))
+        np.testing.assert_array_equal(e, np.arange(n, dtype=compute))
+        assert (b == x[0]).all() and (d == x[0]).all()
+        assert not any(np.shares_memory(p, q) for i, p in enumerate((a, b, d, e))
+                       for q in (a, b, d, e)[i + 1:])
 
 
 @numba.njit(error_model="numpy")
