@@ -9,7 +9,7 @@ from numba.extending import register_jitable
 
 from ._jit import jit
 from ._math import (as_2d, as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, load, log, max_skipnan,
-                    rows_flat, store)
+                    rows_flat, run_view, store)
 from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob_grad_scale, prob_loss,
                     row_is_top1)
 
@@ -49,7 +49,7 @@ def cols_max(X, i0, s0, nb, C, m, cap):
     for b in range(nb):
         m[b] = -as_compute(np.inf, m)
     for c in range(C):
-        xr = X[i0 + c, s0:s0 + nb]
+        xr = run_view(X, i0 + c, s0, nb)
         for b in range(nb):
             m[b] = max_skipnan(m[b], load(xr[b]))
     for b in range(nb):
@@ -69,7 +69,7 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_ex
         if T is not None:
             a[b] = 0
     for c in range(C):
-        xr = X[i0 + c, s0:s0 + nb]
+        xr = run_view(X, i0 + c, s0, nb)
         wc = w[c]
         er = exps[c]
         if T is None:
@@ -80,7 +80,7 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_ex
                 d[b] += wc * v
                 er[b] = e
         else:
-            tr = T[i0 + c, s0:s0 + nb]
+            tr = run_view(T, i0 + c, s0, nb)
             if need_exp:
                 for b in range(nb):
                     v = capped(load(xr[b]), cap) - m[b]
@@ -107,8 +107,8 @@ def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, t_scale, t_shift, cap,
     for class-index targets, `T` None). `G` must not be `X` (the kernels pass a scratch block
     then): LLVM's runtime alias check would send an aliased loop to its scalar version."""
     for c in range(C):
-        xr = X[i0 + c, s0:s0 + nb]
-        gr = G[gi0 + c, gs0:gs0 + nb]
+        xr = run_view(X, i0 + c, s0, nb)
+        gr = run_view(G, gi0 + c, gs0, nb)
         wc = w[c]
         if T is None:
             for b in range(nb):
@@ -116,7 +116,7 @@ def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, t_scale, t_shift, cap,
                 p = exp_nonpos((v - m[b]) - ls[b])
                 store(gr, b, (p * coef[b] - wc * tcoef[b]) * cap_slope(v, cap))
         else:
-            tr = T[i0 + c, s0:s0 + nb]
+            tr = run_view(T, i0 + c, s0, nb)
             for b in range(nb):
                 v = capped(load(xr[b]), cap)
                 p = exp_nonpos((v - m[b]) - ls[b])
@@ -131,13 +131,13 @@ def cols_grad_from_exp(exps, T, i0, s0, nb, C, scale, tcoef, w, t_scale, t_shift
     (`exps/s` is within 2 ulp of `exp((x - m) - ls)`)."""
     for c in range(C):
         er = exps[c]
-        gr = G[gi0 + c, gs0:gs0 + nb]
+        gr = run_view(G, gi0 + c, gs0, nb)
         wc = w[c]
         if T is None:
             for b in range(nb):
                 store(gr, b, er[b] * scale[b] - wc * tcoef[b])
         else:
-            tr = T[i0 + c, s0:s0 + nb]
+            tr = run_view(T, i0 + c, s0, nb)
             for b in range(nb):
                 store(gr, b, er[b] * scale[b] - wc * tcoef[b] * (tr[b] * t_scale + t_shift))
 
@@ -179,7 +179,7 @@ def _transpose_out(src, n0, nb, C, X):
 @jit(inline=True)
 def _copy_out(src, i0, s0, nb, C, X):
     for c in range(C):
-        xr = X[i0 + c, s0:s0 + nb]
+        xr = run_view(X, i0 + c, s0, nb)
         sr = src[c]
         for b in range(nb):
             xr[b] = sr[b]

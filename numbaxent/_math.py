@@ -28,7 +28,7 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 
 __all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "min_int", "load", "store", "compute_zero",
-           "exp_stash", "stash_in_grad", "empty", "compute_scratch", "as_compute", "one_like", "capped",
+           "exp_stash", "stash_in_grad", "empty", "compute_scratch", "run_view", "as_compute", "one_like", "capped",
            "cap_slope", "rows_flat", "as_2d", "max_int", "order_key", "from_order_key"]
 
 
@@ -384,6 +384,33 @@ def as_2d(typingctx, a, rows, cols):
         dims = [ctx.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:])]
         return _c_view(ctx, builder, sig.return_type, src, src.data, dims)
     return a.copy(ndim=2)(a, rows, cols), codegen
+
+
+@intrinsic
+def run_view(typingctx, X, i, s0, n):
+    """`X[i, s0:s0 + n]` of a 2-D array, for indices in range (not checked or clipped): the
+    column kernels' view of one class row of a block, without Numba's general basic indexing (whose
+    typing and lowering of an `(int, slice)` index took `cols_grad`'s first compile from 0.74 to
+    0.51 s, 0.40 to 0.27 s of it type inference, in one profile of the 10-class first call). A 1-D
+    view, C-contiguous when `X` is."""
+    if not (isinstance(X, types.Array) and X.ndim == 2):
+        return None
+    outty = X.copy(ndim=1, layout="C" if X.layout == "C" else "A")
+
+    def codegen(ctx, builder, sig, args):
+        from numba.np.arrayobj import make_array, populate_array
+
+        src = make_array(sig.args[0])(ctx, builder, args[0])
+        i, s0, n = (ctx.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:]))
+        step0 = builder.extract_value(src.strides, 0)
+        step1 = builder.extract_value(src.strides, 1)
+        offset = builder.add(builder.mul(i, step0), builder.mul(s0, step1))
+        raw = builder.gep(builder.bitcast(src.data, ir.IntType(8).as_pointer()), [offset])
+        out = make_array(outty)(ctx, builder)
+        populate_array(out, data=builder.bitcast(raw, src.data.type), shape=[n], strides=[step1],
+                       itemsize=src.itemsize, meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(ctx, builder, outty, out._getvalue())
+    return outty(X, i, s0, n), codegen
 
 
 def _dtype_of(token):

@@ -50,7 +50,7 @@ from ._columns import (_block_source, cols_log, cols_targets, column_block, colu
                        column_count, column_views)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, empty, exp_nonpos, load, max_int,
-                    max_skipnan, min_int, order_key)
+                    max_skipnan, min_int, order_key, run_view)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -282,7 +282,7 @@ def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, smooth, s, h, d):
         h[b] = 0
         d[b] = 0
     for c in range(C):
-        xr = X[i0 + c, s0:s0 + nb]
+        xr = run_view(X, i0 + c, s0, nb)
         wc = w[c]
         if smooth:
             for b in range(nb):
@@ -313,7 +313,7 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
         first[b] = none
         gt[b] = 0
     for c in range(C):
-        xr = X[i0 + c, s0:s0 + nb]
+        xr = run_view(X, i0 + c, s0, nb)
         if count:
             for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
                 v = capped(load(xr[b]), cap)
@@ -326,7 +326,7 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
     # block: tracked as `first[b] = c if v > m[b] else first[b]`, LLVM made it a masked store,
     # microcoded on AMD (see _columns.cols_max)
     for c in range(C):
-        xr = X[i0 + c, s0:s0 + nb]
+        xr = run_view(X, i0 + c, s0, nb)
         c32 = np.int32(c)
         for b in range(nb):
             v = capped(load(xr[b]), cap)

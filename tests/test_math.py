@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numbaxent._math import (as_2d, as_compute, compute_scratch, empty, exp, exp_nonpos, from_order_key, log,
-                             max_int, max_skipnan, min_int, order_key, rows_flat, store)
+                             max_int, max_skipnan, min_int, order_key, rows_flat, run_view, store)
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
@@ -158,6 +158,32 @@ def test_rows_flat_and_as_2d_are_views_as_numpy_reshape_gives(dtype):
     _, two = _views(x2, x3, 0, 1, 72, 1)
     assert not two.flags.writeable
     np.testing.assert_array_equal(two[:, 0], x3.reshape(-1))
+
+
+@numba.njit(error_model="numpy")
+def _run(X, i, s0, n):
+    v = run_view(X, i, s0, n)
+    if n:
+        v[0] = 200  # a view: written through to X
+    return v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_run_view_is_the_view_numpy_basic_indexing_gives(dtype):
+    """`_math.run_view(X, i, s0, n)` is `X[i, s0:s0 + n]` (indices in range): the same elements and
+    strides, sharing `X`'s memory, for a C-contiguous array and for strided ones."""
+    base = np.arange(9 * 12).astype(dtype).reshape(9, 12)
+    for X in (base, base[1:8:2, 2:11], base.T):
+        for i, s0, n in ((0, 0, X.shape[1]), (X.shape[0] - 1, 2, 3), (1, X.shape[1] - 1, 1),
+                         (2, 1, 0)):
+            want = X[i, s0:s0 + n].copy()
+            if n:
+                want[0] = 200
+            got = _run(X, i, s0, n)
+            np.testing.assert_array_equal(got, want)
+            assert got.strides == X[i, s0:s0 + n].strides
+            if n:
+                assert np.shares_memory(got, X) and X[i, s0] == want[0]
 
 
 @numba.njit(error_model="numpy")
