@@ -9,7 +9,7 @@ from numba.extending import register_jitable
 
 from ._jit import jit
 from ._math import (as_2d, as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, load, log, max_skipnan,
-                    rows_flat, run_view, store)
+                    col_run, rows_flat, run_view, span, store)
 from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob_grad_scale, prob_loss,
                     row_is_top1)
 
@@ -252,7 +252,7 @@ def block_sums(loss, N, S, nbmax):
     out = empty(column_count(N, S, nbmax), np.float64)
     for blk in range(out.shape[0]):
         _, _, _, nb, r0 = column_block(blk, N, 0, S, nbmax)  # C only offsets i0, unused here
-        out[blk] = sum_in_order(loss[r0:r0 + nb])
+        out[blk] = sum_in_order(span(loss, r0, nb))
     return out
 
 
@@ -332,7 +332,7 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
             _load_saved(row_max, row_logsum, r0, nb, m, ls)
         cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
         if mode != BACKWARD:
-            lb = loss[r0:r0 + nb] if rows_out else lrow[:nb]
+            lb = span(loss, r0, nb) if rows_out else span(lrow, 0, nb)
             for b in range(nb):  # one store per row, no conditional one (a masked store, see cols_max)
                 lr = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z) \
                     * (sw[r0 + b] if per_row_sw else sw[0])
@@ -347,7 +347,7 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
                     top1[r] = ok[b] & (xy[b] >= m[b]) & (ls[b] == ls[b])  # (lse NaN: not top-1)
                 for b in range(nb):  # ties for the maximum go to the lowest class
                     if top1[r0 + b] and yv[b] > 0:
-                        top1[r0 + b] = row_is_top1(src[i0:i0 + yv[b] + 1, s0 + b], yv[b],
+                        top1[r0 + b] = row_is_top1(col_run(src, i0, s0 + b, yv[b] + 1), yv[b],
                                                    xy[b], m[b], cap)
         if mode == FORWARD:
             continue

@@ -28,8 +28,9 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 
 __all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "min_int", "load", "store", "compute_zero",
-           "exp_stash", "stash_in_grad", "empty", "compute_scratch", "run_view", "as_compute", "one_like", "capped",
-           "cap_slope", "rows_flat", "as_2d", "max_int", "order_key", "from_order_key"]
+           "exp_stash", "stash_in_grad", "empty", "compute_scratch", "run_view", "col_run", "span",
+           "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
+           "order_key", "from_order_key"]
 
 
 # -- exp and log, emitted as LLVM IR --------------------------------------------------------------------
@@ -386,31 +387,57 @@ def as_2d(typingctx, a, rows, cols):
     return a.copy(ndim=2)(a, rows, cols), codegen
 
 
-@intrinsic
-def run_view(typingctx, X, i, s0, n):
-    """`X[i, s0:s0 + n]` of a 2-D array, for indices in range (not checked or clipped): the
-    column kernels' view of one class row of a block, without Numba's general basic indexing (whose
-    typing and lowering of an `(int, slice)` index took `cols_grad`'s first compile from 0.74 to
-    0.51 s, 0.40 to 0.27 s of it type inference, in one profile of the 10-class first call). A 1-D
-    view, C-contiguous when `X` is."""
-    if not (isinstance(X, types.Array) and X.ndim == 2):
+def _line_view(X, ndim_in, axis):
+    """The intrinsic behind `run_view`, `col_run` and `span`: a 1-D view of `n` elements of the
+    `ndim_in`-D array `X` starting at a given index and running along `axis`, for indices in
+    range (not checked or clipped). Numba's general basic indexing types and lowers each
+    `(int, slice)` index through its generic templates: `cols_grad`'s first compile went from
+    0.74 to 0.51 s (0.40 to 0.27 s of it type inference) in one profile of the 10-class first
+    call with `run_view` in place of `X[i, s0:s0 + n]`."""
+    if not (isinstance(X, types.Array) and X.ndim == ndim_in):
         return None
-    outty = X.copy(ndim=1, layout="C" if X.layout == "C" else "A")
+    unit = X.layout == "C" and axis == ndim_in - 1
+    outty = X.copy(ndim=1, layout="C" if unit else "A")
 
     def codegen(ctx, builder, sig, args):
         from numba.np.arrayobj import make_array, populate_array
 
         src = make_array(sig.args[0])(ctx, builder, args[0])
-        i, s0, n = (ctx.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:]))
-        step0 = builder.extract_value(src.strides, 0)
-        step1 = builder.extract_value(src.strides, 1)
-        offset = builder.add(builder.mul(i, step0), builder.mul(s0, step1))
+        start = [ctx.cast(builder, v, t, types.intp) for v, t in zip(args[1:-1], sig.args[1:-1])]
+        n = ctx.cast(builder, args[-1], sig.args[-1], types.intp)
+        steps = [builder.extract_value(src.strides, k) for k in range(ndim_in)]
+        offset = ir.Constant(ctx.get_value_type(types.intp), 0)
+        for k in range(ndim_in):
+            offset = builder.add(offset, builder.mul(start[k], steps[k]))
         raw = builder.gep(builder.bitcast(src.data, ir.IntType(8).as_pointer()), [offset])
         out = make_array(outty)(ctx, builder)
-        populate_array(out, data=builder.bitcast(raw, src.data.type), shape=[n], strides=[step1],
-                       itemsize=src.itemsize, meminfo=src.meminfo, parent=src.parent)
+        populate_array(out, data=builder.bitcast(raw, src.data.type), shape=[n],
+                       strides=[steps[axis]], itemsize=src.itemsize, meminfo=src.meminfo,
+                       parent=src.parent)
         return impl_ret_borrowed(ctx, builder, outty, out._getvalue())
-    return outty(X, i, s0, n), codegen
+    return outty, codegen
+
+
+@intrinsic
+def run_view(typingctx, X, i, s0, n):
+    """`X[i, s0:s0 + n]` of a 2-D array (indices in range; see `_line_view`): the column kernels'
+    view of one class row of a block. C-contiguous when `X` is."""
+    outty, codegen = _line_view(X, 2, 1) or (None, None)
+    return None if outty is None else (outty(X, i, s0, n), codegen)
+
+
+@intrinsic
+def col_run(typingctx, X, i0, j, n):
+    """`X[i0:i0 + n, j]` of a 2-D array (indices in range; see `_line_view`)."""
+    outty, codegen = _line_view(X, 2, 0) or (None, None)
+    return None if outty is None else (outty(X, i0, j, n), codegen)
+
+
+@intrinsic
+def span(typingctx, a, s0, n):
+    """`a[s0:s0 + n]` of a 1-D array (indices in range; see `_line_view`)."""
+    outty, codegen = _line_view(a, 1, 0) or (None, None)
+    return None if outty is None else (outty(a, s0, n), codegen)
 
 
 def _dtype_of(token):

@@ -50,7 +50,7 @@ from ._columns import (_block_source, cols_log, cols_targets, column_block, colu
                        column_count, column_views)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, empty, exp_nonpos, load, max_int,
-                    max_skipnan, min_int, order_key, run_view)
+                    max_skipnan, min_int, order_key, run_view, span)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -115,7 +115,7 @@ def row_count_greater(row, xy, cap, limit):
     C = row.shape[0]
     n = 0
     for j0 in range(0, C, BLOCK):
-        blk = row[j0:min_int(j0 + BLOCK, C)]  # a view: the inner loop indexes from 0 and vectorises
+        blk = span(row, j0, min_int(BLOCK, C - j0))  # a view: the inner loop indexes from 0 and vectorises
         k = np.int32(0)
         for j in range(blk.shape[0]):
             k += np.int32(1) if capped(load(blk[j]), cap) > xy else np.int32(0)
@@ -140,7 +140,7 @@ def row_first_equal(row, m, cap):
     over steps of `BLOCK` elements, stopping in the first step that holds one."""
     C = row.shape[0]
     for j0 in range(0, C, BLOCK):
-        blk = row[j0:min_int(j0 + BLOCK, C)]
+        blk = span(row, j0, min_int(BLOCK, C - j0))
         none = np.int32(blk.shape[0])
         f = none
         for j in range(blk.shape[0]):
@@ -457,11 +457,17 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     cell = empty(nbmax, np.int32)
     jbin = empty(nbmax, np.int32)
     for t in range(lo, hi):
-        tally[t, :] = 0
-        pairs[t, :, :] = 0
+        # zeroed by loops: a slice assignment compiles NumPy's broadcasting setitem per shape
+        tt, pt = tally[t], pairs[t]
+        for i in range(tt.shape[0]):
+            tt[i] = 0
+        for i in range(pt.shape[0]):
+            for j in range(pt.shape[1]):
+                pt[i, j] = 0
         for g in range(ngroups * t // ntasks, ngroups * (t + 1) // ntasks):
             fpg = fp[g]
-            fpg[:] = 0.0
+            for i in range(fpg.shape[0]):
+                fpg[i] = 0.0
             for blk in range(g * group_blocks, min_int((g + 1) * group_blocks, nblocks)):
                 n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
                 src = _block_source(X, XT, S, n, nb, C)

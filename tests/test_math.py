@@ -5,8 +5,8 @@ import numba
 import numpy as np
 import pytest
 
-from numbaxent._math import (as_2d, as_compute, compute_scratch, empty, exp, exp_nonpos, from_order_key, log,
-                             max_int, max_skipnan, min_int, order_key, rows_flat, run_view, store)
+from numbaxent._math import (as_2d, as_compute, col_run, compute_scratch, empty, exp, exp_nonpos, from_order_key, log,
+                             max_int, max_skipnan, min_int, order_key, rows_flat, run_view, span, store)
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
@@ -161,29 +161,31 @@ def test_rows_flat_and_as_2d_are_views_as_numpy_reshape_gives(dtype):
 
 
 @numba.njit(error_model="numpy")
-def _run(X, i, s0, n):
-    v = run_view(X, i, s0, n)
-    if n:
-        v[0] = 200  # a view: written through to X
-    return v
+def _lines(X, i, s0, n):
+    a, b, c = run_view(X, i, s0, n), col_run(X, s0, i, n), span(X[i], s0, n)
+    if n:  # views: written through to X
+        a[0] = 200
+        b[n - 1] = 201
+    return a, b, c
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
-def test_run_view_is_the_view_numpy_basic_indexing_gives(dtype):
-    """`_math.run_view(X, i, s0, n)` is `X[i, s0:s0 + n]` (indices in range): the same elements and
-    strides, sharing `X`'s memory, for a C-contiguous array and for strided ones."""
-    base = np.arange(9 * 12).astype(dtype).reshape(9, 12)
-    for X in (base, base[1:8:2, 2:11], base.T):
-        for i, s0, n in ((0, 0, X.shape[1]), (X.shape[0] - 1, 2, 3), (1, X.shape[1] - 1, 1),
-                         (2, 1, 0)):
-            want = X[i, s0:s0 + n].copy()
+def test_line_views_are_the_views_numpy_basic_indexing_gives(dtype):
+    """`_math.run_view(X, i, s0, n)` is `X[i, s0:s0 + n]`, `col_run(X, i0, j, n)` is
+    `X[i0:i0 + n, j]` and `span(a, s0, n)` is `a[s0:s0 + n]` (indices in range): the same
+    elements and strides, sharing the array's memory, for a C-contiguous array and strided ones."""
+    base = np.arange(12 * 12).astype(dtype).reshape(12, 12)
+    for X in (base, base[1:12:2, 2:11], base.T):
+        k = min(X.shape)
+        for i, s0, n in ((0, 0, k), (k - 1, 2, 3), (1, k - 1, 1), (2, 1, 0)):
+            a, b, c = _lines(X, i, s0, n)
+            np.testing.assert_array_equal(a, X[i, s0:s0 + n])
+            np.testing.assert_array_equal(b, X[s0:s0 + n, i])
+            np.testing.assert_array_equal(c, X[i, s0:s0 + n])
+            assert a.strides == X[i, s0:s0 + n].strides and b.strides == X[s0:s0 + n, i].strides
             if n:
-                want[0] = 200
-            got = _run(X, i, s0, n)
-            np.testing.assert_array_equal(got, want)
-            assert got.strides == X[i, s0:s0 + n].strides
-            if n:
-                assert np.shares_memory(got, X) and X[i, s0] == want[0]
+                assert X[i, s0] == 200 and X[s0 + n - 1, i] == 201
+                assert all(np.shares_memory(v, X) for v in (a, b, c))
 
 
 @numba.njit(error_model="numpy")
