@@ -110,10 +110,11 @@ def main(argv=None) -> int:
         return 1
     t_all = time.perf_counter()
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
-    if args.part is not None:  # a worker of a parallel warmup: every `count`-th variant
+    if args.part is not None:  # a worker of a parallel warmup: its share (`shares`)
         index, count = (int(v) for v in args.part.split("/"))
-        for i, (label, run) in enumerate(variants(dtypes, args.only)):
-            if i % count == index:
+        chosen = list(variants(dtypes, args.only))
+        for (label, run), owner in zip(chosen, shares([label for label, _ in chosen], count)):
+            if owner == index:
                 _compile(label, run)
         return 0
     print(f"numbaxent warmup: caching compiled kernels in {target}", file=sys.stderr)
@@ -147,11 +148,30 @@ def _compile(label, run):
     print(f"  {label}  {time.perf_counter() - t0:6.2f} s", file=sys.stderr, flush=True)
 
 
+def shares(labels, jobs: int) -> list[int]:
+    """The worker (0 .. jobs-1) that compiles each variant: whole dtypes to one worker, so that
+    the helpers a dtype's variants share (the column kernels' block steps, the target check) are
+    compiled once, not once per worker that met them (float16 and bfloat16 also share float32's
+    compute-type helpers). Dtypes go to the least loaded worker, most variants first; with fewer
+    dtypes than workers, a dtype's target kinds (and the evaluator) are split instead."""
+    keys = [label.split()[0] for label in labels]
+    if len(set(keys)) < jobs:
+        keys = [" ".join(label.split()[:2]) for label in labels]
+    sizes = {}
+    for k in keys:
+        sizes[k] = sizes.get(k, 0) + 1
+    load, owner = [0] * jobs, {}
+    for k in sorted(sizes, key=lambda k: -sizes[k]):  # stable: ties keep the dtypes' order
+        w = load.index(min(load))
+        owner[k] = w
+        load[w] += sizes[k]
+    return [owner[k] for k in keys]
+
+
 def _run_workers(jobs: int, dtypes: str, only: str) -> int:
-    """Compile the variants in `jobs` processes at once, each a share of them (every `jobs`-th
-    variant, so each gets a mix of dtypes and paths). Several processes writing one cache is safe
-    (see `_cache`); kernels that several variants share may be compiled by more than one worker.
-    Returns the first non-zero exit status, or 0."""
+    """Compile the variants in `jobs` processes at once, each its share of them (`shares`).
+    Several processes writing one cache is safe (see `_cache`). Returns the first non-zero exit
+    status, or 0."""
     import subprocess
 
     cmd = [sys.executable, "-m", "numbaxent", "warmup", "--dtypes", dtypes, "--only", only]

@@ -315,6 +315,31 @@ def test_warmup_command_compiles_and_reports(jobs):
         assert r.stderr.count(f"  {label}  ") == 1, (label, r.stderr)
 
 
+def test_warmup_shares_keep_each_dtype_in_one_worker():
+    """`_warmup.shares`: every variant goes to one worker; with at least as many dtypes as workers
+    each dtype's variants stay together (their shared helpers compile once) and the workers' loads
+    differ by at most one dtype's variants; with fewer dtypes the target kinds are split."""
+    from numbaxent import _warmup
+
+    labels = [label for label, _ in _warmup.variants()]
+    dtypes = [label.split()[0] for label in labels]
+    for jobs in (1, 2, 3, 4):
+        owner = _warmup.shares(labels, jobs)
+        assert len(owner) == len(labels) and set(owner) <= set(range(jobs))
+        if len(set(dtypes)) >= jobs:
+            for d in set(dtypes):
+                assert len({w for w, dd in zip(owner, dtypes) if dd == d}) == 1, (jobs, d)
+            load = [owner.count(w) for w in range(jobs)]
+            biggest = max(dtypes.count(d) for d in set(dtypes))
+            assert max(load) - min(load) <= biggest and min(load) > 0, (jobs, load)
+    one = [label for label, _ in _warmup.variants(("float64",))]
+    owner = _warmup.shares(one, 2)
+    assert set(owner) == {0, 1}  # one dtype, two workers: both busy
+    kinds = [tuple(label.split()[:2]) for label in one]
+    for kind in set(kinds):
+        assert len({w for w, k in zip(owner, kinds) if k == kind}) == 1
+
+
 def test_warmup_rejects_zero_jobs():
     r = subprocess.run([sys.executable, "-m", "numbaxent", "warmup", "--jobs", "0"],
                        capture_output=True, text=True, timeout=120)
