@@ -450,7 +450,7 @@ def _dtype_of(token):
     return None
 
 
-def _empty_intrinsic(dtype_rule, doc):
+def _empty_intrinsic(name, dtype_rule, doc):
     """An intrinsic `(shape, token) -> ` new uninitialised C-contiguous array, its dtype
     `dtype_rule(token)`: NumPy's `np.empty` compiled its overload once per shape and dtype
     (0.35 s of a column kernel's first call, measured); this emits numba's allocation directly
@@ -478,12 +478,12 @@ def _empty_intrinsic(dtype_rule, doc):
             ary = _empty_nd_impl(ctx, builder, arrty, sizes)
             return impl_ret_new_ref(ctx, builder, arrty, ary._getvalue())
         return arrty(shape, token), codegen
-    typer.__name__ = typer.__qualname__ = "empty"
+    typer.__name__ = typer.__qualname__ = name
     typer.__doc__ = doc
     return intrinsic(typer)
 
 
-empty = _empty_intrinsic(_dtype_of, """`np.empty(shape, dtype)` for the kernels' scratch: `shape` an
+empty = _empty_intrinsic("empty", _dtype_of, """`np.empty(shape, dtype)` for the kernels' scratch: `shape` an
     integer or a tuple of non-negative integers (not checked), `dtype` as `arr.dtype` or a scalar
     class (`np.int64`, `np.bool_`).""")
 
@@ -492,7 +492,7 @@ def _compute_of(token):
     return _compute_type(token.dtype) if isinstance(token, types.Array) else None
 
 
-compute_scratch = _empty_intrinsic(_compute_of, """`compute_scratch(shape, arr)`: an uninitialised
+compute_scratch = _empty_intrinsic("compute_scratch", _compute_of, """`compute_scratch(shape, arr)`: an uninitialised
     array of `arr`'s compute type (float64 for float64 storage, float32 otherwise).""")
 
 
