@@ -28,7 +28,7 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 
 __all__ = ["exp", "exp_nonpos", "log", "max_skipnan", "min_int", "load", "store", "compute_zero",
-           "exp_stash", "stash_in_grad", "empty", "compute_scratch", "run_view", "col_run", "span",
+           "exp_stash", "stash_in_grad", "empty", "clear", "compute_scratch", "run_view", "col_run", "span",
            "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
            "order_key", "from_order_key"]
 
@@ -486,6 +486,25 @@ def _empty_intrinsic(name, dtype_rule, doc):
 empty = _empty_intrinsic("empty", _dtype_of, """`np.empty(shape, dtype)` for the kernels' scratch: `shape` an
     integer or a tuple of non-negative integers (not checked), `dtype` as `arr.dtype` or a scalar
     class (`np.int64`, `np.bool_`).""")
+
+
+@intrinsic
+def clear(typingctx, a):
+    """`a[...] = 0` for a C-contiguous array of integers or floats: one `memset` of its bytes (all
+    zero bits are 0 and 0.0), where a slice assignment compiles NumPy's broadcasting setitem per
+    shape and dtype."""
+    if not (isinstance(a, types.Array) and a.layout == "C"
+            and isinstance(a.dtype, (types.Integer, types.Float))):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        from numba.core import cgutils
+        from numba.np.arrayobj import make_array
+
+        arr = make_array(sig.args[0])(ctx, builder, args[0])
+        cgutils.memset(builder, arr.data, builder.mul(arr.nitems, arr.itemsize), 0)
+        return ctx.get_dummy_value()
+    return types.none(a), codegen
 
 
 def _compute_of(token):

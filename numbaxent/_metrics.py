@@ -49,7 +49,7 @@ from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
                        column_count, column_views)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
-from ._math import (as_2d, as_compute, capped, compute_scratch, compute_zero, empty, exp_nonpos, load, max_int,
+from ._math import (as_2d, as_compute, capped, clear, compute_scratch, compute_zero, empty, exp_nonpos, load, max_int,
                     max_skipnan, min_int, order_key, run_view, span)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
@@ -457,17 +457,11 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     cell = empty(nbmax, np.int32)
     jbin = empty(nbmax, np.int32)
     for t in range(lo, hi):
-        # zeroed by loops: a slice assignment compiles NumPy's broadcasting setitem per shape
-        tt, pt = tally[t], pairs[t]
-        for i in range(tt.shape[0]):
-            tt[i] = 0
-        for i in range(pt.shape[0]):
-            for j in range(pt.shape[1]):
-                pt[i, j] = 0
+        clear(tally[t])
+        clear(pairs[t])
         for g in range(ngroups * t // ntasks, ngroups * (t + 1) // ntasks):
             fpg = fp[g]
-            for i in range(fpg.shape[0]):
-                fpg[i] = 0.0
+            clear(fpg)
             for blk in range(g * group_blocks, min_int((g + 1) * group_blocks, nblocks)):
                 n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
                 src = _block_source(X, XT, S, n, nb, C)
@@ -495,16 +489,14 @@ def tallies_into_state(tally, pairs, fp, ks, kmax, B, ints, cm, chunk):
     o_cor, o_pred, o_bin = o_cnt + C, o_cnt + 2 * C, o_cnt + 3 * C
     o_bcor = o_bin + B
     classes, _ = tally_layout(C, B, kmax, pairs.shape[1] > 0)
-    total = empty(tally.shape[1], np.int64)  # (`_math.empty` and loops: no np.zeros to compile)
-    for i in range(tally.shape[1]):
-        total[i] = 0
+    total = empty(tally.shape[1], np.int64)
+    clear(total)
     for t in range(T):
         for i in range(tally.shape[1]):
             total[i] += tally[t, i]
     below = 0  # rows of rank < r, for r = 1, 2, ...
     hits = empty(kmax + 2, np.int64)
-    for i in range(kmax + 2):
-        hits[i] = 0
+    clear(hits)
     for r in range(kmax + 1):
         for j in range(B + 1):
             n = total[r * (B + 1) + j]

@@ -5,7 +5,7 @@ import numba
 import numpy as np
 import pytest
 
-from numbaxent._math import (as_2d, as_compute, col_run, compute_scratch, empty, exp, exp_nonpos, from_order_key, log,
+from numbaxent._math import (as_2d, as_compute, clear, col_run, compute_scratch, empty, exp, exp_nonpos, from_order_key, log,
                              max_int, max_skipnan, min_int, order_key, rows_flat, run_view, span, store)
 
 
@@ -186,6 +186,23 @@ def test_line_views_are_the_views_numpy_basic_indexing_gives(dtype):
             if n:
                 assert X[i, s0] == 200 and X[s0 + n - 1, i] == 201
                 assert all(np.shares_memory(v, X) for v in (a, b, c))
+
+
+@numba.njit(error_model="numpy")
+def _clear_row(a, i):
+    clear(a[i])
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.float64, np.float32])
+def test_clear_zeroes_exactly_the_array_it_is_given(dtype):
+    """`_math.clear(a)` is `a[...] = 0` for a C-contiguous array: every element of the view is 0
+    and nothing around it changes."""
+    for shape in ((4, 7), (3, 2, 5), (2, 0)):
+        a = np.arange(1, 1 + np.prod(shape)).astype(dtype).reshape(shape) * dtype(3) - dtype(100)
+        want = a.copy()
+        want[1] = 0
+        _clear_row(a, 1)
+        np.testing.assert_array_equal(a, want)
 
 
 @numba.njit(error_model="numpy")
