@@ -282,14 +282,18 @@ def main(argv=None):
     ap.add_argument("what", choices=["stream", "dask"])
     ap.add_argument("--gb", type=float, default=None, help="file size (stream: 2, dask: 1)")
     ap.add_argument("--classes", type=int, default=32000)
-    ap.add_argument("--chunk-mb", type=int, default=32, help="stream: chunk budget in MiB")
+    ap.add_argument("--chunk-mb", type=int, default=None,
+                    help="stream: chunk budget in MiB (default: numbaxent eval's own)")
     ap.add_argument("--blocks", type=int, default=4, help="dask: number of row blocks")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--dir", default="/tmp/nx_eval")
     args = ap.parse_args(argv)
     if args.what == "stream":
+        from numbaxent.io import DEFAULT_CHUNK_BYTES
+
         args.gb = args.gb or 2.0
+        args.chunk_mb = args.chunk_mb or DEFAULT_CHUNK_BYTES >> 20
         stream(args)
     else:
         args.gb = args.gb or 1.0

@@ -6,13 +6,16 @@ Uses the float32 file that ``eval_throughput.py stream --gb 1`` writes (7812 x 3
 run that first) and times, alternated over ``--repeat`` rounds in one process (medians and minima):
 
 - ``whole``: ``Evaluator.update`` on the file loaded into memory;
-- ``chunks in memory``: ``Evaluator.update_chunks`` over 32 MiB row chunks of that in-memory array
-  (the streaming command's pipeline of pieces and folds, without the file);
+- ``chunks in memory``: ``Evaluator.update_chunks`` over row chunks of that in-memory array, of
+  ``numbaxent eval``'s default size (the streaming command's pipeline of pieces and folds, without
+  the file);
 - ``chunks mapped``: the same over ``numbaxent.io.row_chunks`` of the memory-mapped file, as
   ``numbaxent eval`` reads it;
 
-and the minor page faults of one pass over the mapped file. The first two differ by the pipeline's
-own cost, the last two by what mapping the file's pages costs.
+and the minor page faults of one pass over the mapped file, next to the file's 2 MiB extents: a
+file cached in 2 MiB folios is mapped with about one fault per extent, one cached in small folios
+with one per 64 KiB or less (see docs/evaluating.md). The first two differ by the pipeline's own
+cost, the last two by what mapping the file's pages costs.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
         ap.error(f"{xp} or {tp} missing: run `python benchmarks/eval_throughput.py stream --gb 1` first")
     x, t = np.load(xp), np.load(tp)
     C = x.shape[1]
-    rows = (32 << 20) // (4 * C)
+    rows = nio.DEFAULT_CHUNK_BYTES // (4 * C)
     src = nio.open_array(xp)
 
     def whole():
@@ -62,11 +65,13 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - start)
             if f is chunks_mapped:
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(f"{x.nbytes / 1e9:.3f} GB float32, chunks of {rows} rows (32 MiB)")
+    print(f"{x.nbytes / 1e9:.3f} GB float32, chunks of {rows} rows "
+          f"({rows * 4 * C / 2**20:.0f} MiB, numbaxent eval's default)")
     for f, times in runs.items():
         print(f"  {f.__name__.replace('_', ' '):18s} median {np.median(times) * 1e3:6.1f} ms   "
               f"min {min(times) * 1e3:6.1f} ms")
-    print(f"  minor page faults per mapped pass: median {int(np.median(faults))}")
+    print(f"  minor page faults per mapped pass: median {int(np.median(faults))} "
+          f"(the file has {-(-os.path.getsize(xp) // (2 << 20))} extents of 2 MiB)")
     return 0
 
 
