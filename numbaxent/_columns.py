@@ -178,16 +178,12 @@ def _transpose_in(X, n0, nb, C, dst):
 
 @jit(inline=True)
 def _transpose_out(src, n0, nb, C, X):
+    # column by column (grouping rows as `_transpose_in` does made this helper's code five times
+    # larger for no gain at two threads)
     flat = rows_flat(X, n0, nb)
-    whole = nb - nb % TRANSPOSE_ROWS
-    for b0 in range(0, whole, TRANSPOSE_ROWS):
-        for c in range(C):
-            sr = src[c]
-            for k in range(TRANSPOSE_ROWS):
-                flat[(b0 + k) * C + c] = sr[b0 + k]
     for c in range(C):
         sr = src[c]
-        for b in range(whole, nb):
+        for b in range(nb):
             flat[b * C + c] = sr[b]
 
 
