@@ -12,7 +12,8 @@ run that first) and times, alternated over ``--repeat`` rounds in one process (m
 - ``chunks mapped``: the same over ``numbaxent.io.row_chunks`` of the memory-mapped file, as
   ``numbaxent eval`` reads it;
 
-and the minor page faults of one pass over the mapped file, next to the file's 2 MiB extents: a
+and the minor page faults of one pass over the mapped file (re-read into the page cache first, as
+``eval_throughput.py`` leaves it, unless ``--as-cached``), next to the file's 2 MiB extents: a
 file cached in 2 MiB folios is mapped with about one fault per extent, one cached in small folios
 with one per 64 KiB or less (see docs/evaluating.md). The first two differ by the pipeline's own
 cost, the last two by what mapping the file's pages costs.
@@ -31,6 +32,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--dir", default="/tmp/nx_eval")
+    ap.add_argument("--as-cached", action="store_true",
+                    help="measure the file as the page cache holds it now, instead of re-reading it "
+                         "first as eval_throughput.py does (a file cached in small folios is the "
+                         "slow case, see docs/evaluating.md)")
     args = ap.parse_args(argv)
     from numbaxent import io as nio
     from numbaxent.evaluate import Evaluator
@@ -38,6 +43,15 @@ def main(argv=None) -> int:
     xp, tp = (os.path.join(args.dir, f) for f in ("x_7812x32000.npy", "t_7812.npy"))
     if not (os.path.exists(xp) and os.path.exists(tp)):
         ap.error(f"{xp} or {tp} missing: run `python benchmarks/eval_throughput.py stream --gb 1` first")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_throughput", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_throughput.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not args.as_cached:
+        bench._warm_page_cache(xp)
+    print(f"page cache: {bench._meminfo()}")
     x, t = np.load(xp), np.load(tp)
     C = x.shape[1]
     rows = nio.DEFAULT_CHUNK_BYTES // (4 * C)
