@@ -19,10 +19,10 @@ __all__ = ["open_array", "InputError", "RawArray", "ZipStreamArray", "DaskStore"
            "read_whole", "shape_dtype", "split_member", "is_zarr", "madvise", "bfloat16_view",
            "DEFAULT_CHUNK_BYTES"]
 
-# Rows per chunk of `numbaxent eval`: about this many bytes of logits. Each chunk costs a fixed
-# ~0.1-0.2 ms of Python (per-piece checks and folds, on a core the kernels want); 64 MiB measured
-# 5-8% faster streaming than 32 MiB on 32,000 classes (docs/evaluating.md). Three chunks are mapped
-# at a time (page cache, not anonymous memory).
+# Rows per chunk of `numbaxent eval`: about this many bytes of logits. Each chunk's pieces cost a
+# fixed ~0.1 ms of Python each (checks and set-up, on cores the kernels want); 64 MiB measured 5-8%
+# faster streaming than 32 MiB on 32,000 classes (docs/evaluating.md). Three chunks are mapped at a
+# time (page cache, not anonymous memory).
 DEFAULT_CHUNK_BYTES = 64 << 20
 _WINDOW = 2 << 20  # mappings start and end on 2 MiB file offsets (huge page-cache folios)
 
