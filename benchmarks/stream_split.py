@@ -15,7 +15,7 @@ run that first) and times, alternated over ``--repeat`` rounds in one process (m
 and the minor page faults of one pass over the mapped file (re-read into the page cache first, as
 ``eval_throughput.py`` leaves it, unless ``--as-cached``), next to the file's 2 MiB extents: a
 file cached in 2 MiB folios is mapped with about one fault per extent, one cached in small folios
-with one per 64 KiB or less (see docs/evaluating.md). The first two differ by the pipeline's own
+with many more (about 9 150 for this file in one session, see docs/evaluating.md). The first two differ by the pipeline's own
 cost, the last two by what mapping the file's pages costs.
 """
 from __future__ import annotations
