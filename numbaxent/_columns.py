@@ -8,8 +8,8 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ._jit import jit
-from ._math import (as_2d, as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, load, log, max_skipnan,
-                    col_run, rows_flat, run_view, span, store)
+from ._math import (as_2d, as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, exp_nonpos2, load, log,
+                    max_skipnan, col_run, rows_flat, run_view, span, store)
 from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob_grad_scale, prob_loss,
                     row_is_top1)
 
@@ -69,31 +69,52 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_ex
         d[b] = 0
         if T is not None:
             a[b] = 0
-    for c in range(C):
-        xr = run_view(X, i0 + c, s0, nb)
-        wc = w[c]
-        er = exps[c]
-        if T is None:
+    if T is None:
+        # two classes per pass over the block, their exps interleaved (`exp_nonpos2`): a loop of one
+        # exp per row vector is latency-bound (and reloads the exp's constants and `m`, `s`, `d` per
+        # class); the sums keep their order (`(s + e_c) + e_c+1`), so the bits do not change
+        for c in range(0, C - 1, 2):
+            xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c + 1, s0, nb)
+            wc, wc1 = w[c], w[c + 1]
+            er, er1 = exps[c], exps[c + 1]
+            for b in range(nb):
+                mb = m[b]
+                v = capped(load(xr[b]), cap) - mb
+                v1 = capped(load(xr1[b]), cap) - mb
+                e, e1 = exp_nonpos2(v, v1)
+                s[b] = (s[b] + e) + e1
+                d[b] = (d[b] + wc * v) + wc1 * v1
+                er[b] = e
+                er1[b] = e1
+        if C % 2:  # the last class of an odd count
+            c = C - 1
+            xr = run_view(X, i0 + c, s0, nb)
+            wc = w[c]
+            er = exps[c]
             for b in range(nb):
                 v = capped(load(xr[b]), cap) - m[b]
                 e = exp_nonpos(v)
                 s[b] += e
                 d[b] += wc * v
                 er[b] = e
+        return
+    for c in range(C):
+        xr = run_view(X, i0 + c, s0, nb)
+        wc = w[c]
+        er = exps[c]
+        tr = run_view(T, i0 + c, s0, nb)
+        if need_exp:
+            for b in range(nb):
+                v = capped(load(xr[b]), cap) - m[b]
+                wt = wc * (tr[b] * t_scale + t_shift)
+                e = exp_nonpos(v)
+                s[b] += e
+                a[b] += wt
+                d[b] += wt * v
+                er[b] = e
         else:
-            tr = run_view(T, i0 + c, s0, nb)
-            if need_exp:
-                for b in range(nb):
-                    v = capped(load(xr[b]), cap) - m[b]
-                    wt = wc * (tr[b] * t_scale + t_shift)
-                    e = exp_nonpos(v)
-                    s[b] += e
-                    a[b] += wt
-                    d[b] += wt * v
-                    er[b] = e
-            else:
-                for b in range(nb):
-                    a[b] += wc * (tr[b] * t_scale + t_shift)
+            for b in range(nb):
+                a[b] += wc * (tr[b] * t_scale + t_shift)
 
 
 @jit(inline=True)

@@ -5,7 +5,8 @@ import numba
 import numpy as np
 import pytest
 
-from numbaxent._math import (as_2d, as_compute, clear, col_run, compute_scratch, empty, exp, exp_nonpos, from_order_key, log,
+from numbaxent._math import (as_2d, as_compute, clear, col_run, compute_scratch, empty, exp, exp_nonpos, exp_nonpos2,
+                             from_order_key, log,
                              max_int, max_skipnan, min_int, order_key, rows_flat, run_view, span, store)
 
 
@@ -48,6 +49,27 @@ def test_exp_and_exp_nonpos(dtype):
     out = np.empty_like(special)
     _apply(special, 1, out)
     np.testing.assert_array_equal(out, [1.0, 1.0, 0.0, np.nan, 0.0])
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
+def _apply_pairs(a, b, out_a, out_b):
+    for i in range(a.shape[0]):
+        out_a[i], out_b[i] = exp_nonpos2(a[i], b[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_nonpos2_is_exp_nonpos_twice_bit_for_bit(dtype):
+    rng = np.random.default_rng(2)
+    lo = -110.0 if dtype == np.float32 else -760.0
+    special = np.array([0.0, -0.0, -np.inf, np.nan, lo * 2, lo], dtype=dtype)
+    a = np.concatenate([rng.uniform(lo, 0, 3001), -np.exp(rng.uniform(-30, 3, 500)), special]).astype(dtype)
+    b = rng.permutation(a)
+    pa, pb, ra, rb = (np.empty_like(a) for _ in range(4))
+    _apply_pairs(a, b, pa, pb)
+    _apply(a, 1, ra)
+    _apply(b, 1, rb)
+    assert pa.tobytes() == ra.tobytes() and pb.tobytes() == rb.tobytes()
+    assert _ulp_error(pa[np.isfinite(a)], a[np.isfinite(a)], np.exp, dtype).max() <= 1.0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
