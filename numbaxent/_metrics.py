@@ -46,8 +46,8 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._columns import (_block_source, cols_log, cols_targets, column_block, column_block_rows,
-                       column_count, column_views)
+from ._columns import (_block_source, cols_log, cols_target_logits, cols_target_rows, column_block,
+                       column_block_rows, column_count, column_views)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, clear, compute_scratch, compute_zero, empty, exp_nonpos,
                     exp_nonpos2, load, max_int, max_skipnan, min_int, order_key, run_view, span)
@@ -317,11 +317,12 @@ def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, smooth, s, h, d):
 
 @jit()
 def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
-    """Two compare-only passes over a block: `m` (the row maximum, NaN skipped, of the capped
-    logits), `first` (the first index of the maximum, i.e. the lowest `c` with `x_c > ` every
-    earlier entry; `C` when no entry exceeds `-inf`) and, when `count`,
-    `gt = #{c : x_c > x_y} + #{c < y : x_c == x_y}`, the target's rank in a stable `argsort(-x)`
-    (for a non-NaN `x_y`)."""
+    """Two compare-only passes over a block, the row's target logit `xy` gathered between them
+    (`cols_target_logits`: a gather before the block is in cache misses on K-dim rows): `m` (the
+    row maximum, NaN skipped, of the capped logits), `first` (the first index of the maximum, i.e.
+    the lowest `c` with `x_c > ` every earlier entry; `C` when no entry exceeds `-inf`) and, when
+    `count`, `gt = #{c : x_c > x_y} + #{c < y : x_c == x_y}`, the target's rank in a stable
+    `argsort(-x)` (for a non-NaN `x_y`)."""
     one, zero, none = np.int32(1), np.int32(0), np.int32(C)
     low = -as_compute(np.inf, m)
     for b in range(nb):
@@ -330,23 +331,24 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
         gt[b] = 0
     for c in range(C):
         xr = run_view(X, i0 + c, s0, nb)
-        if count:
-            for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
-                v = capped(load(xr[b]), cap)
-                m[b] = max_skipnan(m[b], v)
-                gt[b] += one if (v > xy[b]) | ((v == xy[b]) & (c < yv[b])) else zero
-        else:
-            for b in range(nb):
-                m[b] = max_skipnan(m[b], capped(load(xr[b]), cap))
-    # `first` as the least `c` with `x_c == m > -inf`, by a min in a second pass over the (cached)
-    # block: tracked as `first[b] = c if v > m[b] else first[b]`, LLVM made it a masked store,
-    # microcoded on AMD (see _columns.cols_max)
+        for b in range(nb):
+            m[b] = max_skipnan(m[b], capped(load(xr[b]), cap))
+    cols_target_logits(X, i0, s0, nb, yv, cap, xy)
+    # `first` as the least `c` with `x_c == m > -inf`, by a min over the (cached) block: tracked
+    # as `first[b] = c if v > m[b] else first[b]` in the maximum's pass, LLVM made it a masked
+    # store, microcoded on AMD (see _columns.cols_max)
     for c in range(C):
         xr = run_view(X, i0 + c, s0, nb)
         c32 = np.int32(c)
-        for b in range(nb):
-            v = capped(load(xr[b]), cap)
-            first[b] = min_int(first[b], c32 if (v == m[b]) & (v > low) else none)
+        if count:
+            for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
+                v = capped(load(xr[b]), cap)
+                first[b] = min_int(first[b], c32 if (v == m[b]) & (v > low) else none)
+                gt[b] += one if (v > xy[b]) | ((v == xy[b]) & (c < yv[b])) else zero
+        else:
+            for b in range(nb):
+                v = capped(load(xr[b]), cap)
+                first[b] = min_int(first[b], c32 if (v == m[b]) & (v > low) else none)
 
 
 @jit()
@@ -481,7 +483,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
             for blk in range(g * group_blocks, min_int((g + 1) * group_blocks, nblocks)):
                 n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
                 src = _block_source(X, XT, S, n, nb, C)
-                cols_targets(src, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy)
+                cols_target_rows(target, r0, nb, ignore_index, w, yv, ok, wy)
                 cols_max_rank(src, i0, s0, nb, C, xy, yv, cap, kmax > 1, m, first, gt)
                 cols_rare_rows(src, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt)
                 cols_eval_sums(src, i0, s0, nb, C, m, w, cap, eps_c > 0, s, h, d)
