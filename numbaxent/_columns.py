@@ -127,31 +127,23 @@ def cols_log(s, ls, nb):
 def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, w, t_scale, t_shift, cap, G, gi0, gs0):
     """`G[gi0 + c, gs0 + b] = (exp((x_cb - m_b) - ls_b) coef_b - w_c tcoef_b t~_cb) dx_cb` (`t~ = 1`
     for class-index targets, `T` None). `G` must not be `X` (the kernels pass a scratch block
-    then): LLVM's runtime alias check would send an aliased loop to its scalar version. Classes go
-    in pairs with their exps interleaved (`exp_nonpos2`, see `cols_sums`); with an odd count the
-    last pair overlaps the one before it (a class written twice, with the same values): one loop,
-    not a pair loop and a single one."""
-    for k in range((C + 1) // 2):
-        c = 2 * k if 2 * k + 1 < C else (C - 2 if C > 1 else 0)
-        c1 = c + 1 if C > 1 else 0
-        xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c1, s0, nb)
-        gr, gr1 = run_view(G, gi0 + c, gs0, nb), run_view(G, gi0 + c1, gs0, nb)
-        wc, wc1 = w[c], w[c1]
+    then): LLVM's runtime alias check would send an aliased loop to its scalar version."""
+    for c in range(C):
+        xr = run_view(X, i0 + c, s0, nb)
+        gr = run_view(G, gi0 + c, gs0, nb)
+        wc = w[c]
         if T is None:
             for b in range(nb):
-                mb, lb, cb, tb = m[b], ls[b], coef[b], tcoef[b]
-                v, v1 = capped(load(xr[b]), cap), capped(load(xr1[b]), cap)
-                p, p1 = exp_nonpos2((v - mb) - lb, (v1 - mb) - lb)
-                store(gr, b, (p * cb - wc * tb) * cap_slope(v, cap))
-                store(gr1, b, (p1 * cb - wc1 * tb) * cap_slope(v1, cap))
+                v = capped(load(xr[b]), cap)
+                p = exp_nonpos((v - m[b]) - ls[b])
+                store(gr, b, (p * coef[b] - wc * tcoef[b]) * cap_slope(v, cap))
         else:
-            tr, tr1 = run_view(T, i0 + c, s0, nb), run_view(T, i0 + c1, s0, nb)
+            tr = run_view(T, i0 + c, s0, nb)
             for b in range(nb):
-                mb, lb, cb, tb = m[b], ls[b], coef[b], tcoef[b]
-                v, v1 = capped(load(xr[b]), cap), capped(load(xr1[b]), cap)
-                p, p1 = exp_nonpos2((v - mb) - lb, (v1 - mb) - lb)
-                store(gr, b, (p * cb - wc * tb * (tr[b] * t_scale + t_shift)) * cap_slope(v, cap))
-                store(gr1, b, (p1 * cb - wc1 * tb * (tr1[b] * t_scale + t_shift)) * cap_slope(v1, cap))
+                v = capped(load(xr[b]), cap)
+                p = exp_nonpos((v - m[b]) - ls[b])
+                store(gr, b, (p * coef[b] - wc * tcoef[b] * (tr[b] * t_scale + t_shift))
+                      * cap_slope(v, cap))
 
 
 @jit(inline=True)
