@@ -57,6 +57,18 @@ def cols_max(X, i0, s0, nb, C, m, cap):
         m[b] = capped(m[b], cap)
 
 
+@jit(inline=True)
+def shifted_exp_pair(xr, xr1, b, mb, cap):
+    """`(v, v1, exp(v), exp(v1))` with `v = x_b - m_b` of two class runs `xr`, `xr1` of a block
+    (capped logits): two classes per pass, their exps interleaved (`exp_nonpos2`), because a loop
+    of one exp per row vector is latency-bound (LLVM vectorises a loop that is not a reduction one
+    vector per iteration, and reloads the exp's constants and the row sums per class)."""
+    v = capped(load(xr[b]), cap) - mb
+    v1 = capped(load(xr1[b]), cap) - mb
+    e, e1 = exp_nonpos2(v, v1)
+    return v, v1, e, e1
+
+
 @jit()
 def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_exp, exps):
     """Per row `b` of the block: `s = sum_c exp(x_c - m)`, `a = sum_c w_c t~_c` and
@@ -70,18 +82,14 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_ex
         if T is not None:
             a[b] = 0
     if T is None:
-        # two classes per pass over the block, their exps interleaved (`exp_nonpos2`): a loop of one
-        # exp per row vector is latency-bound (and reloads the exp's constants and `m`, `s`, `d` per
-        # class); the sums keep their order (`(s + e_c) + e_c+1`), so the bits do not change
+        # two classes per pass (`shifted_exp_pair`); the sums keep their order
+        # (`(s + e_c) + e_c+1`), so the bits are those of one class at a time
         for c in range(0, C - 1, 2):
             xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c + 1, s0, nb)
             wc, wc1 = w[c], w[c + 1]
             er, er1 = exps[c], exps[c + 1]
             for b in range(nb):
-                mb = m[b]
-                v = capped(load(xr[b]), cap) - mb
-                v1 = capped(load(xr1[b]), cap) - mb
-                e, e1 = exp_nonpos2(v, v1)
+                v, v1, e, e1 = shifted_exp_pair(xr, xr1, b, m[b], cap)
                 s[b] = (s[b] + e) + e1
                 d[b] = (d[b] + wc * v) + wc1 * v1
                 er[b] = e

@@ -47,10 +47,10 @@ import numpy as np
 
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_target_logits, cols_target_rows, column_block,
-                       column_block_rows, column_count, column_views)
+                       column_block_rows, column_count, column_views, shifted_exp_pair)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, clear, compute_scratch, compute_zero, empty, exp_nonpos,
-                    exp_nonpos2, load, max_int, max_skipnan, min_int, order_key, run_view, span)
+                    load, max_int, max_skipnan, min_int, order_key, run_view, span)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -276,8 +276,8 @@ def tally_layout(C, B, kmax, pairs):
 def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, smooth, s, h, d):
     """Per row `b` of a block: `row_eval_sums` across the block (`d` only when
     `smooth`; the loop is written twice, as there, so that neither pays for the other). Two classes
-    per pass with their exps interleaved, as in `numbaxent._columns.cols_sums` (sums in class
-    order, so the same bits as one class at a time)."""
+    per pass (`numbaxent._columns.shifted_exp_pair`, as the core's `cols_sums`), the sums in class
+    order, so the same bits as one class at a time."""
     floor = as_compute(H_FLOOR, s)
     for b in range(nb):
         s[b] = 0
@@ -291,28 +291,28 @@ def cols_eval_sums(X, i0, s0, nb, C, m, w, cap, smooth, s, h, d):
             v = capped(load(xr[b]), cap) - m[b]
             e = exp_nonpos(v)
             s[b] += e
-            h[b] += e * (v if v > floor else floor)
+            h[b] += _entropy_term(e, v, floor)
             d[b] += wc * v
     for c in range(c0, C, 2):
         xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c + 1, s0, nb)
         wc, wc1 = w[c], w[c + 1]
         if smooth:
             for b in range(nb):
-                mb = m[b]
-                v = capped(load(xr[b]), cap) - mb
-                v1 = capped(load(xr1[b]), cap) - mb
-                e, e1 = exp_nonpos2(v, v1)
+                v, v1, e, e1 = shifted_exp_pair(xr, xr1, b, m[b], cap)
                 s[b] = (s[b] + e) + e1
-                h[b] = (h[b] + e * (v if v > floor else floor)) + e1 * (v1 if v1 > floor else floor)
+                h[b] = (h[b] + _entropy_term(e, v, floor)) + _entropy_term(e1, v1, floor)
                 d[b] = (d[b] + wc * v) + wc1 * v1
         else:
             for b in range(nb):
-                mb = m[b]
-                v = capped(load(xr[b]), cap) - mb
-                v1 = capped(load(xr1[b]), cap) - mb
-                e, e1 = exp_nonpos2(v, v1)
+                v, v1, e, e1 = shifted_exp_pair(xr, xr1, b, m[b], cap)
                 s[b] = (s[b] + e) + e1
-                h[b] = (h[b] + e * (v if v > floor else floor)) + e1 * (v1 if v1 > floor else floor)
+                h[b] = (h[b] + _entropy_term(e, v, floor)) + _entropy_term(e1, v1, floor)
+
+
+@jit(inline=True)
+def _entropy_term(e, v, floor):
+    """`e (x - m)` with `x - m` clamped to `floor`: 0, not NaN, for a `-inf` logit."""
+    return e * (v if v > floor else floor)
 
 
 @jit()
