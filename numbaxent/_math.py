@@ -216,41 +216,46 @@ def _emit_log(e: _Emit, x):
     return b.select(e.lt(x, e.const(float("inf"))), r, x)  # +inf and NaN (the compare is false)
 
 
-def _float_intrinsic(emit, name: str, doc: str):
-    """An intrinsic computing `emit` on a float32 or float64 scalar (callable from Numba code only)."""
+def _float_intrinsic(emit, name: str, doc: str, lanes: int = 1):
+    """An intrinsic computing `emit` on a float32 or float64 scalar (callable from Numba code only);
+    with `lanes=2`, on two scalars of one type at once, returning a pair: the two evaluations'
+    instructions interleaved one by one (a `_Lanes` builder)."""
 
-    def typer(typingctx, x):
-        if x not in (types.float32, types.float64):
+    def typed(xs):  # `(signature, codegen)`, or None for arguments it does not take
+        x = xs[0]
+        if x not in (types.float32, types.float64) or any(y != x for y in xs):
             return None
         fmt = _F64 if x == types.float64 else _F32
 
         def codegen(ctx, builder, sig, args):
-            return emit(_Emit(builder, fmt), args[0])
-        return x(x), codegen
+            if lanes == 1:
+                return emit(_Emit(builder, fmt), args[0])
+            out = emit(_Emit(_Lanes(builder), fmt), tuple(args))
+            return ctx.make_tuple(builder, sig.return_type, list(out))
+        return (x if lanes == 1 else types.UniTuple(x, lanes))(*xs), codegen
+
+    # fixed arities, not `*xs`: Numba would type a star-args typer's call as taking a tuple
+    if lanes == 1:
+        def typer(typingctx, x):
+            return typed((x,))
+    elif lanes == 2:
+        def typer(typingctx, x, y):
+            return typed((x, y))
+    else:
+        raise ValueError(lanes)
 
     typer.__name__ = name
     typer.__doc__ = doc
     return intrinsic(typer)
 
 
-def _exp_nonpos2(typingctx, x, y):
-    if x not in (types.float32, types.float64) or y != x:
-        return None
-    fmt = _F64 if x == types.float64 else _F32
-
-    def codegen(ctx, builder, sig, args):
-        pair = _emit_exp_nonpos(_Emit(_Lanes(builder), fmt), tuple(args))
-        return ctx.make_tuple(builder, sig.return_type, list(pair))
-    return types.UniTuple(x, 2)(x, y), codegen
-
-
-_exp_nonpos2.__doc__ = """`(exp_nonpos(x), exp_nonpos(y))`, the two evaluations' instructions interleaved.
+exp_nonpos2 = _float_intrinsic(
+    _emit_exp_nonpos, "exp_nonpos2",
+    """`(exp_nonpos(x), exp_nonpos(y))`, the two evaluations' instructions interleaved.
 Why: in a loop that is not a reduction LLVM vectorises one vector per iteration, and one exp's
 chain of dependent instructions leaves the core waiting; two interleaved chains fill it (the column
 kernels' exp-sum over two classes: 25-35% less time per logit than two exps one after the other,
-same results bit for bit)."""
-exp_nonpos2 = intrinsic(_exp_nonpos2)
-
+same results bit for bit).""", lanes=2)
 exp_nonpos = _float_intrinsic(
     _emit_exp_nonpos, "exp_nonpos",
     "`exp` for `x <= 0` (or NaN) only: cheaper, the same results. Callable from Numba code.")
