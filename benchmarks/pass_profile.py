@@ -120,7 +120,8 @@ def _column_steps(x, target, w, last):
         if last >= 4:
             _columns.cols_log(s, ls, nb)
         if last >= 5:
-            _columns.cols_targets(x_block, 0, 0, nb, target, n0, -100, w, None, yv, ok, xy, wy)
+            _columns.cols_target_rows(target, n0, nb, -100, w, yv, ok, wy)
+            _columns.cols_target_logits(x_block, 0, 0, nb, yv, None, xy)
         if last >= 6:
             for b in range(nb):
                 lr = _rows.index_loss(m[b], ls[b], xy[b], d[b], wy[b], C, 0.0, 0.0, 0.0)

@@ -199,13 +199,6 @@ def cols_target_logits(X, i0, s0, nb, yv, cap, xy):
 
 
 @jit(inline=True)
-def cols_targets(X, i0, s0, nb, target, r0, ignore_index, w, cap, yv, ok, xy, wy):
-    """`cols_target_rows` and `cols_target_logits`."""
-    cols_target_rows(target, r0, nb, ignore_index, w, yv, ok, wy)
-    cols_target_logits(X, i0, s0, nb, yv, cap, xy)
-
-
-@jit(inline=True)
 def _transpose_in(X, n0, nb, C, dst):
     # rows in groups of TRANSPOSE_ROWS, each group's C columns in turn: the block's lines are read
     # front to back, which its first read from memory needs (column by column over the whole
