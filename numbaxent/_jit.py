@@ -7,7 +7,7 @@ configure()  # must precede the first parallel kernel call; importing numba comp
 
 import numba  # noqa: E402
 
-from . import _cache  # noqa: E402
+from . import _cache, _linkonly  # noqa: E402
 
 # Only the flags that let LLVM vectorise reductions (reassociation) and fuse multiply-adds (contract).
 # No 'nnan'/'ninf': NaN and inf must propagate exactly as PyTorch's do.
@@ -38,9 +38,14 @@ def jit(parallel: bool = False, inline: bool = False, python_callable: bool | No
     )
     if parallel:
         options["parallel"] = True
-    if not (parallel if python_callable is None else python_callable):
+    helper = not (parallel if python_callable is None else python_callable)
+    if helper:
         options.update(HELPER_OPTIONS)
     if inline:  # inlined helpers are compiled into their callers' cache entries
         options["inline"] = "always"
+        return numba.njit(**options)
+    if helper and _linkonly.available():
+        # no machine code of its own, nothing cached: its callers' cache entries carry its code
+        options["pipeline_class"] = _linkonly.LinkOnlyCompiler
         return numba.njit(**options)
     return lambda fn: _cache.enable(numba.njit(**options)(fn))

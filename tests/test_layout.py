@@ -8,7 +8,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "numbaxent")
 CORE = {"_prepare", "_api", "_kernels", "_rows", "_columns", "_targets", "_metrics", "_math", "_jit",
-        "_parallel", "_threading", "_cache"}
+        "_linkonly", "_parallel", "_threading", "_cache"}
 INTEGRATIONS = {"torch", "dask", "eval_cli", "io", "bench", "bench_linear", "demo", "cache_cli",
                 "_warmup", "__main__"}
 

@@ -421,3 +421,53 @@ def test_row_loops_compile_to_packed_simd_instructions(tmp_path):
     r = run_py(ASM_PROBE)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.strip().splitlines()[-1]) > 10, "the float32 exp-sum loop is not vectorised"
+
+
+# -- helpers compiled for linking only ----------------------------------------------------------------
+def test_helpers_get_no_machine_code_and_their_kernel_is_right():
+    # `_jit.jit()` helpers (no Python entry point) are compiled into a library that is only linked
+    # into callers (`_linkonly`): no machine code or cache entry of their own; callers compute as before
+    import numba
+
+    from numbaxent import _cache, _jit, _linkonly
+
+    if not _linkonly.available():
+        pytest.skip(f"helpers are compiled the ordinary way with this numba ({_linkonly.TESTED})")
+
+    @_jit.jit()
+    def weighted_sum(a, w):  # a leaf helper
+        s = 0.0
+        for i in range(a.shape[0]):
+            s += a[i] * w
+        return s
+
+    @_jit.jit()
+    def row_sums(x, w):  # a helper calling a helper, allocating (NRT) and returning an array
+        out = np.empty(x.shape[0])
+        for r in range(x.shape[0]):
+            out[r] = weighted_sum(x[r], w)
+        return out
+
+    @numba.njit  # the caller: not a cached numbaxent kernel, so that every run compiles it all
+    def kernel(x, w):
+        return row_sums(x, w)
+
+    x = np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(kernel(x, 0.5), x.sum(axis=1) * 0.5)
+    for helper in (weighted_sum, row_sums):
+        (cres,) = helper.overloads.values()
+        assert isinstance(cres.library, _linkonly.LinkOnlyLibrary)
+        assert cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name) == 0
+        assert not isinstance(helper._cache, _cache.KernelCache)
+    (cres,) = kernel.overloads.values()
+    assert not isinstance(cres.library, _linkonly.LinkOnlyLibrary)
+    assert cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name) != 0
+    # numbaxent's own helpers are built that way, its kernels are not (and are cached)
+    from numbaxent import _columns, _rows
+
+    for helper in (_columns.cols_sums, _columns.cols_block_grad, _rows.index_row):
+        assert helper._compiler.pipeline_class is _linkonly.LinkOnlyCompiler
+        assert not isinstance(helper._cache, _cache.KernelCache)
+    for kern in (_columns.index_cols_kernel, _rows.index_kernel):
+        assert kern._compiler.pipeline_class is not _linkonly.LinkOnlyCompiler
+        assert isinstance(kern._cache, _cache.KernelCache)
