@@ -71,6 +71,17 @@ def test_no_raw_rest_or_unresolved_reference(site, page):
     assert len(re.findall(r"<h1\b", text)) == 1, page
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_numbered_lists_are_not_cut(site, page):
+    # Python-Markdown numbers every <ol> from 1: an item whose list was cut before it (by a table or
+    # a paragraph indented less than four spaces inside the item before) would show as "1." again
+    with open(os.path.join(DOCS, page + ".md")) as f:
+        source = re.sub(r"```.*?```", " ", f.read(), flags=re.S)
+    lists = len(re.findall(r"^\s*1\. ", source, flags=re.M))
+    assert len(re.findall(r"<ol>", re.sub(r"<pre\b.*?</pre>", " ", _html(site, page), flags=re.S))) \
+        == lists, page
+
+
 def test_api_page_renders_math_and_links(site):
     text = _html(site, "api")
     formulas = ARITHMATEX.findall(text)
