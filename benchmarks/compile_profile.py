@@ -95,7 +95,10 @@ def install(profile: Profile):
 
     class PassListener(event.Listener):
         def on_start(self, ev):
-            profile.start(ev.data["name"].split(" [")[0], ev.data["qualname"])
+            stage = ev.data["name"].split(" [")[0]
+            # a helper's lowering pass (numbaxent._linkonly) is Numba's own under another name
+            stage = "native_lowering" if stage == "numbaxent_link_only_lowering" else stage
+            profile.start(stage, ev.data["qualname"])
 
         def on_end(self, ev):
             profile.end()
