@@ -28,7 +28,8 @@ def jit(parallel: bool = False, inline: bool = False, python_callable: bool | No
     compiles three times over, see docs/internals.md); `parallel=True` remains available.
     `inline=True` marks small helpers that are inlined at the Numba IR level into the kernels that
     use them. `python_callable` (default: `parallel`) gives the function its CPython entry
-    point; without it the function can only be called from other kernels.
+    point; without it the function can only be called from other kernels, and is compiled for
+    linking into them only (`_linkonly`: no machine code or cache entry of its own).
     """
     options = dict(
         nogil=True,

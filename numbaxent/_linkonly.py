@@ -71,7 +71,8 @@ if available():
     class _NoEnvCodegen:
         """The library's codegen, except that `set_env` (which writes the function's environment
         pointer into its module in the execution engine) does nothing: the module is not there, and
-        a helper's code runs inside its callers, which never read a helper's environment."""
+        numbaxent's helpers use no environment (it serves object-mode calls and exceptions with
+        run-time values, which they do not have)."""
 
         def __init__(self, codegen):
             self._codegen = codegen
