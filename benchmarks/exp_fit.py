@@ -1,9 +1,10 @@
-"""The float64 exp polynomial of `numbaxent._math` (`_F64.q`), reproduced: a Chebyshev fit (near
+"""The exp polynomials of `numbaxent._math` (`_F64.q`, `_F32.q`), reproduced: a Chebyshev fit (near
 minimax) of q(r) = (exp(r) - 1 - r) / r^2 on |r| <= ln2/2 (a hair wider, for the rounding of r), so
 that exp(r) = 1 + r + r^2 q(r); prints the coefficients (highest degree first, as `_Format` takes
-them) and the maximum relative error of 1 + r + r^2 q(r) with them rounded to float64.
+them) and the maximum relative error of 1 + r + r^2 q(r) with them rounded to float64 (the kernels
+evaluate it as one Horner chain, 1 + r (1 + r q(r)), and round float32's coefficients to float32).
 
-    python benchmarks/exp_fit.py [--degree 10]
+    python benchmarks/exp_fit.py [--degree 9]   # float64's q; --degree 4 gives float32's
 
 Needs mpmath (installed with PyTorch's sympy; `pip install mpmath` otherwise).
 """
@@ -16,7 +17,7 @@ def main(argv=None) -> int:
     import mpmath as mp
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--degree", type=int, default=10)
+    ap.add_argument("--degree", type=int, default=9)
     args = ap.parse_args(argv)
     mp.mp.dps = 50
     a = mp.log(2) / 2 * mp.mpf("1.0005")

@@ -329,8 +329,10 @@ def test_max_int(ity):
     np.testing.assert_array_equal(out, np.maximum(a, b))
 
 
-def test_float64_exp_coefficients_are_what_the_fit_script_gives(capsys):
-    """`_math._F64.q` must be the output of `benchmarks/exp_fit.py` (the coefficients' source)."""
+@pytest.mark.parametrize("fmt", ["_F64", "_F32"])
+def test_exp_coefficients_are_what_the_fit_script_gives(capsys, fmt):
+    """`_math._F64.q` and `_F32.q` must be the output of `benchmarks/exp_fit.py` (the
+    coefficients' source; float32's are rounded to float32 where the IR is emitted)."""
     pytest.importorskip("mpmath")
     import importlib.util
     import pathlib
@@ -341,6 +343,7 @@ def test_float64_exp_coefficients_are_what_the_fit_script_gives(capsys):
     spec = importlib.util.spec_from_file_location("exp_fit", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--degree", str(len(_math._F64.q) - 1)]) == 0
+    q = getattr(_math, fmt).q
+    assert mod.main(["--degree", str(len(q) - 1)]) == 0
     printed = capsys.readouterr().out.splitlines()[0]
-    assert eval(printed) == _math._F64.q  # a tuple of float reprs
+    assert eval(printed) == q  # a tuple of float reprs
