@@ -46,11 +46,11 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._columns import (_block_source, cols_log, cols_target_logits, cols_target_rows, column_block,
-                       column_block_rows, column_count, column_views, shifted_exp_pair)
+from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
+                       column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, clear, compute_scratch, compute_zero, empty, exp_nonpos,
-                    load, max_int, max_skipnan, min_int, order_key, run_view, span)
+                    load, max_int, min_int, order_key, run_view, span)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -326,13 +326,9 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
     one, zero, none = np.int32(1), np.int32(0), np.int32(C)
     low = -as_compute(np.inf, m)
     for b in range(nb):
-        m[b] = low
         first[b] = none
         gt[b] = 0
-    for c in range(C):
-        xr = run_view(X, i0 + c, s0, nb)
-        for b in range(nb):
-            m[b] = max_skipnan(m[b], capped(load(xr[b]), cap))
+    cols_running_max(X, i0, s0, nb, C, m, cap)
     cols_target_logits(X, i0, s0, nb, yv, cap, xy)
     # `first` as the least `c` with `x_c == m > -inf`, by a min over the (cached) block: tracked
     # as `first[b] = c if v > m[b] else first[b]` in the maximum's pass, LLVM made it a masked
