@@ -158,7 +158,13 @@ def stream(args):
     t = _targets(tp, n, c)
     size = os.path.getsize(xp)
     _warm_page_cache(xp)
-    chunk_rows = max(1, (args.chunk_mb << 20) // (4 * c))
+    if args.chunk_mb is None:  # numbaxent eval's own default
+        from numbaxent.io import default_chunk_rows
+
+        chunk_rows = default_chunk_rows(4 * c)
+        args.chunk_mb = max(1, (chunk_rows * 4 * c) >> 20)
+    else:
+        chunk_rows = max(1, (args.chunk_mb << 20) // (4 * c))
     import numbaxent as nx
     from numbaxent.evaluate import Evaluator
 
@@ -290,10 +296,7 @@ def main(argv=None):
     ap.add_argument("--dir", default="/tmp/nx_eval")
     args = ap.parse_args(argv)
     if args.what == "stream":
-        from numbaxent.io import DEFAULT_CHUNK_BYTES
-
         args.gb = args.gb or 2.0
-        args.chunk_mb = args.chunk_mb or DEFAULT_CHUNK_BYTES >> 20
         stream(args)
     else:
         args.gb = args.gb or 1.0

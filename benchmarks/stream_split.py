@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     print(f"page cache: {bench._meminfo()}")
     x, t = np.load(xp), np.load(tp)
     C = x.shape[1]
-    rows = nio.DEFAULT_CHUNK_BYTES // (4 * C)
+    rows = nio.default_chunk_rows(4 * C)
     src = nio.open_array(xp)
 
     def whole():

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .io import (DEFAULT_CHUNK_BYTES, DaskStore, InputError, RawArray, bfloat16_view, open_array,
-                 read_whole, row_chunks, shape_dtype, split_member)
+from .io import (DEFAULT_CHUNK_BYTES, MAX_CHUNK_ROWS, DaskStore, InputError, RawArray, bfloat16_view,
+                 default_chunk_rows, open_array, read_whole, row_chunks, shape_dtype, split_member)
 
 __all__ = ["main", "hidden_main", "merge_main"]
 
@@ -156,7 +156,7 @@ def _parser(hidden: bool = False) -> argparse.ArgumentParser:
                    help="equal-width confidence bins of the calibration error (default: 15)")
     p.add_argument("--chunk-rows", type=_positive_int, metavar="R",
                    help=(f"rows per chunk (default: about {DEFAULT_CHUNK_BYTES >> 20} MiB of "
-                         f"logits)" if not hidden else
+                         f"logits, at most {MAX_CHUNK_ROWS} rows)" if not hidden else
                          "rows of logits formed at a time (default: as many as fit 64 MiB)")
                         + "; memory use is bounded by the chunk, not the file")
     p.add_argument("--threads", type=_positive_int, metavar="T",
@@ -514,15 +514,16 @@ def _evaluate_dask(pairs, cfg: dict, rows, threads, scheduler, progress: _Progre
 
 
 def _default_rows(src, head: _Head | None = None) -> int:
-    """Rows read at a time: about `DEFAULT_CHUNK_BYTES` of the file; for hidden states, a
-    multiple of the logits chunk (so no read ends in a short matrix product)."""
+    """Rows read at a time: `io.default_chunk_rows` (about `DEFAULT_CHUNK_BYTES` of the file);
+    for hidden states about `HIDDEN_CHUNK_BYTES` of the file, a multiple of the logits chunk (so
+    no read ends in a short matrix product)."""
     shape, dtype = shape_dtype(src)
-    row_bytes = max(1, dtype.itemsize * math.prod(shape[1:]))
-    rows = max(1, DEFAULT_CHUNK_BYTES // row_bytes)
+    row_bytes = dtype.itemsize * math.prod(shape[1:])
     if head is None:
-        return rows
-    from .evaluate import hidden_chunk_rows, hidden_compute_dtype
+        return default_chunk_rows(row_bytes)
+    from .evaluate import HIDDEN_CHUNK_BYTES, hidden_chunk_rows, hidden_compute_dtype
 
+    rows = default_chunk_rows(row_bytes, HIDDEN_CHUNK_BYTES)
     k = head.chunk_size or hidden_chunk_rows(
         head.weight.shape[0], hidden_compute_dtype(dtype, head.weight.dtype).itemsize)
     return max(k, rows // k * k)

@@ -17,14 +17,25 @@ import numpy as np
 
 __all__ = ["open_array", "InputError", "RawArray", "ZipStreamArray", "DaskStore", "row_chunks",
            "read_whole", "shape_dtype", "split_member", "is_zarr", "madvise", "bfloat16_view",
-           "DEFAULT_CHUNK_BYTES"]
+           "DEFAULT_CHUNK_BYTES", "MAX_CHUNK_ROWS", "default_chunk_rows"]
 
-# Rows per chunk of `numbaxent eval`: about this many bytes of logits. Each chunk's pieces cost a
-# fixed ~0.1 ms of Python each (checks and set-up, on cores the kernels want); 64 MiB measured 5-8%
-# faster streaming than 32 MiB on 32,000 classes (docs/evaluating.md). Three chunks are mapped at a
-# time (page cache, not anonymous memory).
-DEFAULT_CHUNK_BYTES = 64 << 20
+# Rows per chunk of `numbaxent eval`: about this many bytes of logits, and at most MAX_CHUNK_ROWS
+# rows. Each chunk's pieces cost a fixed ~0.1 ms of Python each (checks and set-up, on cores the
+# kernels want), and the threads start and finish each chunk together: on 32,000 classes 64 MiB
+# measured 5-8% faster streaming than 32 MiB (Zen 3), and 256 MiB 81-82% of the in-memory forward
+# against 78% for 64 MiB (Zen 4; docs/evaluating.md). Three chunks are mapped at a time (page cache,
+# not anonymous memory). The row cap bounds the row kernels' per-row records (48 bytes a row, three
+# chunks in flight) for short rows: 1 M rows is a 40 MiB chunk of 10 float32 classes, which
+# streamed as fast as 64 and 256 MiB chunks there.
+DEFAULT_CHUNK_BYTES = 256 << 20
+MAX_CHUNK_ROWS = 1 << 20
 _WINDOW = 2 << 20  # mappings start and end on 2 MiB file offsets (huge page-cache folios)
+
+
+def default_chunk_rows(row_bytes: int, budget: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk of `numbaxent eval` for rows of `row_bytes` bytes: as many as fit `budget`
+    bytes, at most `MAX_CHUNK_ROWS`, at least 1."""
+    return max(1, min(budget // max(1, row_bytes), MAX_CHUNK_ROWS))
 
 
 class InputError(Exception):

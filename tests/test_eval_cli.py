@@ -691,3 +691,20 @@ def test_row_ranges_on_every_input_format(files, capsys):
             assert got["per_class"]["count"] == ref["per_class"]["count"].tolist()
             assert got["loss"] == pytest.approx(ref["loss"], rel=2e-5), (xs, chunk)
             assert got["accuracy"]["1"] == pytest.approx(ref["accuracy"][1], abs=1e-12)
+
+
+def test_default_chunk_rows_follow_the_byte_budget_and_the_row_cap(tmp_path):
+    """`numbaxent eval`'s default chunk: as many rows as fit DEFAULT_CHUNK_BYTES (long rows: a few
+    thousand), at most MAX_CHUNK_ROWS (short rows: the row kernels keep per-row records), never 0;
+    hidden states are read in reads of about HIDDEN_CHUNK_BYTES."""
+    from numbaxent import eval_cli, io
+    from numbaxent.evaluate import HIDDEN_CHUNK_BYTES
+
+    assert io.default_chunk_rows(4 * 32000) == io.DEFAULT_CHUNK_BYTES // (4 * 32000)
+    assert io.default_chunk_rows(4 * 32000) * 4 * 32000 <= io.DEFAULT_CHUNK_BYTES
+    assert io.default_chunk_rows(4 * 10) == io.MAX_CHUNK_ROWS
+    assert io.default_chunk_rows(io.DEFAULT_CHUNK_BYTES * 3) == 1
+    assert io.default_chunk_rows(4 * 1024, HIDDEN_CHUNK_BYTES) == HIDDEN_CHUNK_BYTES // 4096
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((8, 32000), np.float32))
+    assert eval_cli._default_rows(eval_cli.open_array(str(path))) == io.default_chunk_rows(4 * 32000)
