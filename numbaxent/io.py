@@ -20,10 +20,10 @@ __all__ = ["open_array", "InputError", "RawArray", "ZipStreamArray", "DaskStore"
            "DEFAULT_CHUNK_BYTES", "MAX_CHUNK_ROWS", "default_chunk_rows"]
 
 # Rows per chunk of `numbaxent eval`: about this many bytes of logits, and at most MAX_CHUNK_ROWS
-# rows. Each chunk's pieces cost a fixed ~0.1 ms of Python each (checks and set-up, on cores the
-# kernels want), and the threads start and finish each chunk together: on 32,000 classes 64 MiB
-# measured 5-8% faster streaming than 32 MiB (Zen 3), and 256 MiB 81-82% of the in-memory forward
-# against 78% for 64 MiB (Zen 4; docs/evaluating.md). Three chunks are mapped at a time (page cache,
+# rows. Each chunk costs fixed work (its checks, the set-up of its pieces at ~0.1 ms of Python each,
+# the folds of their figures, the unmapping of finished pages), on cores the kernels want: on 32,000
+# classes 64 MiB measured 5-8% faster streaming than 32 MiB (Zen 3), and 256 MiB 81-82% of the
+# in-memory forward against 78% for 64 MiB (Zen 4; docs/evaluating.md). Three chunks are mapped at a time (page cache,
 # not anonymous memory). The row cap bounds the row kernels' per-row records (48 bytes a row, three
 # chunks in flight) for short rows: 1 M rows is a 40 MiB chunk of 10 float32 classes, which
 # streamed as fast as 64 and 256 MiB chunks there.
