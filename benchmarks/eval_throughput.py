@@ -13,9 +13,9 @@ fastest runs, the least disturbed by other load on a shared machine):
   timing: memory-mapped row chunks of ``--chunk-mb`` MB);
 
 and then runs the command as a subprocess, sampling its ``RssAnon`` / ``RssFile`` from
-``/proc/PID/status`` every 2 ms, for the peak anonymous memory with a chunk budget ``--chunk-mb``
-(the file is ``gb*1024/chunk_mb`` times larger) next to a baseline run on a tiny file (imports and
-compiled kernels only).
+``/proc/PID/status`` every 2 ms, for the peak anonymous memory with the timed chunk (``--chunk-mb``,
+or ``numbaxent eval``'s default) and one four times larger, next to a baseline run on a tiny file
+(imports and compiled kernels only).
 
 ``dask``: writes a ``--gb`` GB file, evaluates it in memory in this process (``Evaluator.update``,
 Numba's threads), then on a ``distributed.LocalCluster`` with ``--workers`` single-threaded worker
@@ -162,7 +162,6 @@ def stream(args):
         from numbaxent.io import default_chunk_rows
 
         chunk_rows = default_chunk_rows(4 * c)
-        args.chunk_mb = max(1, (chunk_rows * 4 * c) >> 20)
     else:
         chunk_rows = max(1, (args.chunk_mb << 20) // (4 * c))
     import numbaxent as nx
@@ -209,8 +208,7 @@ def stream(args):
     print("peak memory of `numbaxent eval` as a process (RssAnon / RssFile sampled every 2 ms):")
     print(f"  baseline (4-row file: interpreter, numba, kernels)  anon {base_anon / 2**20:7.1f} MiB"
           f"  file {base_file / 2**20:7.1f} MiB")
-    for mb in sorted({args.chunk_mb, args.chunk_mb * 4}):
-        rows = max(1, (mb << 20) // (4 * c))
+    for rows in sorted({chunk_rows, chunk_rows * 4}):  # the timed chunk, and one 4x larger
         out, anon, filerss = _sample_memory(exe + cli[:2] + ["--chunk-rows", str(rows), "--json"])
         print(f"  {size / 2**20:.0f} MiB file, chunk {rows * 4 * c / 2**20:6.1f} MiB "
               f"(file = {size / (rows * 4 * c):5.1f} x chunk)  anon {anon / 2**20:7.1f} MiB "
