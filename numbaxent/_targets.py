@@ -1,28 +1,99 @@
-"""The target check: range validation and the `'mean'` denominator in one serial pass."""
+"""The target check: range validation and the `'mean'` denominator, in fixed blocks of targets.
+
+The blocks are fixed by the number of targets alone, and their partial sums are added in block
+order, so the denominator has the same bits whichever threads checked which blocks: the API layer
+deals the blocks to threads (`_prepare.index_targets`), the evaluator checks them on the calling
+thread (`check_targets`).
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from ._jit import jit
 
+TARGET_BLOCK = 1 << 15  # targets per block: 256 KB of int64, many blocks per thread
+
+
+def target_block_count(n: int) -> int:
+    return (n + TARGET_BLOCK - 1) // TARGET_BLOCK
+
 
 @jit(python_callable=True)
+def check_target_blocks(lo, hi, target, w, sw, ignore_index, C, first_bad, totals, counts):
+    """Blocks `[lo, hi)` of `TARGET_BLOCK` targets: per block `b`, `first_bad[b]` the flat
+    position of its first target that is neither `ignore_index` nor in `[0, C)` (-1 if none),
+    `totals[b] = sum_{valid r} sw_r w[y_r]` in float64 and `counts[b]` its valid targets.
+
+    With one weight for every class and every row (no class or sample weights: `w[y] sw = u`),
+    a block's targets are counted by a loop of integer compares that vectorises, and its total
+    is `counts[b] * u`: no per-target float64 addition, whose latency bound the serial check to
+    about 1.1 ns per target. Weighted targets, and a block with a bad target (to find it), take
+    the serial loop."""
+    n = target.shape[0]
+    per_row_sw = sw.shape[0] == n
+    u = np.float64(w[0]) * sw[0] if C > 0 and sw.shape[0] > 0 else 0.0
+    uniform = not per_row_sw
+    ignore_in_range = ignore_index >= 0 and ignore_index < C
+    for c in range(C):
+        uniform &= w[c] == w[0]
+    for blk in range(lo, hi):
+        r0 = blk * TARGET_BLOCK
+        r1 = min(r0 + TARGET_BLOCK, n)
+        first = -1
+        bad = 0
+        if uniform:
+            inside = 0
+            ignored = 0
+            for r in range(r0, r1):  # two compares a target (`0 <= y < C` as one unsigned)
+                y = target[r]
+                inside += np.uint64(y) < np.uint64(C)
+                ignored += y == ignore_index
+            if ignore_in_range:
+                kept, bad = inside - ignored, (r1 - r0) - inside
+            else:
+                kept, bad = inside, (r1 - r0) - inside - ignored
+            total = kept * u
+        if bad or not uniform:
+            # one target at a time, leaving at the first bad one (written branch-free, LLVM
+            # vectorises this loop with gathers: 2.4 against 1.2 ns per target on a Zen 4)
+            kept = 0
+            total = 0.0
+            for r in range(r0, r1):
+                y = target[r]
+                if y == ignore_index:
+                    continue
+                if y < 0 or y >= C:
+                    first = r
+                    break
+                kept += 1
+                total += np.float64(w[y]) * (sw[r] if per_row_sw else sw[0])
+        first_bad[blk] = first
+        totals[blk] = total
+        counts[blk] = kept
+
+
+def target_block_arrays(n: int):
+    """`(first_bad, totals, counts)` for `check_target_blocks` over `n` targets."""
+    k = target_block_count(n)
+    return np.empty(k, np.int64), np.empty(k, np.float64), np.empty(k, np.int64)
+
+
+def merge_target_blocks(first_bad, totals, counts):
+    """`(first_bad, W, n_valid)` of all targets from their blocks': the first bad position, and
+    the blocks' totals added left to right (`np.cumsum` adds in order, unlike `np.sum`)."""
+    bad = first_bad[first_bad >= 0]
+    total = float(np.cumsum(totals)[-1]) if totals.shape[0] else 0.0
+    return (int(bad[0]) if bad.shape[0] else -1), total, int(counts.sum())
+
+
 def check_targets(target, w, sw, ignore_index, C):
-    """Validate class-index targets and total their weights in one serial pass.
+    """Validate class-index targets and total their weights, on the calling thread.
 
     Returns `(first_bad, W, n_valid)`: the flat position of the first target that is neither
     `ignore_index` nor in `[0, C)` (-1 if none), `W = sum_{valid r} sw_r w[y_r]` in float64 (the
-    'mean' denominator; `sw` is (R,) or (1,) for all ones) and the number of valid targets.
+    'mean' denominator; `sw` is (R,) or (1,) for all ones) and the number of valid targets. The
+    same figures as the API layer's threaded check (`_prepare.index_targets`).
     """
-    total = 0.0
-    n_valid = 0
-    per_row_sw = sw.shape[0] == target.shape[0]
-    for r in range(target.shape[0]):
-        y = target[r]
-        if y == ignore_index:
-            continue
-        if y < 0 or y >= C:
-            return r, total, n_valid
-        total += np.float64(w[y]) * (sw[r] if per_row_sw else sw[0])
-        n_valid += 1
-    return -1, total, n_valid
+    out = target_block_arrays(target.shape[0])
+    check_target_blocks(0, out[0].shape[0], target, w, sw, ignore_index, C, *out)
+    return merge_target_blocks(*out)

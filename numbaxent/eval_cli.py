@@ -534,7 +534,7 @@ def _default_rows(src, head: _Head | None = None) -> int:
 # pass; if the timed pass still added a specialisation, the printed time says so.
 _TIMED_KERNELS = (("numbaxent._metrics", ("metrics_rows", "metrics_cols", "metrics_reduce",
                                          "tallies_into_state")),
-                  ("numbaxent._kernels", ("check_targets",)))
+                  ("numbaxent._targets", ("check_target_blocks",)))
 
 
 def _compiled_kernels() -> int:

@@ -261,6 +261,60 @@ def test_results_do_not_depend_on_the_thread_count(forced_threads, case):
     assert_close(grad, ref_grad, np.float32)
 
 
+# -- the target check: blocks of targets, dealt to threads ------------------------------------------
+@pytest.mark.parametrize("weights", ["none", "class", "sample", "equal"])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_target_check_over_blocks(forced_threads, weights, ignore_index):
+    """`_prepare.index_targets` checks targets in fixed blocks (`_targets.TARGET_BLOCK`) dealt to
+    threads, the evaluator's `check_targets` on one thread: the first bad target, the 'mean'
+    denominator and the count of valid targets are those of a NumPy reference, whatever the
+    thread count (the denominator to the bit) and whichever the entry point."""
+    from numbaxent import _parallel, _prepare, _targets
+
+    use, _ = forced_threads
+    rng = stable_rng("targets", weights, ignore_index)
+    C, n = 7, 3 * _targets.TARGET_BLOCK + 1234  # four blocks, the last one short
+    t = rng.integers(0, C, n)
+    t[rng.random(n) < 0.1] = ignore_index
+    w = (rng.uniform(0.5, 2, C) if weights == "class" else np.full(C, 0.3 if weights == "equal"
+                                                                     else 1.0)).astype(np.float32)
+    sw = rng.uniform(0, 1, n) if weights == "sample" else np.ones(1)
+    keep = t != ignore_index
+    ref_w = np.sum(w[t[keep]].astype(np.float64) * (sw[keep] if weights == "sample" else 1.0))
+    calls = []
+    kernel = _prepare.kernels().check_target_blocks
+
+    def recorded(lo, hi, *args):
+        calls.append((lo, hi))
+        return kernel(lo, hi, *args)
+
+    got = {}
+    for threads in (1, 2, 3):
+        use(threads)
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_prepare.kernels(), "check_target_blocks", recorded)
+            _, denom, n_valid = _prepare.index_targets(t, w, sw, ignore_index, C)
+        assert len(calls) == threads  # really dealt to that many threads
+        assert n_valid == np.count_nonzero(keep)
+        np.testing.assert_allclose(denom, ref_w, rtol=1e-12)
+        if weights == "none":
+            assert denom == np.count_nonzero(keep)
+        got[threads] = denom
+    assert got[1] == got[2] == got[3]
+    assert _targets.check_targets(t, w, sw, ignore_index, C) == (-1, got[1], n_valid)
+    # bad targets in the second and fourth blocks: the first one is named
+    for first in (_targets.TARGET_BLOCK + 17, n - 1):
+        bad = t.copy()
+        bad[first] = C + 5
+        bad[-1] = -7
+        assert _targets.check_targets(bad, w, sw, ignore_index, C)[0] == first
+        use(2)
+        with pytest.raises(IndexError, match=f"Target {C + 5 if first < n - 1 else -7} is out"):
+            _prepare.index_targets(bad, w, sw, ignore_index, C)
+    assert _parallel.MIN_PARALLEL_ELEMENTS == 0  # (the fixture lets every call use threads)
+
+
 # -- each row's maximum, taken in the sum pass over the row before it ---------------------------------
 @pytest.mark.parametrize("cap", [None, 3.0])
 @pytest.mark.parametrize("soft", [False, True])
