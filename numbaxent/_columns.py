@@ -27,7 +27,9 @@ COLUMN_BLOCK_ELEMENTS = 4096  # C * nb of a transposed 2-D block: it and its gra
 # ~200 keep the hardware prefetcher ahead (S5, 21 classes: forward 63-76 -> 53-61 ms, fused 110-125
 # -> 85-94 ms at 2 threads; the transposed 2-D blocks measured no better, or worse, larger)
 STRIDED_BLOCK_ELEMENTS = 32768
-TRANSPOSE_ROWS = 8  # rows a 2-D block is transposed in at a time (see _transpose_in)
+TRANSPOSE_ROWS = 8  # rows a 2-D block is transposed in at a time (see _transpose_in) ...
+TRANSPOSE_ROWS_FEW = 32  # ... and for at most TRANSPOSE_FEW_CLASSES classes
+TRANSPOSE_FEW_CLASSES = 12
 
 
 # `register_jitable`: plain Python when the API layer calls it (nothing to compile), compiled only
@@ -218,18 +220,31 @@ def cols_target_logits(X, i0, s0, nb, yv, cap, xy):
 
 
 @jit(inline=True)
-def _transpose_in(X, n0, nb, C, dst):
-    # rows in groups of TRANSPOSE_ROWS, each group's C columns in turn: the block's lines are read
-    # front to back, which its first read from memory needs (column by column over the whole
-    # block measured 25% slower from memory, the same from L2); flat indices with a loop-invariant
-    # stride (2-D indexing `X[n0 + b, c]` measured 25% slower on the whole fused call)
-    flat = rows_flat(X, n0, nb)
-    whole = nb - nb % TRANSPOSE_ROWS
-    for b0 in range(0, whole, TRANSPOSE_ROWS):
+def _transpose_groups(flat, nb, C, dst, rows):
+    """`dst[c, b] = flat[b*C + c]` for the block's rows in whole groups of `rows` (a constant:
+    the loop over a group's rows is unrolled); returns the rows done."""
+    whole = nb - nb % rows
+    for b0 in range(0, whole, rows):
         for c in range(C):
             dr = dst[c]
-            for k in range(TRANSPOSE_ROWS):
+            for k in range(rows):
                 dr[b0 + k] = flat[(b0 + k) * C + c]
+    return whole
+
+
+@jit(inline=True)
+def _transpose_in(X, n0, nb, C, dst):
+    # rows in groups, each group's C columns in turn: the block's lines are read front to back,
+    # which its first read from memory needs (column by column over the whole block measured 25%
+    # slower from memory, the same from L2); flat indices with a loop-invariant stride (2-D
+    # indexing `X[n0 + b, c]` measured 25% slower on the whole fused call). Groups of
+    # TRANSPOSE_ROWS_FEW rows for few classes, whose groups of TRANSPOSE_ROWS span too few cache
+    # lines to keep enough reads from memory in flight
+    flat = rows_flat(X, n0, nb)
+    if C <= TRANSPOSE_FEW_CLASSES:
+        whole = _transpose_groups(flat, nb, C, dst, TRANSPOSE_ROWS_FEW)
+    else:
+        whole = _transpose_groups(flat, nb, C, dst, TRANSPOSE_ROWS)
     for c in range(C):
         dr = dst[c]
         for b in range(whole, nb):
