@@ -194,19 +194,31 @@ def cols_grad_from_exp(exps, T, i0, s0, nb, C, scale, tcoef, w, t_scale, t_shift
 
 
 @jit(inline=True)
-def cols_target_rows(target, r0, nb, ignore_index, w, yv, ok, wy):
+def cols_target_rows(target, r0, nb, ignore_index, w, w_uniform, yv, ok, wy):
     """Each row's target: `ok` (not ignored), `yv` (the class, 0 when ignored) and `wy` its weight
-    (0 when ignored). Two loops: the first vectorises, and the weights' gather alone is a shorter
-    scalar loop (the step 4.5 -> 3.0 ns per row with the logits' gather, on a cached 400 x 10
-    block)."""
+    (0 when ignored). With `w_uniform` (every class weight equal to `w[0]`, as without class
+    weights) one loop that vectorises; otherwise the weights' gather is a second, scalar loop
+    (1.16 -> 0.69 ns per row with the logits' gather, on a cached 400 x 10 block, Zen 4)."""
     tv = span(target, r0, nb)
+    w0 = w[0] if w_uniform else compute_zero(w)
     for b in range(nb):
         y = tv[b]
         valid = y != ignore_index
         yv[b] = y if valid else 0
         ok[b] = valid
-    for b in range(nb):
-        wy[b] = w[yv[b]] if ok[b] else compute_zero(w)
+        wy[b] = w0 if valid else compute_zero(w)
+    if not w_uniform:
+        for b in range(nb):
+            wy[b] = w[yv[b]] if ok[b] else compute_zero(w)
+
+
+@register_jitable
+def uniform_weights(w):
+    """Whether every class weight equals the first (no class weights, or all the same)."""
+    for c in range(w.shape[0]):
+        if w[c] != w[0]:
+            return False
+    return True
 
 
 @jit(inline=True)
@@ -396,6 +408,7 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch_grad = mode != FORWARD and (S == 1 or in_place)
+    w_uniform = uniform_weights(w)
     # scratch by `_math.empty`: nothing of NumPy's np.empty to compile per shape and dtype
     x_block = empty((C, nbmax if S == 1 else 0), X.dtype)
     grad_block = empty((C, nbmax if scratch_grad else 0), X.dtype)
@@ -416,7 +429,7 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
             cols_log(s, ls, nb)
         else:
             _load_saved(row_max, row_logsum, r0, nb, m, ls)
-        cols_target_rows(target, r0, nb, ignore_index, w, yv, ok, wy)
+        cols_target_rows(target, r0, nb, ignore_index, w, w_uniform, yv, ok, wy)
         if mode != BACKWARD:
             cols_target_logits(src, i0, s0, nb, yv, cap, xy)  # the block is in cache: max and sums read it
             lb = span(loss, r0, nb) if rows_out else span(lrow, 0, nb)

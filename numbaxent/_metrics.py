@@ -47,7 +47,8 @@ import numpy as np
 
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
-                       column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
+                       column_block, column_block_rows, column_count, column_views, shifted_exp_pair,
+                       uniform_weights)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, clear, compute_scratch, compute_zero, empty, exp_nonpos,
                     load, max_int, min_int, order_key, run_view, span)
@@ -453,6 +454,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     nblocks = column_count(N, S, nbmax)
     ngroups = fp.shape[0]
     eps_c = eps / C
+    w_uniform = uniform_weights(w)
     XT = empty((C, nbmax if S == 1 else 0), x.dtype)
     m = compute_scratch(nbmax, x)
     s = compute_scratch(nbmax, x)
@@ -479,7 +481,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
             for blk in range(g * group_blocks, min_int((g + 1) * group_blocks, nblocks)):
                 n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
                 src = _block_source(X, XT, S, n, nb, C)
-                cols_target_rows(target, r0, nb, ignore_index, w, yv, ok, wy)
+                cols_target_rows(target, r0, nb, ignore_index, w, w_uniform, yv, ok, wy)
                 cols_max_rank(src, i0, s0, nb, C, xy, yv, cap, kmax > 1, m, first, gt)
                 cols_rare_rows(src, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt)
                 cols_eval_sums(src, i0, s0, nb, C, m, w, cap, eps_c > 0, s, h, d)
