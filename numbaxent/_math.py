@@ -27,8 +27,8 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 # zero, and that branch out of a loop keeps the loop from vectorising.
 _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 
-__all__ = ["exp", "exp_nonpos", "exp_nonpos2", "log", "max_skipnan", "min_int", "load", "store", "compute_zero",
-           "exp_stash", "stash_in_grad", "empty", "clear", "compute_scratch", "run_view", "col_run", "span",
+__all__ = ["exp", "exp_nonpos", "exp_nonpos2", "exp_summand", "log", "max_skipnan", "min_int", "load", "store",
+           "compute_zero", "exp_stash", "stash_in_grad", "empty", "clear", "compute_scratch", "run_view", "col_run", "span",
            "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
            "order_key", "from_order_key"]
 
@@ -63,6 +63,8 @@ class _Format:
 
     def __init__(self, bits, mbits, bias, lo, hi, shift, ln2_hi, ln2_lo, q, log_series):
         self.bits, self.mbits, self.bias, self.lo, self.hi, self.shift = bits, mbits, bias, lo, hi, shift
+        # the lowest input whose 2^n is normal: n = round(x / ln2) >= 2 - bias (with margin)
+        self.lo_normal = -(bias - 2) * 0.6931471805599453
         self.ln2_hi, self.ln2_lo, self.q, self.log_series = ln2_hi, ln2_lo, q, log_series
         self.ftype = ir.DoubleType() if bits == 64 else ir.FloatType()
         self.itype = ir.IntType(bits)
@@ -202,6 +204,17 @@ def _emit_exp_nonpos(e: _Emit, x):
     return e.mul(e.mul(p, _pow2(e, ni, e.f.bias + e.f.shift)), e.const(2.0 ** -e.f.shift))
 
 
+def _emit_exp_summand(e: _Emit, x):
+    """exp for `x <= 0` (or NaN) as a term of a sum that also holds `exp(0) = 1` (a row's
+    exponentials shifted by its maximum): inputs below `lo_normal` are raised to it, so every
+    result is a normal number and 2^n is applied in one multiply, with no rounding step into the
+    subnormal range (one multiply fewer per element than `exp_nonpos`). A term below
+    `exp(lo_normal)` (~1e-38 in float32) is absorbed by the sum's 1 whatever its value."""
+    lo = e.const(e.f.lo_normal)
+    p, ni = _exp_reduced(e, e.b.select(e.lt(x, lo), lo, x))
+    return e.mul(p, _pow2(e, ni, e.f.bias))
+
+
 def _emit_log(e: _Emit, x):
     f, b = e.f, e.b
     i32 = ir.IntType(32)
@@ -264,6 +277,9 @@ same results bit for bit).""", lanes=2)
 exp_nonpos = _float_intrinsic(
     _emit_exp_nonpos, "exp_nonpos",
     "`exp` for `x <= 0` (or NaN) only: cheaper, the same results. Callable from Numba code.")
+exp_summand = _float_intrinsic(
+    _emit_exp_summand, "exp_summand",
+    "`exp_nonpos` as a term of a sum that also holds 1: tiny results differ, the sum does not.")
 exp = _float_intrinsic(_emit_exp, "exp", "Vectorisable `exp` for float32 and float64 scalars inside Numba code.")
 log = _float_intrinsic(_emit_log, "log",
                        "Vectorisable `log` for positive float32 and float64 scalars inside Numba code.")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numbaxent._math import (as_2d, as_compute, clear, col_run, compute_scratch, empty, exp, exp_nonpos, exp_nonpos2,
-                             from_order_key, log,
+                             exp_summand, from_order_key, log,
                              max_int, max_skipnan, min_int, order_key, rows_flat, run_view, span, store)
 
 
@@ -18,6 +18,8 @@ def _apply(a, which, out):
             out[i] = exp(a[i])
         elif which == 1:
             out[i] = exp_nonpos(a[i])
+        elif which == 3:
+            out[i] = exp_summand(a[i])
         else:
             out[i] = log(a[i])
 
@@ -49,6 +51,52 @@ def test_exp_and_exp_nonpos(dtype):
     out = np.empty_like(special)
     _apply(special, 1, out)
     np.testing.assert_array_equal(out, [1.0, 1.0, 0.0, np.nan, 0.0])
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
+def _row_sums(x):
+    # each row's sum of exp_nonpos and of exp_summand, as the row kernels sum them (reassociated)
+    s1 = np.zeros(x.shape[0], x.dtype)
+    s2 = np.zeros(x.shape[0], x.dtype)
+    for r in range(x.shape[0]):
+        a = x.dtype.type(0)
+        b = x.dtype.type(0)
+        for j in range(x.shape[1]):
+            a += exp_nonpos(x[r, j])
+        for j in range(x.shape[1]):
+            b += exp_summand(x[r, j])
+        s1[r] = a
+        s2[r] = b
+    return s1, s2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_summand_is_exp_nonpos_where_normal_and_a_row_sum_cannot_tell(dtype):
+    """`exp_summand` (the forward's exp-sum) gives `exp_nonpos`'s bits down to a few times the
+    smallest normal number, a normal number below that further down (where `exp_nonpos` gives
+    subnormals and 0), and the same row sums when every row holds a 0 (its maximum), whatever the
+    terms far below."""
+    rng = np.random.default_rng(3)
+    lo = -110.0 if dtype == np.float32 else -760.0
+    x = np.concatenate([rng.uniform(lo, 0, 20000), -np.exp(rng.uniform(-30, 3, 2000)),
+                        [0.0, -0.0, -np.inf, np.nan, lo * 2]]).astype(dtype)
+    e_nonpos, e_sum = np.empty_like(x), np.empty_like(x)
+    _apply(x, 1, e_nonpos)
+    _apply(x, 3, e_sum)
+    tiny = np.finfo(dtype).tiny
+    normal = e_nonpos >= 4 * tiny
+    low = ~normal & ~np.isnan(x)
+    assert normal.sum() > 15000 and low.sum() > 1000
+    np.testing.assert_array_equal(e_sum[normal], e_nonpos[normal])
+    assert np.all((e_sum[low] >= tiny) & (e_sum[low] <= 4 * tiny))
+    assert np.isnan(e_sum[np.isnan(x)]).all()
+    # rows of a 0 and terms from just below 0 to far below the normal range
+    rows = np.concatenate([rng.uniform(lo * 1.5, 0, (300, 257)),
+                           -rng.exponential(rng.uniform(1, 200, (300, 1)), (300, 257))]).astype(dtype)
+    rows[np.arange(rows.shape[0]), rng.integers(0, rows.shape[1], rows.shape[0])] = 0
+    rows[::7, 5] = -np.inf
+    s1, s2 = _row_sums(rows)
+    assert s1.tobytes() == s2.tobytes()
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
