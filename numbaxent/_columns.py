@@ -23,10 +23,16 @@ from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob
 
 COLUMN_BLOCK_ELEMENTS = 4096  # C * nb of a transposed 2-D block: it and its gradient scratch fit in L1
 # C * nb of a K-dim block, read in place: its C class rows are S elements apart (1 MB for 512 x 512
-# float32), so each block is C separate memory streams, and runs of 1024 elements (4 KB) instead of
-# ~200 keep the hardware prefetcher ahead (S5, 21 classes: forward 63-76 -> 53-61 ms, fused 110-125
-# -> 85-94 ms at 2 threads; the transposed 2-D blocks measured no better, or worse, larger)
-STRIDED_BLOCK_ELEMENTS = 32768
+# float32), so each block is C separate memory streams, and long runs keep the hardware prefetcher
+# ahead: 1024 elements instead of ~200 (S5, 21 classes, Zen 3: forward 63-76 -> 53-61 ms, fused
+# 110-125 -> 85-94 ms at 2 threads), then 3120 instead of 1024 (Zen 4, 2 threads: S5 forward
+# 18.4-19.6 -> 17.3-17.7 ms, fused 29.6-30.3 -> 28.5-28.8; float64 4 x 21 x 512 x 512 16.9 ->
+# 16.1 and 26.9 -> 25.8 ms). A float32 block and the fused call's exponentials take 512 KB, within
+# the 1-2 MB L2 of the Zen 4 and Xeon machines (the transposed 2-D blocks measured no better, or
+# worse, larger)
+STRIDED_BLOCK_ELEMENTS = 65536
+MAX_BLOCK_ROWS = 1024  # nb of a 2-D block ...
+MAX_STRIDED_BLOCK_ROWS = 4096  # ... and of a K-dim one
 TRANSPOSE_ROWS = 8  # rows a 2-D block is transposed in at a time (see _transpose_in) ...
 TRANSPOSE_ROWS_FEW = 32  # ... and for at most TRANSPOSE_FEW_CLASSES classes
 TRANSPOSE_FEW_CLASSES = 12
@@ -38,10 +44,14 @@ TRANSPOSE_OUT_ROW_BYTES = 48  # rows at least this long are transposed back row 
 @register_jitable
 def column_block_rows(C, S):
     """Rows per block of `(N, C, S)` logits: `COLUMN_BLOCK_ELEMENTS / C` for 2-D input (`S == 1`),
-    `STRIDED_BLOCK_ELEMENTS / C` for K-dim, rounded down to a multiple of 16, in [16, 1024]. Fixed
-    by the shape alone, so block sums do not depend on the thread count."""
-    nb = (COLUMN_BLOCK_ELEMENTS if S == 1 else STRIDED_BLOCK_ELEMENTS) // max(C, 1)
-    return max(16, min(1024, nb - nb % 16))
+    at most `MAX_BLOCK_ROWS`, and `STRIDED_BLOCK_ELEMENTS / C` for K-dim, at most
+    `MAX_STRIDED_BLOCK_ROWS`; rounded down to a multiple of 16, at least 16. Fixed by the shape
+    alone, so block sums do not depend on the thread count."""
+    if S == 1:
+        nb, most = COLUMN_BLOCK_ELEMENTS // max(C, 1), MAX_BLOCK_ROWS
+    else:
+        nb, most = STRIDED_BLOCK_ELEMENTS // max(C, 1), MAX_STRIDED_BLOCK_ROWS
+    return max(16, min(most, nb - nb % 16))
 
 
 MAX_CLASSES_PER_PASS = 4

@@ -12,6 +12,7 @@ from numbaxent import _kernels as k
 from test_core_parity import assert_close
 
 NB3 = k.column_block_rows(3, 1)  # rows per 2-D block for C=3
+NBK3 = k.column_block_rows(3, 2)  # positions per K-dim block for C=3
 
 
 def _case(shape, dtype, soft, seed=0, ignore=True):
@@ -28,7 +29,7 @@ def _case(shape, dtype, soft, seed=0, ignore=True):
 
 
 # shapes: one partial block, several blocks with a ragged last one, K-dim with S below/above a block
-SHAPES = [(5, 3), (NB3 * 3 + 7, 3), (2 * NB3 + 1, 40), (3, 4, 17), (2, 3, 5, NB3 // 2 + 3),
+SHAPES = [(5, 3), (NB3 * 3 + 7, 3), (2 * NB3 + 1, 40), (3, 4, 17), (2, 3, 5, NBK3 // 2 + 3),
           (2, 1, 33), (4, 40, 9, 3)]
 
 

@@ -226,8 +226,10 @@ def forced_threads(monkeypatch):
 def test_results_do_not_depend_on_the_thread_count(forced_threads, case):
     use, calls = forced_threads
     rng = stable_rng("threads", case)
-    # enough column blocks (672 rows each for C = 6) to be dealt to three threads
-    shape = {"kdim": (3, 6, 50), "fortran": (2100, 6)}.get(
+    # enough column blocks to be dealt to three threads (672 rows each for C = 6; Fortran-ordered
+    # input is K-dim (1, C, N), whose blocks are longer)
+    from numbaxent import _kernels
+    shape = {"kdim": (3, 6, 50), "fortran": (3 * _kernels.column_block_rows(6, 2) + 5, 6)}.get(
         case, (97, 50) if case.startswith("rows") else (2100, 6))
     x = rng.standard_normal(shape).astype(np.float32)
     if case == "fortran":
