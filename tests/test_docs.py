@@ -82,6 +82,20 @@ def test_numbered_lists_are_not_cut(site, page):
         == lists, page
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_every_list_item_is_rendered_as_one(site, page):
+    # a list right after a paragraph line, with no blank line between, stays part of the
+    # paragraph in Python-Markdown: its "- " markers show as text
+    with open(os.path.join(DOCS, page + ".md")) as f:
+        source = re.sub(r"```.*?```", " ", f.read(), flags=re.S)
+    if ":::" in source:  # pages that mkdocstrings fills from docstrings
+        return
+    items = len(re.findall(r"^\s*(?:[-*]|\d+\.) ", source, flags=re.M))
+    article = re.search(r"<article\b.*?</article>", _html(site, page), flags=re.S).group(0)
+    rendered = len(re.findall(r"<li\b", re.sub(r"<pre\b.*?</pre>", " ", article, flags=re.S)))
+    assert rendered == items, page
+
+
 def test_api_page_renders_math_and_links(site):
     text = _html(site, "api")
     formulas = ARITHMATEX.findall(text)
