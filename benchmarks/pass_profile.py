@@ -120,7 +120,7 @@ def _column_steps(x, target, w, last):
         if last >= 4:
             _columns.cols_log(s, ls, nb)
         if last >= 5:
-            _columns.cols_target_rows(target, n0, nb, -100, w, _columns.uniform_weights(w), yv, ok, wy)
+            _columns.cols_target_rows(target, n0, nb, -100, w, True, yv, ok, wy)  # (w: all ones)
             _columns.cols_target_logits(x_block, 0, 0, nb, yv, None, xy)
         if last >= 6:
             for b in range(nb):

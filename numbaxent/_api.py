@@ -180,7 +180,8 @@ def _run_kernel(p: Prepared, mode: int, g: np.ndarray, row_max: np.ndarray, row_
         tail = (row_max, row_logsum, loss, grad2)
         top1[:] = False
     else:
-        args = head + (p.target, p.w, p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode)
+        args = head + (p.target, p.w) + ((k.uniform_weights(p.w),) if columns else ()) \
+            + (p.wsum, p.ignore_index, p.eps, p.z, p.cap, mode)
         kernel = k.index_cols_kernel if columns else k.index_kernel
         tail = (row_max, row_logsum, loss, top1, grad2)
     args += ((in_place,) if columns else (keep_exp, in_place)) + (g, p.sw) + tail

@@ -167,9 +167,11 @@ def cols_log(s, ls, nb):
 def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, yv, term, w, t_scale, t_shift, cap, G, gi0, gs0):
     """`G[gi0 + c, gs0 + b] = (exp((x_cb - m_b) - ls_b) coef_b - w_c tcoef_b t~_cb) dx_cb` (`t~ = 1`
     for class-index targets, `T` None), minus `term_b dx_cb` in each row's target class `c = yv_b`
-    for class-index targets (see `true_class_term`). `G` must not be `X` (the kernels pass a
-    scratch block then): LLVM's runtime alias check would send an aliased loop to its scalar
-    version."""
+    for class-index targets: the gradient's `-(1 - eps) w_y g` folded into the pass over every
+    class, a compare and a select per element, where a separate scattered store per row cost 2.2
+    ns (K-dim fused, Zen 4); an ignored row has `term = 0` (and `yv = 0`), and `q - 0` is `q`,
+    -0.0 and NaN included. `G` must not be `X` (the kernels pass a scratch block then): LLVM's
+    runtime alias check would send an aliased loop to its scalar version."""
     for c in range(C):
         xr = run_view(X, i0 + c, s0, nb)
         gr = run_view(G, gi0 + c, gs0, nb)
@@ -178,8 +180,8 @@ def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, yv, term, w, t_scale, t_s
             for b in range(nb):
                 v = capped(load(xr[b]), cap)
                 p = exp_nonpos((v - m[b]) - ls[b])
-                store(gr, b, true_class_term(p * coef[b] - wc * tcoef[b], yv[b], c, term[b])
-                      * cap_slope(v, cap))
+                q = p * coef[b] - wc * tcoef[b]
+                store(gr, b, (q - term[b] if yv[b] == c else q) * cap_slope(v, cap))
         else:
             tr = run_view(T, i0 + c, s0, nb)
             for b in range(nb):
@@ -187,15 +189,6 @@ def cols_grad(X, T, i0, s0, nb, C, m, ls, coef, tcoef, yv, term, w, t_scale, t_s
                 p = exp_nonpos((v - m[b]) - ls[b])
                 store(gr, b, (p * coef[b] - wc * tcoef[b] * (tr[b] * t_scale + t_shift))
                       * cap_slope(v, cap))
-
-
-@jit(inline=True)
-def true_class_term(q, y, c, term):
-    """`q - term` in a row's target class (`y == c`), else `q`: the class-index gradient's
-    `-(1 - eps) w_y g` folded into the pass over every class, a compare and a select per
-    element where a separate scattered store per row cost 2.2 ns (K-dim fused, Zen 4). An
-    ignored row has `term = 0` (and `y = 0`): `q - 0` is `q`, -0.0 and NaN included."""
-    return q - term if y == c else q
 
 
 @jit(inline=True)
@@ -210,7 +203,8 @@ def cols_grad_from_exp(exps, T, i0, s0, nb, C, scale, tcoef, yv, term, w, t_scal
         wc = w[c]
         if T is None:
             for b in range(nb):
-                store(gr, b, true_class_term(er[b] * scale[b] - wc * tcoef[b], yv[b], c, term[b]))
+                q = er[b] * scale[b] - wc * tcoef[b]
+                store(gr, b, q - term[b] if yv[b] == c else q)
         else:
             tr = run_view(T, i0 + c, s0, nb)
             for b in range(nb):
@@ -236,13 +230,10 @@ def cols_target_rows(target, r0, nb, ignore_index, w, w_uniform, yv, ok, wy):
             wy[b] = w[yv[b]] if ok[b] else compute_zero(w)
 
 
-@register_jitable
-def uniform_weights(w):
-    """Whether every class weight equals the first (no class weights, or all the same)."""
-    for c in range(w.shape[0]):
-        if w[c] != w[0]:
-            return False
-    return True
+def uniform_weights(w) -> bool:
+    """Whether every class weight equals the first (no class weights, or all the same): the
+    kernels' `w_uniform` argument, worked out in Python (nothing to compile)."""
+    return bool(w.shape[0] == 0 or (w == w[0]).all())
 
 
 @jit(inline=True)
@@ -423,12 +414,13 @@ def _row_factor(g, sw, r, per_row_g, per_row_sw):
 
 
 @jit(python_callable=True)
-def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, eps, z, cap, mode,
+def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, w_uniform, wsum, ignore_index, eps, z, cap, mode,
                       in_place, g, sw, row_max, row_logsum, loss, top1, grad_view, rows_out):
     """`index_kernel` over the column blocks `[lo, hi)` (of `column_count`) of `(N, C, S)`
     logits seen as the 2-D array `X`: `(N, C)` when `S == 1` (rows are transposed into scratch),
     `(N*C, S)` otherwise; `grad_view` is the gradient seen the same way ((1, 1) and unused in FORWARD
-    mode). `nbmax = column_block_rows(C, S)`. Other arguments and results as in `index_kernel`.
+    mode). `nbmax = column_block_rows(C, S)`, `w_uniform = uniform_weights(w)`. Other arguments
+    and results as in `index_kernel`.
 
     `rows_out=False` (forward for a 'sum'/'mean' caller) writes no per-row output: `loss` is
     then `(column_count(...),)` and receives each block's float64 loss sum, `row_max,
@@ -439,7 +431,6 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, wsum, ignore_index, 
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch_grad = mode != FORWARD and (S == 1 or in_place)
-    w_uniform = uniform_weights(w)
     # scratch by `_math.empty`: nothing of NumPy's np.empty to compile per shape and dtype
     x_block = empty((C, nbmax if S == 1 else 0), X.dtype)
     grad_block = empty((C, nbmax if scratch_grad else 0), X.dtype)

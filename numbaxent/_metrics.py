@@ -47,8 +47,7 @@ import numpy as np
 
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
-                       column_block, column_block_rows, column_count, column_views, shifted_exp_pair,
-                       uniform_weights)
+                       column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
 from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, clear, compute_scratch, compute_zero, empty, exp_nonpos,
                     load, max_int, min_int, order_key, run_view, span)
@@ -432,7 +431,7 @@ def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, 
 
 
 @jit(python_callable=True)
-def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index, eps, cap, kmax,
+def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, w_uniform, wsum, ignore_index, eps, cap, kmax,
                  tally, pairs, fp):
     """Every metric of `x` (N, C, S) against `target` (N*S,) for tasks `[lo, hi)` of
     `ntasks` (dealt to threads by `_parallel.run_tasks`), over the core's column blocks (K-dim
@@ -454,7 +453,6 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, wsum, ignore_index,
     nblocks = column_count(N, S, nbmax)
     ngroups = fp.shape[0]
     eps_c = eps / C
-    w_uniform = uniform_weights(w)
     XT = empty((C, nbmax if S == 1 else 0), x.dtype)
     m = compute_scratch(nbmax, x)
     s = compute_scratch(nbmax, x)

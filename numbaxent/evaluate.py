@@ -758,8 +758,8 @@ class Evaluator:
         tally = np.empty((T, length), dtype=np.int64)
         pairs = np.empty((T, C, C) if use_pairs else (T, 0, 0), dtype=np.int64)
         fp = np.empty((ngroups, n_float))
-        run_tasks(_metrics.metrics_cols, T, x3.size, T, group, x3, tgt, w, wsum, self.ignore_index,
-                  self.label_smoothing, cap, kmax, tally, pairs, fp)
+        run_tasks(_metrics.metrics_cols, T, x3.size, T, group, x3, tgt, w, _kernels.uniform_weights(w),
+                  wsum, self.ignore_index, self.label_smoothing, cap, kmax, tally, pairs, fp)
         return tally, pairs, fp
 
     def update_hidden(self, hidden, weight, target, bias=None, softcap=None,
