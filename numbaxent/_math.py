@@ -28,8 +28,8 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 
 __all__ = ["exp", "exp_nonpos", "exp_nonpos2", "exp_summand", "log", "max_skipnan", "min_int", "load", "store",
-           "compute_zero", "exp_stash", "stash_in_grad", "empty", "clear", "compute_scratch", "run_view", "col_run", "span",
-           "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
+           "compute_zero", "exp_stash", "stash_in_grad", "empty", "clear", "compute_scratch", "run_view",
+           "col_run", "span", "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
            "order_key", "from_order_key"]
 
 
