@@ -30,7 +30,7 @@ _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 __all__ = ["exp", "exp_nonpos", "exp_nonpos2", "exp_summand", "log", "max_skipnan", "min_int", "load", "store",
            "compute_zero", "exp_stash", "stash_in_grad", "empty", "clear", "compute_scratch", "run_view",
            "col_run", "span", "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
-           "order_key", "from_order_key"]
+           "float_bits", "from_float_bits"]
 
 
 # -- exp and log, emitted as LLVM IR --------------------------------------------------------------------
@@ -614,44 +614,36 @@ def max_int(typingctx, a, b):
     return a(a, b), _binary_llvm("llvm.smax")
 
 
-# Order keys: `order_key(x)` is a signed integer of `x`'s width whose order is the float order:
-# `bits ^ ((bits >> (w-1)) & (2^(w-1) - 1))` keeps a positive float's bits and reverses a negative
-# one's magnitude bits. Why: a loop that already sums (the exp-sum of one row) can also take the
-# maximum of the *next* row -- reading it from memory while the exps are computed -- only as an
-# integer maximum: LLVM 22 does not vectorise a loop that has both a float sum and a `maxnum`
-# reduction. A positive NaN's key is above +inf's (the caller must then take the float maximum
-# instead), a negative NaN's below -inf's (never above a start of -inf's key: skipped, as
-# `max_skipnan` skips it). The map is its own inverse.
-
-def _flip_magnitude(builder, b, bits):
-    it = ir.IntType(bits)
-    return builder.xor(b, builder.and_(builder.ashr(b, it(bits - 1)), it((1 << (bits - 1)) - 1)))
-
+# A row's maximum taken by integer compares of the floats' bits: a loop that already sums (the
+# exp-sum of one row) can also take the maximum of the *next* row -- reading it from memory while
+# the exps are computed -- only as an integer reduction: LLVM 22 does not vectorise a loop that has
+# both a float sum and a `maxnum` reduction. Read as signed integers (`float_bits`), non-negative
+# floats order as the floats do, and negative ones in reverse (a larger magnitude is a larger
+# integer, all below every non-negative one). So the loop keeps the largest and the smallest bits
+# (`max_int`, `min_int`: two instructions an element, where a map to order keys first cost three
+# more), and the maximum is the float of the largest if that is non-negative, else of the
+# smallest, started at -inf's bits so that a negative NaN (whose bits are above -inf's) is skipped
+# as `max_skipnan` skips it; a positive NaN's bits are above +inf's (the caller must then take the
+# float maximum instead). See `_rows.max_start` and `_rows.next_row_max`.
 
 @intrinsic
-def order_key(typingctx, x):
-    """The order key of a float32 (int32) or float64 (int64) `x`: `a < b` iff
-    `order_key(a) < order_key(b)` for non-NaN floats (`-0.0` below `+0.0`)."""
+def float_bits(typingctx, x):
+    """The bits of a float32 (as int32) or float64 (as int64) `x`."""
     if not _is_compute_type(x):
         return None
     bits = x.bitwidth
-
-    def codegen(ctx, builder, sig, args):
-        return _flip_magnitude(builder, builder.bitcast(args[0], ir.IntType(bits)), bits)
-    return (types.int64 if bits == 64 else types.int32)(x), codegen
+    return (types.int64 if bits == 64 else types.int32)(x), \
+        lambda ctx, builder, sig, args: builder.bitcast(args[0], ir.IntType(bits))
 
 
 @intrinsic
-def from_order_key(typingctx, k):
-    """The float whose `order_key` is `k` (int32 -> float32, int64 -> float64)."""
+def from_float_bits(typingctx, k):
+    """The float whose `float_bits` are `k` (int32 -> float32, int64 -> float64)."""
     if k not in (types.int32, types.int64):
         return None
     bits = k.bitwidth
-
-    def codegen(ctx, builder, sig, args):
-        return builder.bitcast(_flip_magnitude(builder, args[0], bits),
-                               ir.DoubleType() if bits == 64 else ir.FloatType())
-    return (types.float64 if bits == 64 else types.float32)(k), codegen
+    return (types.float64 if bits == 64 else types.float32)(k), \
+        lambda ctx, builder, sig, args: builder.bitcast(args[0], ir.DoubleType() if bits == 64 else ir.FloatType())
 
 
 @intrinsic

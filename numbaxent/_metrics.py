@@ -48,9 +48,9 @@ import numpy as np
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
                        column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
-from ._rows import key_start, next_row_max_skipnan, row_is_top1, row_max
+from ._rows import bits_max_min, max_start, next_row_max_skipnan, row_is_top1, row_max
 from ._math import (as_2d, as_compute, capped, clear, compute_scratch, compute_zero, empty, exp_nonpos,
-                    load, max_int, min_int, order_key, run_view, span)
+                    load, max_int, min_int, run_view, span)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
@@ -68,7 +68,7 @@ H_FLOOR = -1.0e4
 @jit(inline=True)
 def row_eval_sums(row, m, w, cap, smooth, nxt):
     """`(s, h, d, k)` in one loop: `s = sum e_c`, `h = sum e_c (x_c - m)`, when `smooth`
-    `d = sum w_c (x_c - m)` (0 otherwise), and `k` the order-key maximum of the row `nxt` (as in
+    `d = sum w_c (x_c - m)` (0 otherwise), and `k` the largest and smallest bits of the row `nxt` (as in
     the core's `row_sumexp`: its read overlaps this row's exps). `h` is one fused multiply-add per
     element; a `-inf` logit (`e_c = 0`, `x_c - m = -inf`) makes it `0 * -inf = NaN` there, and
     only then (`h` NaN while `s` is not) is `h` summed again with `x_c - m` clamped to `H_FLOOR`,
@@ -80,7 +80,7 @@ def row_eval_sums(row, m, w, cap, smooth, nxt):
     s = compute_zero(row)
     h = compute_zero(row)
     d = compute_zero(row)
-    k = key_start(row)
+    hi, lo = max_start(row)
     if smooth:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -88,21 +88,21 @@ def row_eval_sums(row, m, w, cap, smooth, nxt):
             s += e
             h += e * v
             d += w[j] * v
-            k = max_int(k, order_key(load(nxt[j])))
+            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             e = exp_nonpos(v)
             s += e
             h += e * v
-            k = max_int(k, order_key(load(nxt[j])))
+            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
     if h != h and s == s:  # a -inf logit (rare): the clamped sum
         floor = as_compute(H_FLOOR, row)
         h = compute_zero(row)
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             h += exp_nonpos(v) * (v if v > floor else floor)
-    return s, h, d, k
+    return s, h, d, (hi, lo)
 
 
 BLOCK = 512  # elements per step of the compare-only scans below (vectorised inside a step)

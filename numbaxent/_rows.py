@@ -10,7 +10,7 @@ import numpy as np
 
 from ._jit import jit
 from ._math import (as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, exp_stash, exp_summand,
-                    from_order_key, load, max_int, max_skipnan, one_like, order_key, stash_in_grad, store)
+                    float_bits, from_float_bits, load, max_int, max_skipnan, min_int, one_like, stash_in_grad, store)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -30,19 +30,29 @@ def row_max(row, cap):
 
 
 @jit(inline=True)
-def key_start(row):
-    """The start of an order-key maximum (`_math.order_key`): -inf's key, in `row`'s compute type."""
-    return order_key(-as_compute(np.inf, row))
+def max_start(row):
+    """The start `(hi, lo)` of a row maximum taken by bits (`_math.float_bits`, `bits_max_min`):
+    the smallest integer (-0.0's bits) and -inf's bits, in `row`'s compute type's width."""
+    return float_bits(-as_compute(0.0, row)), float_bits(-as_compute(np.inf, row))
+
+
+@jit(inline=True)
+def bits_max_min(hi, lo, x):
+    """`(max(hi, bits(x)), min(lo, bits(x)))`: one element of a maximum taken by bits."""
+    b = float_bits(x)
+    return max_int(hi, b), min_int(lo, b)
 
 
 @jit(inline=True)
 def next_row_max(k, cap):
-    """`row_max(nxt, cap)` from `k`, the order-key maximum of the row `nxt` that a sum pass over the
-    row before it took (see `row_sumexp`). A negative NaN is skipped as `row_max` skips it; a positive
-    NaN's key is above every other, so the maximum is then NaN instead of the largest other
-    logit, which changes nothing: such a row's exp-sum, and so its lse, loss and gradient, are NaN
-    either way (and it is not top-1)."""
-    return capped(from_order_key(k), cap)
+    """`row_max(nxt, cap)` from `k = (hi, lo)`, the largest and smallest bits of the row `nxt`
+    that a sum pass over the row before it took (see `row_sumexp` and the comment above
+    `_math.float_bits`): the float of `hi` if it is non-negative, else of `lo`. A negative NaN is
+    skipped as `row_max` skips it; a positive NaN's bits are above every other, so the maximum is
+    then NaN instead of the largest other logit, which changes nothing: such a row's exp-sum, and
+    so its lse, loss and gradient, are NaN either way (and it is not top-1)."""
+    hi, lo = k
+    return capped(from_float_bits(hi if hi >= 0 else lo), cap)
 
 
 @jit(inline=True)
@@ -50,15 +60,15 @@ def next_row_max_skipnan(k, nxt, cap):
     """`next_row_max`, a positive NaN skipped as `row_max` skips it (the row is read again then):
     for the evaluator, whose rank and predicted class of a row with NaN logits need the largest
     other logit."""
-    if k > order_key(as_compute(np.inf, nxt)):
+    if k[0] > float_bits(as_compute(np.inf, nxt)):
         return row_max(nxt, cap)
     return next_row_max(k, cap)
 
 
 @jit(inline=True)
 def row_sumexp(row, m, cap, stash, keep_exp, nxt):
-    """`(sum_c exp(x_c - m), k)` with `k` the order-key maximum of the row `nxt` (as long as
-    `row`; `next_row_max` turns it into `nxt`'s maximum). Why the next row's maximum here: the sum
+    """`(sum_c exp(x_c - m), k)` with `k` the largest and smallest bits of the row `nxt` (as long
+    as `row`; `next_row_max` turns them into `nxt`'s maximum). Why the next row's maximum here: the sum
     is compute-bound and the maximum pass memory-bound, and in one loop the next row's reads
     overlap this row's exps (a kernel passes the row after `row`, or `row` itself for its last).
     With `keep_exp` each `exp(x_c - m)` is also written to `stash` (the gradient row, never `row`
@@ -69,18 +79,18 @@ def row_sumexp(row, m, cap, stash, keep_exp, nxt):
     (the row's maximum contributes exp(0) = 1; float32 exp-sum 0.197 -> 0.186 ns per logit on a
     Zen 4)."""
     s = compute_zero(row)
-    k = key_start(row)
+    hi, lo = max_start(row)
     if keep_exp:
         for j in range(row.shape[0]):
             e = exp_nonpos(capped(load(row[j]), cap) - m)
             s += e
             stash[j] = e
-            k = max_int(k, order_key(load(nxt[j])))
+            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
     else:
         for j in range(row.shape[0]):
             s += exp_summand(capped(load(row[j]), cap) - m)
-            k = max_int(k, order_key(load(nxt[j])))
-    return s, k
+            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+    return s, (hi, lo)
 
 
 @jit(inline=True)
@@ -90,7 +100,7 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
     `keep_exp`, `nxt` and `k` as in `row_sumexp`."""
     s = compute_zero(row)
     d = compute_zero(row)
-    k = key_start(row)
+    hi, lo = max_start(row)
     if keep_exp:  # two loops, as in row_sumexp
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -98,14 +108,14 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
             s += e
             d += w[j] * v
             stash[j] = e
-            k = max_int(k, order_key(load(nxt[j])))
+            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             s += exp_summand(v)
             d += w[j] * v
-            k = max_int(k, order_key(load(nxt[j])))
-    return s, d, k
+            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+    return s, d, (hi, lo)
 
 
 @jit(inline=True)
@@ -130,7 +140,7 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_
     s = compute_zero(row)
     a = compute_zero(row)
     d = compute_zero(row)
-    k = key_start(row)
+    hi, lo = max_start(row)
     if need_exp and keep_exp:  # two loops, as in row_sumexp
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -140,7 +150,7 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_
             a += wt
             d += wt * v
             stash[j] = e
-            k = max_int(k, order_key(load(nxt[j])))
+            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
     elif need_exp:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -148,11 +158,11 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_
             s += exp_summand(v)
             a += wt
             d += wt * v
-            k = max_int(k, order_key(load(nxt[j])))
+            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
     else:
         for j in range(row.shape[0]):
             a += w[j] * (trow[j] * t_scale + t_shift)
-    return s, a, d, k
+    return s, a, d, (hi, lo)
 
 
 @jit(inline=True)

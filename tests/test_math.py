@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from numbaxent._math import (as_2d, as_compute, clear, col_run, compute_scratch, empty, exp, exp_nonpos, exp_nonpos2,
-                             exp_summand, from_order_key, log,
-                             max_int, max_skipnan, min_int, order_key, rows_flat, run_view, span, store)
+                             exp_summand, float_bits, from_float_bits, log,
+                             max_int, max_skipnan, min_int, rows_flat, run_view, span, store)
+from numbaxent._rows import bits_max_min, max_start, next_row_max
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
@@ -312,51 +313,54 @@ def test_empty_and_compute_scratch_allocate_as_np_empty(dtype):
 
 
 @numba.njit(error_model="numpy")
-def _keys(a, keys, back):
+def _bits(a, bits, back):
     for i in range(a.shape[0]):
-        keys[i] = order_key(a[i])
-        back[i] = from_order_key(keys[i])
+        bits[i] = float_bits(a[i])
+        back[i] = from_float_bits(bits[i])
 
 
 @numba.njit(error_model="numpy")
-def _key_max(a, start):
-    k = start
+def _max_by_bits(a):
+    # as the row kernels take the next row's maximum in their sum loop
+    k = max_start(a)
     for i in range(a.shape[0]):
-        k = max_int(k, order_key(a[i]))
-    return k
+        k = bits_max_min(k[0], k[1], a[i])
+    return next_row_max(k, None)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_order_keys_sort_as_the_floats_and_come_back_bit_for_bit(dtype):
-    """`order_key` must order every non-NaN float as `<` does (-0.0 just below +0.0), put a
-    positive NaN above +inf and a negative NaN below -inf, and `from_order_key` undo it exactly:
-    the row kernels take the next row's maximum through them."""
+def test_maximum_by_bits_is_the_float_maximum(dtype):
+    """The row kernels take the next row's maximum from the largest and smallest of its floats'
+    bits (`_rows.max_start`, `bits_max_min`, `next_row_max`): that must be the float
+    maximum for every row -- signed zeros (+0.0 above -0.0), subnormals, infinities, rows of one
+    sign or both, negative NaNs skipped (a row of them gives -inf, the start), a positive NaN giving
+    NaN -- and `from_float_bits` must undo `float_bits` exactly."""
     info = np.finfo(dtype)
     special = [-np.inf, -info.max, -1.5, -info.tiny, -info.smallest_subnormal, -0.0, 0.0,
                info.smallest_subnormal, info.tiny, 1.0, info.max, np.inf]
     rng = np.random.default_rng(3)
-    finite = np.sort(np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
-                                     special]).astype(dtype), kind="stable")
+    values = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
+                             special]).astype(dtype)
     ity = np.int32 if dtype == np.float32 else np.int64
-    keys, back = np.empty(finite.shape, ity), np.empty_like(finite)
-    _keys(finite, keys, back)
-    assert back.tobytes() == finite.tobytes()
-    assert np.all(np.diff(keys) >= 0)  # the order of the sorted floats (ties only for equal values)
-    equal = finite[1:] == finite[:-1]
-    assert np.all((np.diff(keys) == 0) == (equal & (np.signbit(finite[1:]) == np.signbit(finite[:-1]))))
-    pos_nan = np.array([np.nan], dtype)
-    neg_nan = -pos_nan
-    assert np.signbit(neg_nan[0]) and not np.signbit(pos_nan[0])
-    kp, bp = np.empty(1, ity), np.empty(1, dtype)
-    _keys(pos_nan, kp, bp)
-    assert kp[0] > keys[-1] and bp.tobytes() == pos_nan.tobytes()
-    _keys(neg_nan, kp, bp)
-    assert kp[0] < keys[0] and bp.tobytes() == neg_nan.tobytes()
-    # the maximum of keys is the key of the maximum; negative NaNs never win from -inf's key
-    start = keys[0]  # -inf's
-    row = rng.permutation(finite[1:-1])
-    assert _key_max(row, start) == keys[np.searchsorted(finite, row.max(), side="right") - 1]
-    assert _key_max(np.concatenate([neg_nan, neg_nan]), start) == start
+    bits, back = np.empty(values.shape, ity), np.empty_like(values)
+    _bits(values, bits, back)
+    assert back.tobytes() == values.tobytes()
+    neg_nan = -np.array([np.nan], dtype)
+    assert np.signbit(neg_nan[0])
+    rows = [values, values[values < 0], values[values > 0], values[values <= 0],
+            np.array([-0.0, -1.0], dtype), np.array([-0.0, 0.0], dtype), np.array([0.0, -0.0], dtype),
+            np.array([-0.0], dtype), np.array([-np.inf], dtype), np.array([-np.inf, -np.inf], dtype),
+            np.concatenate([neg_nan, values[values < 0]]), np.concatenate([neg_nan, neg_nan])]
+    rows += [rng.permutation(values)[:n] for n in (1, 2, 7, 33)]
+    rows += [-np.abs(rng.permutation(values)[:n]) for n in (1, 5, 40)]
+    for row in rows:
+        # the float maximum from -inf, NaN skipped, +0.0 above -0.0 (max_skipnan keeps whichever
+        # zero came first; either gives the same exps)
+        kept = [v for v in row.tolist() if v == v] + [-np.inf]
+        expected = np.asarray(max(kept, key=lambda v: (v, not np.signbit(v))), dtype)
+        assert np.asarray(_max_by_bits(row), dtype).tobytes() == expected.tobytes(), row
+        assert _max_by_bits(row) == _reduce_max(row)
+    assert np.isnan(_max_by_bits(np.array([1.0, np.nan, -2.0], dtype)))
 
 
 
