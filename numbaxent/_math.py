@@ -179,8 +179,8 @@ def _pow2(e: _Emit, ni, bias):
     return e.as_float(e.b.shl(e.b.add(ni, e.int(bias)), e.int(e.f.mbits)))
 
 
-def _clamp_low(e: _Emit, x):
-    lo = e.const(e.f.lo)
+def _clamp_low(e: _Emit, x, lo):
+    lo = e.const(lo)
     return e.b.select(e.lt(x, lo), lo, x)
 
 
@@ -188,7 +188,7 @@ def _emit_exp(e: _Emit, x):
     """exp for every input: 2^n applied in two halves, so results down to the subnormal range (and
     0 below it) come out right."""
     hi = e.const(e.f.hi)
-    x = _clamp_low(e, x)
+    x = _clamp_low(e, x, e.f.lo)
     x = e.b.select(e.lt(hi, x), hi, x)
     p, ni = _exp_reduced(e, x)
     n1 = e.b.ashr(ni, e.int(1))
@@ -200,7 +200,7 @@ def _emit_exp_nonpos(e: _Emit, x):
     """exp for `x <= 0` (or NaN) only: 2^n applied as the normal number `2^(n + shift)` in one
     step, times the constant `2^-shift`, whose multiply does the single rounding into the subnormal
     range -- four fewer vector instructions per element than the two-half scaling, same results."""
-    p, ni = _exp_reduced(e, _clamp_low(e, x))
+    p, ni = _exp_reduced(e, _clamp_low(e, x, e.f.lo))
     return e.mul(e.mul(p, _pow2(e, ni, e.f.bias + e.f.shift)), e.const(2.0 ** -e.f.shift))
 
 
@@ -210,8 +210,7 @@ def _emit_exp_summand(e: _Emit, x):
     result is a normal number and 2^n is applied in one multiply, with no rounding step into the
     subnormal range (one multiply fewer per element than `exp_nonpos`). A term below
     `exp(lo_normal)` (~1e-38 in float32) is absorbed by the sum's 1 whatever its value."""
-    lo = e.const(e.f.lo_normal)
-    p, ni = _exp_reduced(e, e.b.select(e.lt(x, lo), lo, x))
+    p, ni = _exp_reduced(e, _clamp_low(e, x, e.f.lo_normal))
     return e.mul(p, _pow2(e, ni, e.f.bias))
 
 
@@ -642,8 +641,9 @@ def from_float_bits(typingctx, k):
     if k not in (types.int32, types.int64):
         return None
     bits = k.bitwidth
+    ftype = ir.DoubleType() if bits == 64 else ir.FloatType()
     return (types.float64 if bits == 64 else types.float32)(k), \
-        lambda ctx, builder, sig, args: builder.bitcast(args[0], ir.DoubleType() if bits == 64 else ir.FloatType())
+        lambda ctx, builder, sig, args: builder.bitcast(args[0], ftype)
 
 
 @intrinsic

@@ -268,13 +268,12 @@ def index_targets(t: np.ndarray, w: np.ndarray, sw: np.ndarray, ignore_index: in
         raise IndexError(f"Target {int(bad)} is out of bounds.")
     tgt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
     from ._parallel import run_tasks
-    from ._targets import merge_target_blocks, target_block_arrays
+    from ._targets import merge_target_blocks, target_check
 
-    blocks = target_block_arrays(tgt.shape[0])
+    blocks, args = target_check(tgt, w, sw, ignore_index, C)
     # a target costs about what 8 logits of a pass cost: the threshold for threads is in logits
-    run_tasks(kernels().check_target_blocks, blocks[0].shape[0], 8 * tgt.shape[0], tgt, w, sw,
-              ignore_index, C, *blocks)
-    first_bad, denom, n_valid = merge_target_blocks(*blocks)
+    run_tasks(kernels().check_target_blocks, blocks, 8 * tgt.shape[0], *args)
+    first_bad, denom, n_valid = merge_target_blocks(*args[-3:])
     if first_bad >= 0:
         raise IndexError(f"Target {int(tgt[first_bad])} is out of bounds.")
     return tgt, denom, int(n_valid)

@@ -9,33 +9,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._columns import uniform_weights
 from ._jit import jit
 
 TARGET_BLOCK = 1 << 15  # targets per block: 256 KB of int64, many blocks per thread
 
 
-def target_block_count(n: int) -> int:
-    return (n + TARGET_BLOCK - 1) // TARGET_BLOCK
-
-
 @jit(python_callable=True)
-def check_target_blocks(lo, hi, target, w, sw, ignore_index, C, first_bad, totals, counts):
+def check_target_blocks(lo, hi, target, w, sw, uniform, ignore_index, C, first_bad, totals, counts):
     """Blocks `[lo, hi)` of `TARGET_BLOCK` targets: per block `b`, `first_bad[b]` the flat
     position of its first target that is neither `ignore_index` nor in `[0, C)` (-1 if none),
     `totals[b] = sum_{valid r} sw_r w[y_r]` in float64 and `counts[b]` its valid targets.
 
-    With one weight for every class and every row (no class or sample weights: `w[y] sw = u`),
-    a block's targets are counted by a loop of integer compares that vectorises, and its total
-    is `counts[b] * u`: no per-target float64 addition, whose latency bound the serial check to
-    about 1.1 ns per target. Weighted targets, and a block with a bad target (to find it), take
-    the serial loop."""
+    With one weight for every class and every row (`uniform`: no class or sample weights,
+    `w[y] sw = u`), a block's targets are counted by a loop of integer compares that vectorises,
+    and its total is `counts[b] * u`: no per-target float64 addition, whose latency bound the
+    serial check to about 1.1 ns per target. Weighted targets, and a block with a bad target (to
+    find it), take the serial loop. The arguments after `lo, hi` come from `target_check`."""
     n = target.shape[0]
     per_row_sw = sw.shape[0] == n
     u = np.float64(w[0]) * sw[0] if C > 0 and sw.shape[0] > 0 else 0.0
-    uniform = not per_row_sw
     ignore_in_range = ignore_index >= 0 and ignore_index < C
-    for c in range(C):
-        uniform &= w[c] == w[0]
     for blk in range(lo, hi):
         r0 = blk * TARGET_BLOCK
         r1 = r0 + TARGET_BLOCK if n - r0 > TARGET_BLOCK else n  # (not min(): one builtin fewer to compile)
@@ -72,10 +66,14 @@ def check_target_blocks(lo, hi, target, w, sw, ignore_index, C, first_bad, total
         counts[blk] = kept
 
 
-def target_block_arrays(n: int):
-    """`(first_bad, totals, counts)` for `check_target_blocks` over `n` targets."""
-    k = target_block_count(n)
-    return np.empty(k, np.int64), np.empty(k, np.float64), np.empty(k, np.int64)
+def target_check(target, w, sw, ignore_index, C):
+    """`(blocks, args)`: the number of blocks of `target` and the arguments of
+    `check_target_blocks` after `lo, hi`, its result arrays `(first_bad, totals, counts)` last
+    (`args[-3:]`, for `merge_target_blocks`)."""
+    k = (target.shape[0] + TARGET_BLOCK - 1) // TARGET_BLOCK
+    uniform = sw.shape[0] != target.shape[0] and uniform_weights(w)
+    return k, (target, w, sw, uniform, ignore_index, C,
+               np.empty(k, np.int64), np.empty(k, np.float64), np.empty(k, np.int64))
 
 
 def merge_target_blocks(first_bad, totals, counts):
@@ -94,6 +92,6 @@ def check_targets(target, w, sw, ignore_index, C):
     'mean' denominator; `sw` is (R,) or (1,) for all ones) and the number of valid targets. The
     same figures as the API layer's threaded check (`_prepare.index_targets`).
     """
-    out = target_block_arrays(target.shape[0])
-    check_target_blocks(0, out[0].shape[0], target, w, sw, ignore_index, C, *out)
-    return merge_target_blocks(*out)
+    blocks, args = target_check(target, w, sw, ignore_index, C)
+    check_target_blocks(0, blocks, *args)
+    return merge_target_blocks(*args[-3:])

@@ -23,10 +23,10 @@ __all__ = ["open_array", "InputError", "RawArray", "ZipStreamArray", "DaskStore"
 # rows. Each chunk costs fixed work (its checks, the set-up of its pieces at ~0.1 ms of Python each,
 # the folds of their figures, the unmapping of finished pages), on cores the kernels want: on 32,000
 # classes 64 MiB measured 5-8% faster streaming than 32 MiB (Zen 3), and 256 MiB 81-82% of the
-# in-memory forward against 78% for 64 MiB (Zen 4; docs/evaluating.md). Three chunks are mapped at a time (page cache,
-# not anonymous memory). The row cap bounds the row kernels' per-row records (48 bytes a row, three
-# chunks in flight) for short rows: 1 M rows is a 40 MiB chunk of 10 float32 classes, which
-# streamed as fast as 64 and 256 MiB chunks there.
+# in-memory forward against 78% for 64 MiB (Zen 4; docs/evaluating.md). Three chunks are mapped at
+# a time (page cache, not anonymous memory). The row cap bounds the row kernels' per-row records
+# (48 bytes a row, three chunks in flight) for short rows: 1 M rows is a 40 MiB chunk of 10 float32
+# classes, which streamed as fast as 64 and 256 MiB chunks there.
 DEFAULT_CHUNK_BYTES = 256 << 20
 MAX_CHUNK_ROWS = 1 << 20
 _WINDOW = 2 << 20  # mappings start and end on 2 MiB file offsets (huge page-cache folios)

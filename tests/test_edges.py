@@ -323,8 +323,9 @@ def test_target_check_over_blocks(forced_threads, weights, ignore_index):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_row_maxima_taken_a_row_ahead(forced_threads, dtype, soft, cap):
     """The row kernels find a row's maximum while they sum the exps of the row before it (an
-    integer maximum and minimum of the floats' bits, `_rows.next_row_max`). Special values sit in the first and last rows of the
-    thread ranges (12 rows: 4 per range at 3 threads, 6 at 2) and in between: NaN of either sign,
+    integer maximum and minimum of the floats' bits, `_rows.next_row_max`). Special values sit
+    in the first and last rows of the thread ranges (12 rows: 4 per range at 3 threads, 6 at 2)
+    and in between: NaN of either sign,
     rows of -inf, of negative NaNs only, of signed zeros, of negative logits only, +inf. Every result equals the float64 reference's (NaN patterns
     included) and does not depend on the split."""
     use, calls = forced_threads
