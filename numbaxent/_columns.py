@@ -387,9 +387,10 @@ def column_count(N, S, nbmax):
 @jit(inline=True)
 def _load_saved(row_max, row_logsum, r0, nb, m, ls):
     """BACKWARD: the block's saved row max and log-sum into `m` and `ls`."""
+    mv, lv = span(row_max, r0, nb), span(row_logsum, r0, nb)  # (indices from 0: see `_math.span`)
     for b in range(nb):
-        m[b] = row_max[r0 + b]
-        ls[b] = row_logsum[r0 + b]
+        m[b] = mv[b]
+        ls[b] = lv[b]
 
 
 @jit()
@@ -408,9 +409,29 @@ def cols_block_grad(src, T, exps, i0, s0, nb, C, m, ls, s, coef, tcoef, yv, term
 
 
 @jit(inline=True)
-def _row_factor(g, sw, r, per_row_g, per_row_sw):
-    """`g_r * sw_r`: upstream gradient times sample weight (each (R,) or a single shared value)."""
-    return (g[r] if per_row_g else g[0]) * (sw[r] if per_row_sw else sw[0])
+def _block_values(a, r0, nb, per_row, out):
+    """`out[b] = a[r0 + b]` for a per-row `a` (upstream gradient or sample weight), else `a[0]`:
+    the block's row factors in scratch, so that the loops over rows that use them have no
+    per-row choice between the two and vectorise (a 1024-row block of 2 classes, float32, Zen 4:
+    the loss loop 2.2 ns per row with the choice inside it, 0.1 without)."""
+    if per_row:
+        av = span(a, r0, nb)  # (indices from 0: see `_math.span`)
+        for b in range(nb):
+            out[b] = av[b]
+    else:
+        a0 = a[0]
+        for b in range(nb):
+            out[b] = a0
+
+
+@jit(inline=True)
+def _block_factors(g, sw, r0, nb, per_row_g, per_row_sw, ok, gf, swf):
+    """`gf[b] = g_r sw_r` (upstream gradient times sample weight) for rows that count (`ok`), 0
+    for the others; `swf` is scratch for the sample weights."""
+    _block_values(g, r0, nb, per_row_g, gf)
+    _block_values(sw, r0, nb, per_row_sw, swf)
+    for b in range(nb):
+        gf[b] = gf[b] * swf[b] if ok[b] else 0.0
 
 
 @jit(python_callable=True)
@@ -441,7 +462,7 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, w_uniform, wsum, ign
                                  empty(nbmax, w.dtype), empty(nbmax, w.dtype))
     yv = empty(nbmax, np.int32)  # as wide as the float32 lanes its compares select in
     ok = empty(nbmax, np.bool_)
-    lrow = empty(nbmax if not rows_out else 0, np.float64)
+    lrow, gf, swf = empty(nbmax, np.float64), empty(nbmax, np.float64), empty(nbmax, np.float64)
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
         src = _block_source(X, x_block, S, n, nb, C)
@@ -454,27 +475,29 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, w_uniform, wsum, ign
         cols_target_rows(target, r0, nb, ignore_index, w, w_uniform, yv, ok, wy)
         if mode != BACKWARD:
             cols_target_logits(src, i0, s0, nb, yv, cap, xy)  # the block is in cache: max and sums read it
-            lb = span(loss, r0, nb) if rows_out else span(lrow, 0, nb)
+            _block_values(sw, r0, nb, per_row_sw, swf)
             for b in range(nb):  # one store per row, no conditional one (a masked store, see cols_max)
-                lr = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z) \
-                    * (sw[r0 + b] if per_row_sw else sw[0])
-                lb[b] = lr if ok[b] else 0.0
+                lr = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z) * swf[b]
+                lrow[b] = lr if ok[b] else 0.0
             if not rows_out:
-                loss[blk] = sum_in_order(lb)
+                loss[blk] = sum_in_order(span(lrow, 0, nb))
             else:
+                out_loss, out_m, out_ls = span(loss, r0, nb), span(row_max, r0, nb), span(row_logsum, r0, nb)
+                out_top1 = span(top1, r0, nb)
                 for b in range(nb):
-                    r = r0 + b
-                    row_max[r] = m[b]
-                    row_logsum[r] = ls[b]
-                    top1[r] = ok[b] & (xy[b] >= m[b]) & (ls[b] == ls[b])  # (lse NaN: not top-1)
+                    out_loss[b] = lrow[b]
+                    out_m[b] = m[b]
+                    out_ls[b] = ls[b]
+                    out_top1[b] = ok[b] & (xy[b] >= m[b]) & (ls[b] == ls[b])  # (lse NaN: not top-1)
                 for b in range(nb):  # ties for the maximum go to the lowest class
-                    if top1[r0 + b] and yv[b] > 0:
+                    if out_top1[b] and yv[b] > 0:
                         y = np.int64(yv[b])
-                        top1[r0 + b] = row_is_top1(col_run(src, i0, s0 + b, y + 1), y, xy[b], m[b], cap)
+                        out_top1[b] = row_is_top1(col_run(src, i0, s0 + b, y + 1), y, xy[b], m[b], cap)
         if mode == FORWARD:
             continue
+        _block_factors(g, sw, r0, nb, per_row_g, per_row_sw, ok, gf, swf)
         for b in range(nb):
-            gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw) if ok[b] else 0.0
+            gv = gf[b]
             coef[b] = as_compute(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), X)
             tcoef[b] = as_compute(gv * eps_c, X)
             term[b] = as_compute(gv * (1.0 - eps) * np.float64(wy[b]), X)  # as in index_row
@@ -500,6 +523,7 @@ def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, 
     exps = empty((C, nbmax), w.dtype)
     rows = empty((7, nbmax), w.dtype)
     m, s, a, d, ls, coef, gcoef = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6]
+    lrow, gf, swf = empty(nbmax, np.float64), empty(nbmax, np.float64), empty(nbmax, np.float64)
     no_class = empty(0, np.int32)  # (probability targets have no true-class term)
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
@@ -509,25 +533,26 @@ def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, 
             cols_max(src, i0, s0, nb, C, m, cap)
             cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, True, exps)
             cols_log(s, ls, nb)
-            total = 0.0
+            _block_values(sw, r0, nb, per_row_sw, swf)
             for b in range(nb):
-                r = r0 + b
-                lb = prob_loss(m[b], ls[b], a[b], d[b], z) * (sw[r] if per_row_sw else sw[0])
-                if rows_out:
-                    row_max[r] = m[b]
-                    row_logsum[r] = ls[b]
-                    loss[r] = lb
-                else:
-                    total += lb
+                lrow[b] = prob_loss(m[b], ls[b], a[b], d[b], z) * swf[b]
             if not rows_out:
-                loss[blk] = total
+                loss[blk] = sum_in_order(span(lrow, 0, nb))
+            else:
+                out_loss, out_m, out_ls = span(loss, r0, nb), span(row_max, r0, nb), span(row_logsum, r0, nb)
+                for b in range(nb):
+                    out_m[b] = m[b]
+                    out_ls[b] = ls[b]
+                    out_loss[b] = lrow[b]
         else:
             _load_saved(row_max, row_logsum, r0, nb, m, ls)
             cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, False, exps)
         if mode == FORWARD:
             continue
+        _block_values(g, r0, nb, per_row_g, gf)
+        _block_values(sw, r0, nb, per_row_sw, swf)
         for b in range(nb):
-            gv = _row_factor(g, sw, r0 + b, per_row_g, per_row_sw)
+            gv = gf[b] * swf[b]
             coef[b] = as_compute(gv * prob_grad_scale(m[b], ls[b], a[b], z), X)
             gcoef[b] = as_compute(gv, X)
         dst, gi0, gs0 = (grad_block, 0, 0) if scratch_grad else (grad_view, i0, s0)

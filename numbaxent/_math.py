@@ -502,7 +502,13 @@ def col_run(typingctx, X, i0, j, n):
 
 @intrinsic
 def span(typingctx, a, s0, n):
-    """`a[s0:s0 + n]` of a 1-D array (indices in range; see `_line_view`)."""
+    """`a[s0:s0 + n]` of a 1-D array (indices in range; see `_line_view`).
+
+    Also the way for a loop to read or write `a[s0 + k]`: Numba wraps a negative signed index
+    (`i < 0 ? i + len : i`, boundscheck or not), and LLVM, unable to prove `s0 + k >= 0`,
+    vectorises such a loop with gathers or scatters of computed addresses. Over `span(a, s0, n)[k]`
+    with `k` from `range(n)` the index is provably non-negative and the loop uses plain vector loads
+    and stores (the target check's count: 0.65 -> 0.14 ns per target on a cached block, Zen 4)."""
     outty, codegen = _line_view(a, 1, 0) or (None, None)
     return None if outty is None else (outty(a, s0, n), codegen)
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from ._jit import jit
 from ._math import (as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, exp_stash, exp_summand,
-                    float_bits, from_float_bits, load, max_int, max_skipnan, min_int, one_like, stash_in_grad, store)
+                    float_bits, from_float_bits, load, max_int, max_skipnan, min_int, one_like, span, stash_in_grad,
+                    store)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -214,11 +215,12 @@ def row_grad_index(row, grow, m, ls, coef, w, wcoef, cap, in_place, buf):
         return
     for j0 in range(0, n, GRAD_BLOCK):
         nb = n - j0 if n - j0 < GRAD_BLOCK else GRAD_BLOCK
+        rv, wv, gv = span(row, j0, nb), span(w, j0, nb), span(grow, j0, nb)  # (see `_math.span`)
         for k in range(nb):
-            v = capped(load(row[j0 + k]), cap)
-            buf[k] = (exp_nonpos((v - m) - ls) * coef - w[j0 + k] * wcoef) * cap_slope(v, cap)
+            v = capped(load(rv[k]), cap)
+            buf[k] = (exp_nonpos((v - m) - ls) * coef - wv[k] * wcoef) * cap_slope(v, cap)
         for k in range(nb):
-            store(grow, j0 + k, buf[k])
+            store(gv, k, buf[k])
 
 
 @jit(inline=True)
@@ -234,12 +236,13 @@ def row_grad_soft(row, trow, grow, m, ls, coef, w, g, t_scale, t_shift, cap, in_
         return
     for j0 in range(0, n, GRAD_BLOCK):
         nb = n - j0 if n - j0 < GRAD_BLOCK else GRAD_BLOCK
+        rv, wv, gv, tv = span(row, j0, nb), span(w, j0, nb), span(grow, j0, nb), span(trow, j0, nb)
         for k in range(nb):
-            v = capped(load(row[j0 + k]), cap)
+            v = capped(load(rv[k]), cap)
             buf[k] = (exp_nonpos((v - m) - ls) * coef
-                      - g * w[j0 + k] * (trow[j0 + k] * t_scale + t_shift)) * cap_slope(v, cap)
+                      - g * wv[k] * (tv[k] * t_scale + t_shift)) * cap_slope(v, cap)
         for k in range(nb):
-            store(grow, j0 + k, buf[k])
+            store(gv, k, buf[k])
 
 
 # -- per-row formulas shared by the row and column kernels -------------------------------------------
