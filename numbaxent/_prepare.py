@@ -190,12 +190,18 @@ def check_normalizer(normalizer, reduction: str):
     return norm
 
 
+def is_real(dtype: np.dtype) -> bool:
+    """Whether an array of this dtype holds real numbers: integers, floats, or ml_dtypes' bfloat16
+    (NumPy's kind 'V', so not found by kind alone: a bfloat16 loss's upstream gradient is one)."""
+    return dtype.kind in "iuf" or dtype.name == "bfloat16"
+
+
 def class_weights(weight, C: int, compute) -> np.ndarray:
     """The (C,) class weights in the compute dtype (ones for None), or a ValueError/TypeError."""
     if weight is None:
         return np.ones(C, dtype=compute)
     wa = as_array(weight, "weight")
-    if wa.dtype.kind not in "iuf" and wa.dtype.name != "bfloat16":
+    if not is_real(wa.dtype):
         raise TypeError(f"weight must be a real array, got dtype {wa.dtype}")
     if wa.ndim != 1 or wa.shape[0] != C:
         raise ValueError(
@@ -218,7 +224,7 @@ def sample_weights(sample_weight, loss_shape: tuple, transposed: bool = False) -
     if sample_weight is None:
         return np.ones(1)
     swa = as_array(sample_weight, "sample_weight")
-    if swa.dtype.kind not in "iuf":
+    if not is_real(swa.dtype):
         raise TypeError(f"sample_weight must be a real array, got dtype {swa.dtype}")
     if swa.shape != loss_shape:
         raise ValueError(f"sample_weight must have the shape of the per-element loss "
@@ -238,7 +244,7 @@ def upstream_gradient(grad_output, reduction: str, loss_shape: tuple) -> np.ndar
         if grad_output is None:
             return np.ones(1)
         go = as_array(grad_output, "grad_output")
-        if go.dtype.kind not in "iuf":
+        if not is_real(go.dtype):
             raise TypeError(f"grad_output must be a real array, got dtype {go.dtype}")
         try:
             go = np.broadcast_to(go, loss_shape)
@@ -251,7 +257,7 @@ def upstream_gradient(grad_output, reduction: str, loss_shape: tuple) -> np.ndar
     if grad_output is None:
         return np.ones(1)
     go = as_array(grad_output, "grad_output")
-    if go.size != 1 or go.dtype.kind not in "iuf":
+    if go.size != 1 or not is_real(go.dtype):
         raise ValueError(
             f"grad_output for reduction='{reduction}' must be a real scalar, got an array of "
             f"shape {go.shape} and dtype {go.dtype}"

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._prepare import is_real
 from .io import (DEFAULT_CHUNK_BYTES, MAX_CHUNK_ROWS, DaskStore, InputError, RawArray, bfloat16_view,
                  default_chunk_rows, open_array, read_whole, row_chunks, shape_dtype, split_member)
 
@@ -195,7 +196,7 @@ def _load_weight(spec: str, what: str = "class weights"):
         except (ValueError, UnicodeDecodeError):
             raise InputError(f"{spec}: not a .npy/.npz file nor whitespace- or comma-separated "
                              f"numbers") from None
-    if w.dtype.kind not in "iuf" and w.dtype.name != "bfloat16":
+    if not is_real(w.dtype):
         raise InputError(f"{spec}: {what} must be real numbers, got dtype {w.dtype}")
     return w
 

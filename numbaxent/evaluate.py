@@ -299,7 +299,7 @@ class Evaluator:
             self.weight = None
         else:
             wa = _prepare.as_array(weight, "weight")
-            if wa.dtype.kind not in "iuf" and wa.dtype.name != "bfloat16":
+            if not _prepare.is_real(wa.dtype):
                 raise TypeError(f"weight must be a real array, got dtype {wa.dtype}")
             if wa.shape != (C,):
                 raise ValueError(f"weight must have shape ({C},) (one per class), got {wa.shape}")

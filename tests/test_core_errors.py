@@ -86,6 +86,24 @@ def test_grad_output_checked():
         nx.cross_entropy_with_grad(X, T, reduction="none", grad_output=np.ones(3))
 
 
+def test_bfloat16_weights_and_gradients_are_real_arrays():
+    """ml_dtypes' bfloat16 (NumPy kind 'V') is taken wherever a real array is -- the upstream
+    gradient of a bfloat16 loss is one -- as the values it holds; complex is still refused."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    go = np.array([0.5, -2.0, 1.25, 3.0])  # values bfloat16 holds exactly
+    sw = np.array([1.0, 0.25, 2.0, 0.5])
+    w = np.array([0.5, 1.0, 1.5])
+    for reduction, g in (("none", go), ("sum", go[:1]), ("mean", np.float64(1.5))):
+        want = nx.cross_entropy_with_grad(X, T, w, reduction=reduction, grad_output=g, sample_weight=sw)
+        got = nx.cross_entropy_with_grad(X, T, w.astype(bf16), reduction=reduction, grad_output=g.astype(bf16),
+                                         sample_weight=sw.astype(bf16))
+        for a, b in zip(want, got):
+            assert a.tobytes() == b.tobytes(), reduction
+    for kw in (dict(grad_output=np.ones(4, complex), reduction="none"), dict(sample_weight=np.ones(4, complex))):
+        with pytest.raises(TypeError, match="must be a real array"):
+            nx.cross_entropy_with_grad(X, T, **kw)
+
+
 def test_uint64_target_beyond_int64_is_out_of_bounds():
     t = np.array([0, 1, 2**64 - 100, 0], dtype=np.uint64)  # would wrap to -100 if cast blindly
     with pytest.raises(IndexError, match=str(2**64 - 100)):
