@@ -51,6 +51,11 @@ def _cases():
         x = rng.standard_normal((256, 10), dtype=np.float32)
         nx.cross_entropy_with_grad(x, rng.integers(0, 10, 256))
 
+    def f32_4cls():  # a class count whose blocks are transposed in registers
+        import numbaxent as nx
+        x = rng.standard_normal((256, 4), dtype=np.float32)
+        nx.cross_entropy_with_grad(x, rng.integers(0, 4, 256))
+
     def linear():
         import numbaxent as nx
         h = rng.standard_normal((64, 32), dtype=np.float32)
@@ -63,7 +68,8 @@ def _cases():
         ev.update(rng.standard_normal((64, 1000), dtype=np.float32), rng.integers(0, 1000, 64))
         ev.result()
 
-    return {"f32-2d": f32_2d, "f64-kdim-ls": f64_kdim_ls, "f32-10cls": f32_10cls, "linear": linear,
+    return {"f32-2d": f32_2d, "f64-kdim-ls": f64_kdim_ls, "f32-10cls": f32_10cls, "f32-4cls": f32_4cls,
+            "linear": linear,
             "evaluator": evaluator}
 
 

@@ -97,7 +97,7 @@ def rows_profile(repeat):
 
 
 @numba.njit(fastmath=FM, error_model="numpy", nogil=True)
-def _column_steps(x, target, w, last):
+def _column_steps(x, target, w, last, in_registers):
     """The forward steps of `index_cols_kernel` on 2-D float32 input, up to step `last`."""
     N, C = x.shape
     nbmax = _columns.column_block_rows(C, 1)
@@ -112,7 +112,7 @@ def _column_steps(x, target, w, last):
     for n0 in range(0, N, nbmax):
         nb = nbmax if N - n0 > nbmax else N - n0
         if last >= 1:
-            _columns._transpose_in(x, n0, nb, C, x_block)
+            _columns._transpose_in(x, n0, nb, C, x_block, in_registers)
         if last >= 2:
             _columns.cols_max(x_block, 0, 0, nb, C, m, None)
         if last >= 3:
@@ -138,12 +138,13 @@ def columns_profile(repeat):
     x = rng.standard_normal((N, C), dtype=np.float32)
     target = rng.integers(0, C, N)
     w = np.ones(C, np.float32)
+    in_registers = _columns.transpose_variant(x.dtype, C, 1)
     names = ["(loop only)", "transpose in", "max", "exp-sum", "log", "target gather", "row losses",
              "block sum"]
     print(f"\ncolumn kernel forward, {N} x {C} float32, 1 thread: ns per logit (ms in all)")
     prev = 0.0
     for last, name in enumerate(names):
-        t = _fastest_seconds(lambda: _column_steps(x, target, w, last), repeat)
+        t = _fastest_seconds(lambda: _column_steps(x, target, w, last, in_registers), repeat)
         print(f"  {name:14} {1e9 * (t - prev) / x.size:6.3f}  ({1e3 * (t - prev):6.2f} ms)")
         prev = t
     u = x.view(np.uint64).reshape(-1)

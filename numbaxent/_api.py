@@ -164,7 +164,7 @@ def _run_kernel(p: Prepared, mode: int, g: np.ndarray, row_max: np.ndarray, row_
     if columns:
         nbmax = k.column_block_rows(C, S)
         count = k.column_count(N, S, nbmax)
-        head = (k.column_view(p.x3), N, C, S, nbmax)
+        head = (k.column_view(p.x3), N, C, S, nbmax, k.transpose_variant(p.x3.dtype, C, S))
         grad2 = k.column_view(grad3)
     else:
         count = p.rows

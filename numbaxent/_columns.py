@@ -9,7 +9,8 @@ from numba.extending import register_jitable
 
 from ._jit import jit
 from ._math import (as_2d, as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, exp_nonpos2, load, log,
-                    max_skipnan, col_run, rows_flat, run_view, span, store)
+                    max_skipnan, col_run, rows_flat, run_view, shuffle_classes, shuffle_max_classes, span, store,
+                    transpose_group, untranspose_group)
 from ._rows import (BACKWARD, FORWARD, FUSED, index_grad_scale, index_loss, prob_grad_scale, prob_loss,
                     row_is_top1)
 
@@ -230,6 +231,14 @@ def cols_target_rows(target, r0, nb, ignore_index, w, w_uniform, yv, ok, wy):
             wy[b] = w[yv[b]] if ok[b] else compute_zero(w)
 
 
+def transpose_variant(dtype, C: int, S: int):
+    """The column kernels' `in_registers` argument: True when 2-D blocks (`S == 1`) of `C` classes
+    of this storage dtype are transposed in registers (`_math.transpose_group`), else None -- a
+    type of its own, so that the kernel variant for every other shape (10 float32 classes, K-dim)
+    holds none of the shuffle code and compiles as fast as before it."""
+    return True if S == 1 and C <= shuffle_max_classes(dtype) else None
+
+
 def uniform_weights(w) -> bool:
     """Whether every class weight equals the first (no class weights, or all the same): the
     kernels' `w_uniform` argument, worked out in Python (nothing to compile)."""
@@ -260,15 +269,22 @@ def _transpose_groups(flat, nb, C, dst, rows):
 
 
 @jit(inline=True)
-def _transpose_in(X, n0, nb, C, dst):
+def _transpose_in(X, n0, nb, C, dst, in_registers):
     # rows in groups, each group's C columns in turn: the block's lines are read front to back,
     # which its first read from memory needs (column by column over the whole block measured 25%
     # slower from memory, the same from L2); flat indices with a loop-invariant stride (2-D
     # indexing `X[n0 + b, c]` measured 25% slower on the whole fused call). Groups of
     # TRANSPOSE_ROWS_FEW rows for few classes, whose groups of TRANSPOSE_ROWS span too few cache
-    # lines to keep enough reads from memory in flight
+    # lines to keep enough reads from memory in flight. Up to `shuffle_classes`' count, in the
+    # kernel variant `in_registers` (see `transpose_variant`), groups of rows are transposed in
+    # registers instead (`_math.transpose_group`)
     flat = rows_flat(X, n0, nb)
-    if C <= TRANSPOSE_FEW_CLASSES:
+    lanes, most = shuffle_classes(X, in_registers)
+    if most > 0 and C <= most:  # (`most` is a constant: 0 drops the branch from the compiled code)
+        whole = nb - nb % lanes
+        for b0 in range(0, whole, lanes):
+            transpose_group(flat, b0 * C, C, dst, b0)
+    elif C <= TRANSPOSE_FEW_CLASSES:
         whole = _transpose_groups(flat, nb, C, dst, TRANSPOSE_ROWS_FEW)
     else:
         whole = _transpose_groups(flat, nb, C, dst, TRANSPOSE_ROWS)
@@ -279,14 +295,23 @@ def _transpose_in(X, n0, nb, C, dst):
 
 
 @jit(inline=True)
-def _transpose_out(src, n0, nb, C, X):
+def _transpose_out(src, n0, nb, C, X, in_registers):
     # rows of at least TRANSPOSE_OUT_ROW_BYTES row by row (each row's bytes stored in turn), shorter
     # ones column by column: 1M rows from L1 to memory, Zen 4, ns per logit, column-wise against
     # row-wise: float32 C=5 0.30/0.49, C=13 0.41/0.37, C=21 0.56/0.29, C=40 0.66/0.28; float64
     # C=13 1.01/0.72; 16-bit C=13 0.23/0.33, C=40 0.36/0.23 (grouping rows as `_transpose_in`
-    # does measured no better, with five times the code)
+    # does measured no better, with five times the code). Up to `shuffle_classes`' count, groups
+    # of rows in registers (`_math.untranspose_group`), the rest as above
     flat = rows_flat(X, n0, nb)
-    if C * X.itemsize >= TRANSPOSE_OUT_ROW_BYTES:
+    lanes, most = shuffle_classes(X, in_registers)
+    if most > 0 and C <= most:  # (`most` is a constant: 0 drops the branch from the compiled code)
+        whole = nb - nb % lanes
+        for b0 in range(0, whole, lanes):
+            untranspose_group(src, b0, C, flat, b0 * C)
+        for b in range(whole, nb):
+            for c in range(C):
+                flat[b * C + c] = src[c, b]
+    elif C * X.itemsize >= TRANSPOSE_OUT_ROW_BYTES:
         for b in range(nb):
             for c in range(C):
                 flat[b * C + c] = src[c, b]
@@ -307,22 +332,22 @@ def _copy_out(src, i0, s0, nb, C, X):
 
 
 @jit()
-def _block_source(X, x_block, S, n, nb, C):
+def _block_source(X, x_block, S, n, nb, C, in_registers):
     """The array a block's class rows are read from: `X` itself (K-dim), or for 2-D input the
     block's rows `n .. n+nb` transposed into the scratch `x_block`."""
     if S == 1:
-        _transpose_in(X, n, nb, C, x_block)
+        _transpose_in(X, n, nb, C, x_block, in_registers)
         return x_block
     return X
 
 
 @jit()
-def _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C):
+def _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C, in_registers):
     """Move a block's gradient from the scratch `grad_block` to the gradient `grad_view`
     (transposed back for 2-D input; copied for K-dim written in place); nothing when it was
     written to `grad_view` directly."""
     if S == 1:
-        _transpose_out(grad_block, n, nb, C, grad_view)
+        _transpose_out(grad_block, n, nb, C, grad_view, in_registers)
     elif scratch_grad:
         _copy_out(grad_block, i0, s0, nb, C, grad_view)
 
@@ -424,24 +449,14 @@ def _block_values(a, r0, nb, per_row, out):
             out[b] = a0
 
 
-@jit(inline=True)
-def _block_factors(g, sw, r0, nb, per_row_g, per_row_sw, ok, gf, swf):
-    """`gf[b] = g_r sw_r` (upstream gradient times sample weight) for rows that count (`ok`), 0
-    for the others; `swf` is scratch for the sample weights."""
-    _block_values(g, r0, nb, per_row_g, gf)
-    _block_values(sw, r0, nb, per_row_sw, swf)
-    for b in range(nb):
-        gf[b] = gf[b] * swf[b] if ok[b] else 0.0
-
-
 @jit(python_callable=True)
-def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, w_uniform, wsum, ignore_index, eps, z, cap, mode,
-                      in_place, g, sw, row_max, row_logsum, loss, top1, grad_view, rows_out):
+def index_cols_kernel(lo, hi, X, N, C, S, nbmax, in_registers, target, w, w_uniform, wsum, ignore_index, eps, z, cap,
+                      mode, in_place, g, sw, row_max, row_logsum, loss, top1, grad_view, rows_out):
     """`index_kernel` over the column blocks `[lo, hi)` (of `column_count`) of `(N, C, S)`
     logits seen as the 2-D array `X`: `(N, C)` when `S == 1` (rows are transposed into scratch),
     `(N*C, S)` otherwise; `grad_view` is the gradient seen the same way ((1, 1) and unused in FORWARD
-    mode). `nbmax = column_block_rows(C, S)`, `w_uniform = uniform_weights(w)`. Other arguments
-    and results as in `index_kernel`.
+    mode). `nbmax = column_block_rows(C, S)`, `in_registers = transpose_variant(...)`, `w_uniform =
+    uniform_weights(w)`. Other arguments and results as in `index_kernel`.
 
     `rows_out=False` (forward for a 'sum'/'mean' caller) writes no per-row output: `loss` is
     then `(column_count(...),)` and receives each block's float64 loss sum, `row_max,
@@ -465,7 +480,8 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, w_uniform, wsum, ign
     lrow, gf, swf = empty(nbmax, np.float64), empty(nbmax, np.float64), empty(nbmax, np.float64)
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-        src = _block_source(X, x_block, S, n, nb, C)
+        src = _block_source(X, x_block, S, n, nb, C, in_registers)
+        _block_values(sw, r0, nb, per_row_sw, swf)
         if mode != BACKWARD:
             cols_max(src, i0, s0, nb, C, m, cap)
             cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, exps)
@@ -475,17 +491,15 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, w_uniform, wsum, ign
         cols_target_rows(target, r0, nb, ignore_index, w, w_uniform, yv, ok, wy)
         if mode != BACKWARD:
             cols_target_logits(src, i0, s0, nb, yv, cap, xy)  # the block is in cache: max and sums read it
-            _block_values(sw, r0, nb, per_row_sw, swf)
+            lb = span(loss, r0, nb) if rows_out else span(lrow, 0, nb)
             for b in range(nb):  # one store per row, no conditional one (a masked store, see cols_max)
                 lr = index_loss(m[b], ls[b], xy[b], d[b], wy[b], wsum, eps, eps_c, z) * swf[b]
-                lrow[b] = lr if ok[b] else 0.0
+                lb[b] = lr if ok[b] else 0.0
             if not rows_out:
-                loss[blk] = sum_in_order(span(lrow, 0, nb))
+                loss[blk] = sum_in_order(lb)
             else:
-                out_loss, out_m, out_ls = span(loss, r0, nb), span(row_max, r0, nb), span(row_logsum, r0, nb)
-                out_top1 = span(top1, r0, nb)
+                out_m, out_ls, out_top1 = span(row_max, r0, nb), span(row_logsum, r0, nb), span(top1, r0, nb)
                 for b in range(nb):
-                    out_loss[b] = lrow[b]
                     out_m[b] = m[b]
                     out_ls[b] = ls[b]
                     out_top1[b] = ok[b] & (xy[b] >= m[b]) & (ls[b] == ls[b])  # (lse NaN: not top-1)
@@ -495,20 +509,20 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, target, w, w_uniform, wsum, ign
                         out_top1[b] = row_is_top1(col_run(src, i0, s0 + b, y + 1), y, xy[b], m[b], cap)
         if mode == FORWARD:
             continue
-        _block_factors(g, sw, r0, nb, per_row_g, per_row_sw, ok, gf, swf)
+        _block_values(g, r0, nb, per_row_g, gf)
         for b in range(nb):
-            gv = gf[b]
+            gv = gf[b] * swf[b] if ok[b] else 0.0
             coef[b] = as_compute(gv * index_grad_scale(m[b], ls[b], wy[b], wsum, eps, eps_c, z), X)
             tcoef[b] = as_compute(gv * eps_c, X)
             term[b] = as_compute(gv * (1.0 - eps) * np.float64(wy[b]), X)  # as in index_row
         dst, gi0, gs0 = (grad_block, 0, 0) if scratch_grad else (grad_view, i0, s0)
         cols_block_grad(src, None, exps, i0, s0, nb, C, m, ls, s, coef, tcoef, yv, term, w, 1, 0, cap, mode,
                         dst, gi0, gs0)
-        _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C)
+        _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C, in_registers)
 
 
 @jit(python_callable=True)
-def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, mode, in_place, g,
+def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, in_registers, T, w, t_scale, t_shift, z, cap, mode, in_place, g,
                      sw, row_max,
                      row_logsum, loss, grad_view, rows_out):
     """`prob_kernel` over the column blocks `[lo, hi)`, the probability targets `T` seen as `X`
@@ -527,13 +541,13 @@ def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, 
     no_class = empty(0, np.int32)  # (probability targets have no true-class term)
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-        src = _block_source(X, x_block, S, n, nb, C)
-        tsrc = _block_source(T, t_block, S, n, nb, C)
+        src = _block_source(X, x_block, S, n, nb, C, in_registers)
+        tsrc = _block_source(T, t_block, S, n, nb, C, in_registers)
+        _block_values(sw, r0, nb, per_row_sw, swf)
         if mode != BACKWARD:
             cols_max(src, i0, s0, nb, C, m, cap)
             cols_sums(src, tsrc, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, True, exps)
             cols_log(s, ls, nb)
-            _block_values(sw, r0, nb, per_row_sw, swf)
             for b in range(nb):
                 lrow[b] = prob_loss(m[b], ls[b], a[b], d[b], z) * swf[b]
             if not rows_out:
@@ -550,7 +564,6 @@ def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, 
         if mode == FORWARD:
             continue
         _block_values(g, r0, nb, per_row_g, gf)
-        _block_values(sw, r0, nb, per_row_sw, swf)
         for b in range(nb):
             gv = gf[b] * swf[b]
             coef[b] = as_compute(gv * prob_grad_scale(m[b], ls[b], a[b], z), X)
@@ -558,4 +571,4 @@ def prob_cols_kernel(lo, hi, X, N, C, S, nbmax, T, w, t_scale, t_shift, z, cap, 
         dst, gi0, gs0 = (grad_block, 0, 0) if scratch_grad else (grad_view, i0, s0)
         cols_block_grad(src, tsrc, exps, i0, s0, nb, C, m, ls, s, coef, gcoef, no_class, coef, w, t_scale,
                         t_shift, cap, mode, dst, gi0, gs0)
-        _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C)
+        _block_write_grad(grad_block, grad_view, S, scratch_grad, n, i0, s0, nb, C, in_registers)

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 from ._columns import (COLUMN_BLOCK_ELEMENTS, block_sums, cols_log, cols_max,
                        column_block, column_block_rows, column_count, column_view, column_views,
-                       index_cols_kernel, prob_cols_kernel, sum_in_order, uniform_weights, _block_source)
+                       index_cols_kernel, prob_cols_kernel, sum_in_order, transpose_variant, uniform_weights,
+                       _block_source)
 from ._rows import (BACKWARD, FORWARD, FUSED, GRAD_BLOCK, index_kernel,
                     prob_kernel, row_is_top1, row_max, row_sumexp, row_sumexp_wdot)
 from ._targets import check_target_blocks, check_targets
@@ -45,7 +46,8 @@ __all__ = ["FORWARD", "FUSED", "BACKWARD", "COLUMN_MAX_C", "COLUMN_BLOCK_ELEMENT
            "index_kernel", "prob_kernel", "index_cols_kernel", "prob_cols_kernel",
            "check_targets", "check_target_blocks", "block_sums", "sum_in_order", "column_count", "column_block",
            "column_block_rows", "column_view", "column_views", "cols_log", "cols_max",
-           "row_is_top1", "row_max", "row_sumexp", "row_sumexp_wdot", "uniform_weights", "_block_source"]
+           "row_is_top1", "row_max", "row_sumexp", "row_sumexp_wdot", "transpose_variant", "uniform_weights",
+           "_block_source"]
 
 COLUMN_MAX_C = 40  # 2-D input with at most this many classes takes the column kernels (measured crossover)
 # K-dim input always does (its rows are strided; see index_kernel)

@@ -431,8 +431,8 @@ def cols_fold(nb, C, B, kmax, eps, eps_c, wsum, m, s, h, d, ls, xy, yv, wy, ok, 
 
 
 @jit(python_callable=True)
-def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, w_uniform, wsum, ignore_index, eps, cap, kmax,
-                 tally, pairs, fp):
+def metrics_cols(lo, hi, ntasks, group_blocks, x, in_registers, target, w, w_uniform, wsum, ignore_index, eps, cap,
+                 kmax, tally, pairs, fp):
     """Every metric of `x` (N, C, S) against `target` (N*S,) for tasks `[lo, hi)` of
     `ntasks` (dealt to threads by `_parallel.run_tasks`), over the core's column blocks (K-dim
     rows read in place, short 2-D rows transposed into an L1 scratch), every step vectorised across
@@ -444,7 +444,8 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, w_uniform, wsum, ig
     `(ntasks, 0, 0)` to tally the classes in `tally` instead); group `g` zeroes and fills
     `fp[g]` (the evaluator's float state layout: loss, nll and entropy sums, per-class loss and
     per-bin confidence sums; the weight sum is left 0). `kmax = min(max(topk), C)`: ranks are
-    only resolved below it. Targets must already be validated.
+    only resolved below it. Targets must already be validated. `in_registers` as in
+    `_columns.index_cols_kernel`.
     """
     N, C, S = x.shape
     B = fp.shape[1] - F_CLS - C
@@ -478,7 +479,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, target, w, w_uniform, wsum, ig
             clear(fpg)
             for blk in range(g * group_blocks, min_int((g + 1) * group_blocks, nblocks)):
                 n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
-                src = _block_source(X, XT, S, n, nb, C)
+                src = _block_source(X, XT, S, n, nb, C, in_registers)
                 cols_target_rows(target, r0, nb, ignore_index, w, w_uniform, yv, ok, wy)
                 cols_max_rank(src, i0, s0, nb, C, xy, yv, cap, kmax > 1, m, first, gt)
                 cols_rare_rows(src, i0, s0, nb, C, m, xy, yv, ok, cap, first, gt)

@@ -44,8 +44,9 @@ def _all_variants(dtypes):
         dt = _dtype(name)
         if dt is None:
             continue
-        # 4 classes take the column kernels (short rows, K-dim), 48 the row kernels
-        xs = [rng.standard_normal((3, c)).astype(dt) for c in (4, 48)]
+        # 4 classes take the column kernels with their blocks transposed in registers, K-dim input
+        # the column kernels without (`_columns.transpose_variant`), 48 classes the row kernels
+        xs = [rng.standard_normal(shape).astype(dt) for shape in ((3, 4), (3, 4, 2), (3, 48))]
         idx = np.array([0, 3, -100])
         for kind in ("class-index", "probability"):
             for cap in (None, 30.0):
@@ -53,7 +54,8 @@ def _all_variants(dtypes):
 
                 def run(xs=xs, kind=kind, cap=cap):
                     for x in xs:
-                        target = idx if kind == "class-index" else np.full(x.shape, 0.25, x.dtype)
+                        index = np.stack([idx, idx[::-1]], axis=1) if x.ndim == 3 else idx
+                        target = index if kind == "class-index" else np.full(x.shape, 0.25, x.dtype)
                         _api.cross_entropy(x, target, softcap=cap)
                         _api.cross_entropy_with_grad(x, target, softcap=cap)
                         crit = _api.CrossEntropyLoss(softcap=cap)

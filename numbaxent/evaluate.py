@@ -758,8 +758,9 @@ class Evaluator:
         tally = np.empty((T, length), dtype=np.int64)
         pairs = np.empty((T, C, C) if use_pairs else (T, 0, 0), dtype=np.int64)
         fp = np.empty((ngroups, n_float))
-        run_tasks(_metrics.metrics_cols, T, x3.size, T, group, x3, tgt, w, _kernels.uniform_weights(w),
-                  wsum, self.ignore_index, self.label_smoothing, cap, kmax, tally, pairs, fp)
+        run_tasks(_metrics.metrics_cols, T, x3.size, T, group, x3, _kernels.transpose_variant(x3.dtype, C, S), tgt, w,
+                  _kernels.uniform_weights(w), wsum, self.ignore_index, self.label_smoothing, cap, kmax, tally, pairs,
+                  fp)
         return tally, pairs, fp
 
     def update_hidden(self, hidden, weight, target, bias=None, softcap=None,
@@ -1068,12 +1069,14 @@ def warmup_variants():
     """(label, thunk) pairs compiling the evaluator's kernels (used by `numbaxent warmup`)."""
     rng = np.random.default_rng(0)
     for name in ("float32", "float64", "float16"):
-        # 4 classes take the column kernel (short rows, K-dim), 48 the row kernel
-        xs = [rng.standard_normal((3, c)).astype(name) for c in (4, 48)]
+        # 4 classes take the column kernel with blocks transposed in registers, K-dim input the
+        # column kernel without (`_columns.transpose_variant`), 48 classes the row kernel
+        xs = [rng.standard_normal(shape).astype(name) for shape in ((3, 4), (3, 4, 2), (3, 48))]
 
         def run(xs=xs):
             for x in xs:
+                t = np.array([0, 3, -100])
                 Evaluator(x.shape[1], label_smoothing=0.1, topk=(1, 2)).update(
-                    x, np.array([0, 3, -100]))
+                    x, np.stack([t, t[::-1]], axis=1) if x.ndim == 3 else t)
 
         yield f"{name:<8} evaluator", run

@@ -151,3 +151,40 @@ def test_long_rows_with_nan_and_inf_in_row_kernels(dtype):
     assert_close(grad, ref_grad, dtype)
     assert_close(xi, ref_grad, dtype)
     assert st.top1[4] == (t[4] == C - 1)
+
+
+@pytest.fixture(scope="module")
+def transpose_roundtrip():
+    """A Numba driver of the 2-D blocks' transpositions: rows `n0 .. n0+nb` of `X` into the
+    (C, nb) scratch `cols`, then back into the rows of `back`."""
+    import numba
+
+    from numbaxent import _columns
+
+    @numba.njit
+    def run(X, n0, nb, cols, back, in_registers):
+        C = X.shape[1]
+        _columns._transpose_in(X, n0, nb, C, cols, in_registers)
+        _columns._transpose_out(cols, n0, nb, C, back, in_registers)
+    return run
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint16", "int16"])  # (the 16-bit storage types)
+def test_in_register_transposition_is_numpys(transpose_roundtrip, dtype):
+    """`_math.transpose_group` / `untranspose_group` (whole groups of rows) and the element loops
+    (the ragged rest) against NumPy's transpose, for every class count they take, at an offset."""
+    from numbaxent import _math
+
+    most = _math.shuffle_max_classes(dtype)
+    assert most > 0
+    rng = np.random.default_rng(most)
+    for C in range(1, most + 1):
+        X = rng.integers(0, 2**15, (70, C)).astype(dtype)
+        for n0, nb in ((0, 64), (3, 61), (5, 7)):
+            cols = np.full((C, 67), 7, dtype)
+            back = np.full_like(X, 9)
+            transpose_roundtrip(X, n0, nb, cols, back, True)
+            np.testing.assert_array_equal(cols[:, :nb], X[n0:n0 + nb].T, err_msg=f"C={C} n0={n0}")
+            assert (cols[:, nb:] == 7).all()
+            np.testing.assert_array_equal(back[n0:n0 + nb], X[n0:n0 + nb], err_msg=f"C={C} n0={n0}")
+            assert (back[:n0] == 9).all() and (back[n0 + nb:] == 9).all()
