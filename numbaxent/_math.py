@@ -521,12 +521,12 @@ def span(typingctx, a, s0, n):
 # LLVM vector shuffles with constant masks, which LLVM lowers to permutes and blends: per logit,
 # 0.06-0.25 ns for float32 up to 6 classes (2 to 6) and 0.05-0.13 ns for 16-bit storage up to 12
 # (same measure). The shuffle count grows with C (each class's vector draws from up to C vectors),
-# so above these counts (and for float64 beyond 6) the element loop is as fast or faster; the code
-# has one branch per class count, compiled into every 2-D column kernel (~0.1 s of a float32
-# kernel's first call for six, ~0.25 s for twelve 16-bit ones, measured), hence the limits.
+# so above these counts the element loop is as fast or faster: also in AVX2 code (compiled for
+# znver3 and run on the same Zen 4, where 6 float64 classes already lost, hence 4 for float64).
+# The code has one branch per class count, in a kernel variant of its own (`shuffle_classes`).
 
 _SHUFFLE_LANES = {2: 16, 4: 16, 8: 8}  # rows per group, by storage itemsize (a 256/512-bit vector)
-_SHUFFLE_MAX_CLASSES = {2: 12, 4: 6, 8: 6}
+_SHUFFLE_MAX_CLASSES = {2: 12, 4: 6, 8: 4}
 
 
 def _itemsize(t) -> int:
