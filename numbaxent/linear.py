@@ -271,11 +271,14 @@ def _chunked_linear_cross_entropy(hidden, weight, target, bias, ignore_index, re
             G = logits  # now the gradient of the chunk's logits
             if zero_weight:
                 _api.zero_weight_grad(G, tc, ignore_index, eps)
-            # grad_hidden rows: G @ W; grad_weight: += G.T @ h
-            gh[rows] = _grad_hidden(G, wc, ghT, transposed)
-            _accumulate_grad_weight(gw, G, hc, scratch)
-            if gb is not None:
-                gb += G.sum(axis=0)
+            # grad_hidden rows: G @ W; grad_weight: += G.T @ h. A non-finite gradient (a zero total
+            # weight, NaN logits) propagates without NumPy's floating-point warnings, as PyTorch's
+            # and the core's kernels give it
+            with np.errstate(invalid="ignore", over="ignore"):
+                gh[rows] = _grad_hidden(G, wc, ghT, transposed)
+                _accumulate_grad_weight(gw, G, hc, scratch)
+                if gb is not None:
+                    gb += G.sum(axis=0)
             loss_c = res[0]
         else:
             res = _api.cross_entropy(logits, tc, **kw)
