@@ -169,6 +169,7 @@ def transpose_roundtrip():
     return run
 
 
+@pytest.mark.smoke  # (LLVM IR of numbaxent's own: also on the lower-bound numba/llvmlite pins)
 @pytest.mark.parametrize("dtype", ["float32", "float64", "uint16", "int16"])  # (the 16-bit storage types)
 def test_in_register_transposition_is_numpys(transpose_roundtrip, dtype):
     """`_math.transpose_group` / `untranspose_group` (whole groups of rows) and the element loops
