@@ -30,3 +30,11 @@ def test_case_times_takes_shapes_and_in_place(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" fwd")[0] for line in lines] == ["t 300x3:float32", "t 200x5:float16",
                                                            "t 100x50:float32 in place"]
+
+
+def test_row_stream_profile_runs(capsys):
+    mod = _script("row_stream_profile")
+    assert mod.main(["--rows", "6", "--classes", "3000", "--chunks", "1024", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("next-row", "two passes", "one stream", "blockwise 1024", "one read"):
+        assert name in out
