@@ -20,14 +20,11 @@ import numpy as np
 
 def _shape_case(spec: str):
     """(logits, targets, {}) for `ROWSxCLASSES:DTYPE`: standard normal logits, uniform classes."""
+    from numbaxent.bench_cases import dtype_named
+
     shape, dtype = spec.split(":")
     n, c = (int(v) for v in shape.split("x"))
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        dt = np.dtype(ml_dtypes.bfloat16)
-    else:
-        dt = np.dtype(dtype)
+    dt = dtype_named(dtype)
     rng = np.random.default_rng(0)
     return rng.standard_normal((n, c), dtype=np.float32).astype(dt), rng.integers(0, c, n), {}
 

@@ -42,6 +42,18 @@ def case_unavailable(name: str) -> str | None:
     return None
 
 
+def dtype_named(name: str) -> np.dtype:
+    """NumPy's dtype for a name, `"bfloat16"` included (ml_dtypes' type; `MissingDependency` when
+    ml_dtypes is not installed)."""
+    if name != "bfloat16":
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise MissingDependency("bfloat16 needs ml_dtypes (pip install ml_dtypes, or 'numbaxent[bench]')") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def make_case(name: str, quick: bool = False, seed: int = 0):
     """(logits, target, kwargs) for a case of the matrix (`quick`: 1/64 of the rows).
 
@@ -56,13 +68,7 @@ def make_case(name: str, quick: bool = False, seed: int = 0):
         if len(shape) > 2:
             shape = (1, shape[1], 64, 64)
     rng = np.random.default_rng(seed)
-    dt = opts.get("dtype", "float32")
-    if dt == "bfloat16":
-        import ml_dtypes
-
-        dtype = np.dtype(ml_dtypes.bfloat16)
-    else:
-        dtype = np.dtype(dt)
+    dtype = dtype_named(opts.get("dtype", "float32"))
     x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
     c = shape[1]
     tshape = (shape[0],) + shape[2:]

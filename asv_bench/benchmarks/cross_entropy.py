@@ -7,7 +7,7 @@ with QUICK shapes, so the suite cannot rot."""
 import numpy as np
 
 import numbaxent as nx
-from numbaxent.bench_cases import CASES, make_case
+from numbaxent.bench_cases import CASES, dtype_named, make_case
 
 QUICK = False  # tests/test_asv_bench.py sets this: 1/64 of the rows
 
@@ -63,12 +63,7 @@ class FewClasses:
 
     def setup(self, key):
         C, name = FEW[key]
-        if name == "bfloat16":
-            import ml_dtypes  # (a bench extra, as for S9b)
-
-            dtype = np.dtype(ml_dtypes.bfloat16)
-        else:
-            dtype = np.dtype(name)
+        dtype = dtype_named(name)  # (bfloat16 needs ml_dtypes, a bench extra, as for S9b)
         rows = (1 << 22) // C // (64 if QUICK else 1)
         rng = np.random.default_rng(0)
         self.x = rng.standard_normal((rows, C), dtype=np.float32).astype(dtype)
