@@ -4,7 +4,7 @@ Run it in a fresh process with an empty kernel cache (it refuses a warm one unle
 
     python benchmarks/compile_profile.py [--case NAME ...] [--top 25]
 
-Cases are first calls a new user makes (``f32-2d``, ``f64-kdim-ls``, ``f32-10cls``, ``linear``,
+Cases are first calls a new user makes (``f32-2d``, ``f32-long``, ``f64-kdim-ls``, ``f32-10cls``, ``linear``,
 ``evaluator``). Stage times are *exclusive*: a callee compiled while its caller is being typed is counted
 under the callee, not inside the caller's type inference. Stages:
 
@@ -41,6 +41,11 @@ def _cases():
         x = rng.standard_normal((64, 1000), dtype=np.float32)
         nx.cross_entropy_with_grad(x, rng.integers(0, 1000, 64))
 
+    def f32_long():  # a forward pass over rows summed in chunks (`_rows.chunk_variant`): a vocabulary
+        import numbaxent as nx
+        x = rng.standard_normal((8, 32000), dtype=np.float32)
+        nx.cross_entropy(x, rng.integers(0, 32000, 8))
+
     def f64_kdim_ls():
         import numbaxent as nx
         x = rng.standard_normal((2, 5, 8, 8))
@@ -68,8 +73,8 @@ def _cases():
         ev.update(rng.standard_normal((64, 1000), dtype=np.float32), rng.integers(0, 1000, 64))
         ev.result()
 
-    return {"f32-2d": f32_2d, "f64-kdim-ls": f64_kdim_ls, "f32-10cls": f32_10cls, "f32-4cls": f32_4cls,
-            "linear": linear,
+    return {"f32-2d": f32_2d, "f32-long": f32_long, "f64-kdim-ls": f64_kdim_ls, "f32-10cls": f32_10cls,
+            "f32-4cls": f32_4cls, "linear": linear,
             "evaluator": evaluator}
 
 

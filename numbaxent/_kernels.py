@@ -38,12 +38,12 @@ from ._columns import (COLUMN_BLOCK_ELEMENTS, block_sums, cols_log, cols_max,
                        column_block, column_block_rows, column_count, column_view, column_views,
                        index_cols_kernel, prob_cols_kernel, sum_in_order, transpose_variant, uniform_weights,
                        _block_source)
-from ._rows import (BACKWARD, FORWARD, FUSED, GRAD_BLOCK, index_kernel,
+from ._rows import (BACKWARD, FORWARD, FUSED, GRAD_BLOCK, chunk_variant, index_kernel,
                     prob_kernel, row_is_top1, row_max, row_sumexp, row_sumexp_wdot)
 from ._targets import check_target_blocks, check_targets
 
 __all__ = ["FORWARD", "FUSED", "BACKWARD", "COLUMN_MAX_C", "COLUMN_BLOCK_ELEMENTS", "GRAD_BLOCK",
-           "index_kernel", "prob_kernel", "index_cols_kernel", "prob_cols_kernel",
+           "chunk_variant", "index_kernel", "prob_kernel", "index_cols_kernel", "prob_cols_kernel",
            "check_targets", "check_target_blocks", "block_sums", "sum_in_order", "column_count", "column_block",
            "column_block_rows", "column_view", "column_views", "cols_log", "cols_max",
            "row_is_top1", "row_max", "row_sumexp", "row_sumexp_wdot", "transpose_variant", "uniform_weights",

@@ -17,7 +17,7 @@ import operator
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core.imputils import impl_ret_borrowed, impl_ret_new_ref
+from numba.core.imputils import impl_ret_borrowed, impl_ret_new_ref, impl_ret_untracked
 from numba.core.typing import signature
 from numba.extending import intrinsic, register_jitable
 
@@ -454,7 +454,7 @@ def as_2d(typingctx, a, rows, cols):
     return a.copy(ndim=2)(a, rows, cols), codegen
 
 
-def _line_view(X, ndim_in, axis):
+def _line_view(X, ndim_in, axis, owned=True):
     """The intrinsic behind `run_view`, `col_run` and `span`: a 1-D view of `n` elements of the
     `ndim_in`-D array `X` starting at a given index and running along `axis`, for indices in
     range (not checked or clipped). Numba's general basic indexing types and lowers each
@@ -478,11 +478,53 @@ def _line_view(X, ndim_in, axis):
             offset = builder.add(offset, builder.mul(start[k], steps[k]))
         raw = builder.gep(builder.bitcast(src.data, ir.IntType(8).as_pointer()), [offset])
         out = make_array(outty)(ctx, builder)
+        if owned:
+            populate_array(out, data=builder.bitcast(raw, src.data.type), shape=[n],
+                           strides=[steps[axis]], itemsize=src.itemsize, meminfo=src.meminfo,
+                           parent=src.parent)
+            return impl_ret_borrowed(ctx, builder, outty, out._getvalue())
         populate_array(out, data=builder.bitcast(raw, src.data.type), shape=[n],
-                       strides=[steps[axis]], itemsize=src.itemsize, meminfo=src.meminfo,
-                       parent=src.parent)
-        return impl_ret_borrowed(ctx, builder, outty, out._getvalue())
+                       strides=[steps[axis]], itemsize=src.itemsize, meminfo=None, parent=None)
+        return impl_ret_untracked(ctx, builder, outty, out._getvalue())
     return outty, codegen
+
+
+def _borrowed_view(X, ndim):
+    """The intrinsic behind `borrowed_row` and `borrowed`: the last axis of `X` at the leading
+    indices given (none for 1-D), as a view with a null memory owner (`_line_view`)."""
+    outty, codegen = _line_view(X, ndim, ndim - 1, owned=False) or (None, None)
+    if outty is None:
+        return None
+
+    def whole(ctx, builder, sig, args):
+        from numba.np.arrayobj import make_array
+
+        intp = types.intp
+        src = make_array(sig.args[0])(ctx, builder, args[0])
+        lead = [ctx.cast(builder, v, t, intp) for v, t in zip(args[1:], sig.args[1:])]
+        zero = ir.Constant(ctx.get_value_type(intp), 0)
+        n = builder.extract_value(src.shape, ndim - 1)
+        return codegen(ctx, builder, outty(X, *[intp] * (ndim + 1)), [args[0], *lead, zero, n])
+    return outty, whole
+
+
+@intrinsic
+def borrowed_row(typingctx, X, r):
+    """`X[r]` of a 2-D array whose owner outlives the view (a kernel's argument), as a view that
+    counts no references: its memory owner is null. Numba counts a reference on every array passed
+    into an inlined helper, an atomic add and subtract on the owner's count each, and for the rows
+    of one shared array every thread counts on the same owner. Views taken of it (`span`) count
+    none either. Never returned from a kernel."""
+    view = _borrowed_view(X, 2)
+    return None if view is None else (view[0](X, r), view[1])
+
+
+@intrinsic
+def borrowed(typingctx, a):
+    """A 1-D array whose owner outlives the view, as a view that counts no references
+    (`borrowed_row`)."""
+    view = _borrowed_view(a, 1)
+    return None if view is None else (view[0](a), view[1])
 
 
 @intrinsic

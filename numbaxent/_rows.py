@@ -9,9 +9,9 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._math import (as_compute, cap_slope, capped, compute_zero, empty, exp_nonpos, exp_stash, exp_summand,
-                    float_bits, from_float_bits, load, max_int, max_skipnan, min_int, one_like, span, stash_in_grad,
-                    store)
+from ._math import (as_2d, as_compute, borrowed, borrowed_row, cap_slope, capped, compute_zero, empty, exp_nonpos,
+                    exp_stash, exp_summand, float_bits, from_float_bits, load, max_int, max_skipnan, min_int, one_like,
+                    span, stash_in_grad, store)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -134,15 +134,14 @@ def row_grad_from_exp(grow, stash, scale, w, wcoef):
 
 
 @jit(inline=True)
-def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_exp, nxt):
+def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt):
     """For probability targets `t~ = t*t_scale + t_shift`: `(sum exp(x - m), sum w t~, sum w t~ (x - m),
-    k)` (only the second sum, and no `k`, when `need_exp` is false). `stash`, `keep_exp`, `nxt`
-    and `k` as in `row_sumexp`."""
+    k)`. `stash`, `keep_exp`, `nxt` and `k` as in `row_sumexp`."""
     s = compute_zero(row)
     a = compute_zero(row)
     d = compute_zero(row)
     hi, lo = max_start(row)
-    if need_exp and keep_exp:  # two loops, as in row_sumexp
+    if keep_exp:  # two loops, as in row_sumexp
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * t_scale + t_shift)
@@ -152,7 +151,7 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_
             d += wt * v
             stash[j] = e
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-    elif need_exp:
+    else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * t_scale + t_shift)
@@ -160,10 +159,150 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, need_exp, stash, keep_
             a += wt
             d += wt * v
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-    else:
-        for j in range(row.shape[0]):
-            a += w[j] * (trow[j] * t_scale + t_shift)
     return s, a, d, (hi, lo)
+
+
+# -- the sum pass over a row, by chunks ---------------------------------------------------------------
+# A row's maximum is taken ahead, in the loop that sums the exponentials of what comes before it:
+# one loop reads the next data from memory while computing on data in cache. For a row of up to
+# `2 * ROW_CHUNK_BYTES` that is the whole next row, read while this row is summed. A longer row goes in
+# chunks of `ROW_CHUNK_BYTES` (a multiple of 64 elements: no loop remainders), each chunk's exponentials
+# shifted by its own maximum, taken in the loop over the chunk before it (the row's last chunk takes
+# the next row's first chunk's): the second read comes from L1, not L2. Taking a whole long row's
+# maximum ahead cost 0.34-0.36 ns per float32 logit at one thread from memory against 0.25-0.27 by
+# chunks, and 22.7-24.7 ms against 16.2-17.1 ms for 4096 x 32000 at two threads, where one read takes
+# 16.1-16.6 ms (Zen 4; `benchmarks/row_stream_profile.py`). A ragged part (`C mod chunk`) is the row's
+# first chunk, summed on its own. The chunks' sums are rescaled to the row's maximum once the row is
+# done (`rescaled_sums`). Only FORWARD passes go by chunks (`chunk_variant`).
+ROW_CHUNK_BYTES = 6144  # twice in L1; not a multiple of 4 KB (two reads 4 KB apart conflict: +10%)
+
+
+def chunk_variant(dtype, C: int, mode: int):
+    """The row kernels' `(single, chunked)` arguments: `(None, True)` for a FORWARD pass over rows of
+    `C` elements of `dtype` longer than `2 * ROW_CHUNK_BYTES` (summed in chunks, `row_pass`), else
+    `(True, None)`. Two flags, each None in the kernel variant that lacks its code (Numba prunes a
+    branch on `arg is not None` only where `arg` is None), so each variant compiles one path. The
+    chunked variant is FORWARD only: the fused pass keeps a long row's exponentials for its gradient
+    (`keep_exp`), which a pass by chunks would have to rescale chunk by chunk, for no gain in time
+    (measured: 0.274 against 0.276 ns per logit, 4096 x 32000 float32, Zen 4) and twice the compile
+    time of a row kernel."""
+    size = np.dtype(dtype).itemsize
+    long = C * size > 2 * ROW_CHUNK_BYTES and size >= 4
+    return (None, True) if long and mode == FORWARD else (True, None)
+
+
+@jit(inline=True)
+def chunk_layout(C, row):
+    """`(nch, ch, first)`: the chunk count, the length of every chunk but the first, and the
+    first's (`C - (nch - 1) ch`, in `(0, ch]`). One chunk (`ch = first = C`) for a row of up to
+    `2 * ROW_CHUNK_BYTES`."""
+    ch = ROW_CHUNK_BYTES // row.itemsize
+    if C <= 2 * ch:
+        return 1, C, C
+    nch = (C + ch - 1) // ch
+    return nch, ch, C - (nch - 1) * ch
+
+
+@jit(inline=True)
+def chunk_bits(part):
+    """`(hi, lo)` of `part` as a sum pass takes them (`row_sumexp`), on its own."""
+    hi, lo = max_start(part)
+    for j in range(part.shape[0]):
+        hi, lo = bits_max_min(hi, lo, load(part[j]))
+    return hi, lo
+
+
+@jit(inline=True)
+def ahead_bits(row, layout):
+    """The bits of `row`'s first paired chunk (chunk 1 after a ragged chunk 0, else chunk 0): what
+    the pass over the row before it returns (`row_pass`), taken on its own for a range's first row."""
+    nch, ch, first = layout
+    return chunk_bits(span(row, first, ch) if first != ch else span(row, 0, ch))
+
+
+@jit(inline=True)
+def chunk_shift(mk, row):
+    """The shift of a chunk whose maximum is `mk`: `mk`, or `+inf` for a chunk of `-inf` logits
+    (whose exponentials are then 0, not `exp(-inf - -inf) = NaN`; see `rescaled_sums`)."""
+    return mk if mk > -as_compute(np.inf, row) else as_compute(np.inf, row)
+
+
+@jit(inline=True)
+def row_pass(row, nxt, k, parts, w, t, t_scale, t_shift, cap, smooth):
+    """The sums of `row`, `k` the bits of its first paired chunk (`ahead_bits`): per chunk `c` the
+    float64 sums into `parts[0:3, c]` (class-index targets, `t` None: `sum e`, `sum w (x - m_c)` when
+    `smooth` (else 0) and 0; probability targets: `sum e`, `sum w t~ (x - m_c)` and `sum w t~`) and
+    the chunk's maximum `m_c` into `parts[3, c]`; each chunk's sums are shifted by its maximum.
+    Returns `(row_bits, next_bits)`: the whole row's `(hi, lo)` (`next_row_max`) and those of
+    `nxt`'s first paired chunk (`nxt`: the next row, or `row` itself for a range's last row).
+    Only in the kernel variant for long rows (`chunk_variant`)."""
+    nch, ch, first = chunk_layout(row.shape[0], row)
+    ragged = first != ch  # then chunk 0 is summed on its own (two short loops), and chunk 1 is paired
+    rk = k
+    for c in range(nch):
+        c0 = 0 if c == 0 else first + (c - 1) * ch
+        n = first if c == 0 else ch
+        if c == 0 and ragged:
+            kc = chunk_bits(span(row, 0, n))
+            rk = (max_int(rk[0], kc[0]), min_int(rk[1], kc[1]))
+            src, n0 = row, 0
+        else:
+            kc = k
+            src, n0 = (row, c0 + n) if c + 1 < nch else (nxt, first if ragged else 0)
+        mk = next_row_max(kc, cap)
+        cur, ahead, shift, wv = span(row, c0, n), span(src, n0, n), chunk_shift(mk, row), span(w, c0, n)
+        p2 = compute_zero(row)  # (sum w t~ for probability targets)
+        if t is not None:
+            p0, p2, p1, kn = row_soft_sums(cur, span(t, c0, n), shift, wv, t_scale, t_shift, cap, cur, False,
+                                           ahead)
+        elif smooth:
+            p0, p1, kn = row_sumexp_wdot(cur, shift, wv, cap, cur, False, ahead)
+        else:
+            p0, kn = row_sumexp(cur, shift, cap, cur, False, ahead)
+            p1 = compute_zero(row)
+        parts[0, c], parts[1, c], parts[2, c], parts[3, c] = p0, p1, p2, mk
+        if not (c == 0 and ragged):
+            k = kn
+            if c + 1 < nch:
+                rk = (max_int(rk[0], kn[0]), min_int(rk[1], kn[1]))
+    return rk, k
+
+
+@jit(inline=True)
+def rescaled_sums(parts, m, coef):
+    """`(s, d)` of a row from its chunks' `(s_c, d_c)` (`parts[0], parts[1]`, float64), brought from
+    each chunk's shift `m_c` (`parts[3]`) to the row's maximum `m`:
+
+        s = sum_c exp(delta_c) s_c,   d = sum_c (d_c + a_c delta_c),   delta_c = m_c - m <= 0
+
+    with `s_c = sum exp(x - m_c)`, `d_c = sum a_j (x_j - m_c)` and `a_c = coef[c]` the sum of the
+    `a_j` over chunk `c`. A chunk of `-inf` logits (`m_c = -inf`, shifted by `+inf`: its `s_c` is
+    finite, its `d_c` `-inf`) adds 0 to `s` and keeps `d` at `-inf`, as a whole-row shift does; with
+    `m = -inf` (a row of `-inf`) or NaN, `s` is NaN. A scalar loop (its `exp` call): no vector code to
+    compile for a few chunks."""
+    mf = np.float64(m)
+    s = 0.0
+    d = 0.0
+    for c in range(parts.shape[1]):
+        delta = np.float64(parts[3, c]) - mf
+        s += math.exp(delta) * parts[0, c]
+        d += parts[1, c] + (coef[c] * delta if delta < 0 else 0.0)
+    return s, d
+
+
+@jit(inline=True)
+def chunk_weight_sums(w, layout):
+    """`W_c`, the sum of the class weights over chunk `c` (float64), for label smoothing's
+    `rescaled_sums`."""
+    nch, ch, first = layout
+    out = empty(nch, np.float64)
+    for c in range(nch):
+        part = span(w, 0 if c == 0 else first + (c - 1) * ch, first if c == 0 else ch)
+        a = 0.0
+        for j in range(part.shape[0]):
+            a += np.float64(part[j])
+        out[c] = a
+    return out
 
 
 @jit(inline=True)
@@ -288,37 +427,45 @@ def prob_grad_scale(m, ls, a, z):
 
 # -- one row, every mode -----------------------------------------------------------------------------
 @jit()
-def index_row(row, nxt, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, in_place, g, m, ls,
-              scratch):
-    """One row with a class-index target: returns `(loss, ls, top1, m_next)`, the loss in float64
-    (before the sample weight, which is folded into `g` and applied by the caller to the loss),
-    `ls = log sum exp(x - m)` (so `lse = m + ls`) and `m_next` the maximum of the row `nxt`
-    (`row_sumexp`; FORWARD/FUSED), and writes the gradient row in FUSED/BACKWARD mode. `m` is the
-    row's maximum (its `m_next` from the row before, or `row_max`), `ls` an input in BACKWARD
-    mode only.
+def index_row(row, nxt, grow, y, valid, w, wsum, wchunk, eps, eps_c, z, cap, mode, keep_exp, in_place, g, k,
+              m, ls, scratch, parts, single, chunked):
+    """One row with a class-index target: returns `(loss, m, ls, top1, k_next)`, the loss in float64
+    (before the sample weight, which is folded into `g` and applied by the caller to the loss), the
+    row's maximum `m`, `ls = log sum exp(x - m)` (so `lse = m + ls`) and `k_next` the bits of the
+    first paired chunk of the row `nxt` (`row_pass`; FORWARD/FUSED), and writes the gradient row in
+    FUSED/BACKWARD mode. `k`: the bits of this row's first paired chunk (from the row before, or
+    `ahead_bits`); `m` and `ls` are inputs in BACKWARD mode only. `wchunk`: the class weights' sums
+    per chunk (`chunk_weight_sums`, for label smoothing); `single, chunked`: `chunk_variant`.
     `keep_exp` and `in_place` as in `index_kernel`; `scratch`: compute-type elements, `GRAD_BLOCK`
-    or, with `keep_exp` and a 16-bit gradient, the row's length (`row_scratch`)."""
+    or, with `keep_exp` and a 16-bit gradient, the row's length (`row_scratch`); `parts`: the scratch
+    of `row_pass` (`chunked_setup`)."""
     loss = 0.0
     top1 = False
     stash = exp_stash(grow, scratch)
     xy = compute_zero(row)
     s = one_like(xy)
-    m_next = m
+    k_next = k
     if mode != BACKWARD:
-        if valid:  # before the sum pass, which may overwrite the row (out=input)
+        if valid:  # before the gradient pass, which may overwrite the row (out=input)
             xy = capped(load(row[y]), cap)
-            top1 = row_is_top1(row, y, xy, m, cap)
-        if eps_c > 0 and valid:
-            s, d, k = row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt)
-        else:
-            s, k = row_sumexp(row, m, cap, stash, keep_exp, nxt)
-            d = compute_zero(row)
-        m_next = next_row_max(k, cap)
+        smooth = eps_c > 0 and valid
+        if single is not None:  # the row as one chunk, shifted by its maximum
+            m = next_row_max(k, cap)
+            if smooth:
+                s, d, k_next = row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt)
+            else:
+                s, k_next = row_sumexp(row, m, cap, stash, keep_exp, nxt)
+                d = compute_zero(row)
+        if chunked is not None:
+            rk, k_next = row_pass(row, nxt, k, parts, w, None, 0.0, 0.0, cap, smooth)
+            m = next_row_max(rk, cap)
+            s64, d64 = rescaled_sums(parts, m, wchunk)
+            s, d = as_compute(s64, row), as_compute(d64, row)
         ls = math.log(s)
-        top1 = top1 and ls == ls  # not for a row whose lse is NaN (a NaN or +inf logit)
+        top1 = valid and row_is_top1(row, y, xy, m, cap) and ls == ls  # not where the lse is NaN
         if valid:
             loss = index_loss(m, ls, xy, d, w[y], wsum, eps, eps_c, z)
-    if mode != FORWARD:
+    if single is not None and mode != FORWARD:  # (the chunked variant is for FORWARD only)
         if valid:
             gv = g
             wy = np.float64(w[y])
@@ -340,47 +487,78 @@ def index_row(row, nxt, grow, y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_
                 gy = exp_nonpos((xy - m) - ls) * coef - w[y] * wcoef \
                     - as_compute(gv * (1.0 - eps) * wy, row)
             store(grow, y, gy * cap_slope(xy, cap))
-    return loss, ls, top1, m_next
+    return loss, m, ls, top1, k_next
 
 
 @jit()
-def prob_row(row, nxt, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, m, ls,
-             scratch):
-    """One row with a probability target `t~ = t*t_scale + t_shift`: returns `(loss, ls, m_next)`.
-    `nxt`, `m` and `scratch` as in `index_row`."""
+def prob_row(row, nxt, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, k, m, ls,
+             scratch, parts, single, chunked):
+    """One row with a probability target `t~ = t*t_scale + t_shift`: returns `(loss, m, ls, k_next)`.
+    The rest as in `index_row`."""
     loss = 0.0
     stash = exp_stash(grow, scratch)
-    m_next = m
+    k_next = k
+    s = one_like(compute_zero(row))
     if mode != BACKWARD:
-        s, a, d, k = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, True, stash, keep_exp, nxt)
-        m_next = next_row_max(k, cap)
+        if single is not None:  # the row as one chunk, shifted by its maximum
+            m = next_row_max(k, cap)
+            s, a, d, k_next = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt)
+        if chunked is not None:
+            rk, k_next = row_pass(row, nxt, k, parts, w, trow, t_scale, t_shift, cap, True)
+            m = next_row_max(rk, cap)
+            s64, d64 = rescaled_sums(parts, m, parts[2])
+            s, d = as_compute(s64, row), as_compute(d64, row)
+            a = compute_zero(row)
+            for c in range(parts.shape[1]):
+                a += as_compute(parts[2, c], row)
         ls = math.log(s)
         loss = prob_loss(m, ls, a, d, z)
     else:
-        s, a, d, _ = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, False, stash, False, nxt)
-    if mode != FORWARD:
+        a = soft_weight_sum(trow, w, t_scale, t_shift)
+    if single is not None and mode != FORWARD:  # (the chunked variant is for FORWARD only)
         coef = as_compute(g * prob_grad_scale(m, ls, a, z), row)
         if keep_exp:  # as in index_row
             row_grad_soft_from_exp(grow, stash, trow, coef / s, w, as_compute(g, row), t_scale, t_shift)
         else:
             row_grad_soft(row, trow, grow, m, ls, coef, w, as_compute(g, row), t_scale, t_shift, cap, in_place,
                           scratch)
-    return loss, ls, m_next
+    return loss, m, ls, k_next
+
+
+@jit(inline=True)
+def soft_weight_sum(trow, w, t_scale, t_shift):
+    """`sum w t~` (BACKWARD mode, where no sum pass gives it)."""
+    a = compute_zero(trow)
+    for j in range(trow.shape[0]):
+        a += w[j] * (trow[j] * t_scale + t_shift)
+    return a
 
 
 # -- kernels: serial over a range of rows, dealt to threads by `_parallel` -----------------------------
+# Each kernel variant (`chunk_variant`) holds the code of one path only: Numba prunes a branch on
+# `arg is not None` in the function whose argument `arg` is (not in helpers inlined into it).
 @jit(inline=True)
-def first_row_max(x, lo, hi, cap, mode):
-    """The maximum of row `lo`, the only one a kernel's range takes on its own: every later row's
-    comes from the sum pass over the row before it (`row_sumexp`). Unused in BACKWARD mode."""
-    if mode == BACKWARD or lo >= hi:
-        return -as_compute(np.inf, x)
-    return row_max(x[lo], cap)
+def first_row_bits(x, lo, hi, mode):
+    """The bits of row `lo` (rows of one chunk), the only row a kernel's range reads on its own:
+    every later row's come from the sum pass over the row before it (`row_sumexp`). Unused in
+    BACKWARD mode."""
+    n = x.shape[1] if mode != BACKWARD and lo < hi else 0  # (0: the start of a maximum, not read)
+    return chunk_bits(span(borrowed_row(x, lo if lo < hi else 0), 0, n))
+
+
+@jit(inline=True)
+def chunked_setup(x, lo, hi, w):
+    """`(k, parts, wchunk)` of the chunked (FORWARD) variant: the bits of row `lo`'s first paired
+    chunk (`ahead_bits`), the scratch of `row_pass` (4 float64 per chunk) and the class weights'
+    sums per chunk (`chunk_weight_sums`)."""
+    layout = chunk_layout(x.shape[1], x)
+    k = ahead_bits(borrowed_row(x, lo), layout) if lo < hi else max_start(x)
+    return k, empty((4, layout[0]), np.float64), chunk_weight_sums(w, layout)
 
 
 @jit(python_callable=True)
-def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, keep_exp, in_place, g,
-                 sw, row_max, row_logsum, loss, top1, grad):
+def index_kernel(lo, hi, x, single, chunked, target, w, wsum, ignore_index, eps, z, cap, mode, keep_exp, in_place,
+                 g, sw, row_max, row_logsum, loss, top1, grad):
     """Cross-entropy with class-index targets over the rows `[lo, hi)` of `x` (N, C), one
     contiguous row per sample (1-D and 2-D input; K-dim input always takes `index_cols_kernel`, so
     the row code is compiled for contiguous rows only: a strided variant would double its compile
@@ -390,6 +568,7 @@ def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, ke
     ----------
     lo, hi : the rows `[lo, hi)` this call works on (`_parallel.run_tasks` deals them to threads)
     x : (N, C) logits, C-contiguous (float32/float64, or 16-bit storage of float16/bfloat16)
+    single, chunked : `chunk_variant`: whether rows are summed in chunks (`row_pass`)
     target : (N,) int64 class indices, already validated (in range or equal to `ignore_index`)
     w : (C,) class weights in the compute type (ones when the user gave none); `wsum = sum(w)`
     eps : label smoothing; `z` : z-loss coefficient; `cap` : soft-cap value or None
@@ -411,16 +590,20 @@ def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, ke
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch = row_scratch(C, keep_exp, grad, w)  # w is in the compute type
-    m = first_row_max(x, lo, hi, cap, mode)
+    if single is not None:
+        k, parts, wchunk = first_row_bits(x, lo, hi, mode), as_2d(loss, 1, 1), loss  # (unused: placeholders)
+    if chunked is not None:
+        k, parts, wchunk = chunked_setup(x, lo, hi, w)
+    wb = borrowed(w)
     for r in range(lo, hi):
         y = target[r]
         valid = y != ignore_index
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
-        mr = row_max[r] if mode == BACKWARD else m
-        lr, lsr, tr, m = index_row(x[r], x[r + 1 if r + 1 < hi else r], grad[r if mode != FORWARD else 0],
-                                   y, valid, w, wsum, eps, eps_c, z, cap, mode, keep_exp, in_place, gr,
-                                   mr, row_logsum[r], scratch)
+        lr, mr, lsr, tr, k = index_row(borrowed_row(x, r), borrowed_row(x, r + 1 if r + 1 < hi else r),
+                                       borrowed_row(grad, r if mode != FORWARD else 0), y, valid, wb, wsum, wchunk,
+                                       eps, eps_c, z, cap, mode, keep_exp, in_place, gr, k, row_max[r],
+                                       row_logsum[r], scratch, parts, single, chunked)
         if mode != BACKWARD:
             loss[r] = lr * swr if valid else 0.0
             row_max[r] = mr
@@ -429,9 +612,8 @@ def index_kernel(lo, hi, x, target, w, wsum, ignore_index, eps, z, cap, mode, ke
 
 
 @jit(python_callable=True)
-def prob_kernel(lo, hi, x, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, sw, row_max,
-                row_logsum, loss,
-                grad):
+def prob_kernel(lo, hi, x, single, chunked, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_place, g, sw,
+                row_max, row_logsum, loss, grad):
     """Cross-entropy with probability targets `t` ((N, C), in the compute type) over the rows
     `[lo, hi)` of `x`.
 
@@ -442,14 +624,18 @@ def prob_kernel(lo, hi, x, t, w, t_scale, t_shift, z, cap, mode, keep_exp, in_pl
     per_row_g = g.shape[0] == R
     per_row_sw = sw.shape[0] == R
     scratch = row_scratch(C, keep_exp, grad, w)
-    m = first_row_max(x, lo, hi, cap, mode)
+    if single is not None:
+        k, parts = first_row_bits(x, lo, hi, mode), as_2d(loss, 1, 1)  # (unused: a placeholder)
+    if chunked is not None:
+        k, parts, _ = chunked_setup(x, lo, hi, w)
+    wb = borrowed(w)
     for r in range(lo, hi):
         swr = sw[r] if per_row_sw else sw[0]
         gr = (g[r] if per_row_g else g[0]) * swr
-        mr = row_max[r] if mode == BACKWARD else m
-        lr, lsr, m = prob_row(x[r], x[r + 1 if r + 1 < hi else r], t[r], grad[r if mode != FORWARD else 0], w,
-                              t_scale, t_shift, z, cap, mode, keep_exp, in_place, gr, mr, row_logsum[r],
-                              scratch)
+        lr, mr, lsr, k = prob_row(borrowed_row(x, r), borrowed_row(x, r + 1 if r + 1 < hi else r),
+                                  borrowed_row(t, r), borrowed_row(grad, r if mode != FORWARD else 0), wb, t_scale,
+                                  t_shift, z, cap, mode, keep_exp, in_place, gr, k, row_max[r], row_logsum[r],
+                                  scratch, parts, single, chunked)
         if mode != BACKWARD:
             loss[r] = lr * swr
             row_max[r] = mr

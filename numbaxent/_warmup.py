@@ -45,8 +45,9 @@ def _all_variants(dtypes):
         if dt is None:
             continue
         # 4 classes take the column kernels with their blocks transposed in registers, K-dim input
-        # the column kernels without (`_columns.transpose_variant`), 48 classes the row kernels
-        xs = [rng.standard_normal(shape).astype(dt) for shape in ((3, 4), (3, 4, 2), (3, 48))]
+        # the column kernels without (`_columns.transpose_variant`), 48 classes the row kernels, and
+        # 6200 float32/float64 the row kernels' variant for long rows (`_rows.chunk_variant`; a forward pass)
+        xs = [rng.standard_normal(shape).astype(dt) for shape in ((3, 4), (3, 4, 2), (3, 48), (3, 6200))]
         idx = np.array([0, 3, -100])
         for kind in ("class-index", "probability"):
             for cap in (None, 30.0):

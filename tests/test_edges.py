@@ -381,6 +381,83 @@ def test_row_maxima_taken_a_row_ahead(forced_threads, dtype, soft, cap):
         assert_close(st.lse, lse, dtype)
 
 
+# -- long rows, summed in chunks (a forward pass: `_rows.row_pass`) ----------------------------------
+def _long_rows(dtype, ragged, rng):
+    """12 rows of more than two chunks: `C = 3 chunks + 37` (a ragged first chunk of 37) or exactly
+    3 chunks, with special values placed chunk by chunk (a row's maximum in its first or last
+    chunk, chunks and rows of -inf, +inf, NaN of either sign, logits whose exps overflow unshifted,
+    chunks far below the row's maximum)."""
+    from numbaxent import _rows
+
+    ch = _rows.ROW_CHUNK_BYTES // np.dtype(dtype).itemsize
+    head = 37 if ragged else ch
+    C = head + 2 * ch
+    starts = [0, head, head + ch]  # chunk starts
+    x = rng.standard_normal((12, C))
+    x[1, :] = -np.inf
+    x[1, -1] = 0.5  # one finite logit, in the last chunk
+    x[2, starts[1]:starts[2]] = -np.inf  # a middle chunk of -inf
+    x[3] -= 200.0
+    x[3, 5] = 50.0  # the maximum in the first chunk, every other chunk far below it
+    x[4, starts[2] + 3] = np.inf
+    x[5, starts[1] + 7] = np.nan
+    x[6, starts[2] - 1] = np.copysign(np.nan, -1.0)
+    x[7, :] = -np.inf
+    x[8] += 80.0  # exp(80) overflows float32: only shifted sums stay finite
+    x[9, -1] = 12.0  # the maximum at the very end
+    x[10, :head] = -np.inf  # the first chunk all -inf
+    x[11] = -np.abs(x[11]) - 1.0
+    return x.astype(dtype), C
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("ragged", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # (16-bit logits are not summed in chunks)
+def test_long_rows_summed_in_chunks(forced_threads, dtype, ragged, soft, cap):
+    """The forward pass over rows longer than two chunks shifts each chunk's exponentials by the
+    chunk's own maximum and brings the sums to the row's maximum at the end (`_rows.row_pass`,
+    `rescaled_sums`). Every loss, log-sum-exp, top-1 and the gradient of a backward pass from the
+    saved maxima and log-sums equal the float64 reference (NaN and infinity patterns included),
+    whatever the number of threads (each range's first row is read on its own)."""
+    from numbaxent import _rows
+
+    use, calls = forced_threads
+    rng = stable_rng("chunks", dtype, ragged, soft, cap)
+    x, C = _long_rows(dtype, ragged, rng)
+    assert _rows.chunk_variant(dtype, C, _rows.FORWARD) == (None, True)
+    w = rng.uniform(0.5, 2.0, C)
+    p = rng.random((12, C))
+    t = (p / p.sum(1, keepdims=True)).astype(dtype) if soft else rng.integers(0, C, 12)  # (float16 losses stay finite)
+    kw = dict(softcap=cap, label_smoothing=0.1, weight=w)
+    results = {}
+    for n in (1, 2, 3):
+        use(n)
+        loss, st = nx.cross_entropy(x, t, reduction="none", return_stats=True, **kw)
+        crit = nx.CrossEntropyLoss(reduction="none", **kw)
+        r = [loss, st.lse, crit(x, t), crit.backward(np.ones(12))]
+        if not soft:
+            r.append(st.top1)
+        results[n] = r
+        assert len({(lo, hi) for _, lo, hi in calls}) >= n
+    for n in (2, 3):
+        for a, b in zip(results[n], results[1]):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    xd = np.asarray(x, np.float64)
+    ref, ref_grad = naive_cross_entropy(xd, t, reduction="none", **kw)
+    loss, lse, loss_crit, grad_crit = results[1][:4]
+    assert_close(loss, ref, dtype)
+    assert_close(loss_crit, ref, dtype)
+    assert_close(grad_crit, ref_grad, dtype)
+    xc = np.tanh(xd / cap) * cap if cap else xd
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = np.max(xc, 1, keepdims=True)
+        ref_lse = m[:, 0] + np.log(np.exp(xc - m).sum(1))
+    assert_close(lse, ref_lse, dtype)
+    if not soft:
+        np.testing.assert_array_equal(results[1][4], (np.argmax(xc, 1) == t) & ~np.isnan(ref_lse))
+
+
 # -- the workspace ---------------------------------------------------------------------------------------
 def test_workspace_is_bounded(monkeypatch):
     from numbaxent import _api
