@@ -73,9 +73,15 @@ def _cases():
         ev.update(rng.standard_normal((64, 1000), dtype=np.float32), rng.integers(0, 1000, 64))
         ev.result()
 
+    def evaluator_long():  # rows summed in chunks
+        import numbaxent as nx
+        ev = nx.Evaluator(32000)
+        ev.update(rng.standard_normal((8, 32000), dtype=np.float32), rng.integers(0, 32000, 8))
+        ev.result()
+
     return {"f32-2d": f32_2d, "f32-long": f32_long, "f64-kdim-ls": f64_kdim_ls, "f32-10cls": f32_10cls,
             "f32-4cls": f32_4cls, "linear": linear,
-            "evaluator": evaluator}
+            "evaluator": evaluator, "evaluator-long": evaluator_long}
 
 
 class Profile:

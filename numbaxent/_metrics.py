@@ -8,10 +8,11 @@ For each non-ignored row the logits are read from memory once; the passes below 
 while it is in cache (as the core forward does), rows split across threads (`_parallel.run_tasks`):
 
 1. `m = max_c x_c`, taken as the core's row kernels take it: in the sum pass over the row before
-   (`row_max` for a range's first row and after an ignored row);
-2. `row_eval_sums`, one fused loop: `s = sum_c e_c` with `e_c = exp(x_c - m)`,
+   (on its own for a range's first row and after an ignored row);
+2. `_rows.row_eval_sums`, one fused loop: `s = sum_c e_c` with `e_c = exp(x_c - m)`,
    `h = sum_c e_c (x_c - m)` (entropy) and `d = sum_c w_c (x_c - m)` (label smoothing, only
-   when `eps > 0`), and the next row's maximum;
+   when `eps > 0`), and the next row's maximum; a long float32/float64 row by chunks, each chunk
+   shifted by its own maximum, as the core's forward sums it (`_rows.chunked_row_pass`, `rescaled_entropy`);
 3. compare-only loops, when needed: `numbaxent._kernels.row_is_top1` (the core's), the
    count of logits above the target's (top-k, only when `kmax > 1` and the target is not top-1)
    and the first index attaining `m` (the predicted class, only when it is not the target).
@@ -48,63 +49,22 @@ import numpy as np
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
                        column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
-from ._rows import bits_max_min, max_start, next_row_max_skipnan, row_is_top1, row_max
-from ._math import (as_2d, as_compute, capped, clear, compute_scratch, compute_zero, empty, exp_nonpos,
-                    load, max_int, min_int, run_view, span)
+from ._rows import (H_FLOOR, ahead_bits, bits_max_min, chunk_bits, chunk_layout, chunk_weight_sums, max_start,
+                    eval_row_pass, next_row_max_skipnan, rescaled_sums, row_eval_sums, row_is_top1, row_max)
+from ._math import (as_2d, as_compute, borrowed, borrowed_row, capped, clear, compute_scratch, compute_zero, empty,
+                    exp_nonpos, load, max_int, min_int, run_view, span)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 
 IGNORED = -1  # rank recorded for ignored rows
-# the entropy sums' floor for `x_c - m`: exp of it is 0 in float32 and float64 (which underflow
-# below -104 and -746), so clamping there changes no term but turns `0 * -inf` (NaN) into 0
-H_FLOOR = -1.0e4
 
 
 # -- row primitives ----------------------------------------------------------------------------------
 # Inlined into `eval_row` at the Numba IR level, as the core's row primitives are into theirs: each
 # compiled on its own cost 0.2-0.6 s of the evaluator's first call (5.1-5.7 s -> 3.7-5.3 s, six
 # alternated pairs); the long-row `update` time measured the same (1.15-1.16 x the forward against
-# 1.16-1.19).
-@jit(inline=True)
-def row_eval_sums(row, m, w, cap, smooth, nxt):
-    """`(s, h, d, k)` in one loop: `s = sum e_c`, `h = sum e_c (x_c - m)`, when `smooth`
-    `d = sum w_c (x_c - m)` (0 otherwise), and `k` the largest and smallest bits of the row `nxt` (as in
-    the core's `row_sumexp`: its read overlaps this row's exps). `h` is one fused multiply-add per
-    element; a `-inf` logit (`e_c = 0`, `x_c - m = -inf`) makes it `0 * -inf = NaN` there, and
-    only then (`h` NaN while `s` is not) is `h` summed again with `x_c - m` clamped to `H_FLOOR`,
-    far below where `e_c` underflows to 0, so that such a logit adds 0 (`0 log 0 = 0`). The clamp
-    in the main loop cost 4-5% of a long row's evaluation (measured). The counts of
-    `row_count_greater` and `row_first_equal` are separate loops on purpose: an integer reduction
-    in this loop halves its vector width (measured: +40% time; the 32-bit keys of a float32 row
-    keep its width)."""
-    s = compute_zero(row)
-    h = compute_zero(row)
-    d = compute_zero(row)
-    hi, lo = max_start(row)
-    if smooth:
-        for j in range(row.shape[0]):
-            v = capped(load(row[j]), cap) - m
-            e = exp_nonpos(v)  # v <= 0 (or NaN): m is the maximum
-            s += e
-            h += e * v
-            d += w[j] * v
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-    else:
-        for j in range(row.shape[0]):
-            v = capped(load(row[j]), cap) - m
-            e = exp_nonpos(v)
-            s += e
-            h += e * v
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-    if h != h and s == s:  # a -inf logit (rare): the clamped sum
-        floor = as_compute(H_FLOOR, row)
-        h = compute_zero(row)
-        for j in range(row.shape[0]):
-            v = capped(load(row[j]), cap) - m
-            h += exp_nonpos(v) * (v if v > floor else floor)
-    return s, h, d, (hi, lo)
-
-
+# 1.16-1.19). The sums (`_rows.row_eval_sums`) sit with the core's row primitives, which sum a long
+# row in chunks for both (`_rows.chunked_row_pass`).
 BLOCK = 512  # elements per step of the compare-only scans below (vectorised inside a step)
 
 
@@ -162,12 +122,39 @@ def row_nan_target_rank(row, y, cap):
     return n
 
 
+@jit(inline=True)
+def rescaled_entropy(parts, m):
+    """`h = sum_c exp(delta_c) (h_c + s_c delta_c)`: the entropy sum `sum e (x - m)` of a row summed
+    in chunks (`_rows.chunked_row_pass`: `s_c` in `parts[0]`, `h_c = sum exp(x - m_c) (x - m_c)` in
+    `parts[2]`, `delta_c = m_c - m`), a chunk of `-inf` logits adding 0 (`0 log 0 = 0`)."""
+    mf = np.float64(m)
+    h = 0.0
+    for c in range(parts.shape[1]):
+        delta = np.float64(parts[3, c]) - mf
+        if delta > -np.inf:
+            h += math.exp(delta) * (parts[2, c] + parts[0, c] * delta)
+        elif delta != delta:
+            h += delta
+    return h
+
+
 @jit()
-def eval_row(row, nxt, y, m, w, wsum, eps, eps_c, cap, kmax):
-    """All metrics of one non-ignored row whose maximum is `m`: `(loss, nll, entropy, confidence,
-    rank, pred, m_next)`, the floats in float64, `rank` capped at `kmax`, `m_next` the maximum of
-    the row `nxt` (`row_eval_sums`)."""
-    s, h, d, k = row_eval_sums(row, m, w, cap, eps_c > 0, nxt)
+def eval_row(row, nxt, y, k, w, wsum, wchunk, eps, eps_c, cap, kmax, parts, single, chunked):
+    """All metrics of one non-ignored row: `(loss, nll, entropy, confidence, rank, pred, k_next)`,
+    the floats in float64, `rank` capped at `kmax`. `k`: the bits of the row's first paired chunk
+    (the whole row's when it is one chunk), from the pass over the row before it or taken on its
+    own; `k_next` those of `nxt`. `single, chunked`: `_rows.chunk_variant` (a row summed whole,
+    `row_eval_sums`, or in chunks, `_rows.chunked_row_pass`; `wchunk` and `parts` as in the core's
+    `index_row`)."""
+    smooth = eps_c > 0
+    if single is not None:
+        m = next_row_max_skipnan(k, row, cap)
+        s, h, d, k_next = row_eval_sums(row, m, w, cap, smooth, nxt)
+    if chunked is not None:
+        rk, k_next = eval_row_pass(row, nxt, k, parts, w, w, 0.0, 0.0, cap, smooth)
+        m = next_row_max_skipnan(rk, row, cap)
+        s64, d64 = rescaled_sums(parts, m, wchunk)
+        s, d, h = as_compute(s64, row), as_compute(d64, row), as_compute(rescaled_entropy(parts, m), row)
     xy = capped(load(row[y]), cap)
     ls = math.log(s)
     nll = (np.float64(m) - np.float64(xy)) + np.float64(ls)
@@ -194,16 +181,17 @@ def eval_row(row, nxt, y, m, w, wsum, eps, eps_c, cap, kmax):
         pred = row_first_equal(row, m, cap)
         if pred == row.shape[0]:
             pred = 0  # all-NaN row: a stable argsort of -x starts with index 0
-    return loss, nll, ent, conf, rank, pred, next_row_max_skipnan(k, nxt, cap)
+    return loss, nll, ent, conf, rank, pred, k_next
 
 
 # -- kernels -----------------------------------------------------------------------------------------
 @jit(python_callable=True)
-def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf,
+def metrics_rows(lo, hi, x, single, chunked, target, w, wsum, ignore_index, eps, cap, kmax, loss, nll, ent, conf,
                  rank, pred):
     """Per-row metrics of `x` (N, C, 1) against `target` (N,) for rows `[lo, hi)` (dealt to
     threads by `_parallel.run_tasks`); contiguous rows only, as the core's row kernels (K-dim
-    input and few classes take `metrics_cols`).
+    input and few classes take `metrics_cols`). `single, chunked`: `_rows.chunk_variant` of a
+    FORWARD pass (long float32/float64 rows are summed in chunks, as the core's forward sums them).
 
     Writes, for every row `r`: `loss[r]` (the cross-entropy term, 0 when ignored), `nll[r]`,
     `ent[r]`, `conf[r]` (0 when ignored), `rank[r]` (`min(rank, kmax)`, `IGNORED` when
@@ -212,8 +200,14 @@ def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss,
     N, C, S = x.shape
     x2 = as_2d(x, N, C * S)
     eps_c = eps / C
-    m = -as_compute(np.inf, x)
-    known = False  # whether m is row r's maximum, taken in the pass over row r - 1
+    if single is not None:
+        parts, wchunk = as_2d(loss, 1, 1), loss  # (placeholders, as in the core)
+    if chunked is not None:
+        layout = chunk_layout(C, x2)
+        parts, wchunk = empty((4, layout[0]), np.float64), chunk_weight_sums(w, layout)
+    wb = borrowed(w)
+    k = max_start(x)
+    known = False  # whether k is row r's, taken in the pass over row r - 1
     for r in range(lo, hi):
         y = target[r]
         if y == ignore_index:
@@ -221,11 +215,14 @@ def metrics_rows(lo, hi, x, target, w, wsum, ignore_index, eps, cap, kmax, loss,
             known = False
             continue
         if not known:
-            m = row_max(x2[r], cap)
+            if single is not None:
+                k = chunk_bits(borrowed_row(x2, r))
+            if chunked is not None:
+                k = ahead_bits(borrowed_row(x2, r), layout)
         # an ignored row is never read: its maximum is not taken ahead either
         ahead = r + 1 < hi and target[r + 1] != ignore_index
-        lr, nr, er, cr, kr, pr, m = eval_row(x2[r], x2[r + 1 if ahead else r], y, m, w, wsum, eps,
-                                             eps_c, cap, kmax)
+        lr, nr, er, cr, kr, pr, k = eval_row(borrowed_row(x2, r), borrowed_row(x2, r + 1 if ahead else r), y, k, wb,
+                                             wsum, wchunk, eps, eps_c, cap, kmax, parts, single, chunked)
         known = ahead
         loss[r] = lr
         nll[r] = nr

@@ -688,8 +688,8 @@ class Evaluator:
         conf = np.empty(R)
         rank = np.empty(R, dtype=np.int64)
         pred = np.empty(R, dtype=np.int64)
-        args = (x3, tgt, w, wsum, self.ignore_index, self.label_smoothing, cap, kmax, loss, nll, ent,
-                conf, rank, pred)
+        args = (x3,) + _kernels.chunk_variant(x3.dtype, C, _kernels.FORWARD) + (
+            tgt, w, wsum, self.ignore_index, self.label_smoothing, cap, kmax, loss, nll, ent, conf, rank, pred)
         if threads == 1:
             _metrics.metrics_rows(0, R, *args)
         else:
@@ -1070,8 +1070,9 @@ def warmup_variants():
     rng = np.random.default_rng(0)
     for name in ("float32", "float64", "float16"):
         # 4 classes take the column kernel with blocks transposed in registers, K-dim input the
-        # column kernel without (`_columns.transpose_variant`), 48 classes the row kernel
-        xs = [rng.standard_normal(shape).astype(name) for shape in ((3, 4), (3, 4, 2), (3, 48))]
+        # column kernel without (`_columns.transpose_variant`), 48 classes the row kernel, 6200
+        # float32/float64 classes its variant for long rows (`_rows.chunk_variant`)
+        xs = [rng.standard_normal(shape).astype(name) for shape in ((3, 4), (3, 4, 2), (3, 48), (3, 6200))]
 
         def run(xs=xs):
             for x in xs:

@@ -381,7 +381,7 @@ def test_row_maxima_taken_a_row_ahead(forced_threads, dtype, soft, cap):
         assert_close(st.lse, lse, dtype)
 
 
-# -- long rows, summed in chunks (a forward pass: `_rows.row_pass`) ----------------------------------
+# -- long rows, summed in chunks (a forward pass: `_rows.chunked_row_pass`) -------------------------
 def _long_rows(dtype, ragged, rng):
     """12 rows of more than two chunks: `C = 3 chunks + 37` (a ragged first chunk of 37) or exactly
     3 chunks, with special values placed chunk by chunk (a row's maximum in its first or last
@@ -416,7 +416,7 @@ def _long_rows(dtype, ragged, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])  # (16-bit logits are not summed in chunks)
 def test_long_rows_summed_in_chunks(forced_threads, dtype, ragged, soft, cap):
     """The forward pass over rows longer than two chunks shifts each chunk's exponentials by the
-    chunk's own maximum and brings the sums to the row's maximum at the end (`_rows.row_pass`,
+    chunk's own maximum and brings the sums to the row's maximum at the end (`_rows.chunked_row_pass`,
     `rescaled_sums`). Every loss, log-sum-exp, top-1 and the gradient of a backward pass from the
     saved maxima and log-sums equal the float64 reference (NaN and infinity patterns included),
     whatever the number of threads (each range's first row is read on its own)."""

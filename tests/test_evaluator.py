@@ -136,6 +136,52 @@ def test_every_metric_matches_numpy_reference(dtype, weighted, eps, each_kernel_
                    exact_bins=dtype == np.float64)
 
 
+@pytest.mark.parametrize("ragged", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_long_rows_summed_in_chunks_match_the_reference(dtype, ragged):
+    """Rows longer than two chunks are summed chunk by chunk (`_rows.chunked_row_pass`), each chunk shifted
+    by its own maximum, the sums (and the entropy's) brought to the row's maximum at the end: every
+    metric matches the reference, with special values placed chunk by chunk (`test_edges._long_rows`),
+    ignored rows between them (the row after one reads its first chunk on its own), 1 or 2 threads."""
+    import numba
+
+    from numbaxent import _parallel, _rows
+    from test_edges import _long_rows
+
+    rng = np.random.default_rng(7)
+    x, C = _long_rows(dtype, ragged, rng)
+    x = np.concatenate([x, (2 * rng.standard_normal((8, C))).astype(dtype)])
+    t = rng.integers(0, C, len(x))
+    t[[2, 13]] = -100
+    t[9] = C - 1  # the row whose maximum is its last logit: its target is top-1
+    assert _rows.chunk_variant(dtype, C, _rows.FORWARD) == (None, True)
+    weight = np.linspace(0.5, 2.0, C)
+    old, floor = numba.get_num_threads(), _parallel.MIN_PARALLEL_ELEMENTS
+    results = []
+    try:
+        _parallel.MIN_PARALLEL_ELEMENTS = 0
+        for n in (1, 2):
+            numba.set_num_threads(n)
+            ev = Evaluator(C, weight=weight, label_smoothing=0.1, topk=(1, 5), calibration_bins=10)
+            results.append(ev.update(x, t).result())
+    finally:
+        numba.set_num_threads(old)
+        _parallel.MIN_PARALLEL_ELEMENTS = floor
+    assert results[0].to_dict() == results[1].to_dict()
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    ref = reference(x, t, C, weight, -100, 0.1, (1, 5), 10)
+    assert_matches(results[0], ref, rtol=rtol, exact_bins=dtype == np.float64)
+    # the rows whose softmax is finite alone (a NaN row makes the means NaN, entropy among them)
+    xd = x.astype(np.float64)
+    finite = ~(np.isnan(xd).any(1) | np.isposinf(xd).any(1) | np.isneginf(xd).all(1))
+    assert finite.sum() == len(x) - 4
+    ev = Evaluator(C, weight=weight, label_smoothing=0.1, topk=(1, 5), calibration_bins=10)
+    res = ev.update(x[finite], t[finite]).result()
+    assert math.isfinite(res.entropy)  # (the loss is +inf: -inf logits with label smoothing)
+    assert_matches(res, reference(x[finite], t[finite], C, weight, -100, 0.1, (1, 5), 10), rtol=rtol,
+                   exact_bins=dtype == np.float64)
+
+
 def test_in_range_ignore_index_and_topk_beyond_classes(each_kernel_path):
     C = 6
     x, t = data(n=200, C=C, seed=3, ignore_frac=0.0)
