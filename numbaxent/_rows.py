@@ -224,18 +224,22 @@ def row_eval_sums(row, m, w, cap, smooth, nxt):
 ROW_CHUNK_BYTES = 6144  # twice in L1; not a multiple of 4 KB (two reads 4 KB apart conflict: +10%)
 
 
-def chunk_variant(dtype, C: int, mode: int):
+def chunk_variant(dtype, C: int, mode: int, plain: bool = True):
     """The row kernels' `(single, chunked)` arguments: `(None, True)` for a FORWARD pass over rows of
-    `C` elements of `dtype` longer than `2 * ROW_CHUNK_BYTES` (summed in chunks, `chunked_row_pass`), else
-    `(True, None)`. Two flags, each None in the kernel variant that lacks its code (Numba prunes a
-    branch on `arg is not None` only where `arg` is None), so each variant compiles one path. The
-    chunked variant is FORWARD only: the fused pass keeps a long row's exponentials for its gradient
-    (`keep_exp`), which a pass by chunks would have to rescale chunk by chunk, for no gain in time
-    (measured: 0.274 against 0.276 ns per logit, 4096 x 32000 float32, Zen 4) and twice the compile
-    time of a row kernel."""
+    `C` float32/float64 elements longer than `2 * ROW_CHUNK_BYTES` (summed in chunks,
+    `chunked_row_pass`) when `plain`, else `(True, None)`. Two flags, each None in the kernel variant
+    that lacks its code (Numba prunes a branch on `arg is not None` only where `arg` is None), so
+    each variant compiles one path. Where the chunks do not pay (4096 x 32000 float32, 2 threads,
+    Zen 4, in-process minima, whole row -> chunks): the fused pass, which keeps a long row's
+    exponentials for its gradient (0.276 -> 0.274 ns per logit, and twice the compile time);
+    16-bit logits, bound by their conversion and the exp (16.3-16.8 -> 16.9-17.9 ms); and, so
+    `plain` is False for them, class-index targets with label smoothing (29.0 -> 30.1-30.6 ms) and
+    soft-capping (43.5 -> 48.8-49.3 ms), whose heavier loops are bound by their arithmetic. Plain
+    targets, class weights and probability targets gain (22.2-22.4 -> 18.9-19.8 ms; probability
+    targets 1024 rows 9.6-10.0 -> 9.2-9.7 ms)."""
     size = np.dtype(dtype).itemsize
     long = C * size > 2 * ROW_CHUNK_BYTES and size >= 4
-    return (None, True) if long and mode == FORWARD else (True, None)
+    return (None, True) if long and plain and mode == FORWARD else (True, None)
 
 
 @jit(inline=True)

@@ -414,18 +414,24 @@ def _long_rows(dtype, ragged, rng):
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("ragged", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])  # (16-bit logits are not summed in chunks)
-def test_long_rows_summed_in_chunks(forced_threads, dtype, ragged, soft, cap):
+def test_long_rows_summed_in_chunks(forced_threads, monkeypatch, dtype, ragged, soft, cap):
     """The forward pass over rows longer than two chunks shifts each chunk's exponentials by the
     chunk's own maximum and brings the sums to the row's maximum at the end (`_rows.chunked_row_pass`,
     `rescaled_sums`). Every loss, log-sum-exp, top-1 and the gradient of a backward pass from the
     saved maxima and log-sums equal the float64 reference (NaN and infinity patterns included),
-    whatever the number of threads (each range's first row is read on its own)."""
-    from numbaxent import _rows
+    whatever the number of threads (each range's first row is read on its own). Label smoothing and
+    soft-capping, which the API leaves to the whole-row pass (`chunk_variant`'s `plain`), are forced
+    through the chunks here: the kernels take them."""
+    from numbaxent import _kernels, _rows
+
+    monkeypatch.setattr(_kernels, "chunk_variant", lambda dtype, C, mode, plain: _rows.chunk_variant(dtype, C, mode))
 
     use, calls = forced_threads
     rng = stable_rng("chunks", dtype, ragged, soft, cap)
     x, C = _long_rows(dtype, ragged, rng)
     assert _rows.chunk_variant(dtype, C, _rows.FORWARD) == (None, True)
+    assert _rows.chunk_variant(dtype, C, _rows.FORWARD, plain=False) == (True, None)
+    assert _rows.chunk_variant(dtype, C, _rows.FUSED) == (True, None)
     w = rng.uniform(0.5, 2.0, C)
     p = rng.random((12, C))
     t = (p / p.sum(1, keepdims=True)).astype(dtype) if soft else rng.integers(0, C, 12)  # (float16 losses stay finite)
@@ -456,6 +462,32 @@ def test_long_rows_summed_in_chunks(forced_threads, dtype, ragged, soft, cap):
     assert_close(lse, ref_lse, dtype)
     if not soft:
         np.testing.assert_array_equal(results[1][4], (np.argmax(xc, 1) == t) & ~np.isnan(ref_lse))
+
+
+def test_which_forward_passes_go_by_chunks(monkeypatch):
+    """The API sums long rows in chunks for the FORWARD pass of plain or weighted class-index targets
+    and of probability targets, not with label smoothing on class indices or soft-capping, nor for
+    the fused and backward passes or 16-bit logits (`_rows.chunk_variant`)."""
+    from numbaxent import _kernels, _rows
+
+    seen = []
+
+    def record(dtype, C, mode, plain=True):
+        seen.append(_rows.chunk_variant(dtype, C, mode, plain) == (None, True))
+        return _rows.chunk_variant(dtype, C, mode, plain)
+
+    monkeypatch.setattr(_kernels, "chunk_variant", record)
+    rng = stable_rng("which chunks")
+    x = rng.standard_normal((4, 5000)).astype(np.float32)
+    t = rng.integers(0, 5000, 4)
+    p = rng.random((4, 5000)).astype(np.float32)
+    calls = [lambda: nx.cross_entropy(x, t), lambda: nx.cross_entropy(x, t, weight=np.ones(5000)),
+             lambda: nx.cross_entropy(x, p, label_smoothing=0.1), lambda: nx.cross_entropy(x, t, label_smoothing=0.1),
+             lambda: nx.cross_entropy(x, t, softcap=30.0), lambda: nx.cross_entropy_with_grad(x, t),
+             lambda: nx.cross_entropy(x.astype(np.float16), t), lambda: nx.cross_entropy(x[:, :3000], t % 3000)]
+    for call in calls:
+        call()
+    assert seen == [True, True, True, False, False, False, False, False]
 
 
 # -- the workspace ---------------------------------------------------------------------------------------
