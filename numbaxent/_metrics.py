@@ -49,10 +49,10 @@ import numpy as np
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
                        column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
-from ._rows import (H_FLOOR, ahead_bits, bits_max_min, chunk_bits, chunk_layout, chunk_weight_sums, max_start,
-                    eval_row_pass, next_row_max_skipnan, rescaled_sums, row_eval_sums, row_is_top1, row_max)
-from ._math import (as_2d, as_compute, borrowed, borrowed_row, capped, clear, compute_scratch, compute_zero, empty,
-                    exp_nonpos, load, max_int, min_int, run_view, span)
+from ._rows import (H_FLOOR, ahead_bits, chunk_bits, chunk_layout, chunk_weight_sums, eval_row_pass, max_start,
+                    next_row_max_skipnan, rescaled_sums, row_eval_sums, row_is_top1)
+from ._math import (as_2d, as_compute, borrowed, borrowed_row, capped, clear, compute_scratch, empty, exp_nonpos,
+                    load, max_int, min_int, run_view, span)
 
 __all__ = ["metrics_rows", "metrics_cols", "tallies_into_state", "metrics_reduce", "IGNORED"]
 

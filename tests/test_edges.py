@@ -464,10 +464,12 @@ def test_long_rows_summed_in_chunks(forced_threads, monkeypatch, dtype, ragged, 
         np.testing.assert_array_equal(results[1][4], (np.argmax(xc, 1) == t) & ~np.isnan(ref_lse))
 
 
+@pytest.mark.smoke  # (the chunked variant also on the lower-bound numba/llvmlite pins)
 def test_which_forward_passes_go_by_chunks(monkeypatch):
     """The API sums long rows in chunks for the FORWARD pass of plain or weighted class-index targets
     and of probability targets, not with label smoothing on class indices or soft-capping, nor for
-    the fused and backward passes or 16-bit logits (`_rows.chunk_variant`)."""
+    the fused and backward passes or 16-bit logits (`_rows.chunk_variant`); the chunked losses match
+    the float64 reference."""
     from numbaxent import _kernels, _rows
 
     seen = []
@@ -485,9 +487,11 @@ def test_which_forward_passes_go_by_chunks(monkeypatch):
              lambda: nx.cross_entropy(x, p, label_smoothing=0.1), lambda: nx.cross_entropy(x, t, label_smoothing=0.1),
              lambda: nx.cross_entropy(x, t, softcap=30.0), lambda: nx.cross_entropy_with_grad(x, t),
              lambda: nx.cross_entropy(x.astype(np.float16), t), lambda: nx.cross_entropy(x[:, :3000], t % 3000)]
-    for call in calls:
-        call()
+    results = [call() for call in calls]
     assert seen == [True, True, True, False, False, False, False, False]
+    xd = x.astype(np.float64)
+    assert_close(results[0], naive_cross_entropy(xd, t)[0], np.float32)
+    assert_close(results[2], naive_cross_entropy(xd, p, label_smoothing=0.1)[0], np.float32)
 
 
 # -- the workspace ---------------------------------------------------------------------------------------
