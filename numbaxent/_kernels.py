@@ -9,7 +9,9 @@ are flat over rows: int64 class indices of length `N*S`, or probabilities in `x`
 Every kernel runs in one of three modes over each row, sharing the same row code:
 
 - `FORWARD`: `m = max_c x_c`, `s = sum_c exp(x_c - m)`, `ls = log s` and the row's loss
-  (`lse = m + ls`; `m` and `ls` are kept apart, see `row_grad_index`);
+  (`lse = m + ls`; `m` and `ls` are kept apart, see `row_grad_index`); a long float32/float64 row
+  is summed by chunks, each shifted by its own maximum (`_rows.chunked_row_pass`, a kernel variant
+  of its own: `_rows.chunk_variant`);
 - `FUSED`: the forward, then the gradient row written once while the row is still in cache;
 - `BACKWARD`: the gradient row from the saved `m, ls` (one read of `x`, one write of the
   gradient).

@@ -229,8 +229,8 @@ def chunk_variant(dtype, C: int, mode: int, plain: bool = True):
     `C` float32/float64 elements longer than `2 * ROW_CHUNK_BYTES` (summed in chunks,
     `chunked_row_pass`) when `plain`, else `(True, None)`. Two flags, each None in the kernel variant
     that lacks its code (Numba prunes a branch on `arg is not None` only where `arg` is None), so
-    each variant compiles one path. Where the chunks do not pay (4096 x 32000 float32, 2 threads,
-    Zen 4, in-process minima, whole row -> chunks): the fused pass, which keeps a long row's
+    each variant compiles one path. Where the chunks do not pay (4096 x 32000, 2 threads, Zen 4,
+    whole row -> chunks, alternated runs): the fused pass, which keeps a long row's
     exponentials for its gradient (0.276 -> 0.274 ns per logit, and twice the compile time);
     16-bit logits, bound by their conversion and the exp (16.3-16.8 -> 16.9-17.9 ms); and, so
     `plain` is False for them, class-index targets with label smoothing (29.0 -> 30.1-30.6 ms) and
