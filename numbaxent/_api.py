@@ -168,8 +168,7 @@ def _run_kernel(p: Prepared, mode: int, g: np.ndarray, row_max: np.ndarray, row_
         grad2 = k.column_view(grad3)
     else:
         count = p.rows
-        plain = p.cap is None and (p.soft or p.eps == 0)  # (see `chunk_variant`)
-        head = (p.x3.reshape(N, C),) + k.chunk_variant(p.x3.dtype, C, mode, plain)
+        head = (p.x3.reshape(N, C),) + k.chunk_variant(p.x3.dtype, C, mode, p.soft, p.eps, p.cap)
         grad2 = grad3.reshape(grad3.shape[0], -1)
     if p.soft:
         # the smoothed target t~ = t * t_scale + t_shift

@@ -478,14 +478,11 @@ def _line_view(X, ndim_in, axis, owned=True):
             offset = builder.add(offset, builder.mul(start[k], steps[k]))
         raw = builder.gep(builder.bitcast(src.data, ir.IntType(8).as_pointer()), [offset])
         out = make_array(outty)(ctx, builder)
-        if owned:
-            populate_array(out, data=builder.bitcast(raw, src.data.type), shape=[n],
-                           strides=[steps[axis]], itemsize=src.itemsize, meminfo=src.meminfo,
-                           parent=src.parent)
-            return impl_ret_borrowed(ctx, builder, outty, out._getvalue())
         populate_array(out, data=builder.bitcast(raw, src.data.type), shape=[n],
-                       strides=[steps[axis]], itemsize=src.itemsize, meminfo=None, parent=None)
-        return impl_ret_untracked(ctx, builder, outty, out._getvalue())
+                       strides=[steps[axis]], itemsize=src.itemsize,
+                       meminfo=src.meminfo if owned else None, parent=src.parent if owned else None)
+        ret = impl_ret_borrowed if owned else impl_ret_untracked  # (no owner: no reference to count)
+        return ret(ctx, builder, outty, out._getvalue())
     return outty, codegen
 
 

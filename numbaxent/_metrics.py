@@ -49,7 +49,7 @@ import numpy as np
 from ._jit import jit
 from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
                        column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
-from ._rows import (H_FLOOR, ahead_bits, chunk_bits, chunk_layout, chunk_weight_sums, eval_row_pass, max_start,
+from ._rows import (H_FLOOR, ahead_bits, chunk_bits, chunk_scratch, chunk_weight_sums, eval_row_pass, max_start,
                     next_row_max_skipnan, rescaled_sums, row_eval_sums, row_is_top1)
 from ._math import (as_2d, as_compute, borrowed, borrowed_row, capped, clear, compute_scratch, empty, exp_nonpos,
                     load, max_int, min_int, run_view, span)
@@ -203,8 +203,8 @@ def metrics_rows(lo, hi, x, single, chunked, target, w, wsum, ignore_index, eps,
     if single is not None:
         parts, wchunk = as_2d(loss, 1, 1), loss  # (placeholders, as in the core)
     if chunked is not None:
-        layout = chunk_layout(C, x2)
-        parts, wchunk = empty((4, layout[0]), np.float64), chunk_weight_sums(w, layout)
+        layout, parts = chunk_scratch(x2)
+        wchunk = chunk_weight_sums(w, layout)
     wb = borrowed(w)
     k = max_start(x)
     known = False  # whether k is row r's, taken in the pass over row r - 1

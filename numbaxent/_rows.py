@@ -224,21 +224,23 @@ def row_eval_sums(row, m, w, cap, smooth, nxt):
 ROW_CHUNK_BYTES = 6144  # twice in L1; not a multiple of 4 KB (two reads 4 KB apart conflict: +10%)
 
 
-def chunk_variant(dtype, C: int, mode: int, plain: bool = True):
+def chunk_variant(dtype, C: int, mode: int, soft: bool = False, eps: float = 0.0, cap=None):
     """The row kernels' `(single, chunked)` arguments: `(None, True)` for a FORWARD pass over rows of
     `C` float32/float64 elements longer than `2 * ROW_CHUNK_BYTES` (summed in chunks,
-    `chunked_row_pass`) when `plain`, else `(True, None)`. Two flags, each None in the kernel variant
+    `chunked_row_pass`) of probability targets (`soft`), or of class indices without label smoothing
+    (`eps` 0), not soft-capped (`cap` None); else `(True, None)`. Two flags, each None in the kernel variant
     that lacks its code (Numba prunes a branch on `arg is not None` only where `arg` is None), so
     each variant compiles one path. Where the chunks do not pay (4096 x 32000, 2 threads, Zen 4,
     whole row -> chunks, alternated runs): the fused pass, which keeps a long row's
     exponentials for its gradient (0.276 -> 0.274 ns per logit, and twice the compile time);
-    16-bit logits, bound by their conversion and the exp (16.3-16.8 -> 16.9-17.9 ms); and, so
-    `plain` is False for them, class-index targets with label smoothing (29.0 -> 30.1-30.6 ms) and
+    16-bit logits, bound by their conversion and the exp (16.3-16.8 -> 16.9-17.9 ms); and
+    class-index targets with label smoothing (29.0 -> 30.1-30.6 ms) and
     soft-capping (43.5 -> 48.8-49.3 ms), whose heavier loops are bound by their arithmetic. Plain
     targets, class weights and probability targets gain (22.2-22.4 -> 18.9-19.8 ms; probability
     targets 1024 rows 9.6-10.0 -> 9.2-9.7 ms)."""
     size = np.dtype(dtype).itemsize
     long = C * size > 2 * ROW_CHUNK_BYTES and size >= 4
+    plain = cap is None and (soft or eps == 0)
     return (None, True) if long and plain and mode == FORWARD else (True, None)
 
 
@@ -257,12 +259,9 @@ def chunk_layout(C, row):
 @jit(inline=True)
 def chunk_bits(part):
     """`(hi, lo)` of `part` as a sum pass takes them (`row_sumexp`), on its own."""
-    hi = float_bits(-as_compute(0.0, part))
-    lo = float_bits(-as_compute(np.inf, part))
+    hi, lo = max_start(part)
     for j in range(part.shape[0]):
-        b = float_bits(load(part[j]))
-        hi = max_int(hi, b)
-        lo = min_int(lo, b)
+        hi, lo = bits_max_min(hi, lo, load(part[j]))
     return hi, lo
 
 
@@ -519,7 +518,7 @@ def index_row(row, nxt, grow, y, valid, w, wsum, wchunk, eps, eps_c, z, cap, mod
     per chunk (`chunk_weight_sums`, for label smoothing); `single, chunked`: `chunk_variant`.
     `keep_exp` and `in_place` as in `index_kernel`; `scratch`: compute-type elements, `GRAD_BLOCK`
     or, with `keep_exp` and a 16-bit gradient, the row's length (`row_scratch`); `parts`: the scratch
-    of `chunked_row_pass` (`chunked_setup`)."""
+    of `chunked_row_pass` (`chunk_scratch`)."""
     loss = 0.0
     top1 = False
     stash = exp_stash(grow, scratch)
@@ -628,13 +627,18 @@ def first_row_bits(x, lo, hi, mode):
 
 
 @jit(inline=True)
-def chunked_setup(x, lo, hi, w):
-    """`(k, parts, wchunk)` of the chunked (FORWARD) variant: the bits of row `lo`'s first paired
-    chunk (`ahead_bits`), the scratch of `chunked_row_pass` (4 float64 per chunk) and the class weights'
-    sums per chunk (`chunk_weight_sums`)."""
+def chunk_scratch(x):
+    """`(layout, parts)` of the chunked variant for the rows of the 2-D `x`: `chunk_layout` and the
+    scratch of `chunked_row_pass` (4 float64 per chunk)."""
     layout = chunk_layout(x.shape[1], x)
-    k = ahead_bits(borrowed_row(x, lo), layout) if lo < hi else max_start(x)
-    return k, empty((4, layout[0]), np.float64), chunk_weight_sums(w, layout)
+    return layout, empty((4, layout[0]), np.float64)
+
+
+@jit(inline=True)
+def first_paired_bits(x, lo, hi, layout):
+    """The bits of row `lo`'s first paired chunk (`ahead_bits`), the only one the chunked variant's
+    range reads on its own: every later one's come from the pass over the chunk before it."""
+    return ahead_bits(borrowed_row(x, lo), layout) if lo < hi else max_start(x)
 
 
 @jit(python_callable=True)
@@ -674,7 +678,8 @@ def index_kernel(lo, hi, x, single, chunked, target, w, wsum, ignore_index, eps,
     if single is not None:
         k, parts, wchunk = first_row_bits(x, lo, hi, mode), as_2d(loss, 1, 1), loss  # (unused: placeholders)
     if chunked is not None:
-        k, parts, wchunk = chunked_setup(x, lo, hi, w)
+        layout, parts = chunk_scratch(x)
+        k, wchunk = first_paired_bits(x, lo, hi, layout), chunk_weight_sums(w, layout)
     wb = borrowed(w)
     for r in range(lo, hi):
         y = target[r]
@@ -708,7 +713,8 @@ def prob_kernel(lo, hi, x, single, chunked, t, w, t_scale, t_shift, z, cap, mode
     if single is not None:
         k, parts = first_row_bits(x, lo, hi, mode), as_2d(loss, 1, 1)  # (unused: a placeholder)
     if chunked is not None:
-        k, parts, _ = chunked_setup(x, lo, hi, w)
+        layout, parts = chunk_scratch(x)
+        k = first_paired_bits(x, lo, hi, layout)
     wb = borrowed(w)
     for r in range(lo, hi):
         swr = sw[r] if per_row_sw else sw[0]

@@ -688,8 +688,7 @@ class Evaluator:
         conf = np.empty(R)
         rank = np.empty(R, dtype=np.int64)
         pred = np.empty(R, dtype=np.int64)
-        plain = cap is None and self.label_smoothing == 0  # (see `_rows.chunk_variant`)
-        args = (x3,) + _kernels.chunk_variant(x3.dtype, C, _kernels.FORWARD, plain) + (
+        args = (x3,) + _kernels.chunk_variant(x3.dtype, C, _kernels.FORWARD, False, self.label_smoothing, cap) + (
             tgt, w, wsum, self.ignore_index, self.label_smoothing, cap, kmax, loss, nll, ent, conf, rank, pred)
         if threads == 1:
             _metrics.metrics_rows(0, R, *args)

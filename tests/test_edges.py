@@ -420,17 +420,19 @@ def test_long_rows_summed_in_chunks(forced_threads, monkeypatch, dtype, ragged, 
     `rescaled_sums`). Every loss, log-sum-exp, top-1 and the gradient of a backward pass from the
     saved maxima and log-sums equal the float64 reference (NaN and infinity patterns included),
     whatever the number of threads (each range's first row is read on its own). Label smoothing and
-    soft-capping, which the API leaves to the whole-row pass (`chunk_variant`'s `plain`), are forced
+    soft-capping, which the API leaves to the whole-row pass (`chunk_variant`), are forced
     through the chunks here: the kernels take them."""
     from numbaxent import _kernels, _rows
 
-    monkeypatch.setattr(_kernels, "chunk_variant", lambda dtype, C, mode, plain: _rows.chunk_variant(dtype, C, mode))
+    monkeypatch.setattr(_kernels, "chunk_variant", lambda dtype, C, mode, *options: _rows.chunk_variant(dtype, C, mode))
 
     use, calls = forced_threads
     rng = stable_rng("chunks", dtype, ragged, soft, cap)
     x, C = _long_rows(dtype, ragged, rng)
     assert _rows.chunk_variant(dtype, C, _rows.FORWARD) == (None, True)
-    assert _rows.chunk_variant(dtype, C, _rows.FORWARD, plain=False) == (True, None)
+    assert _rows.chunk_variant(dtype, C, _rows.FORWARD, eps=0.1) == (True, None)
+    assert _rows.chunk_variant(dtype, C, _rows.FORWARD, soft=True, eps=0.1) == (None, True)
+    assert _rows.chunk_variant(dtype, C, _rows.FORWARD, cap=30.0) == (True, None)
     assert _rows.chunk_variant(dtype, C, _rows.FUSED) == (True, None)
     w = rng.uniform(0.5, 2.0, C)
     p = rng.random((12, C))
@@ -474,9 +476,9 @@ def test_which_forward_passes_go_by_chunks(monkeypatch):
 
     seen = []
 
-    def record(dtype, C, mode, plain=True):
-        seen.append(_rows.chunk_variant(dtype, C, mode, plain) == (None, True))
-        return _rows.chunk_variant(dtype, C, mode, plain)
+    def record(dtype, C, mode, *options):
+        seen.append(_rows.chunk_variant(dtype, C, mode, *options) == (None, True))
+        return _rows.chunk_variant(dtype, C, mode, *options)
 
     monkeypatch.setattr(_kernels, "chunk_variant", record)
     rng = stable_rng("which chunks")

@@ -148,9 +148,9 @@ def test_long_rows_summed_in_chunks_match_the_reference(dtype, ragged, monkeypat
     from numbaxent import _kernels, _parallel, _rows
     from test_edges import _long_rows
 
-    # label smoothing is left to the whole-row pass by the evaluator (`chunk_variant`'s `plain`);
+    # label smoothing is left to the whole-row pass by the evaluator (`chunk_variant`);
     # forced through the chunks here, which take it
-    monkeypatch.setattr(_kernels, "chunk_variant", lambda dtype, C, mode, plain: _rows.chunk_variant(dtype, C, mode))
+    monkeypatch.setattr(_kernels, "chunk_variant", lambda dtype, C, mode, *options: _rows.chunk_variant(dtype, C, mode))
 
     rng = np.random.default_rng(7)
     x, C = _long_rows(dtype, ragged, rng)
