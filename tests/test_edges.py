@@ -23,6 +23,17 @@ def stable_rng(*params) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(params).encode()))
 
 
+def nan_with_payload(dtype, payload: int, negative: bool = False):
+    """A quiet NaN of `dtype` whose low mantissa bits hold `payload` (NumPy's `np.nan` has none): the
+    kernels' exps take their power of two from such bits, so each NaN path must not depend on them."""
+    info = np.finfo(dtype)
+    ut = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    bits = (((1 << info.nexp) - 1) << info.nmant) | (1 << (info.nmant - 1)) | payload
+    if negative:
+        bits |= 1 << (info.bits - 1)
+    return np.array(bits, ut).view(dtype)[()]
+
+
 # -- zero total weight, zero classes (live PyTorch) --------------------------------------------------
 W0_WEIGHTS = {"zero": [0.0, 0.0, 0.0, 0.0], "cancel": [1.0, -0.5, 0.0, 2.0],
               "zero_at_targets": [0.0, 1.0, 0.0, 3.0]}
@@ -326,7 +337,8 @@ def test_row_maxima_taken_a_row_ahead(forced_threads, dtype, soft, cap):
     integer maximum and minimum of the floats' bits, `_rows.next_row_max`). Special values sit
     in the first and last rows of the thread ranges (12 rows: 4 per range at 3 threads, 6 at 2)
     and in between: NaN of either sign,
-    rows of -inf, of negative NaNs only, of signed zeros, of negative logits only, +inf. Every result equals the float64 reference's (NaN patterns
+    rows of -inf, of negative NaNs only, of signed zeros, of negative logits only, +inf; NaNs with
+    and without payload bits. Every result equals the float64 reference's (NaN patterns
     included) and does not depend on the split."""
     use, calls = forced_threads
     rng = stable_rng("ahead", dtype, soft, cap)
@@ -345,7 +357,10 @@ def test_row_maxima_taken_a_row_ahead(forced_threads, dtype, soft, cap):
     x[8] = -np.abs(x[8]) - 1.0  # every logit negative
     x[11, 0] = np.nan
     x = x.astype(dtype)
-    assert np.signbit(x[5, 0]) and np.isnan(x[5, 0])
+    x[0, 5] = nan_with_payload(dtype, 0x155)
+    x[2, 7] = nan_with_payload(dtype, 0x2A3, negative=True)
+    x[6, 3] = nan_with_payload(dtype, 1)
+    assert np.signbit(x[5, 0]) and np.isnan(x[5, 0]) and np.isnan(x[[0, 2, 6], [5, 7, 3]]).all()
     t = rng.random((12, C)).astype(dtype) if soft else rng.integers(0, C, 12)
     kw = dict(softcap=cap, label_smoothing=0.1)
     results = {}
@@ -407,14 +422,18 @@ def _long_rows(dtype, ragged, rng):
     x[9, -1] = 12.0  # the maximum at the very end
     x[10, :head] = -np.inf  # the first chunk all -inf
     x[11] = -np.abs(x[11]) - 1.0
-    return x.astype(dtype), C
+    x = x.astype(dtype)
+    x[5, starts[1] + 9] = nan_with_payload(dtype, 0x1F1)
+    x[6, starts[2] - 1] = nan_with_payload(dtype, 3, negative=True)  # (the row's only NaN)
+    return x, C
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("cap", [None, 30.0])
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("ragged", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])  # (16-bit logits are not summed in chunks)
-def test_long_rows_summed_in_chunks(forced_threads, monkeypatch, dtype, ragged, soft, cap):
+def test_long_rows_summed_in_chunks(forced_threads, monkeypatch, dtype, ragged, soft, cap, eps):
     """The forward pass over rows longer than two chunks shifts each chunk's exponentials by the
     chunk's own maximum and brings the sums to the row's maximum at the end (`_rows.chunked_row_pass`,
     `rescaled_sums`). Every loss, log-sum-exp, top-1 and the gradient of a backward pass from the
@@ -427,7 +446,7 @@ def test_long_rows_summed_in_chunks(forced_threads, monkeypatch, dtype, ragged, 
     monkeypatch.setattr(_kernels, "chunk_variant", lambda dtype, C, mode, *options: _rows.chunk_variant(dtype, C, mode))
 
     use, calls = forced_threads
-    rng = stable_rng("chunks", dtype, ragged, soft, cap)
+    rng = stable_rng("chunks", dtype, ragged, soft, cap, eps)
     x, C = _long_rows(dtype, ragged, rng)
     assert _rows.chunk_variant(dtype, C, _rows.FORWARD) == (None, True)
     assert _rows.chunk_variant(dtype, C, _rows.FORWARD, eps=0.1) == (True, None)
@@ -437,7 +456,7 @@ def test_long_rows_summed_in_chunks(forced_threads, monkeypatch, dtype, ragged, 
     w = rng.uniform(0.5, 2.0, C)
     p = rng.random((12, C))
     t = (p / p.sum(1, keepdims=True)).astype(dtype) if soft else rng.integers(0, C, 12)  # (float16 losses stay finite)
-    kw = dict(softcap=cap, label_smoothing=0.1, weight=w)
+    kw = dict(softcap=cap, label_smoothing=eps, weight=w)
     results = {}
     for n in (1, 2, 3):
         use(n)
