@@ -86,7 +86,8 @@ def row_sumexp(row, m, cap, stash, keep_exp, nxt):
     (the row's maximum contributes exp(0) = 1; float32 exp-sum 0.197 -> 0.186 ns per logit on a
     Zen 4); for float32/float64 logits `exp_summand_bits`, one multiply fewer again for the same
     bits, with a sum of `x - m` to tell NaN rows (`summand_and_probe`): the float64 65536 x 1000
-    forward 27.0-27.5 -> 23.6-23.9 ms at two threads, float32 9.5-9.7 -> 9.2 (Zen 4)."""
+    forward 26.0-28.9 -> 23.7-24.9 ms at two threads, float32 9.5-10.0 -> 9.2-10.0 (Zen 4, the
+    fastest calls of alternated rounds)."""
     s = compute_zero(row)
     hi, lo = max_start(row)
     if keep_exp:
