@@ -29,7 +29,7 @@ _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 
 __all__ = ["exp", "exp_nonpos", "exp_nonpos2", "exp_summand", "log", "max_skipnan", "min_int", "load", "store",
            "compute_zero", "exp_stash", "stash_in_grad", "exp_summand_bits",
-           "summand_and_probe", "empty", "clear", "compute_scratch", "run_view",
+           "exp_nonpos_bits", "summand_and_probe", "nonpos_and_probe", "empty", "clear", "compute_scratch", "run_view",
            "col_run", "span", "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
            "float_bits", "from_float_bits", "shuffle_classes", "transpose_group", "untranspose_group"]
 
@@ -224,6 +224,16 @@ def _emit_exp_summand_bits(e: _Emit, x):
     return e.as_float(e.b.add(e.as_int(p), e.b.shl(ni, e.int(e.f.mbits))))
 
 
+def _emit_exp_nonpos_bits(e: _Emit, x):
+    """`_emit_exp_nonpos` with `2^(n + shift)` added to the exponent field of `p`'s bits (a normal
+    number for every input down to the clamp) instead of multiplied in; the multiply by `2^-shift`
+    still rounds into the subnormal range. The same results but for NaN `x`, which gives an
+    arbitrary value (see `summand_and_probe`)."""
+    p, ni = _exp_reduced(e, _clamp_low(e, x, e.f.lo))
+    scaled = e.as_float(e.b.add(e.as_int(p), e.b.shl(e.b.add(ni, e.int(e.f.shift)), e.int(e.f.mbits))))
+    return e.mul(scaled, e.const(2.0 ** -e.f.shift))
+
+
 def _emit_log(e: _Emit, x):
     f, b = e.f, e.b
     i32 = ir.IntType(32)
@@ -292,30 +302,48 @@ exp_summand = _float_intrinsic(
 exp_summand_bits = _float_intrinsic(
     _emit_exp_summand_bits, "exp_summand_bits",
     "`exp_summand` for non-NaN `x`, one multiply fewer (a NaN gives an arbitrary value: `summand_and_probe`).")
+exp_nonpos_bits = _float_intrinsic(
+    _emit_exp_nonpos_bits, "exp_nonpos_bits",
+    "`exp_nonpos` for non-NaN `x`, one multiply fewer (a NaN gives an arbitrary value: `nonpos_and_probe`).")
 exp = _float_intrinsic(_emit_exp, "exp", "Vectorisable `exp` for float32 and float64 scalars inside Numba code.")
 log = _float_intrinsic(_emit_log, "log",
                        "Vectorisable `log` for positive float32 and float64 scalars inside Numba code.")
 
 
-@intrinsic
-def summand_and_probe(typingctx, v, row):
-    """`(exp(v), q)` for `v = x - m <= 0` (or NaN) as a term of the exp-sum of `row`, whose terms'
-    `q` are summed alongside it. For float32/float64 rows `exp_summand_bits` and `q = v`: the sum of
-    the `q` is NaN iff some `v` is (the others are <= 0), the one input `exp_summand_bits` gets
-    wrong (`_rows.nan_if_probed`). For 16-bit rows `exp_summand` and `q = 0`, whose sum LLVM drops
-    (measured there: the sum of `v` cost more than the multiply it saves). An intrinsic, not an
-    inlined helper that branches on `row`'s type: as a helper, a long-row forward's first call took
-    1.16 times as long as with `exp_summand`, as this intrinsic 1.09-1.12 (`compile_pairs.py`)."""
-    if v not in (types.float32, types.float64):
-        return None
-    fmt = _F64 if v == types.float64 else _F32
-    wide = _is_compute_type(row.dtype)
+def _probed_intrinsic(bits_emit, plain_emit, name: str, doc: str):
+    """An intrinsic `(v, row) -> (exp(v), q)` for the exp-sum loops of the row kernels: `bits_emit`
+    (the power of two added to the exponent's bits; wrong for NaN) and `q = v` for float32/float64
+    rows, `plain_emit` and `q = 0` for 16-bit rows (see `summand_and_probe`)."""
 
-    def codegen(ctx, builder, sig, args):
-        e, x = _Emit(builder, fmt), args[0]
-        pair = (_emit_exp_summand_bits(e, x), x) if wide else (_emit_exp_summand(e, x), e.const(0.0))
-        return ctx.make_tuple(builder, sig.return_type, list(pair))
-    return types.UniTuple(v, 2)(v, row), codegen
+    def typer(typingctx, v, row):
+        if v not in (types.float32, types.float64):
+            return None
+        fmt = _F64 if v == types.float64 else _F32
+        wide = _is_compute_type(row.dtype)
+
+        def codegen(ctx, builder, sig, args):
+            e, x = _Emit(builder, fmt), args[0]
+            pair = (bits_emit(e, x), x) if wide else (plain_emit(e, x), e.const(0.0))
+            return ctx.make_tuple(builder, sig.return_type, list(pair))
+        return types.UniTuple(v, 2)(v, row), codegen
+
+    typer.__name__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+summand_and_probe = _probed_intrinsic(_emit_exp_summand_bits, _emit_exp_summand, "summand_and_probe", """\
+`(exp(v), q)` for `v = x - m <= 0` (or NaN) as a term of the exp-sum of `row`, whose terms' `q` are
+summed alongside it. For float32/float64 rows `exp_summand_bits` and `q = v`: the sum of the `q` is
+NaN iff some `v` is (the others are <= 0), the one input `exp_summand_bits` gets wrong
+(`_rows.nan_if_probed`). For 16-bit rows `exp_summand` and `q = 0`, whose sum LLVM drops (measured
+there: the sum of `v` cost more than the multiply it saves). An intrinsic, not an inlined helper
+that branches on `row`'s type: as a helper, a long-row forward's first call took 1.16 times as long
+as with `exp_summand`, as this intrinsic 1.09-1.12 (`compile_pairs.py`).""")
+nonpos_and_probe = _probed_intrinsic(_emit_exp_nonpos_bits, _emit_exp_nonpos, "nonpos_and_probe", """\
+`summand_and_probe` for the exponentials the fused row pass keeps (`exp_nonpos_bits` /
+`exp_nonpos`): a kept exponential of a NaN row is then any value, and its gradient NaN all the same
+(the row's `1 / s` is NaN).""")
 
 
 # -- storage <-> compute ------------------------------------------------------------------------------

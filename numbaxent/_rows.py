@@ -10,8 +10,8 @@ import numpy as np
 
 from ._jit import jit
 from ._math import (as_2d, as_compute, borrowed, borrowed_row, cap_slope, capped, compute_zero, empty, exp_nonpos,
-                    exp_stash, float_bits, from_float_bits, load, max_int, max_skipnan, min_int, one_like, span,
-                    stash_in_grad, store, summand_and_probe)
+                    exp_stash, float_bits, from_float_bits, load, max_int, max_skipnan, min_int, nonpos_and_probe,
+                    one_like, span, stash_in_grad, store, summand_and_probe)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -91,11 +91,14 @@ def row_sumexp(row, m, cap, stash, keep_exp, nxt):
     s = compute_zero(row)
     hi, lo = max_start(row)
     if keep_exp:
+        q = compute_zero(row)
         for j in range(row.shape[0]):
-            e = exp_nonpos(capped(load(row[j]), cap) - m)
+            e, qj = nonpos_and_probe(capped(load(row[j]), cap) - m, row)
             s += e
+            q += qj
             stash[j] = e
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+        s = nan_if_probed(s, q)
     else:
         q = compute_zero(row)
         for j in range(row.shape[0]):
@@ -116,13 +119,16 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
     d = compute_zero(row)
     hi, lo = max_start(row)
     if keep_exp:  # two loops, as in row_sumexp
+        q = compute_zero(row)
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
-            e = exp_nonpos(v)
+            e, qj = nonpos_and_probe(v, row)
             s += e
+            q += qj
             d += w[j] * v
             stash[j] = e
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+        s = nan_if_probed(s, q)
     else:
         q = compute_zero(row)
         for j in range(row.shape[0]):
@@ -159,15 +165,18 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt):
     d = compute_zero(row)
     hi, lo = max_start(row)
     if keep_exp:  # two loops, as in row_sumexp
+        q = compute_zero(row)
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * t_scale + t_shift)
-            e = exp_nonpos(v)
+            e, qj = nonpos_and_probe(v, row)
             s += e
+            q += qj
             a += wt
             d += wt * v
             stash[j] = e
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+        s = nan_if_probed(s, q)
     else:
         q = compute_zero(row)
         for j in range(row.shape[0]):

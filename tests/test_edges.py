@@ -369,6 +369,7 @@ def test_row_maxima_taken_a_row_ahead(forced_threads, dtype, soft, cap):
             use(n)
             r = [nx.cross_entropy(x, t, reduction="none", **kw)]
             r.extend(nx.cross_entropy_with_grad(x, t, reduction="sum", **kw))
+            r.extend(nx.cross_entropy_with_grad(x, t, reduction="none", softcap=cap))  # (no smoothing)
             crit = nx.CrossEntropyLoss(reduction="none", **kw)
             r.append(crit(x, t))
             r.append(crit.backward(np.ones(12)))
@@ -380,7 +381,10 @@ def test_row_maxima_taken_a_row_ahead(forced_threads, dtype, soft, cap):
     xd = np.asarray(x, np.float64)
     ref_none, ref_grad = naive_cross_entropy(xd, t, reduction="none", **kw)
     ref_sum, ref_grad_sum = naive_cross_entropy(xd, t, reduction="sum", **kw)
-    loss_none, loss_sum, grad_sum, loss_crit, grad_crit = results[2]
+    loss_none, loss_sum, grad_sum, loss_plain, grad_plain, loss_crit, grad_crit = results[2]
+    ref_plain, ref_grad_plain = naive_cross_entropy(xd, t, reduction="none", softcap=cap)
+    assert_close(loss_plain, ref_plain, dtype)
+    assert_close(grad_plain, ref_grad_plain, dtype)
     assert_close(loss_none, ref_none, dtype)
     assert_close(loss_crit, ref_none, dtype)
     assert_close(grad_crit, ref_grad, dtype)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numbaxent._math import (as_2d, as_compute, clear, col_run, compute_scratch, empty, exp, exp_nonpos, exp_nonpos2,
-                             exp_summand, exp_summand_bits, float_bits, from_float_bits, log,
+                             exp_nonpos_bits, exp_summand, exp_summand_bits, float_bits, from_float_bits, log,
                              max_int, max_skipnan, min_int, rows_flat, run_view, span, store)
 from numbaxent._rows import bits_max_min, max_start, next_row_max
 
@@ -23,6 +23,8 @@ def _apply(a, which, out):
             out[i] = exp_summand(a[i])
         elif which == 4:
             out[i] = exp_summand_bits(a[i])
+        elif which == 5:
+            out[i] = exp_nonpos_bits(a[i])
         else:
             out[i] = log(a[i])
 
@@ -103,18 +105,23 @@ def test_exp_summand_is_exp_nonpos_where_normal_and_a_row_sum_cannot_tell(dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_exp_summand_bits_is_exp_summand_for_every_number(dtype):
-    """`exp_summand_bits` (its power of two added to the exponent's bits) gives `exp_summand`'s bits for
-    every input but NaN: dense samples down past the clamp, both zeros, -inf. For NaN it may give any
-    value (the row kernels tell NaN rows apart on their own: `_rows.summand_and_probe`)."""
+@pytest.mark.parametrize("plain, bits", [(3, 4), (1, 5)], ids=["exp_summand", "exp_nonpos"])
+def test_bits_variants_give_the_same_bits_for_every_number(dtype, plain, bits):
+    """`exp_summand_bits` and `exp_nonpos_bits` (their power of two added to the exponent's bits)
+    give `exp_summand`'s and `exp_nonpos`'s bits for every input but NaN: dense samples down past
+    the clamp (`exp_nonpos`'s subnormal and zero results included), both zeros, -inf. For NaN they
+    may give any value (the row kernels tell NaN rows apart on their own:
+    `_math.summand_and_probe`)."""
     rng = np.random.default_rng(5)
     lo = -110.0 if dtype == np.float32 else -760.0
     x = np.concatenate([rng.uniform(lo, 0, 40000), -np.exp(rng.uniform(-40, 3, 4000)),
                         [0.0, -0.0, -np.inf, lo * 2, np.finfo(dtype).min]]).astype(dtype)
-    e_sum, e_bits = np.empty_like(x), np.empty_like(x)
-    _apply(x, 3, e_sum)
-    _apply(x, 4, e_bits)
-    assert e_bits.tobytes() == e_sum.tobytes()
+    e_plain, e_bits = np.empty_like(x), np.empty_like(x)
+    _apply(x, plain, e_plain)
+    _apply(x, bits, e_bits)
+    if plain == 1:
+        assert (e_plain < np.finfo(dtype).tiny).sum() > 1000  # the subnormal range and 0 are covered
+    assert e_bits.tobytes() == e_plain.tobytes()
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
