@@ -28,8 +28,8 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 
 __all__ = ["exp", "exp_nonpos", "exp_nonpos2", "exp_summand", "log", "max_skipnan", "min_int", "load", "store",
-           "compute_zero", "exp_stash", "stash_in_grad", "exp_summand_bits",
-           "exp_nonpos_bits", "summand_and_probe", "nonpos_and_probe", "empty", "clear", "compute_scratch", "run_view",
+           "compute_zero", "exp_stash", "stash_in_grad", "exp_summand_bits", "exp_nonpos_bits",
+           "summand_and_probe", "nonpos_and_probe", "nan_if_probed", "empty", "clear", "compute_scratch", "run_view",
            "col_run", "span", "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
            "float_bits", "from_float_bits", "shuffle_classes", "transpose_group", "untranspose_group"]
 
@@ -180,6 +180,13 @@ def _pow2(e: _Emit, ni, bias):
     return e.as_float(e.b.shl(e.b.add(ni, e.int(bias)), e.int(e.f.mbits)))
 
 
+def _times_pow2_bits(e: _Emit, p, ni):
+    """`p * 2^ni` by adding `ni` to the exponent field of `p`'s bits: exact, and one multiply fewer
+    than `p * _pow2(...)`, where the result is a normal number; for a NaN `p` whose `ni` came from
+    the NaN's payload bits, an arbitrary value (see `summand_and_probe`)."""
+    return e.as_float(e.b.add(e.as_int(p), e.b.shl(ni, e.int(e.f.mbits))))
+
+
 def _clamp_low(e: _Emit, x, lo):
     lo = e.const(lo)
     return e.b.select(e.lt(x, lo), lo, x)
@@ -221,7 +228,7 @@ def _emit_exp_summand_bits(e: _Emit, x):
     that bound a float64 exp-sum. A NaN `x` gives an arbitrary value (its `n` comes from the NaN's
     payload bits), so the caller must find NaN rows on its own (`summand_and_probe`)."""
     p, ni = _exp_reduced(e, _clamp_low(e, x, e.f.lo_normal))
-    return e.as_float(e.b.add(e.as_int(p), e.b.shl(ni, e.int(e.f.mbits))))
+    return _times_pow2_bits(e, p, ni)
 
 
 def _emit_exp_nonpos_bits(e: _Emit, x):
@@ -230,8 +237,7 @@ def _emit_exp_nonpos_bits(e: _Emit, x):
     still rounds into the subnormal range. The same results but for NaN `x`, which gives an
     arbitrary value (see `summand_and_probe`)."""
     p, ni = _exp_reduced(e, _clamp_low(e, x, e.f.lo))
-    scaled = e.as_float(e.b.add(e.as_int(p), e.b.shl(e.b.add(ni, e.int(e.f.shift)), e.int(e.f.mbits))))
-    return e.mul(scaled, e.const(2.0 ** -e.f.shift))
+    return e.mul(_times_pow2_bits(e, p, e.b.add(ni, e.int(e.f.shift))), e.const(2.0 ** -e.f.shift))
 
 
 def _emit_log(e: _Emit, x):
@@ -336,7 +342,7 @@ summand_and_probe = _probed_intrinsic(_emit_exp_summand_bits, _emit_exp_summand,
 `(exp(v), q)` for `v = x - m <= 0` (or NaN) as a term of the exp-sum of `row`, whose terms' `q` are
 summed alongside it. For float32/float64 rows `exp_summand_bits` and `q = v`: the sum of the `q` is
 NaN iff some `v` is (the others are <= 0), the one input `exp_summand_bits` gets wrong
-(`_rows.nan_if_probed`). For 16-bit rows `exp_summand` and `q = 0`, whose sum LLVM drops (measured
+(`nan_if_probed`). For 16-bit rows `exp_summand` and `q = 0`, whose sum LLVM drops (measured
 there: the sum of `v` cost more than the multiply it saves). An intrinsic, not an inlined helper
 that branches on `row`'s type: as a helper, a long-row forward's first call took 1.16 times as long
 as with `exp_summand`, as this intrinsic 1.09-1.12 (`compile_pairs.py`).""")
@@ -344,6 +350,19 @@ nonpos_and_probe = _probed_intrinsic(_emit_exp_nonpos_bits, _emit_exp_nonpos, "n
 `summand_and_probe` for the exponentials the fused row pass keeps (`exp_nonpos_bits` /
 `exp_nonpos`): a kept exponential of a NaN row is then any value, and its gradient NaN all the same
 (the row's `1 / s` is NaN).""")
+
+
+@intrinsic
+def nan_if_probed(typingctx, s, q):
+    """An exp-sum `s` whose terms came from `summand_and_probe` or `nonpos_and_probe`: NaN (`q`)
+    where their probes' sum `q` is, else `s`."""
+    if s != q or not _is_compute_type(s):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        s, q = args
+        return builder.select(builder.fcmp_unordered("uno", q, q), q, s)
+    return s(s, q), codegen
 
 
 # -- storage <-> compute ------------------------------------------------------------------------------

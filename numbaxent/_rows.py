@@ -10,8 +10,8 @@ import numpy as np
 
 from ._jit import jit
 from ._math import (as_2d, as_compute, borrowed, borrowed_row, cap_slope, capped, compute_zero, empty, exp_nonpos,
-                    exp_stash, float_bits, from_float_bits, load, max_int, max_skipnan, min_int, nonpos_and_probe,
-                    one_like, span, stash_in_grad, store, summand_and_probe)
+                    exp_stash, float_bits, from_float_bits, load, max_int, max_skipnan, min_int, nan_if_probed,
+                    nonpos_and_probe, one_like, span, stash_in_grad, store, summand_and_probe)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -67,12 +67,6 @@ def next_row_max_skipnan(k, nxt, cap):
 
 
 @jit(inline=True)
-def nan_if_probed(s, q):
-    """An exp-sum `s` whose terms came from `_math.summand_and_probe`: NaN where their probes' sum `q` is."""
-    return s if q == q else q
-
-
-@jit(inline=True)
 def row_sumexp(row, m, cap, stash, keep_exp, nxt):
     """`(sum_c exp(x_c - m), k)` with `k` the largest and smallest bits of the row `nxt` (as long
     as `row`; `next_row_max` turns them into `nxt`'s maximum). Why the next row's maximum here: the sum
@@ -87,7 +81,8 @@ def row_sumexp(row, m, cap, stash, keep_exp, nxt):
     Zen 4); for float32/float64 logits `exp_summand_bits`, one multiply fewer again for the same
     bits, with a sum of `x - m` to tell NaN rows (`summand_and_probe`): the float64 65536 x 1000
     forward 26.0-28.9 -> 23.7-24.9 ms at two threads, float32 9.5-10.0 -> 9.2-10.0 (Zen 4, the
-    fastest calls of alternated rounds)."""
+    fastest calls of alternated rounds). The loop that keeps them does the same with
+    `exp_nonpos_bits` (`nonpos_and_probe`; fused calls 5-7% faster)."""
     s = compute_zero(row)
     hi, lo = max_start(row)
     if keep_exp:
