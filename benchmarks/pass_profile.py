@@ -102,7 +102,6 @@ def _column_steps(x, target, w, last, in_registers):
     N, C = x.shape
     nbmax = _columns.column_block_rows(C, 1)
     x_block = np.empty((C, nbmax), x.dtype)
-    exps = np.empty((C, nbmax), w.dtype)
     m, s, d, ls = (np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype),
                    np.empty(nbmax, w.dtype))
     xy, wy = np.empty(nbmax, w.dtype), np.empty(nbmax, w.dtype)
@@ -116,7 +115,7 @@ def _column_steps(x, target, w, last, in_registers):
         if last >= 2:
             _columns.cols_max(x_block, 0, 0, nb, C, m, None)
         if last >= 3:
-            _columns.cols_sums(x_block, None, 0, 0, nb, C, m, s, s, d, w, 1, 0, None, True, exps)
+            _columns.cols_sumexp(x_block, 0, 0, nb, C, m, s, None)  # (the forward without smoothing)
         if last >= 4:
             _columns.cols_log(s, ls, nb)
         if last >= 5:

@@ -27,8 +27,8 @@ from ._jit import FASTMATH, HELPER_OPTIONS  # (importing _jit sets the threading
 # zero, and that branch out of a loop keeps the loop from vectorising.
 _PLAIN = dict(HELPER_OPTIONS, error_model="numpy")
 
-__all__ = ["exp", "exp_nonpos", "exp_nonpos2", "exp_summand", "log", "max_skipnan", "min_int", "load", "store",
-           "compute_zero", "exp_stash", "stash_in_grad", "exp_summand_bits", "exp_nonpos_bits",
+__all__ = ["exp", "exp_nonpos", "exp_nonpos2", "exp_summand", "exp_summand2", "log", "max_skipnan", "min_int", "load",
+           "store", "compute_zero", "exp_stash", "stash_in_grad", "exp_summand_bits", "exp_nonpos_bits",
            "summand_and_probe", "nonpos_and_probe", "nan_if_probed", "empty", "clear", "compute_scratch", "run_view",
            "col_run", "span", "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
            "float_bits", "from_float_bits", "shuffle_classes", "transpose_group", "untranspose_group"]
@@ -305,6 +305,10 @@ exp_nonpos = _float_intrinsic(
 exp_summand = _float_intrinsic(
     _emit_exp_summand, "exp_summand",
     "`exp_nonpos` as a term of a sum that also holds 1: tiny results differ, the sum does not.")
+exp_summand2 = _float_intrinsic(
+    _emit_exp_summand, "exp_summand2",
+    "`(exp_summand(x), exp_summand(y))`, the two evaluations' instructions interleaved (see `exp_nonpos2`).",
+    lanes=2)
 exp_summand_bits = _float_intrinsic(
     _emit_exp_summand_bits, "exp_summand_bits",
     "`exp_summand` for non-NaN `x`, one multiply fewer (a NaN gives an arbitrary value: `summand_and_probe`).")

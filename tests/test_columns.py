@@ -103,6 +103,40 @@ def test_nan_and_inf_rows_in_column_blocks():
     assert np.isnan(total) == np.isnan(np.sum(ref_loss))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(NB3 + 7, 3), (NB3 + 5, 10), (2 * NB3, 4), (2, 7, 5, 9)])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_forward_sums_as_the_fused_call(dtype, shape, softcap):
+    """A forward with class-index targets and no label smoothing sums only the exponentials
+    (`cols_sumexp`, by `exp_summand`, four classes per pass and the rest after): its losses and
+    lse are the fused call's (`cols_sums`, by `exp_nonpos`) bit for bit, with terms between the
+    exp's clamp and the smallest normal result (where the two exps round differently), subnormal
+    logits, infinities and NaN in the rows, and both match the reference."""
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal(shape) * 4).astype(np.float64)
+    xr = np.moveaxis(x, 1, -1).reshape(-1, shape[1])  # a view: rows of classes whatever the layout
+    far = -720.0 if dtype == np.float64 else -95.0  # below exp's normal range, above its clamp
+    rows = np.arange(0, xr.shape[0], 3)
+    xr[rows, rng.integers(0, shape[1], rows.size)] = xr[rows].max(axis=1) + far
+    xr[1::5, 0] = -np.inf
+    xr[2] = -np.inf  # every logit -inf: NaN
+    xr[4, 1] = np.nan
+    xr[6, -1] = np.inf
+    x = x.astype(dtype)
+    np.moveaxis(x, 1, -1).reshape(-1, shape[1])[7::11, 1] = np.finfo(dtype).smallest_subnormal
+    t = rng.integers(0, shape[1], (shape[0],) + shape[2:])
+    t.reshape(-1)[::9] = -100
+    kw = dict(reduction="none", softcap=softcap,
+              weight=rng.uniform(0.5, 2, shape[1]).astype(dtype) if shape[1] == 10 else None)
+    ref_loss, _ = naive_cross_entropy(x.astype(np.float64), t, **kw)
+    with kernel_path("columns"):
+        loss, stats = nx.cross_entropy(x, t, return_stats=True, **kw)
+        fused, fused_stats = nx.cross_entropy_with_grad(x, t, return_stats=True, **kw)[0::2]
+    np.testing.assert_array_equal(loss, fused)
+    np.testing.assert_array_equal(stats.lse, fused_stats.lse)
+    assert_close(loss, ref_loss, dtype)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_storage_in_column_blocks(dtype):
     if dtype == "bfloat16":
