@@ -115,7 +115,7 @@ def _column_steps(x, target, w, last, in_registers):
         if last >= 2:
             _columns.cols_max(x_block, 0, 0, nb, C, m, None)
         if last >= 3:
-            _columns.cols_sumexp(x_block, 0, 0, nb, C, m, s, None)  # (the forward without smoothing)
+            _columns.cols_sumexp(x_block, 0, 0, nb, C, m, s, None, 0, 0, d)  # (the forward without smoothing)
         if last >= 4:
             _columns.cols_log(s, ls, nb)
         if last >= 5:

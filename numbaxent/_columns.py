@@ -159,7 +159,7 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_ex
 
 
 @jit(inline=True)
-def cols_sumexp(X, i0, s0, nb, C, m, s, cap):
+def cols_sumexp(X, i0, s0, nb, C, m, s, cap, j0, t0, m_next):
     """`s_b = sum_c exp(x_cb - m_b)` alone: `cols_sums` for a forward with class-index targets and no
     label smoothing, which needs neither the kept exponentials nor `d` (their stores and sums were
     a third of the forward's exp-sum). By `exp_summand` (one multiply fewer than `exp_nonpos`), four
@@ -167,28 +167,41 @@ def cols_sumexp(X, i0, s0, nb, C, m, s, cap):
     order: the same bits as `cols_sums`' `s`, since the terms the two exps round differently are
     below `exp(lo_normal)` and are absorbed by the 1 of the row's maximum. 10 float32 classes, one
     thread, Zen 4: the exp-sum step 0.38-0.41 -> 0.22 ns per logit (`benchmarks/pass_profile.py
-    --columns-only`)."""
+    --columns-only`).
+
+    And the same loops take `m_next_b`, the uncapped `cols_running_max` of the `nb` rows of the
+    block at `(j0, t0)`, in the same order (so the same bits): a kernel passes the next K-dim block,
+    whose reads from memory then overlap this block's exps (8 x 21 x 512 x 512 float32, one thread:
+    the maximum and exp-sum steps 0.37 -> 0.31 ns per logit), or the block itself."""
     for b in range(nb):
         s[b] = 0
+        m_next[b] = -as_compute(np.inf, m_next)
     whole = C - C % 4
     for c in range(0, whole, 4):
         xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c + 1, s0, nb)
         xr2, xr3 = run_view(X, i0 + c + 2, s0, nb), run_view(X, i0 + c + 3, s0, nb)
+        yr, yr1 = run_view(X, j0 + c, t0, nb), run_view(X, j0 + c + 1, t0, nb)
+        yr2, yr3 = run_view(X, j0 + c + 2, t0, nb), run_view(X, j0 + c + 3, t0, nb)
         for b in range(nb):
             mb = m[b]
             e, e1 = exp_summand2(capped(load(xr[b]), cap) - mb, capped(load(xr1[b]), cap) - mb)
             e2, e3 = exp_summand2(capped(load(xr2[b]), cap) - mb, capped(load(xr3[b]), cap) - mb)
             s[b] = (((s[b] + e) + e1) + e2) + e3
+            v = max_skipnan(max_skipnan(m_next[b], load(yr[b])), load(yr1[b]))
+            m_next[b] = max_skipnan(max_skipnan(v, load(yr2[b])), load(yr3[b]))
     for c in range(whole, C - 1, 2):
         xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c + 1, s0, nb)
+        yr, yr1 = run_view(X, j0 + c, t0, nb), run_view(X, j0 + c + 1, t0, nb)
         for b in range(nb):
             mb = m[b]
             e, e1 = exp_summand2(capped(load(xr[b]), cap) - mb, capped(load(xr1[b]), cap) - mb)
             s[b] = (s[b] + e) + e1
+            m_next[b] = max_skipnan(max_skipnan(m_next[b], load(yr[b])), load(yr1[b]))
     if C % 2:  # the last class of an odd count
-        xr = run_view(X, i0 + C - 1, s0, nb)
+        xr, yr = run_view(X, i0 + C - 1, s0, nb), run_view(X, j0 + C - 1, t0, nb)
         for b in range(nb):
             s[b] += exp_summand(capped(load(xr[b]), cap) - m[b])
+            m_next[b] = max_skipnan(m_next[b], load(yr[b]))
 
 
 @jit(inline=True)
@@ -493,8 +506,9 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, in_registers, target, w, w_unif
 
     `rows_out=False` (forward for a 'sum'/'mean' caller) writes no per-row output: `loss` is
     then `(column_count(...),)` and receives each block's float64 loss sum, `row_max,
-    row_logsum, top1` are untouched. Per-row outputs of many short rows cost as much memory traffic as the logits; blocks
-    depend on `C` only, so the partial sums do not depend on the thread count."""
+    row_logsum, top1` are untouched. Per-row outputs of many short rows cost as much memory
+    traffic as the logits; blocks depend on `C` only, so the partial sums do not depend on the
+    thread count."""
     R = N * S
     eps_c = eps / C
     per_row_g = g.shape[0] == R
@@ -511,14 +525,27 @@ def index_cols_kernel(lo, hi, X, N, C, S, nbmax, in_registers, target, w, w_unif
     yv = empty(nbmax, np.int32)  # as wide as the float32 lanes its compares select in
     ok = empty(nbmax, np.bool_)
     lrow, gf, swf = empty(nbmax, np.float64), empty(nbmax, np.float64), empty(nbmax, np.float64)
+    m_next = empty(nbmax, w.dtype)
+    ahead = False  # whether `m_next` holds this block's maximum, taken by the block before's exp-sum
     for blk in range(lo, hi):
         n, i0, s0, nb, r0 = column_block(blk, N, C, S, nbmax)
         src = _block_source(X, x_block, S, n, nb, C, in_registers)
         _block_values(sw, r0, nb, per_row_sw, swf)
         if mode != BACKWARD:
-            cols_max(src, i0, s0, nb, C, m, cap)
+            if ahead:
+                for b in range(nb):
+                    m[b] = capped(m_next[b], cap)
+            else:
+                cols_max(src, i0, s0, nb, C, m, cap)
             if mode == FORWARD and eps_c == 0:  # (`d` then unused: `index_loss` reads it with smoothing only)
-                cols_sumexp(src, i0, s0, nb, C, m, s, cap)
+                # the next K-dim block's maximum in this block's exp-sum if it has as many rows (a
+                # transposed 2-D block, or a next block of another length, passes the block itself)
+                j0, t0, ahead = i0, s0, False
+                if S > 1 and blk + 1 < hi:
+                    _, i1, s1, nb1, _ = column_block(blk + 1, N, C, S, nbmax)
+                    if nb1 == nb:
+                        j0, t0, ahead = i1, s1, True
+                cols_sumexp(src, i0, s0, nb, C, m, s, cap, j0, t0, m_next)
             else:
                 cols_sums(src, None, i0, s0, nb, C, m, s, s, d, w, 1, 0, cap, True, exps)
             cols_log(s, ls, nb)

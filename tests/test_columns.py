@@ -13,6 +13,7 @@ from test_core_parity import assert_close
 
 NB3 = k.column_block_rows(3, 1)  # rows per 2-D block for C=3
 NBK3 = k.column_block_rows(3, 2)  # positions per K-dim block for C=3
+NBK5 = k.column_block_rows(5, 2)
 
 
 def _case(shape, dtype, soft, seed=0, ignore=True):
@@ -104,12 +105,14 @@ def test_nan_and_inf_rows_in_column_blocks():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
-@pytest.mark.parametrize("shape", [(NB3 + 7, 3), (NB3 + 5, 10), (2 * NB3, 4), (2, 7, 5, 9)])
+@pytest.mark.parametrize("shape", [(NB3 + 7, 3), (NB3 + 5, 10), (2 * NB3, 4), (2, 7, 5, 9), (2, 5, 2 * NBK5 + 100)])
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_forward_sums_as_the_fused_call(dtype, shape, softcap):
     """A forward with class-index targets and no label smoothing sums only the exponentials
-    (`cols_sumexp`, by `exp_summand`, four classes per pass and the rest after): its losses and
-    lse are the fused call's (`cols_sums`, by `exp_nonpos`) bit for bit, with terms between the
+    (`cols_sumexp`, by `exp_summand`, four classes per pass and the rest after), and takes the
+    next K-dim block's maximum in the same loops when it has as many positions (K-dim: blocks of
+    one length and of another, the last of each sample): its losses, maxima and lse are the
+    fused call's (`cols_max`, `cols_sums` by `exp_nonpos`) bit for bit, with terms between the
     exp's clamp and the smallest normal result (where the two exps round differently), subnormal
     logits, infinities and NaN in the rows, and both match the reference."""
     rng = np.random.default_rng(21)
@@ -134,6 +137,7 @@ def test_forward_sums_as_the_fused_call(dtype, shape, softcap):
         fused, fused_stats = nx.cross_entropy_with_grad(x, t, return_stats=True, **kw)[0::2]
     np.testing.assert_array_equal(loss, fused)
     np.testing.assert_array_equal(stats.lse, fused_stats.lse)
+    np.testing.assert_array_equal(stats.top1, fused_stats.top1)
     assert_close(loss, ref_loss, dtype)
 
 
