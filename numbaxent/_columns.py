@@ -169,39 +169,34 @@ def cols_sumexp(X, i0, s0, nb, C, m, s, cap, j0, t0, m_next):
     thread, Zen 4: the exp-sum step 0.38-0.41 -> 0.22 ns per logit (`benchmarks/pass_profile.py
     --columns-only`).
 
-    And the same loops take `m_next_b`, the uncapped `cols_running_max` of the `nb` rows of the
-    block at `(j0, t0)`, in the same order (so the same bits): a kernel passes the next K-dim block,
-    whose reads from memory then overlap this block's exps (8 x 21 x 512 x 512 float32, one thread:
-    the maximum and exp-sum steps 0.37 -> 0.31 ns per logit), or the block itself."""
+    And the same loop takes `m_next_b`, the uncapped maximum of the `nb` rows of the block at
+    `(j0, t0)`: a kernel passes the next K-dim block, whose reads from memory then overlap this
+    block's exps (8 x 21 x 512 x 512 float32, one thread: the maximum and exp-sum steps 0.37 ->
+    0.31 ns per logit), or the block itself. Its maxima are `cols_running_max`'s but for the sign
+    of a zero maximum, which changes no loss, lse or top-1.
+
+    One loop, whose last group of fewer than four classes reads its first class again for the
+    rest and adds 0 for them (a max taken twice is the same max): 21 classes, 24 exps per row. With
+    loops of its own for the last pair and odd class, the K-dim forward was 5% faster and the
+    column kernel's first call 7% slower (`benchmarks/compile_pairs.py`, both orders)."""
     for b in range(nb):
         s[b] = 0
         m_next[b] = -as_compute(np.inf, m_next)
-    whole = C - C % 4
-    for c in range(0, whole, 4):
-        xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c + 1, s0, nb)
-        xr2, xr3 = run_view(X, i0 + c + 2, s0, nb), run_view(X, i0 + c + 3, s0, nb)
-        yr, yr1 = run_view(X, j0 + c, t0, nb), run_view(X, j0 + c + 1, t0, nb)
-        yr2, yr3 = run_view(X, j0 + c + 2, t0, nb), run_view(X, j0 + c + 3, t0, nb)
+    for c in range(0, C, 4):  # a last group of fewer than 4 reads its first class again, adding 0 for it
+        k1, k2, k3 = c + 1 < C, c + 2 < C, c + 3 < C
+        c1, c2, c3 = c + 1 if k1 else c, c + 2 if k2 else c, c + 3 if k3 else c
+        xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c1, s0, nb)
+        xr2, xr3 = run_view(X, i0 + c2, s0, nb), run_view(X, i0 + c3, s0, nb)
+        yr, yr1 = run_view(X, j0 + c, t0, nb), run_view(X, j0 + c1, t0, nb)
+        yr2, yr3 = run_view(X, j0 + c2, t0, nb), run_view(X, j0 + c3, t0, nb)
+        z = compute_zero(s)
         for b in range(nb):
             mb = m[b]
             e, e1 = exp_summand2(capped(load(xr[b]), cap) - mb, capped(load(xr1[b]), cap) - mb)
             e2, e3 = exp_summand2(capped(load(xr2[b]), cap) - mb, capped(load(xr3[b]), cap) - mb)
-            s[b] = (((s[b] + e) + e1) + e2) + e3
+            s[b] = (((s[b] + e) + (e1 if k1 else z)) + (e2 if k2 else z)) + (e3 if k3 else z)
             v = max_skipnan(max_skipnan(m_next[b], load(yr[b])), load(yr1[b]))
             m_next[b] = max_skipnan(max_skipnan(v, load(yr2[b])), load(yr3[b]))
-    for c in range(whole, C - 1, 2):
-        xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c + 1, s0, nb)
-        yr, yr1 = run_view(X, j0 + c, t0, nb), run_view(X, j0 + c + 1, t0, nb)
-        for b in range(nb):
-            mb = m[b]
-            e, e1 = exp_summand2(capped(load(xr[b]), cap) - mb, capped(load(xr1[b]), cap) - mb)
-            s[b] = (s[b] + e) + e1
-            m_next[b] = max_skipnan(max_skipnan(m_next[b], load(yr[b])), load(yr1[b]))
-    if C % 2:  # the last class of an odd count
-        xr, yr = run_view(X, i0 + C - 1, s0, nb), run_view(X, j0 + C - 1, t0, nb)
-        for b in range(nb):
-            s[b] += exp_summand(capped(load(xr[b]), cap) - m[b])
-            m_next[b] = max_skipnan(m_next[b], load(yr[b]))
 
 
 @jit(inline=True)
