@@ -158,7 +158,7 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_ex
                 a[b] += wc * (tr[b] * t_scale + t_shift)
 
 
-@jit(inline=True)
+@jit()
 def cols_sumexp(X, i0, s0, nb, C, m, s, cap, j0, t0, m_next):
     """`s_b = sum_c exp(x_cb - m_b)` alone: `cols_sums` for a forward with class-index targets and no
     label smoothing, which needs neither the kept exponentials nor `d` (their stores and sums were
