@@ -339,6 +339,35 @@ def test_nonfinite_rows_follow_pytorch_and_stay_out_of_calibration(each_kernel_p
     assert np.isfinite(res.entropy)  # 0 log 0 = 0
 
 
+@pytest.mark.parametrize("C, eps", [(4, 0.0), (5, 0.1)])
+def test_kdim_over_several_blocks_a_sample(C, eps):
+    """K-dim logits over several column blocks a sample and a shorter last one: ties for the
+    maximum (the predicted class and ranks), rows with -inf entries and rows of negative logits
+    only, the maximum in the last class, an even and an odd class count, with and without label
+    smoothing, against the reference; NaN rows counted as non-finite wherever they sit."""
+    from numbaxent import _kernels
+
+    nb = _kernels.column_block_rows(C, 2)
+    S = 2 * nb + 37
+    rng = np.random.default_rng(C)
+    x = np.round(2 * rng.standard_normal((2, C, S)))  # integers: many ties
+    x[0, 0, nb + 5 : nb + 40] = -np.inf if eps == 0 else -60.0  # in the second block
+    # (-inf only without smoothing, which sees it: a loss of inf, as PyTorch's)
+    x[1, :, 2 * nb + 3] = -np.abs(x[1, :, 2 * nb + 3]) - 1.0
+    x[1, C - 1, nb + 9] = 9.0  # the maximum in the last class
+    t = rng.integers(0, C, (2, S))
+    t[:, ::11] = -100
+    t[0, nb + 5 : nb + 40] = 1  # (not the -inf class: finite losses)
+    flat_x = np.moveaxis(x, 1, -1).reshape(-1, C)
+    res = Evaluator(C, label_smoothing=eps, topk=(1, 2)).update(x, t).result()
+    ref = reference(flat_x, t.reshape(-1), C, eps=eps, topk=(1, 2))
+    assert_matches(res, ref, rtol=1e-12)
+    xn = x.copy()
+    xn[0, 2, nb + 50] = xn[1, 1, 7] = xn[1, 0, nb + 1] = np.nan
+    assert Evaluator(C).update(xn, t).result().n_nonfinite == sum(t.reshape(-1)[i] != -100 for i in
+                                                                   (nb + 50, S + 7, S + nb + 1))
+
+
 # -- layouts and dtypes --------------------------------------------------------------------------------
 def test_kdim_fortran_and_unbatched_inputs():
     rng = np.random.default_rng(7)
