@@ -337,7 +337,7 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
             for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
                 v = capped(load(xr[b]), cap)
                 first[b] = min_int(first[b], c32 if (v == m[b]) & (v > low) else none)
-                gt[b] += one if (v > xy[b]) | ((v == xy[b]) & (c < yv[b])) else zero
+                gt[b] += one if (v > xy[b]) | ((v == xy[b]) & (c32 < yv[b])) else zero
         else:
             for b in range(nb):
                 v = capped(load(xr[b]), cap)
@@ -459,7 +459,7 @@ def metrics_cols(lo, hi, ntasks, group_blocks, x, in_registers, target, w, w_uni
     ls = compute_scratch(nbmax, x)
     xy = compute_scratch(nbmax, x)
     wy = compute_scratch(nbmax, x)
-    yv = empty(nbmax, np.int64)
+    yv = empty(nbmax, np.int32)  # int32 lanes, as wide as the float32 compares they meet (as the core's)
     ok = empty(nbmax, np.bool_)
     first = empty(nbmax, np.int32)  # int32 lanes: as wide as the float32 compares that feed them
     gt = empty(nbmax, np.int32)
