@@ -5,8 +5,8 @@ Run it in a fresh process with an empty kernel cache (it refuses a warm one unle
     python benchmarks/compile_profile.py [--case NAME ...] [--top 25]
 
 Cases are first calls a new user makes (``f32-2d``, ``f32-long``, ``f64-kdim-ls``, ``f32-10cls``, ``linear``,
-``evaluator``). Stage times are *exclusive*: a callee compiled while its caller is being typed is counted
-under the callee, not inside the caller's type inference. Stages:
+``evaluator``, ``evaluator-10cls``). Stage times are *exclusive*: a callee compiled while its caller
+is being typed is counted under the callee, not inside the caller's type inference. Stages:
 
 - Numba front end: bytecode analysis, IR passes, type inference (``NopythonTypeInference``),
   IR-level inlining (``InlineOverloads``/``InlineInlinables``), the parfors passes (``ParforPass``,
@@ -73,6 +73,12 @@ def _cases():
         ev.update(rng.standard_normal((64, 1000), dtype=np.float32), rng.integers(0, 1000, 64))
         ev.result()
 
+    def evaluator_10cls():  # the column path
+        import numbaxent as nx
+        ev = nx.Evaluator(10)
+        ev.update(rng.standard_normal((256, 10), dtype=np.float32), rng.integers(0, 10, 256))
+        ev.result()
+
     def evaluator_long():  # rows summed in chunks
         import numbaxent as nx
         ev = nx.Evaluator(32000)
@@ -81,7 +87,7 @@ def _cases():
 
     return {"f32-2d": f32_2d, "f32-long": f32_long, "f64-kdim-ls": f64_kdim_ls, "f32-10cls": f32_10cls,
             "f32-4cls": f32_4cls, "linear": linear,
-            "evaluator": evaluator, "evaluator-long": evaluator_long}
+            "evaluator": evaluator, "evaluator-10cls": evaluator_10cls, "evaluator-long": evaluator_long}
 
 
 class Profile:
