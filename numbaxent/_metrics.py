@@ -320,7 +320,7 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
     the lowest `c` with `x_c > ` every earlier entry; `C` when no entry exceeds `-inf`) and, when
     `count`, `gt = #{c : x_c > x_y} + #{c < y : x_c == x_y}`, the target's rank in a stable
     `argsort(-x)` (for a non-NaN `x_y`)."""
-    one, zero, none = np.int32(1), np.int32(0), np.int32(C)
+    zero, none = np.int32(0), np.int32(C)
     low = -as_compute(np.inf, m)
     for b in range(nb):
         first[b] = none
@@ -330,18 +330,41 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
     # `first` as the least `c` with `x_c == m > -inf`, by a min over the (cached) block: tracked
     # as `first[b] = c if v > m[b] else first[b]` in the maximum's pass, LLVM made it a masked
     # store, microcoded on AMD (see _columns.cols_max)
-    for c in range(C):
-        xr = run_view(X, i0 + c, s0, nb)
-        c32 = np.int32(c)
+    # four classes per pass (`first` and `gt` loaded and stored once per four class runs); a last
+    # group of fewer reads its first class again, which changes no minimum and adds 0 to `gt`
+    for c in range(0, C, 4):
+        k1, k2, k3 = c + 1 < C, c + 2 < C, c + 3 < C
+        c1, c2, c3 = c + 1 if k1 else c, c + 2 if k2 else c, c + 3 if k3 else c
+        xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c1, s0, nb)
+        xr2, xr3 = run_view(X, i0 + c2, s0, nb), run_view(X, i0 + c3, s0, nb)
+        q0, q1, q2, q3 = np.int32(c), np.int32(c1), np.int32(c2), np.int32(c3)
         if count:
             for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
-                v = capped(load(xr[b]), cap)
-                first[b] = min_int(first[b], c32 if (v == m[b]) & (v > low) else none)
-                gt[b] += one if (v > xy[b]) | ((v == xy[b]) & (c32 < yv[b])) else zero
+                mb, xb, yb = m[b], xy[b], yv[b]
+                f0, g0 = _rank_terms(capped(load(xr[b]), cap), q0, mb, xb, yb, low, none)
+                f1, g1 = _rank_terms(capped(load(xr1[b]), cap), q1, mb, xb, yb, low, none)
+                f2, g2 = _rank_terms(capped(load(xr2[b]), cap), q2, mb, xb, yb, low, none)
+                f3, g3 = _rank_terms(capped(load(xr3[b]), cap), q3, mb, xb, yb, low, none)
+                first[b] = min_int(min_int(first[b], f0), min_int(min_int(f1, f2), f3))
+                gt[b] += (g0 + (g1 if k1 else zero)) + ((g2 if k2 else zero) + (g3 if k3 else zero))
         else:
             for b in range(nb):
-                v = capped(load(xr[b]), cap)
-                first[b] = min_int(first[b], c32 if (v == m[b]) & (v > low) else none)
+                mb, xb, yb = m[b], xy[b], yv[b]
+                f0, _ = _rank_terms(capped(load(xr[b]), cap), q0, mb, xb, yb, low, none)
+                f1, _ = _rank_terms(capped(load(xr1[b]), cap), q1, mb, xb, yb, low, none)
+                f2, _ = _rank_terms(capped(load(xr2[b]), cap), q2, mb, xb, yb, low, none)
+                f3, _ = _rank_terms(capped(load(xr3[b]), cap), q3, mb, xb, yb, low, none)
+                first[b] = min_int(min_int(first[b], f0), min_int(min_int(f1, f2), f3))
+
+
+@jit(inline=True)
+def _rank_terms(v, c, mb, xb, yb, low, none):
+    """Class `c`'s terms of `cols_max_rank`: `c` if it holds the row's maximum `mb` (above `-inf`)
+    else `none`, for the first maximum's min; 1 if it ranks before the target (`x_c > x_y`, or
+    equal and `c < y`) else 0, for the target's rank."""
+    f = c if (v == mb) & (v > low) else none
+    g = np.int32(1) if (v > xb) | ((v == xb) & (c < yb)) else np.int32(0)
+    return f, g
 
 
 @jit()
