@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from numbaxent._math import (as_2d, as_compute, clear, col_run, compute_scratch, empty, exp, exp_nonpos, exp_nonpos2,
-                             exp_nonpos_bits, exp_summand, exp_summand_bits, float_bits, from_float_bits, log,
+                             exp_nonpos_bits, exp_summand, exp_summand2, exp_summand_bits, float_bits, from_float_bits,
+                             log,
                              max_int, max_skipnan, min_int, rows_flat, run_view, span, store)
 from numbaxent._rows import bits_max_min, max_start, next_row_max
 
@@ -125,24 +126,31 @@ def test_bits_variants_give_the_same_bits_for_every_number(dtype, plain, bits):
 
 
 @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
-def _apply_pairs(a, b, out_a, out_b):
+def _apply_pairs(a, b, out_a, out_b, summand):
     for i in range(a.shape[0]):
-        out_a[i], out_b[i] = exp_nonpos2(a[i], b[i])
+        if summand:
+            out_a[i], out_b[i] = exp_summand2(a[i], b[i])
+        else:
+            out_a[i], out_b[i] = exp_nonpos2(a[i], b[i])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_exp_nonpos2_is_exp_nonpos_twice_bit_for_bit(dtype):
+@pytest.mark.parametrize("summand", [False, True], ids=["exp_nonpos2", "exp_summand2"])
+def test_paired_exps_are_the_single_ones_bit_for_bit(dtype, summand):
+    """`exp_nonpos2` and `exp_summand2` (two evaluations interleaved) give `exp_nonpos`'s and
+    `exp_summand`'s bits for each argument, NaN and the clamps included."""
     rng = np.random.default_rng(2)
     lo = -110.0 if dtype == np.float32 else -760.0
     special = np.array([0.0, -0.0, -np.inf, np.nan, lo * 2, lo], dtype=dtype)
     a = np.concatenate([rng.uniform(lo, 0, 3001), -np.exp(rng.uniform(-30, 3, 500)), special]).astype(dtype)
     b = rng.permutation(a)
     pa, pb, ra, rb = (np.empty_like(a) for _ in range(4))
-    _apply_pairs(a, b, pa, pb)
-    _apply(a, 1, ra)
-    _apply(b, 1, rb)
+    _apply_pairs(a, b, pa, pb, summand)
+    _apply(a, 3 if summand else 1, ra)
+    _apply(b, 3 if summand else 1, rb)
     assert pa.tobytes() == ra.tobytes() and pb.tobytes() == rb.tobytes()
-    assert _ulp_error(pa[np.isfinite(a)], a[np.isfinite(a)], np.exp, dtype).max() <= 1.0
+    if not summand:
+        assert _ulp_error(pa[np.isfinite(a)], a[np.isfinite(a)], np.exp, dtype).max() <= 1.0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
