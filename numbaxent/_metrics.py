@@ -47,7 +47,7 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
+from ._columns import (_block_source, class_group, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
                        column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
 from ._rows import (H_FLOOR, ahead_bits, chunk_bits, chunk_scratch, chunk_weight_sums, eval_row_pass, max_start,
                     next_row_max_skipnan, rescaled_sums, row_eval_sums, row_is_top1)
@@ -334,11 +334,9 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
     # 256 x 256, one thread, Zen 4); a last group of fewer reads its first class again, which
     # changes no minimum and adds 0 to `gt`
     for c in range(0, C, 4):
-        k1, k2, k3 = c + 1 < C, c + 2 < C, c + 3 < C
-        c1, c2, c3 = c + 1 if k1 else c, c + 2 if k2 else c, c + 3 if k3 else c
-        xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c1, s0, nb)
-        xr2, xr3 = run_view(X, i0 + c2, s0, nb), run_view(X, i0 + c3, s0, nb)
-        q0, q1, q2, q3 = np.int32(c), np.int32(c1), np.int32(c2), np.int32(c3)
+        xr, xr1, xr2, xr3, k1, k2, k3 = class_group(X, i0, s0, nb, c, C)
+        q0 = np.int32(c)  # (a class given again is `c` again: its rank terms are counted once)
+        q1, q2, q3 = np.int32(c + 1) if k1 else q0, np.int32(c + 2) if k2 else q0, np.int32(c + 3) if k3 else q0
         if count:
             for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
                 f, g = _rank_group(xr, xr1, xr2, xr3, b, q0, q1, q2, q3, k1, k2, k3, m[b], xy[b], yv[b], cap,
