@@ -158,19 +158,6 @@ def cols_sums(X, T, i0, s0, nb, C, m, s, a, d, w, t_scale, t_shift, cap, need_ex
                 a[b] += wc * (tr[b] * t_scale + t_shift)
 
 
-@jit(inline=True)
-def class_group(X, i0, s0, nb, c, C):
-    """The runs of classes `c .. c+3` of a block, `(x0, x1, x2, x3, k1, k2, k3)`, for loops that take
-    four classes per pass: `k1..k3` tell whether classes `c+1..c+3` exist; a class past the last
-    is given as class `c`'s run again (a loop adds 0 for it, or takes a maximum or minimum twice)."""
-    k1, k2, k3 = c + 1 < C, c + 2 < C, c + 3 < C
-    x0 = run_view(X, i0 + c, s0, nb)
-    x1 = run_view(X, i0 + c + 1, s0, nb) if k1 else x0
-    x2 = run_view(X, i0 + c + 2, s0, nb) if k2 else x0
-    x3 = run_view(X, i0 + c + 3, s0, nb) if k3 else x0
-    return x0, x1, x2, x3, k1, k2, k3
-
-
 @jit()
 def cols_sumexp(X, i0, s0, nb, C, m, s, cap, j0, t0, m_next):
     """`s_b = sum_c exp(x_cb - m_b)` alone: `cols_sums` for a forward with class-index targets and no
@@ -196,8 +183,12 @@ def cols_sumexp(X, i0, s0, nb, C, m, s, cap, j0, t0, m_next):
         s[b] = 0
         m_next[b] = -as_compute(np.inf, m_next)
     for c in range(0, C, 4):  # a last group of fewer than 4 reads its first class again, adding 0 for it
-        xr, xr1, xr2, xr3, k1, k2, k3 = class_group(X, i0, s0, nb, c, C)
-        yr, yr1, yr2, yr3, _, _, _ = class_group(X, j0, t0, nb, c, C)
+        k1, k2, k3 = c + 1 < C, c + 2 < C, c + 3 < C
+        c1, c2, c3 = c + 1 if k1 else c, c + 2 if k2 else c, c + 3 if k3 else c
+        xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c1, s0, nb)
+        xr2, xr3 = run_view(X, i0 + c2, s0, nb), run_view(X, i0 + c3, s0, nb)
+        yr, yr1 = run_view(X, j0 + c, t0, nb), run_view(X, j0 + c1, t0, nb)
+        yr2, yr3 = run_view(X, j0 + c2, t0, nb), run_view(X, j0 + c3, t0, nb)
         z = compute_zero(s)
         for b in range(nb):
             mb = m[b]

@@ -47,7 +47,7 @@ import math
 import numpy as np
 
 from ._jit import jit
-from ._columns import (_block_source, class_group, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
+from ._columns import (_block_source, cols_log, cols_running_max, cols_target_logits, cols_target_rows,
                        column_block, column_block_rows, column_count, column_views, shifted_exp_pair)
 from ._rows import (H_FLOOR, ahead_bits, chunk_bits, chunk_scratch, chunk_weight_sums, eval_row_pass, max_start,
                     next_row_max_skipnan, rescaled_sums, row_eval_sums, row_is_top1)
@@ -320,7 +320,7 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
     the lowest `c` with `x_c > ` every earlier entry; `C` when no entry exceeds `-inf`) and, when
     `count`, `gt = #{c : x_c > x_y} + #{c < y : x_c == x_y}`, the target's rank in a stable
     `argsort(-x)` (for a non-NaN `x_y`)."""
-    none = np.int32(C)
+    zero, none = np.int32(0), np.int32(C)
     low = -as_compute(np.inf, m)
     for b in range(nb):
         first[b] = none
@@ -332,36 +332,32 @@ def cols_max_rank(X, i0, s0, nb, C, xy, yv, cap, count, m, first, gt):
     # store, microcoded on AMD (see _columns.cols_max). Four classes per pass (`first` and `gt`
     # loaded and stored once per four class runs: the step 0.47 -> 0.41 ns per logit on 8 x 21 x
     # 256 x 256, one thread, Zen 4); a last group of fewer reads its first class again, which
-    # changes no minimum and adds 0 to `gt`
+    # changes no minimum and adds 0 to `gt`. The two loops repeat their four `_rank_terms` on
+    # purpose: helpers for the group's terms and for its runs cost the column evaluator's first
+    # call 8% and the core's 3% (`benchmarks/compile_pairs.py`, both orders)
     for c in range(0, C, 4):
-        xr, xr1, xr2, xr3, k1, k2, k3 = class_group(X, i0, s0, nb, c, C)
-        q0 = np.int32(c)  # (a class given again is `c` again: its rank terms are counted once)
-        q1, q2, q3 = np.int32(c + 1) if k1 else q0, np.int32(c + 2) if k2 else q0, np.int32(c + 3) if k3 else q0
+        k1, k2, k3 = c + 1 < C, c + 2 < C, c + 3 < C
+        c1, c2, c3 = c + 1 if k1 else c, c + 2 if k2 else c, c + 3 if k3 else c
+        xr, xr1 = run_view(X, i0 + c, s0, nb), run_view(X, i0 + c1, s0, nb)
+        xr2, xr3 = run_view(X, i0 + c2, s0, nb), run_view(X, i0 + c3, s0, nb)
+        q0, q1, q2, q3 = np.int32(c), np.int32(c1), np.int32(c2), np.int32(c3)
         if count:
             for b in range(nb):  # '&'/'|', not 'and'/'or': no branches, so the loop vectorises
-                f, g = _rank_group(xr, xr1, xr2, xr3, b, q0, q1, q2, q3, k1, k2, k3, m[b], xy[b], yv[b], cap,
-                                   low, none)
-                first[b] = min_int(first[b], f)
-                gt[b] += g
+                mb, xb, yb = m[b], xy[b], yv[b]
+                f0, g0 = _rank_terms(capped(load(xr[b]), cap), q0, mb, xb, yb, low, none)
+                f1, g1 = _rank_terms(capped(load(xr1[b]), cap), q1, mb, xb, yb, low, none)
+                f2, g2 = _rank_terms(capped(load(xr2[b]), cap), q2, mb, xb, yb, low, none)
+                f3, g3 = _rank_terms(capped(load(xr3[b]), cap), q3, mb, xb, yb, low, none)
+                first[b] = min_int(min_int(first[b], f0), min_int(min_int(f1, f2), f3))
+                gt[b] += (g0 + (g1 if k1 else zero)) + ((g2 if k2 else zero) + (g3 if k3 else zero))
         else:
-            for b in range(nb):  # (the rank's terms unused: LLVM drops them)
-                f, _ = _rank_group(xr, xr1, xr2, xr3, b, q0, q1, q2, q3, k1, k2, k3, m[b], xy[b], yv[b], cap,
-                                   low, none)
-                first[b] = min_int(first[b], f)
-
-
-@jit(inline=True)
-def _rank_group(xr, xr1, xr2, xr3, b, q0, q1, q2, q3, k1, k2, k3, mb, xb, yb, cap, low, none):
-    """`_rank_terms` of row `b` over a group of four class runs (classes `q0..q3`; `k1..k3`: whether
-    the last three are real classes, not the first read again): the least class holding the
-    maximum, and the count of classes ranking before the target."""
-    f0, g0 = _rank_terms(capped(load(xr[b]), cap), q0, mb, xb, yb, low, none)
-    f1, g1 = _rank_terms(capped(load(xr1[b]), cap), q1, mb, xb, yb, low, none)
-    f2, g2 = _rank_terms(capped(load(xr2[b]), cap), q2, mb, xb, yb, low, none)
-    f3, g3 = _rank_terms(capped(load(xr3[b]), cap), q3, mb, xb, yb, low, none)
-    zero = np.int32(0)
-    g = (g0 + (g1 if k1 else zero)) + ((g2 if k2 else zero) + (g3 if k3 else zero))
-    return min_int(min_int(f0, f1), min_int(f2, f3)), g
+            for b in range(nb):
+                mb, xb, yb = m[b], xy[b], yv[b]
+                f0, _ = _rank_terms(capped(load(xr[b]), cap), q0, mb, xb, yb, low, none)
+                f1, _ = _rank_terms(capped(load(xr1[b]), cap), q1, mb, xb, yb, low, none)
+                f2, _ = _rank_terms(capped(load(xr2[b]), cap), q2, mb, xb, yb, low, none)
+                f3, _ = _rank_terms(capped(load(xr3[b]), cap), q3, mb, xb, yb, low, none)
+                first[b] = min_int(min_int(first[b], f0), min_int(min_int(f1, f2), f3))
 
 
 @jit(inline=True)
