@@ -179,6 +179,7 @@ def cols_sumexp(X, i0, s0, nb, C, m, s, cap, j0, t0, m_next):
     rest and adds 0 for them (a max taken twice is the same max): 21 classes, 24 exps per row. With
     loops of its own for the last pair and odd class, the K-dim forward was 5% faster and the
     column kernel's first call 7% slower (`benchmarks/compile_pairs.py`, both orders)."""
+    z = compute_zero(s)
     for b in range(nb):
         s[b] = 0
         m_next[b] = -as_compute(np.inf, m_next)
@@ -189,7 +190,6 @@ def cols_sumexp(X, i0, s0, nb, C, m, s, cap, j0, t0, m_next):
         xr2, xr3 = run_view(X, i0 + c2, s0, nb), run_view(X, i0 + c3, s0, nb)
         yr, yr1 = run_view(X, j0 + c, t0, nb), run_view(X, j0 + c1, t0, nb)
         yr2, yr3 = run_view(X, j0 + c2, t0, nb), run_view(X, j0 + c3, t0, nb)
-        z = compute_zero(s)
         for b in range(nb):
             mb = m[b]
             e, e1 = exp_summand2(capped(load(xr[b]), cap) - mb, capped(load(xr1[b]), cap) - mb)

@@ -85,23 +85,21 @@ def row_sumexp(row, m, cap, stash, keep_exp, nxt):
     `exp_nonpos_bits` (`nonpos_and_probe`; fused calls 5-7% faster)."""
     s = compute_zero(row)
     hi, lo = max_start(row)
+    q = compute_zero(row)  # the NaN probes' sum (`summand_and_probe`)
     if keep_exp:
-        q = compute_zero(row)
         for j in range(row.shape[0]):
             e, qj = nonpos_and_probe(capped(load(row[j]), cap) - m, row)
             s += e
             q += qj
             stash[j] = e
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-        s = nan_if_probed(s, q)
     else:
-        q = compute_zero(row)
         for j in range(row.shape[0]):
             e, qj = summand_and_probe(capped(load(row[j]), cap) - m, row)
             s += e
             q += qj
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-        s = nan_if_probed(s, q)
+    s = nan_if_probed(s, q)
     return s, (hi, lo)
 
 
@@ -113,8 +111,8 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
     s = compute_zero(row)
     d = compute_zero(row)
     hi, lo = max_start(row)
+    q = compute_zero(row)  # the NaN probes' sum (`summand_and_probe`)
     if keep_exp:  # two loops, as in row_sumexp
-        q = compute_zero(row)
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             e, qj = nonpos_and_probe(v, row)
@@ -123,9 +121,7 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
             d += w[j] * v
             stash[j] = e
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-        s = nan_if_probed(s, q)
     else:
-        q = compute_zero(row)
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             e, qj = summand_and_probe(v, row)
@@ -133,7 +129,7 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
             q += qj
             d += w[j] * v
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-        s = nan_if_probed(s, q)
+    s = nan_if_probed(s, q)
     return s, d, (hi, lo)
 
 
@@ -159,8 +155,8 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt):
     a = compute_zero(row)
     d = compute_zero(row)
     hi, lo = max_start(row)
+    q = compute_zero(row)  # the NaN probes' sum (`summand_and_probe`)
     if keep_exp:  # two loops, as in row_sumexp
-        q = compute_zero(row)
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * t_scale + t_shift)
@@ -171,9 +167,7 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt):
             d += wt * v
             stash[j] = e
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-        s = nan_if_probed(s, q)
     else:
-        q = compute_zero(row)
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             wt = w[j] * (trow[j] * t_scale + t_shift)
@@ -183,7 +177,7 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt):
             a += wt
             d += wt * v
             hi, lo = bits_max_min(hi, lo, load(nxt[j]))
-        s = nan_if_probed(s, q)
+    s = nan_if_probed(s, q)
     return s, a, d, (hi, lo)
 
 
