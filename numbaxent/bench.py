@@ -8,8 +8,10 @@ fastest depends on the CPU and the dtype, and the table names the one kept); for
 `np.copyto(grad, logits)` (one read, one write). numbaxent's forward+backward writes into a
 preallocated gradient (`out=`), like the floor; PyTorch and JAX allocate theirs. JAX computes a
 float64 case in float64 (`jax_enable_x64` is set for that case and restored afterwards). Each
-figure is the median (and min) of `--repeat` runs after a warm-up. Every table starts with the CPU
-it was measured on (lscpu's model name, vendor family/model, LLVM's CPU name, AVX2 or AVX-512).
+figure is the median (and min) of `--repeat` calls after a warm-up, taken in rounds that call
+every function of the case once each, so a shared machine's drift reaches all of them alike.
+Every table starts with the CPU it was measured on (lscpu's model name, vendor family/model,
+LLVM's CPU name, AVX2 or AVX-512).
 
     numbaxent bench                                  # the whole matrix, 1 and all threads
     numbaxent bench --cases S1,S3 --repeat 5 --markdown perf.md --plot perf.png
@@ -30,11 +32,10 @@ import sys
 import numpy as np
 
 from . import _api
-from .bench_cases import (CASES, case_unavailable, cpu_info, cpu_line, make_case,
-                          numpy_cross_entropy_with_grad, timings)
+from .bench_cases import (CASES, case_unavailable, cpu_info, cpu_line, interleaved_timings,
+                          make_case, numpy_cross_entropy_with_grad)
 
-def _timeit(fn, repeat):
-    ts = timings(fn, repeat)
+def _median_min(ts):
     return float(np.median(ts)), float(np.min(ts))
 
 
@@ -67,12 +68,14 @@ def read_floor_candidates(x) -> dict:
 
 def read_floor(x, repeat):
     """(median s, min s, name) of the fastest of `read_floor_candidates(x)` (by median)."""
-    best = None
-    for name, fn in read_floor_candidates(x).items():
-        t = _timeit(fn, repeat)
-        if best is None or t[0] < best[0]:
-            best = (*t, name)
-    return best
+    ts = interleaved_timings(read_floor_candidates(x), repeat)
+    return _fastest_floor(ts)
+
+
+def _fastest_floor(ts):
+    """(median s, min s, name) of the read-floor candidate with the lowest median in `ts`."""
+    name = min(ts, key=lambda k: np.median(ts[k]))
+    return (*_median_min(ts[name]), name)
 
 
 def _torch_fns(x, t, kw):
@@ -168,30 +171,37 @@ def _set_threads(n):
 
 
 def run_case(name, threads, repeat, quick=False):
+    """Every figure of one case at `threads` threads: {key: (median s, min s)} plus the case's
+    description. All of the case's functions (the floor candidates, numbaxent, NumPy, PyTorch,
+    JAX) are timed in rounds, one call of each per round (`interleaved_timings`), so the ratios
+    between them are taken side by side even when the machine's speed drifts."""
     x, t, kw = make_case(name, quick)
     grad = np.empty_like(x)
     _set_threads(threads)
     r = {"case": name, "threads": threads, "desc": CASES[name][0], "shape": x.shape,
          "dtype": x.dtype.name}
-    med, low, r["floor_fwd_op"] = read_floor(x, repeat)
-    r["floor_fwd"] = (med, low)
-    r["floor_fb"] = _timeit(lambda: np.copyto(grad, x), repeat)
-    r["nx_fwd"] = _timeit(lambda: _api.cross_entropy(x, t, **kw), repeat)
-    r["nx_fb"] = _timeit(lambda: _api.cross_entropy_with_grad(x, t, out=grad, **kw), repeat)
+    floors = {f"floor:{k}": fn for k, fn in read_floor_candidates(x).items()}
+    fns = {**floors, "floor_fb": lambda: np.copyto(grad, x),
+           "nx_fwd": lambda: _api.cross_entropy(x, t, **kw),
+           "nx_fb": lambda: _api.cross_entropy_with_grad(x, t, out=grad, **kw)}
+    fewer = {}
     if x.dtype.name != "bfloat16":
-        r["numpy_fb"] = _timeit(lambda: numpy_cross_entropy_with_grad(x, t, **kw), max(1, repeat // 2))
+        fns["numpy_fb"] = lambda: numpy_cross_entropy_with_grad(x, t, **kw)
+        fewer["numpy_fb"] = max(1, repeat // 2)  # seconds a call on the large cases
     for lib, (fwd, fb) in _torch_fns(x, t, kw).items():
-        r[f"{lib}_fwd"] = _timeit(fwd, repeat)
-        r[f"{lib}_fb"] = _timeit(fb, repeat)
-    with _jax_dtype(x):
+        fns[f"{lib}_fwd"], fns[f"{lib}_fb"] = fwd, fb
+    with _jax_dtype(x):  # JAX's calls stay inside: a float64 case runs with jax_enable_x64 on
         try:
             for lib, (fwd, fb) in _jax_fns(x, t, kw).items():
-                r[f"{lib}_fwd"] = _timeit(fwd, repeat)
-                r[f"{lib}_fb"] = _timeit(fb, repeat)
+                fns[f"{lib}_fwd"], fns[f"{lib}_fb"] = fwd, fb
                 if lib == "jax":
                     r["jax_dtype"] = x.dtype.name
         except _NotInDtype as e:
             r["jax_skip"] = str(e)
+        ts = interleaved_timings(fns, repeat, fewer)
+    med, low, r["floor_fwd_op"] = _fastest_floor({k.split(":", 1)[1]: ts.pop(k) for k in floors})
+    r["floor_fwd"] = (med, low)
+    r.update({k: _median_min(v) for k, v in ts.items()})
     return r
 
 

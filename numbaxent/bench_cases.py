@@ -133,6 +133,28 @@ def timings(fn, repeat: int, warmup: bool = True) -> list:
     return ts
 
 
+def interleaved_timings(fns: dict, repeat: int, fewer: dict | None = None) -> dict:
+    """Seconds of `repeat` calls of each of `fns` ({name: zero-argument function}), taken in
+    rounds: one warm-up call of each, then each round times one call of every function in turn.
+
+    So the figures of one case see the same machine: on a shared machine whose speed drifts by
+    tens of percent within a minute, timing each function's calls in a block of its own puts the
+    drift into the ratios between them. `fewer` ({name: n}) times a slow function only in the
+    first `n` rounds. Returns {name: [seconds, ...]}.
+    """
+    fewer = fewer or {}
+    for fn in fns.values():
+        fn()
+    ts = {name: [] for name in fns}
+    for k in range(repeat):
+        for name, fn in fns.items():
+            if k < fewer.get(name, repeat):
+                t0 = time.perf_counter()
+                fn()
+                ts[name].append(time.perf_counter() - t0)
+    return ts
+
+
 def _cpuinfo_fields() -> dict:
     """The first processor's fields of /proc/cpuinfo (Linux), or {}."""
     try:

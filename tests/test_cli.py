@@ -176,6 +176,31 @@ def _proc_cpuinfo():
                 (ln.partition(":") for ln in first.splitlines()))
 
 
+def test_bench_times_a_case_in_rounds_of_one_call_each():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    ts = bench_cases.interleaved_timings(fns, 3, fewer={"c": 1})
+    # a warm-up call of each, then rounds; the slow one only in the first round
+    assert "".join(calls) == "abc" + "abc" + "ab" + "ab"
+    assert {k: len(v) for k, v in ts.items()} == {"a": 3, "b": 3, "c": 1}
+    assert all(t >= 0 for v in ts.values() for t in v)
+
+
+def test_bench_row_keeps_the_fastest_floor_by_median(monkeypatch):
+    import numba
+
+    slow = {"floor:add": [3.0, 0.4, 3.0], "floor:or/uint32": [2.0, 0.5, 2.0]}
+    fake = {**slow, "floor_fb": [4.0], "nx_fwd": [5.0, 7.0, 6.0], "nx_fb": [8.0]}
+    monkeypatch.setattr(bench, "interleaved_timings", lambda fns, repeat, fewer=None: {
+        k: fake.get(k, [1.0]) for k in fns})
+    monkeypatch.setattr(bench, "read_floor_candidates", lambda x: {
+        "add": None, "or/uint32": None})
+    row = bench.run_case("S4", numba.get_num_threads(), 3, quick=True)
+    assert row["floor_fwd_op"] == "or/uint32" and row["floor_fwd"] == (2.0, 0.5)
+    assert row["nx_fwd"] == (6.0, 5.0) and row["nx_fb"] == (8.0, 8.0)
+    assert not any(k.startswith("floor:") for k in row)
+
+
 def test_cpu_line_names_the_model_and_the_vector_isa():
     info = _proc_cpuinfo()
     if "model name" not in info or "flags" not in info:
