@@ -198,7 +198,8 @@ def run_case(name, threads, repeat, quick=False):
                     r["jax_dtype"] = x.dtype.name
         except _NotInDtype as e:
             r["jax_skip"] = str(e)
-        ts = interleaved_timings(fns, repeat, fewer)
+        foreign = [k for k in fns if k.split("_")[0] in ("numpy", "torch", "jax")]
+        ts = interleaved_timings(fns, repeat, fewer, settle=foreign)
     med, low, r["floor_fwd_op"] = _fastest_floor({k.split(":", 1)[1]: ts.pop(k) for k in floors})
     r["floor_fwd"] = (med, low)
     r.update({k: _median_min(v) for k, v in ts.items()})

@@ -133,25 +133,39 @@ def timings(fn, repeat: int, warmup: bool = True) -> list:
     return ts
 
 
-def interleaved_timings(fns: dict, repeat: int, fewer: dict | None = None) -> dict:
+SETTLE_SECONDS = 0.2  # the pause after a call that frees large arrays (see interleaved_timings)
+
+
+def interleaved_timings(fns: dict, repeat: int, fewer: dict | None = None, settle=()) -> dict:
     """Seconds of `repeat` calls of each of `fns` ({name: zero-argument function}), taken in
     rounds: one warm-up call of each, then each round times one call of every function in turn.
 
     So the figures of one case see the same machine: on a shared machine whose speed drifts by
     tens of percent within a minute, timing each function's calls in a block of its own puts the
     drift into the ratios between them. `fewer` ({name: n}) times a slow function only in the
-    first `n` rounds. Returns {name: [seconds, ...]}.
+    first `n` rounds. After each call of a function named in `settle` the timer waits
+    `SETTLE_SECONDS`, untimed: JAX frees its buffers on a thread of its own after the call returns
+    (80 ms of system time after a 250 MB case, measured), which had doubled the time of the call
+    timed next (numbaxent's float16 forward 18 -> 30-35 ms, 2-core Zen 4). Returns
+    {name: [seconds, ...]}.
     """
     fewer = fewer or {}
-    for fn in fns.values():
+
+    def call(name, fn):
+        t0 = time.perf_counter()
         fn()
+        t = time.perf_counter() - t0
+        if name in settle:
+            time.sleep(SETTLE_SECONDS)
+        return t
+
+    for name, fn in fns.items():
+        call(name, fn)
     ts = {name: [] for name in fns}
     for k in range(repeat):
         for name, fn in fns.items():
             if k < fewer.get(name, repeat):
-                t0 = time.perf_counter()
-                fn()
-                ts[name].append(time.perf_counter() - t0)
+                ts[name].append(call(name, fn))
     return ts
 
 

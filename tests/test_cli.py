@@ -186,12 +186,20 @@ def test_bench_times_a_case_in_rounds_of_one_call_each():
     assert all(t >= 0 for v in ts.values() for t in v)
 
 
+def test_bench_waits_after_a_call_that_frees_in_the_background(monkeypatch):
+    naps, calls = [], []
+    monkeypatch.setattr(bench_cases.time, "sleep", lambda s: naps.append((calls[-1], s)))
+    fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+    ts = bench_cases.interleaved_timings(fns, 2, settle=["b"])
+    assert naps == [("b", bench_cases.SETTLE_SECONDS)] * 3 and len(ts["b"]) == 2
+
+
 def test_bench_row_keeps_the_fastest_floor_by_median(monkeypatch):
     import numba
 
     slow = {"floor:add": [3.0, 0.4, 3.0], "floor:or/uint32": [2.0, 0.5, 2.0]}
     fake = {**slow, "floor_fb": [4.0], "nx_fwd": [5.0, 7.0, 6.0], "nx_fb": [8.0]}
-    monkeypatch.setattr(bench, "interleaved_timings", lambda fns, repeat, fewer=None: {
+    monkeypatch.setattr(bench, "interleaved_timings", lambda fns, repeat, fewer=None, settle=(): {
         k: fake.get(k, [1.0]) for k in fns})
     monkeypatch.setattr(bench, "read_floor_candidates", lambda x: {
         "add": None, "or/uint32": None})
