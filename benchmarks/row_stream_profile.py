@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from numbaxent._jit import FASTMATH
-from numbaxent._math import exp_summand, float_bits, max_int, max_skipnan, min_int
+from numbaxent._math import exp_summand, max_int, max_skipnan, min_int, storage_bits
 from numbaxent.bench_cases import cpu_line
 
 FM = set(FASTMATH)
@@ -46,14 +46,14 @@ def _row_loops(X, scheme):
         hi, lo = np.int32(-2**31), np.int32(2**31 - 1)
         if scheme == TWO_PASSES:
             for j in range(C):
-                b = float_bits(nxt[j])
+                b = storage_bits(nxt[j])
                 hi, lo = max_int(hi, b), min_int(lo, b)
             for j in range(C):
                 s += exp_summand(row[j] - m)
         else:
             for j in range(C):
                 s += exp_summand(row[j] - m)
-                b = float_bits(nxt[j])
+                b = storage_bits(nxt[j])
                 hi, lo = max_int(hi, b), min_int(lo, b)
         total += s + hi + lo
     return total

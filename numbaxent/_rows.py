@@ -10,8 +10,9 @@ import numpy as np
 
 from ._jit import jit
 from ._math import (as_2d, as_compute, borrowed, borrowed_row, cap_slope, capped, compute_zero, empty, exp_nonpos,
-                    exp_stash, float_bits, from_float_bits, load, max_int, max_skipnan, min_int, nan_if_probed,
-                    nonpos_and_probe, one_like, span, stash_in_grad, store, summand_and_probe)
+                    exp_stash, from_storage_bits, load, max_int, max_skipnan, min_int, nan_if_probed,
+                    nonpos_and_probe, one_like, span, stash_in_grad, storage_bits, store, stored_bits,
+                    summand_and_probe)
 
 FORWARD, FUSED, BACKWARD = 0, 1, 2
 
@@ -32,28 +33,30 @@ def row_max(row, cap):
 
 @jit(inline=True)
 def max_start(row):
-    """The start `(hi, lo)` of a row maximum taken by bits (`_math.float_bits`, `bits_max_min`):
-    the smallest integer (-0.0's bits) and -inf's bits, in `row`'s compute type's width."""
-    return float_bits(-as_compute(0.0, row)), float_bits(-as_compute(np.inf, row))
+    """The start `(hi, lo)` of a row maximum taken by bits (`_math.storage_bits`, `bits_max_min`):
+    the smallest integer (-0.0's bits) and -inf's bits, as stored in `row`'s dtype."""
+    return stored_bits(-as_compute(0.0, row), row), stored_bits(-as_compute(np.inf, row), row)
 
 
 @jit(inline=True)
-def bits_max_min(hi, lo, x):
-    """`(max(hi, bits(x)), min(lo, bits(x)))`: one element of a maximum taken by bits."""
-    b = float_bits(x)
+def bits_max_min(hi, lo, v):
+    """`(max(hi, bits(v)), min(lo, bits(v)))` for a stored element `v` (not widened: a 16-bit
+    element's bits are compared as int16): one element of a maximum taken by bits."""
+    b = storage_bits(v)
     return max_int(hi, b), min_int(lo, b)
 
 
 @jit(inline=True)
-def next_row_max(k, cap):
+def next_row_max(k, row, cap):
     """`row_max(nxt, cap)` from `k = (hi, lo)`, the largest and smallest bits of the row `nxt`
     that a sum pass over the row before it took (see `row_sumexp` and the comment above
-    `_math.float_bits`): the float of `hi` if it is non-negative, else of `lo`. A negative NaN is
+    `_math.storage_bits`): the float of `hi` if it is non-negative, else of `lo`, in the compute
+    type of `row` (any row of the same dtype as `nxt`). A negative NaN is
     skipped as `row_max` skips it; a positive NaN's bits are above every other, so the maximum is
     then NaN instead of the largest other logit, which changes nothing: such a row's exp-sum, and
     so its lse, loss and gradient, are NaN either way (and it is not top-1)."""
     hi, lo = k
-    return capped(from_float_bits(hi if hi >= 0 else lo), cap)
+    return capped(from_storage_bits(hi if hi >= 0 else lo, row), cap)
 
 
 @jit(inline=True)
@@ -61,9 +64,9 @@ def next_row_max_skipnan(k, nxt, cap):
     """`next_row_max`, a positive NaN skipped as `row_max` skips it (the row is read again then):
     for the evaluator, whose rank and predicted class of a row with NaN logits need the largest
     other logit."""
-    if k[0] > float_bits(as_compute(np.inf, nxt)):
+    if k[0] > stored_bits(as_compute(np.inf, nxt), nxt):
         return row_max(nxt, cap)
-    return next_row_max(k, cap)
+    return next_row_max(k, nxt, cap)
 
 
 @jit(inline=True)
@@ -92,13 +95,13 @@ def row_sumexp(row, m, cap, stash, keep_exp, nxt):
             s += e
             q += qj
             stash[j] = e
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+            hi, lo = bits_max_min(hi, lo, nxt[j])
     else:
         for j in range(row.shape[0]):
             e, qj = summand_and_probe(capped(load(row[j]), cap) - m, row)
             s += e
             q += qj
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+            hi, lo = bits_max_min(hi, lo, nxt[j])
     s = nan_if_probed(s, q)
     return s, (hi, lo)
 
@@ -120,7 +123,7 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
             q += qj
             d += w[j] * v
             stash[j] = e
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+            hi, lo = bits_max_min(hi, lo, nxt[j])
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -128,7 +131,7 @@ def row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt):
             s += e
             q += qj
             d += w[j] * v
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+            hi, lo = bits_max_min(hi, lo, nxt[j])
     s = nan_if_probed(s, q)
     return s, d, (hi, lo)
 
@@ -166,7 +169,7 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt):
             a += wt
             d += wt * v
             stash[j] = e
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+            hi, lo = bits_max_min(hi, lo, nxt[j])
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
@@ -176,7 +179,7 @@ def row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt):
             q += qj
             a += wt
             d += wt * v
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+            hi, lo = bits_max_min(hi, lo, nxt[j])
     s = nan_if_probed(s, q)
     return s, a, d, (hi, lo)
 
@@ -211,14 +214,14 @@ def row_eval_sums(row, m, w, cap, smooth, nxt):
             s += e
             h += e * v
             d += w[j] * v
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+            hi, lo = bits_max_min(hi, lo, nxt[j])
     else:
         for j in range(row.shape[0]):
             v = capped(load(row[j]), cap) - m
             e = exp_nonpos(v)
             s += e
             h += e * v
-            hi, lo = bits_max_min(hi, lo, load(nxt[j]))
+            hi, lo = bits_max_min(hi, lo, nxt[j])
     if h != h and s == s:  # a -inf logit (rare): the clamped sum
         floor = as_compute(H_FLOOR, row)
         h = compute_zero(row)
@@ -280,7 +283,7 @@ def chunk_bits(part):
     """`(hi, lo)` of `part` as a sum pass takes them (`row_sumexp`), on its own."""
     hi, lo = max_start(part)
     for j in range(part.shape[0]):
-        hi, lo = bits_max_min(hi, lo, load(part[j]))
+        hi, lo = bits_max_min(hi, lo, part[j])
     return hi, lo
 
 
@@ -350,7 +353,7 @@ def chunked_row_pass(chunk_sums):
             else:
                 kc = k
                 src, n0 = (row, c0 + n) if c + 1 < nch else (nxt, first if ragged else 0)
-            mk = next_row_max(kc, cap)
+            mk = next_row_max(kc, row, cap)
             p0, p1, p2, kn = chunk_sums(span(row, c0, n), span(src, n0, n), chunk_shift(mk, row), span(w, c0, n),
                                         span(t, c0, n), t_scale, t_shift, cap, smooth)
             parts[0, c], parts[1, c], parts[2, c], parts[3, c] = p0, p1, p2, mk
@@ -549,7 +552,7 @@ def index_row(row, nxt, grow, y, valid, w, wsum, wchunk, eps, eps_c, z, cap, mod
             xy = capped(load(row[y]), cap)
         smooth = eps_c > 0 and valid
         if single is not None:  # the row as one chunk, shifted by its maximum
-            m = next_row_max(k, cap)
+            m = next_row_max(k, row, cap)
             if smooth:
                 s, d, k_next = row_sumexp_wdot(row, m, w, cap, stash, keep_exp, nxt)
             else:
@@ -557,7 +560,7 @@ def index_row(row, nxt, grow, y, valid, w, wsum, wchunk, eps, eps_c, z, cap, mod
                 d = compute_zero(row)
         if chunked is not None:
             rk, k_next = index_row_pass(row, nxt, k, parts, w, w, 0.0, 0.0, cap, smooth)
-            m = next_row_max(rk, cap)
+            m = next_row_max(rk, row, cap)
             s64, d64 = rescaled_sums(parts, m, wchunk)
             s, d = as_compute(s64, row), as_compute(d64, row)
         ls = math.log(s)
@@ -600,11 +603,11 @@ def prob_row(row, nxt, trow, grow, w, t_scale, t_shift, z, cap, mode, keep_exp, 
     s = one_like(compute_zero(row))
     if mode != BACKWARD:
         if single is not None:  # the row as one chunk, shifted by its maximum
-            m = next_row_max(k, cap)
+            m = next_row_max(k, row, cap)
             s, a, d, k_next = row_soft_sums(row, trow, m, w, t_scale, t_shift, cap, stash, keep_exp, nxt)
         if chunked is not None:
             rk, k_next = soft_row_pass(row, nxt, k, parts, w, trow, t_scale, t_shift, cap, True)
-            m = next_row_max(rk, cap)
+            m = next_row_max(rk, row, cap)
             s64, d64 = rescaled_sums(parts, m, parts[2])
             s, d = as_compute(s64, row), as_compute(d64, row)
             a = compute_zero(row)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from numbaxent._math import (as_2d, as_compute, clear, col_run, compute_scratch, empty, exp, exp_nonpos, exp_nonpos2,
-                             exp_nonpos_bits, exp_summand, exp_summand2, exp_summand_bits, float_bits, from_float_bits,
-                             log,
-                             max_int, max_skipnan, min_int, rows_flat, run_view, span, store)
+                             exp_nonpos_bits, exp_summand, exp_summand2, exp_summand_bits, from_storage_bits, load, log,
+                             max_int, max_skipnan, min_int, rows_flat, run_view, span, storage_bits, store)
 from numbaxent._rows import bits_max_min, max_start, next_row_max
 
 
@@ -347,8 +346,8 @@ def test_empty_and_compute_scratch_allocate_as_np_empty(dtype):
 @numba.njit(error_model="numpy")
 def _bits(a, bits, back):
     for i in range(a.shape[0]):
-        bits[i] = float_bits(a[i])
-        back[i] = from_float_bits(bits[i])
+        bits[i] = storage_bits(a[i])
+        back[i] = from_storage_bits(bits[i], a)
 
 
 @numba.njit(error_model="numpy")
@@ -357,42 +356,68 @@ def _max_by_bits(a):
     k = max_start(a)
     for i in range(a.shape[0]):
         k = bits_max_min(k[0], k[1], a[i])
-    return next_row_max(k, None)
+    return next_row_max(k, a, None)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_maximum_by_bits_is_the_float_maximum(dtype):
-    """The row kernels take the next row's maximum from the largest and smallest of its floats'
-    bits (`_rows.max_start`, `bits_max_min`, `next_row_max`): that must be the float
-    maximum for every row -- signed zeros (+0.0 above -0.0), subnormals, infinities, rows of one
-    sign or both, negative NaNs skipped (a row of them gives -inf, the start), a positive NaN giving
-    NaN -- and `from_float_bits` must undo `float_bits` exactly."""
-    info = np.finfo(dtype)
-    special = [-np.inf, -info.max, -1.5, -info.tiny, -info.smallest_subnormal, -0.0, 0.0,
-               info.smallest_subnormal, info.tiny, 1.0, info.max, np.inf]
+@numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy")
+def _reduce_loaded_max(a):
+    m = as_compute(-np.inf, a)
+    for i in range(a.shape[0]):
+        m = max_skipnan(m, load(a[i]))
+    return m
+
+
+def _storage_of(name):
+    """(the logical dtype, its storage dtype in the kernels, its finfo) for a dtype name."""
+    if name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        return np.dtype(ml_dtypes.bfloat16), np.int16, ml_dtypes.finfo(ml_dtypes.bfloat16)
+    dt = np.dtype(name)
+    return dt, (np.uint16 if dt == np.float16 else dt), np.finfo(dt)
+
+
+@pytest.mark.parametrize("name", ["float32", "float64", "float16", "bfloat16"])
+def test_maximum_by_bits_is_the_float_maximum(name):
+    """The row kernels take the next row's maximum from the largest and smallest of its stored
+    elements' bits (`_rows.max_start`, `bits_max_min`, `next_row_max`; float16 and bfloat16 as
+    int16, not widened): that must be the float maximum for every row -- signed zeros (+0.0 above
+    -0.0), subnormals, infinities, rows of one sign or both, negative NaNs skipped (a row of them
+    gives -inf, the start), a positive NaN giving NaN -- and `from_storage_bits` must give the
+    element `storage_bits` came from, widened exactly as `load` widens it."""
+    dtype, storage, info = _storage_of(name)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    special = [-np.inf, -float(info.max), -1.5, -float(info.tiny), -float(info.smallest_subnormal), -0.0,
+               0.0, float(info.smallest_subnormal), float(info.tiny), 1.0, float(info.max), np.inf]
     rng = np.random.default_rng(3)
-    values = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
-                             special]).astype(dtype)
-    ity = np.int32 if dtype == np.float32 else np.int64
-    bits, back = np.empty(values.shape, ity), np.empty_like(values)
-    _bits(values, bits, back)
-    assert back.tobytes() == values.tobytes()
-    neg_nan = -np.array([np.nan], dtype)
-    assert np.signbit(neg_nan[0])
-    rows = [values, values[values < 0], values[values > 0], values[values <= 0],
-            np.array([-0.0, -1.0], dtype), np.array([-0.0, 0.0], dtype), np.array([0.0, -0.0], dtype),
-            np.array([-0.0], dtype), np.array([-np.inf], dtype), np.array([-np.inf, -np.inf], dtype),
-            np.concatenate([neg_nan, values[values < 0]]), np.concatenate([neg_nan, neg_nan])]
+    scale = 10.0 ** rng.integers(-30, 30, 500) if dtype.itemsize > 2 else 2.0 ** rng.integers(-20, 16, 500)
+    with np.errstate(over="ignore"):
+        values = np.concatenate([rng.standard_normal(500) * scale, special]).astype(dtype)
+    logical = values.astype(compute)  # exact: every 16-bit value is a float32
+
+    def stored(v):
+        return np.ascontiguousarray(v).view(storage)
+
+    ity = np.int64 if dtype == np.float64 else np.int32 if dtype == np.float32 else np.int16
+    bits, back = np.empty(values.shape, ity), np.empty(values.shape, compute)
+    _bits(stored(values), bits, back)
+    assert bits.tobytes() == values.tobytes() and back.tobytes() == logical.tobytes()
+    neg_nan = np.array([-np.nan], compute).astype(dtype)
+    assert np.signbit(neg_nan.astype(compute)[0])
+    rows = [values, values[logical < 0], values[logical > 0], values[logical <= 0]]
+    rows += [np.array(r, compute).astype(dtype) for r in
+             ([-0.0, -1.0], [-0.0, 0.0], [0.0, -0.0], [-0.0], [-np.inf], [-np.inf, -np.inf])]
+    rows += [np.concatenate([neg_nan, values[logical < 0]]), np.concatenate([neg_nan, neg_nan])]
     rows += [rng.permutation(values)[:n] for n in (1, 2, 7, 33)]
-    rows += [-np.abs(rng.permutation(values)[:n]) for n in (1, 5, 40)]
+    rows += [rng.permutation(values[logical < 0])[:n] for n in (1, 5, 40)]
     for row in rows:
         # the float maximum from -inf, NaN skipped, +0.0 above -0.0 (max_skipnan keeps whichever
         # zero came first; either gives the same exps)
-        kept = [v for v in row.tolist() if v == v] + [-np.inf]
-        expected = np.asarray(max(kept, key=lambda v: (v, not np.signbit(v))), dtype)
-        assert np.asarray(_max_by_bits(row), dtype).tobytes() == expected.tobytes(), row
-        assert _max_by_bits(row) == _reduce_max(row)
-    assert np.isnan(_max_by_bits(np.array([1.0, np.nan, -2.0], dtype)))
+        kept = [v for v in row.astype(compute).tolist() if v == v] + [-np.inf]
+        expected = np.asarray(max(kept, key=lambda v: (v, not np.signbit(v))), compute)
+        got = _max_by_bits(stored(row))
+        assert np.asarray(got, compute).tobytes() == expected.tobytes(), row
+        assert got == _reduce_loaded_max(stored(row))
+    assert np.isnan(_max_by_bits(stored(np.array([1.0, np.nan, -2.0], compute).astype(dtype))))
 
 
 
