@@ -3,9 +3,9 @@
 Keying. Numba's own cache keys a function on its *own* file's content, so a change to a helper in
 another module (say the exp polynomial in `_math.py`) would leave stale machine code in the cache of
 every kernel that inlined it. numbaxent keys every kernel on the content of all the package's private
-modules (`numbaxent/_*.py`, where every jitted function lives) and the numba/llvmlite/Python
-versions; Numba adds the CPU (name and features) and the signature, so one directory can serve
-machines of several kinds.
+modules (`numbaxent/_*.py`, where every jitted function lives), the numba/llvmlite/Python
+versions and the vector width asked for (`_vector_width`); Numba adds the CPU (name and features)
+and the signature, so one directory can serve machines of several kinds.
 
 Directories, in this order (`search_dirs`):
 
@@ -51,7 +51,10 @@ def source_stamp() -> str:
         import llvmlite
         import numba
 
-        h = hashlib.sha256(f"{numba.__version__} {llvmlite.__version__} {sys.version}".encode())
+        from . import _vector_width
+
+        h = hashlib.sha256(f"{numba.__version__} {llvmlite.__version__} {sys.version} "
+                           f"vector width {_vector_width.WIDTH}".encode())
         for name in sorted(os.listdir(PACKAGE_DIR)):
             if name.startswith("_") and name.endswith(".py"):
                 with open(os.path.join(PACKAGE_DIR, name), "rb") as f:

@@ -6,8 +6,9 @@ from ._threading import configure
 configure()  # must precede the first parallel kernel call; importing numba compiles nothing
 
 import numba  # noqa: E402
+from numba.core import typed_passes  # noqa: E402
 
-from . import _cache, _linkonly  # noqa: E402
+from . import _cache, _linkonly, _vector_width  # noqa: E402
 
 # Only the flags that let LLVM vectorise reductions (reassociation) and fuse multiply-adds (contract).
 # No 'nnan'/'ninf': NaN and inf must propagate exactly as PyTorch's do.
@@ -17,6 +18,19 @@ FASTMATH = frozenset({"reassoc", "contract"})
 # wrappers a helper compiles in about 60% of the time (no argument boxing/unboxing code to generate and
 # optimise), which adds up over the ~50 helpers and overloads behind each kernel (docs/internals.md).
 HELPER_OPTIONS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
+
+
+def _width_pipeline(link_only: bool):
+    """The compiler pipeline that marks a function with the vector width asked for
+    (`_vector_width`), built once per kind: a kernel's (Numba's default lowering) or a link-only
+    helper's."""
+    if link_only not in _WIDTH_PIPELINES:
+        base = _linkonly.LinkOnlyLowering if link_only else typed_passes.NativeLowering
+        _WIDTH_PIPELINES[link_only] = _vector_width.pipeline(_vector_width.lowering_pass(base, _vector_width.WIDTH))
+    return _WIDTH_PIPELINES[link_only]
+
+
+_WIDTH_PIPELINES = {}
 
 
 def jit(parallel: bool = False, inline: bool = False, python_callable: bool | None = None):
@@ -42,11 +56,14 @@ def jit(parallel: bool = False, inline: bool = False, python_callable: bool | No
     helper = not (parallel if python_callable is None else python_callable)
     if helper:
         options.update(HELPER_OPTIONS)
-    if inline:  # inlined helpers are compiled into their callers' cache entries
+    if inline:  # inlined helpers are compiled into their callers' cache entries (and vector width)
         options["inline"] = "always"
         return numba.njit(**options)
-    if helper and _linkonly.available():
-        # no machine code of its own, nothing cached: its callers' cache entries carry its code
+    link_only = helper and _linkonly.available()
+    if _vector_width.WIDTH:
+        options["pipeline_class"] = _width_pipeline(link_only)
+    elif link_only:
         options["pipeline_class"] = _linkonly.LinkOnlyCompiler
+    if link_only:  # no machine code of its own, nothing cached: its callers' cache entries carry its code
         return numba.njit(**options)
     return lambda fn: _cache.enable(numba.njit(**options)(fn))

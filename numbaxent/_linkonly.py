@@ -26,8 +26,10 @@ import numba
 
 TESTED = ((0, 60), (0, 68))  # first and last Numba minor versions checked (CI's lower bound, newest)
 
+from ._vector_width import pipeline
+
 try:
-    from numba.core import compiler, typed_passes
+    from numba.core import typed_passes
     from numba.core.codegen import JITCodeLibrary
     from numba.core.compiler_machinery import register_pass
 except ImportError:  # pragma: no cover - a Numba without these internals
@@ -92,12 +94,5 @@ if available():
                 state.library = LinkOnlyLibrary(state.targetctx.codegen(), state.func_id.func_qualname)
             return super().run_pass(state)
 
-    class LinkOnlyCompiler(compiler.CompilerBase):
-        """Numba's nopython pipeline, lowering into a `LinkOnlyLibrary`."""
-
-        def define_pipelines(self):
-            pm = compiler.DefaultPassBuilder.define_nopython_pipeline(self.state)
-            pm.passes = [(LinkOnlyLowering, desc) if cls is typed_passes.NativeLowering else (cls, desc)
-                         for cls, desc in pm.passes]
-            pm.finalize()
-            return [pm]
+    LinkOnlyCompiler = pipeline(LinkOnlyLowering)
+    LinkOnlyCompiler.__doc__ = "Numba's nopython pipeline, lowering into a `LinkOnlyLibrary`."

@@ -31,7 +31,8 @@ __all__ = ["exp", "exp_nonpos", "exp_nonpos2", "exp_summand", "exp_summand2", "l
            "store", "compute_zero", "exp_stash", "stash_in_grad", "exp_summand_bits", "exp_nonpos_bits",
            "summand_and_probe", "nonpos_and_probe", "nan_if_probed", "empty", "clear", "compute_scratch", "run_view",
            "col_run", "span", "as_compute", "one_like", "capped", "cap_slope", "rows_flat", "as_2d", "max_int",
-           "storage_bits", "stored_bits", "from_storage_bits", "shuffle_classes", "transpose_group", "untranspose_group"]
+           "storage_bits", "stored_bits", "from_storage_bits", "shuffle_classes", "transpose_group",
+           "untranspose_group"]
 
 
 # -- exp and log, emitted as LLVM IR --------------------------------------------------------------------
