@@ -392,9 +392,11 @@ def main(argv=None) -> int:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
     if args.json:
+        from . import _vector_width
+
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_info(), "repeat": args.repeat, "quick": args.quick,
-                       "rows": rows, "memory": mem, "lm": lm}, f, indent=1, default=list)
+            json.dump({"cpu": cpu_info(), "vector_width": _vector_width.WIDTH, "repeat": args.repeat,
+                       "quick": args.quick, "rows": rows, "memory": mem, "lm": lm}, f, indent=1, default=list)
     if args.plot:
         plot(rows, args.plot)
     return 0

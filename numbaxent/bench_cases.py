@@ -230,12 +230,16 @@ def cpu_info() -> dict:
 
 def cpu_line() -> str:
     """`cpu_info()` as the one line printed above every benchmark table, e.g.
-    'CPU: AMD EPYC (AuthenticAMD family 25 model 1, LLVM znver3), vector ISA avx2 (no AVX-512)'."""
+    'CPU: AMD EPYC (AuthenticAMD family 25 model 1, LLVM znver3), vector ISA avx2 (no AVX-512)', and
+    the kernels' vector width when `NUMBAXENT_VECTOR_WIDTH` sets one."""
     c = cpu_info()
     ident = " ".join(p for p in (c["vendor"], c["family"] and f"family {c['family']}",
                                  c["model_id"] and f"model {c['model_id']}") if p)
     if c["llvm_cpu"]:
         ident = f"{ident}, LLVM {c['llvm_cpu']}" if ident else f"LLVM {c['llvm_cpu']}"
     isa = {"avx512": "avx512 (AVX-512F)", "avx2": "avx2 (no AVX-512)"}.get(c["isa"], c["isa"] or "?")
+    from . import _vector_width  # (Numba's compiler modules: imported only when a table is printed)
+
+    width = f", kernels' vector width {_vector_width.WIDTH} (NUMBAXENT_VECTOR_WIDTH)" if _vector_width.WIDTH else ""
     return f"CPU: {c['model'] or 'unknown'}" + (f" ({ident})" if ident else "") + \
-        f", vector ISA {isa}"
+        f", vector ISA {isa}{width}"

@@ -218,7 +218,14 @@ def test_cpu_line_names_the_model_and_the_vector_isa():
     assert f"family {info['cpu family']} model {info['model']}" in line
     flags = info["flags"].split()
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
-    assert f"vector ISA {isa}" in line
+    assert f"vector ISA {isa}" in line and "vector width" not in line
+
+
+def test_cpu_line_names_a_vector_width_set_for_the_kernels(monkeypatch):
+    from numbaxent import _vector_width
+
+    monkeypatch.setattr(_vector_width, "WIDTH", "512")
+    assert bench_cases.cpu_line().endswith(", kernels' vector width 512 (NUMBAXENT_VECTOR_WIDTH)")
 
 
 def test_every_table_starts_with_the_cpu(capsys, tmp_path):
@@ -233,7 +240,7 @@ def test_every_table_starts_with_the_cpu(capsys, tmp_path):
     for before in tables[:-1]:
         assert before.rstrip().splitlines()[-1] == bench_cases.cpu_line()
     data = json.loads(js.read_text())
-    assert data["cpu"] == bench_cases.cpu_info()
+    assert data["cpu"] == bench_cases.cpu_info() and data["vector_width"] is None
     (row,) = data["rows"]
     assert row["case"] == "S1" and row["floor_fwd_op"] in bench.read_floor_candidates(
         bench_cases.make_case("S1", quick=True)[0])
