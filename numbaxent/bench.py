@@ -9,7 +9,8 @@ fastest depends on the CPU and the dtype, and the table names the one kept); for
 preallocated gradient (`out=`), like the floor; PyTorch and JAX allocate theirs. JAX computes a
 float64 case in float64 (`jax_enable_x64` is set for that case and restored afterwards). Each
 figure is the median (and min) of `--repeat` calls after a warm-up, taken in rounds that call
-every function of the case once each, so a shared machine's drift reaches all of them alike.
+the floors and numbaxent once each, so a shared machine's drift reaches them alike (then NumPy,
+PyTorch and JAX in rounds of their own: see `run_case`).
 Every table starts with the CPU it was measured on (lscpu's model name, vendor family/model,
 LLVM's CPU name, AVX2 or AVX-512).
 
@@ -28,12 +29,13 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 
 import numpy as np
 
 from . import _api
-from .bench_cases import (CASES, case_unavailable, cpu_info, cpu_line, interleaved_timings,
-                          make_case, numpy_cross_entropy_with_grad)
+from .bench_cases import (CASES, SETTLE_SECONDS, case_unavailable, cpu_info, cpu_line,
+                          interleaved_timings, make_case, numpy_cross_entropy_with_grad)
 
 def _median_min(ts):
     return float(np.median(ts)), float(np.min(ts))
@@ -172,34 +174,37 @@ def _set_threads(n):
 
 def run_case(name, threads, repeat, quick=False):
     """Every figure of one case at `threads` threads: {key: (median s, min s)} plus the case's
-    description. All of the case's functions (the floor candidates, numbaxent, NumPy, PyTorch,
-    JAX) are timed in rounds, one call of each per round (`interleaved_timings`), so the ratios
-    between them are taken side by side even when the machine's speed drifts."""
+    description. The floor candidates and numbaxent's calls are timed in rounds, one call of each
+    per round (`interleaved_timings`), so the ratios to the floors are taken side by side even
+    when the machine's speed drifts; then NumPy, PyTorch and JAX in rounds of their own. They
+    allocate and free arrays of the logits' size on every call (gigabytes for NumPy's), and the
+    system's work that follows (page reclaim, JAX's freeing on a thread of its own) had slowed the
+    numbaxent and floor calls timed between them by up to 2x on a 2-core machine."""
     x, t, kw = make_case(name, quick)
     grad = np.empty_like(x)
     _set_threads(threads)
     r = {"case": name, "threads": threads, "desc": CASES[name][0], "shape": x.shape,
          "dtype": x.dtype.name}
     floors = {f"floor:{k}": fn for k, fn in read_floor_candidates(x).items()}
-    fns = {**floors, "floor_fb": lambda: np.copyto(grad, x),
-           "nx_fwd": lambda: _api.cross_entropy(x, t, **kw),
-           "nx_fb": lambda: _api.cross_entropy_with_grad(x, t, out=grad, **kw)}
-    fewer = {}
+    time.sleep(SETTLE_SECONDS)  # after the case's arrays were made (and the last case's were freed)
+    ts = interleaved_timings({**floors, "floor_fb": lambda: np.copyto(grad, x),
+                              "nx_fwd": lambda: _api.cross_entropy(x, t, **kw),
+                              "nx_fb": lambda: _api.cross_entropy_with_grad(x, t, out=grad, **kw)}, repeat)
+    foreign, fewer = {}, {}
     if x.dtype.name != "bfloat16":
-        fns["numpy_fb"] = lambda: numpy_cross_entropy_with_grad(x, t, **kw)
+        foreign["numpy_fb"] = lambda: numpy_cross_entropy_with_grad(x, t, **kw)
         fewer["numpy_fb"] = max(1, repeat // 2)  # seconds a call on the large cases
     for lib, (fwd, fb) in _torch_fns(x, t, kw).items():
-        fns[f"{lib}_fwd"], fns[f"{lib}_fb"] = fwd, fb
+        foreign[f"{lib}_fwd"], foreign[f"{lib}_fb"] = fwd, fb
     with _jax_dtype(x):  # JAX's calls stay inside: a float64 case runs with jax_enable_x64 on
         try:
             for lib, (fwd, fb) in _jax_fns(x, t, kw).items():
-                fns[f"{lib}_fwd"], fns[f"{lib}_fb"] = fwd, fb
+                foreign[f"{lib}_fwd"], foreign[f"{lib}_fb"] = fwd, fb
                 if lib == "jax":
                     r["jax_dtype"] = x.dtype.name
         except _NotInDtype as e:
             r["jax_skip"] = str(e)
-        foreign = [k for k in fns if k.split("_")[0] in ("numpy", "torch", "jax")]
-        ts = interleaved_timings(fns, repeat, fewer, settle=foreign)
+        ts.update(interleaved_timings(foreign, repeat, fewer, settle=list(foreign)))
     med, low, r["floor_fwd_op"] = _fastest_floor({k.split(":", 1)[1]: ts.pop(k) for k in floors})
     r["floor_fwd"] = (med, low)
     r.update({k: _median_min(v) for k, v in ts.items()})

@@ -209,6 +209,24 @@ def test_bench_row_keeps_the_fastest_floor_by_median(monkeypatch):
     assert not any(k.startswith("floor:") for k in row)
 
 
+def test_bench_times_the_floors_and_numbaxent_apart_from_the_other_libraries(monkeypatch):
+    import numba
+
+    seen = []
+
+    def record(fns, repeat, fewer=None, settle=()):
+        seen.append((sorted(fns), sorted(settle)))
+        return {k: [1.0] for k in fns}
+
+    monkeypatch.setattr(bench, "interleaved_timings", record)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    bench.run_case("S3", numba.get_num_threads(), 2, quick=True)
+    (core, core_settle), (others, others_settle) = seen
+    assert {k for k in core if not k.startswith("floor:")} == {"floor_fb", "nx_fwd", "nx_fb"}
+    assert core_settle == [] and others_settle == others
+    assert "numpy_fb" in others and all(k.split("_")[0] in ("numpy", "torch", "jax") for k in others)
+
+
 def test_cpu_line_names_the_model_and_the_vector_isa():
     info = _proc_cpuinfo()
     if "model name" not in info or "flags" not in info:
