@@ -1,6 +1,8 @@
 """The one place that sets Numba's compilation options for every numbaxent kernel."""
 from __future__ import annotations
 
+import functools
+
 from ._threading import configure
 
 configure()  # must precede the first parallel kernel call; importing numba compiles nothing
@@ -20,17 +22,13 @@ FASTMATH = frozenset({"reassoc", "contract"})
 HELPER_OPTIONS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
 
+@functools.lru_cache(maxsize=None)
 def _width_pipeline(link_only: bool):
     """The compiler pipeline that marks a function with the vector width asked for
     (`_vector_width`), built once per kind: a kernel's (Numba's default lowering) or a link-only
     helper's."""
-    if link_only not in _WIDTH_PIPELINES:
-        base = _linkonly.LinkOnlyLowering if link_only else typed_passes.NativeLowering
-        _WIDTH_PIPELINES[link_only] = _vector_width.pipeline(_vector_width.lowering_pass(base, _vector_width.WIDTH))
-    return _WIDTH_PIPELINES[link_only]
-
-
-_WIDTH_PIPELINES = {}
+    base = _linkonly.LinkOnlyLowering if link_only else typed_passes.NativeLowering
+    return _vector_width.pipeline(_vector_width.lowering_pass(base, _vector_width.WIDTH))
 
 
 def jit(parallel: bool = False, inline: bool = False, python_callable: bool | None = None):

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import numba
 
-TESTED = ((0, 60), (0, 68))  # first and last Numba minor versions checked (CI's lower bound, newest)
-
 from ._vector_width import pipeline
+
+TESTED = ((0, 60), (0, 68))  # first and last Numba minor versions checked (CI's lower bound, newest)
 
 try:
     from numba.core import typed_passes
