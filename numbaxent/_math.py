@@ -387,6 +387,9 @@ def _is_compute_type(t) -> bool:
     return t in (types.float32, types.float64)
 
 
+_HALF_STORAGE = (types.uint16, types.int16)  # how float16 and bfloat16 logits reach the kernels
+
+
 def _widen(builder, raw, storage):
     """LLVM instructions widening a stored 16-bit element `raw` (i16) to float32: float16 storage
     (`uint16`; F16C's vcvtph2ps when available) or bfloat16 storage (`int16`: the high half of a
@@ -402,7 +405,7 @@ def load(typingctx, v):
     """Widen one stored element to its compute type (float16/bfloat16 storage -> float32)."""
     if _is_compute_type(v):
         return v(v), lambda ctx, builder, sig, args: args[0]
-    if v in (types.uint16, types.int16):
+    if v in _HALF_STORAGE:
         return types.float32(v), lambda ctx, builder, sig, args: _widen(builder, args[0], v)
     return None
 
@@ -446,6 +449,14 @@ def _f32_to_bf16_bits(builder, v):
     return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
 
 
+def _narrow(builder, val, storage):
+    """LLVM instructions rounding the float32 `val` to a 16-bit storage element (i16), the inverse
+    of `_widen`: float16 by IEEE round-to-nearest-even, bfloat16 by `_f32_to_bf16_bits`."""
+    if storage == types.uint16:
+        return builder.bitcast(builder.fptrunc(val, ir.HalfType()), ir.IntType(16))
+    return _f32_to_bf16_bits(builder, val)
+
+
 @intrinsic
 def store(typingctx, arr, j, v):
     """`arr[j] = v` rounding the compute value `v` to `arr`'s storage dtype (float16 by IEEE
@@ -453,17 +464,15 @@ def store(typingctx, arr, j, v):
     dt = arr.dtype
     if _is_compute_type(dt):
         vt = dt
-    elif dt in (types.uint16, types.int16):
+    elif dt in _HALF_STORAGE:
         vt = types.float32
     else:
         return None
 
     def codegen(ctx, builder, sig, args):
         a, idx, val = args
-        if dt == types.uint16:
-            val = builder.bitcast(builder.fptrunc(val, ir.HalfType()), ir.IntType(16))
-        elif dt == types.int16:
-            val = _f32_to_bf16_bits(builder, val)
+        if dt in _HALF_STORAGE:
+            val = _narrow(builder, val, dt)
         setitem = ctx.get_function(operator.setitem, signature(types.none, arr, types.intp, dt))
         setitem(builder, (a, idx, val))
         return ctx.get_dummy_value()
@@ -908,7 +917,7 @@ def storage_bits(typingctx, x):
         bits = x.bitwidth
         return (types.int64 if bits == 64 else types.int32)(x), \
             lambda ctx, builder, sig, args: builder.bitcast(args[0], ir.IntType(bits))
-    if x in (types.uint16, types.int16):
+    if x in _HALF_STORAGE:
         return types.int16(x), lambda ctx, builder, sig, args: args[0]
     return None
 
@@ -918,16 +927,14 @@ def stored_bits(typingctx, v, arr):
     """`storage_bits` of the compute value `v` stored in `arr`'s dtype (rounded as `store` rounds):
     where a row maximum by bits starts (-0.0, -inf) and ends (+inf)."""
     dt = arr.dtype
-    if not isinstance(v, types.Float) or not (_is_compute_type(dt) or dt in (types.uint16, types.int16)):
+    if not isinstance(v, types.Float) or not (_is_compute_type(dt) or dt in _HALF_STORAGE):
         return None
     to = _compute_type(dt)
 
     def codegen(ctx, builder, sig, args):
         x = ctx.cast(builder, args[0], sig.args[0], to)
-        if dt == types.uint16:
-            return builder.bitcast(builder.fptrunc(x, ir.HalfType()), ir.IntType(16))
-        if dt == types.int16:
-            return _f32_to_bf16_bits(builder, x)
+        if dt in _HALF_STORAGE:
+            return _narrow(builder, x, dt)
         return builder.bitcast(x, ir.IntType(dt.bitwidth))
     return getattr(types, f"int{dt.bitwidth}")(v, arr), codegen
 
@@ -937,11 +944,11 @@ def from_storage_bits(typingctx, k, arr):
     """The compute value of the element of `arr`'s dtype whose `storage_bits` are `k` (int32 ->
     float32, int64 -> float64, int16 -> float32 through float16 or bfloat16, as `load` widens)."""
     dt = arr.dtype
-    if dt not in (types.float32, types.float64, types.uint16, types.int16) or k != getattr(types, f"int{dt.bitwidth}"):
+    if not (_is_compute_type(dt) or dt in _HALF_STORAGE) or k != getattr(types, f"int{dt.bitwidth}"):
         return None
 
     def codegen(ctx, builder, sig, args):
-        if dt.bitwidth == 16:
+        if dt in _HALF_STORAGE:
             return _widen(builder, args[0], dt)
         return builder.bitcast(args[0], ir.DoubleType() if dt.bitwidth == 64 else ir.FloatType())
     return _compute_type(dt)(k, arr), codegen

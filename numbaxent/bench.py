@@ -68,12 +68,6 @@ def read_floor_candidates(x) -> dict:
     return out
 
 
-def read_floor(x, repeat):
-    """(median s, min s, name) of the fastest of `read_floor_candidates(x)` (by median)."""
-    ts = interleaved_timings(read_floor_candidates(x), repeat)
-    return _fastest_floor(ts)
-
-
 def _fastest_floor(ts):
     """(median s, min s, name) of the read-floor candidate with the lowest median in `ts`."""
     name = min(ts, key=lambda k: np.median(ts[k]))

@@ -120,25 +120,19 @@ def numpy_cross_entropy_with_grad(x, t, weight=None, label_smoothing=0.0):
 
 
 def timings(fn, repeat: int, warmup: bool = True) -> list:
-    """Seconds of `repeat` calls of `fn` after one warm-up call (the one timer of every
-    numbaxent benchmark script). `warmup=False` for a caller that alternates several functions
-    one timed call at a time and has warmed them up itself."""
-    if warmup:
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
+    """Seconds of `repeat` calls of `fn` after one warm-up call (`interleaved_timings` of one
+    function: the one timer of every numbaxent benchmark script). `warmup=False` for a caller that
+    alternates several functions one timed call at a time and has warmed them up itself."""
+    return interleaved_timings({"fn": fn}, repeat, warmup=warmup)["fn"]
 
 
 SETTLE_SECONDS = 0.2  # the pause after a call that frees large arrays (see interleaved_timings)
 
 
-def interleaved_timings(fns: dict, repeat: int, fewer: dict | None = None, settle=()) -> dict:
+def interleaved_timings(fns: dict, repeat: int, fewer: dict | None = None, settle=(), warmup: bool = True) -> dict:
     """Seconds of `repeat` calls of each of `fns` ({name: zero-argument function}), taken in
-    rounds: one warm-up call of each, then each round times one call of every function in turn.
+    rounds: one warm-up call of each (unless `warmup` is False), then each round times one call of
+    every function in turn.
 
     So the figures of one case see the same machine: on a shared machine whose speed drifts by
     tens of percent within a minute, timing each function's calls in a block of its own puts the
@@ -159,8 +153,9 @@ def interleaved_timings(fns: dict, repeat: int, fewer: dict | None = None, settl
             time.sleep(SETTLE_SECONDS)
         return t
 
-    for name, fn in fns.items():
-        call(name, fn)
+    if warmup:
+        for name, fn in fns.items():
+            call(name, fn)
     ts = {name: [] for name in fns}
     for k in range(repeat):
         for name, fn in fns.items():
